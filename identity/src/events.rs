@@ -1,0 +1,218 @@
+//! Lifecycle events: the envelope and one payload type per event.
+//!
+//! Each event has a JSON Schema in `specs/events/<type>.v1.schema.json` and a
+//! message in `specs/asyncapi.yaml`; the contract tests validate what these
+//! types serialise to against those schemas. No payload has a field that could
+//! carry a token secret or an admin key: secrets are not `Serialize`.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::ids::{AgentId, SerialNumber, TenantId, TokenId};
+use crate::uri::AgentUri;
+
+/// The schema version every payload here is written in.
+pub const VERSION: u32 = 1;
+
+/// Who caused an event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "id", rename_all = "snake_case")]
+pub enum Actor {
+    /// A tenant-admin API key, by its public id.
+    AdminKey(Uuid),
+    /// An agent acting with its own certificate.
+    Agent(AgentId),
+    /// An agent enrolling with an enrollment token, by the token's public id.
+    EnrollmentToken(TokenId),
+    /// The service itself (expiry, rebuilds).
+    System,
+}
+
+/// Why an enrollment attempt failed, as recorded for the tenant's audit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnrollmentFailure {
+    /// The token has expired.
+    TokenExpired,
+    /// The token has no uses left.
+    TokenUsedUp,
+    /// The token was revoked.
+    TokenRevoked,
+    /// The CSR is not a valid PKCS#10 request.
+    CsrInvalid,
+    /// The CSR's signature does not verify.
+    CsrSignatureInvalid,
+    /// The key algorithm is not accepted or the key is too weak.
+    KeyRejected,
+}
+
+/// The payload of each event type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "payload")]
+pub enum Payload {
+    /// An enrollment token was created.
+    #[serde(rename = "agent.enrollment_token.issued")]
+    TokenIssued {
+        /// The token's public id.
+        token_id: TokenId,
+        /// When it stops being accepted.
+        #[serde(with = "time::serde::rfc3339")]
+        expires_at: OffsetDateTime,
+        /// How many enrollments it allows.
+        max_uses: u32,
+        /// Free text from the admin.
+        description: Option<String>,
+        /// Labels from the admin.
+        labels: std::collections::BTreeMap<String, String>,
+    },
+    /// An enrollment token was revoked before it was used up.
+    #[serde(rename = "agent.enrollment_token.revoked")]
+    TokenRevoked {
+        /// The token's public id.
+        token_id: TokenId,
+        /// How many times it had been used.
+        uses: u32,
+    },
+    /// An exchange with a known token was refused.
+    #[serde(rename = "agent.enrollment.failed")]
+    EnrollmentFailed {
+        /// The token's public id.
+        token_id: TokenId,
+        /// Why.
+        reason_code: EnrollmentFailure,
+    },
+    /// An agent enrolled and received its first certificate.
+    #[serde(rename = "agent.enrolled")]
+    Enrolled {
+        /// The new agent.
+        agent_id: AgentId,
+        /// The token used.
+        token_id: TokenId,
+        /// The identity URI in the certificate.
+        spiffe_id: AgentUri,
+        /// The certificate's serial.
+        serial: SerialNumber,
+        /// The certificate's NotAfter.
+        #[serde(with = "time::serde::rfc3339")]
+        not_after: OffsetDateTime,
+        /// Hostname the agent reported (not verified).
+        hostname: String,
+        /// Operating system the agent reported (not verified).
+        os: String,
+        /// Agent software version the agent reported.
+        agent_version: String,
+    },
+    /// An agent rotated its certificate.
+    #[serde(rename = "agent.certificate.rotated")]
+    CertificateRotated {
+        /// The agent.
+        agent_id: AgentId,
+        /// The certificate used to authenticate the rotation.
+        previous_serial: SerialNumber,
+        /// The new certificate.
+        serial: SerialNumber,
+        /// The new certificate's NotAfter.
+        #[serde(with = "time::serde::rfc3339")]
+        not_after: OffsetDateTime,
+    },
+    /// An agent was revoked with all its certificates.
+    #[serde(rename = "agent.revoked")]
+    Revoked {
+        /// The agent.
+        agent_id: AgentId,
+        /// The admin's reason.
+        reason: String,
+        /// Every certificate serial that was revoked.
+        revoked_serials: Vec<SerialNumber>,
+    },
+}
+
+impl Payload {
+    /// The event type name, e.g. `agent.enrolled`.
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            Payload::TokenIssued { .. } => "agent.enrollment_token.issued",
+            Payload::TokenRevoked { .. } => "agent.enrollment_token.revoked",
+            Payload::EnrollmentFailed { .. } => "agent.enrollment.failed",
+            Payload::Enrolled { .. } => "agent.enrolled",
+            Payload::CertificateRotated { .. } => "agent.certificate.rotated",
+            Payload::Revoked { .. } => "agent.revoked",
+        }
+    }
+}
+
+/// Every event type name, in lifecycle order. Each has the schema file
+/// `specs/events/<name>.v1.schema.json`.
+pub const EVENT_TYPES: [&str; 6] = [
+    "agent.enrollment_token.issued",
+    "agent.enrollment_token.revoked",
+    "agent.enrollment.failed",
+    "agent.enrolled",
+    "agent.certificate.rotated",
+    "agent.revoked",
+];
+
+/// One lifecycle event: the common envelope with its payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Unique id; consumers de-duplicate on it (delivery is at least once).
+    pub event_id: Uuid,
+    /// The payload schema version ([`VERSION`]).
+    pub version: u32,
+    /// When the state change was committed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub occurred_at: OffsetDateTime,
+    /// The tenant the event belongs to.
+    pub tenant_id: TenantId,
+    /// Who caused it.
+    pub actor: Actor,
+    /// `type` and `payload`.
+    #[serde(flatten)]
+    pub payload: Payload,
+}
+
+impl Event {
+    /// A new event with a random id, occurring at `occurred_at`.
+    pub fn new(
+        tenant_id: TenantId,
+        actor: Actor,
+        occurred_at: OffsetDateTime,
+        payload: Payload,
+    ) -> Self {
+        Self {
+            event_id: Uuid::new_v4(),
+            version: VERSION,
+            occurred_at,
+            tenant_id,
+            actor,
+            payload,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_shape() {
+        let e = Event::new(
+            "6f1e0c9a-3a51-4c1b-9a57-0c7f2f6d8e10".parse().unwrap(),
+            Actor::System,
+            OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+            Payload::TokenRevoked {
+                token_id: TokenId::random(),
+                uses: 0,
+            },
+        );
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["type"], "agent.enrollment_token.revoked");
+        assert_eq!(v["version"], 1);
+        assert_eq!(v["occurred_at"], "2023-11-14T22:13:20Z");
+        assert_eq!(v["actor"], serde_json::json!({"type": "system"}));
+        assert_eq!(v["payload"]["uses"], 0);
+        assert_eq!(serde_json::from_value::<Event>(v).unwrap(), e);
+        assert_eq!(e.payload.event_type(), EVENT_TYPES[1]);
+    }
+}

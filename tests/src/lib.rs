@@ -1,0 +1,152 @@
+//! Shared helpers for OneProtect's end-to-end and contract tests.
+//!
+//! Tests run against the real services: PostgreSQL and Redis on loopback
+//! (see README.md, "Running the tests"). The helpers here find them, fail
+//! with a clear message when they are missing (never hang), and hand each test
+//! its own Redis key prefix, database schema and free ports so tests can run
+//! in parallel on a machine shared with others.
+//!
+//! Environment:
+//! - `ONEPROTECT_TEST_REDIS_URL` (default `redis://127.0.0.1:6379`)
+//! - `ONEPROTECT_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`)
+
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+/// The default Redis URL for tests.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// The default PostgreSQL URL for tests.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// The repository root (where `specs/`, `configs/` and `Cargo.toml` live).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+fn host_port(url: &str, default_port: u16) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    let hostport = rest.split(['/', '?']).next().unwrap_or(rest);
+    if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:{default_port}")
+    }
+}
+
+fn require_tcp(what: &str, url: &str, default_port: u16, hint: &str) {
+    let hp = host_port(url, default_port);
+    let addrs: Vec<SocketAddr> = hp
+        .to_socket_addrs()
+        .unwrap_or_else(|e| panic!("{what}: cannot resolve {hp}: {e}"))
+        .collect();
+    let reachable = addrs
+        .iter()
+        .any(|a| TcpStream::connect_timeout(a, Duration::from_secs(2)).is_ok());
+    assert!(
+        reachable,
+        "{what} is not reachable at {hp}. These tests need a real {what}. {hint}"
+    );
+}
+
+/// The Redis URL for tests, after checking within 2 s that something listens
+/// there. Panics with instructions when Redis is not running.
+pub fn require_redis() -> String {
+    let url =
+        std::env::var("ONEPROTECT_TEST_REDIS_URL").unwrap_or_else(|_| DEFAULT_REDIS_URL.into());
+    require_tcp(
+        "Redis",
+        &url,
+        6379,
+        "Start one with `redis-server --port 6379 --save '' --appendonly no --daemonize yes`, \
+         or point ONEPROTECT_TEST_REDIS_URL at one.",
+    );
+    url
+}
+
+/// The PostgreSQL URL for tests, after checking within 2 s that something
+/// listens there. Panics with instructions when PostgreSQL is not running.
+pub fn require_postgres() -> String {
+    let url = std::env::var("ONEPROTECT_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| DEFAULT_DATABASE_URL.into());
+    require_tcp(
+        "PostgreSQL",
+        &url,
+        5432,
+        "Start PostgreSQL with trust auth for 127.0.0.1 and a database `test`, \
+         or point ONEPROTECT_TEST_DATABASE_URL at one.",
+    );
+    url
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call, safe for Redis key prefixes and
+/// PostgreSQL schema names: `<label>_<pid>_<n>_<random>` in `[a-z0-9_]`.
+pub fn unique_name(label: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let rnd = uuid_fragment();
+    let label: String = label
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{label}_{}_{n}_{rnd}", std::process::id())
+}
+
+/// A unique Redis key prefix for one test, ending in `:`.
+pub fn unique_redis_prefix(label: &str) -> String {
+    format!("test:{}:", unique_name(label))
+}
+
+fn uuid_fragment() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago. Prefer binding port 0
+/// and reading the address back; use this only for child processes that must
+/// be told a port on the command line.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port on 127.0.0.1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_parsing() {
+        assert_eq!(
+            host_port("redis://127.0.0.1:6380/0", 6379),
+            "127.0.0.1:6380"
+        );
+        assert_eq!(host_port("postgres://u:p@db:5433/test", 5432), "db:5433");
+        assert_eq!(
+            host_port("postgres://postgres@127.0.0.1/test", 5432),
+            "127.0.0.1:5432"
+        );
+    }
+
+    #[test]
+    fn unique_names_differ_and_are_safe() {
+        let a = unique_name("My-Test");
+        let b = unique_name("My-Test");
+        assert_ne!(a, b);
+        assert!(a
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_'));
+    }
+}

@@ -1,0 +1,1 @@
+//! Contract tests: specs/ are valid and agree with the code.

@@ -1,0 +1,7 @@
+//! OneProtect's cross-component test suite: one binary, one module per area,
+//! so the workspace links one test executable instead of one per file.
+//!
+//! Run everything with `cargo test --workspace`; one area with e.g.
+//! `cargo test -p oneprotect-tests --test suite contracts::`.
+
+mod contracts;
