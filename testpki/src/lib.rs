@@ -235,3 +235,35 @@ impl TenantCa {
         }
     }
 }
+
+impl TestPki {
+    /// A TLS server certificate signed by this root, for `names` (DNS names or
+    /// IP addresses), with serverAuth EKU. For test and bench listeners.
+    pub fn server_cert(&self, names: &[&str]) -> Leaf {
+        let now = OffsetDateTime::now_utc();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name("test server");
+        params.subject_alt_names = names
+            .iter()
+            .map(|n| match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName((*n).try_into().expect("DNS SAN is IA5")),
+            })
+            .collect();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(365);
+        params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate().expect("generate server key");
+        let cert = params.signed_by(&key, &*self.root).expect("sign server cert");
+        Leaf {
+            cert_der: cert.der().to_vec(),
+            cert_pem: cert.pem(),
+            key_der: key.serialize_der(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+}
