@@ -1,0 +1,3 @@
+//! `oneprotect-enroll-api`: the enrollment service binary (see the library).
+
+fn main() {}

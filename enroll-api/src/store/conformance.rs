@@ -1,0 +1,497 @@
+//! The store conformance suite (SPIRE's `sqltest`): one set of checks that
+//! every backend must pass. Run by this crate's tests on SQLite and
+//! PostgreSQL, and available to other crates with the `test-util` feature.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use oneprotect_identity::events::{Actor, Event, Payload};
+use oneprotect_identity::{AgentId, AgentStatus, SerialNumber, TenantId, TokenId};
+
+use super::*;
+
+pub fn now() -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap()
+}
+
+pub async fn tenant<S: Store>(s: &S) -> TenantId {
+    let t = Tenant {
+        id: TenantId::random(),
+        name: "acme".into(),
+        leaf_lifetime_secs: 3600,
+        created_at: now(),
+    };
+    s.create_tenant(&t).await.unwrap();
+    t.id
+}
+
+pub fn hash(tag: &str) -> Vec<u8> {
+    ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("{tag}{}", Uuid::new_v4()).as_bytes(),
+    )
+    .as_ref()
+    .to_vec()
+}
+
+pub async fn token<S: Store>(
+    s: &S,
+    tenant: TenantId,
+    max_uses: u32,
+    ttl: i64,
+) -> (TokenId, Vec<u8>) {
+    let id = TokenId::random();
+    let h = hash("token");
+    let record = TokenRecord {
+        id,
+        tenant_id: tenant,
+        max_uses,
+        uses: 0,
+        expires_at: now() + time::Duration::seconds(ttl),
+        created_at: now(),
+        revoked_at: None,
+        description: Some("laptops".into()),
+        labels: BTreeMap::from([("site".to_string(), "berlin".to_string())]),
+    };
+    let event = Event::new(
+        tenant,
+        Actor::System,
+        now(),
+        Payload::TokenIssued {
+            token_id: id,
+            expires_at: record.expires_at,
+            max_uses,
+            description: record.description.clone(),
+            labels: record.labels.clone(),
+        },
+    );
+    s.create_token(
+        &NewToken {
+            record,
+            token_hash: h.clone(),
+            created_by: Uuid::new_v4(),
+        },
+        &event,
+    )
+    .await
+    .unwrap();
+    (id, h)
+}
+
+pub fn enrollment(
+    tenant: TenantId,
+    token_id: TokenId,
+    token_hash: &[u8],
+    at: OffsetDateTime,
+) -> Enrollment {
+    let agent_id = AgentId::random();
+    let mut serial = [0u8; 16];
+    serial[..16].copy_from_slice(&Uuid::new_v4().into_bytes());
+    serial[0] |= 1;
+    let serial = SerialNumber::from_bytes(serial).unwrap();
+    let spiffe_id = format!("spiffe://oneprotect.test/tenant/{tenant}/agent/{agent_id}");
+    let not_after = at + Duration::from_secs(3600);
+    Enrollment {
+        token_id,
+        token_hash: token_hash.to_vec(),
+        agent: AgentRecord {
+            id: agent_id,
+            tenant_id: tenant,
+            spiffe_id: spiffe_id.clone(),
+            status: AgentStatus::Active,
+            hostname: "host-1".into(),
+            os: "linux".into(),
+            agent_version: "1.0.0".into(),
+            token_id,
+            enrolled_at: at,
+            current_serial: serial,
+            certificate_not_after: not_after,
+            revoked_at: None,
+            revocation_reason: None,
+        },
+        certificate: NewCertificate {
+            serial,
+            fingerprint: format!("{:064x}", Uuid::new_v4().as_u128()),
+            not_before: at,
+            not_after,
+            cert_pem: "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n".into(),
+        },
+        event: Event::new(
+            tenant,
+            Actor::EnrollmentToken(token_id),
+            at,
+            Payload::Enrolled {
+                agent_id,
+                token_id,
+                spiffe_id: spiffe_id.parse().unwrap(),
+                serial,
+                not_after,
+                hostname: "host-1".into(),
+                os: "linux".into(),
+                agent_version: "1.0.0".into(),
+            },
+        ),
+        now: at,
+    }
+}
+
+const PAGE: Page = Page {
+    limit: 100,
+    after: None,
+};
+
+/// Runs every check.
+pub async fn run_all<S: Store>(s: &S) {
+    tenants_and_admin_keys(s).await;
+    tokens_round_trip_and_isolate_tenants(s).await;
+    token_listing_filters_and_pages(s).await;
+    revoke_token_is_idempotent(s).await;
+    enroll_writes_everything_or_nothing(s).await;
+    enroll_refusals(s).await;
+    single_use_token_under_concurrency(s, 100).await;
+    agents_list_and_revoke(s).await;
+}
+
+pub async fn tenants_and_admin_keys<S: Store>(s: &S) {
+    s.ping().await.unwrap();
+    let t = tenant(s).await;
+    let got = s.fetch_tenant(t).await.unwrap().unwrap();
+    assert_eq!(got.name, "acme");
+    assert_eq!(got.leaf_lifetime_secs, 3600);
+    assert!(s.fetch_tenant(TenantId::random()).await.unwrap().is_none());
+    let key = NewAdminKey {
+        id: Uuid::new_v4(),
+        tenant_id: t,
+        name: "ci".into(),
+        key_hash: hash("key"),
+        created_at: now(),
+    };
+    s.create_admin_key(&key).await.unwrap();
+    let found = s
+        .fetch_admin_key_by_hash(&key.key_hash)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        found,
+        AdminKeyRef {
+            id: key.id,
+            tenant_id: t
+        }
+    );
+    assert!(s
+        .fetch_admin_key_by_hash(&hash("other"))
+        .await
+        .unwrap()
+        .is_none());
+    // A duplicate hash is a conflict, never a second identity.
+    let dup = NewAdminKey {
+        id: Uuid::new_v4(),
+        ..key
+    };
+    assert!(matches!(
+        s.create_admin_key(&dup).await,
+        Err(StoreError::Conflict(_))
+    ));
+}
+
+pub async fn tokens_round_trip_and_isolate_tenants<S: Store>(s: &S) {
+    let a = tenant(s).await;
+    let b = tenant(s).await;
+    let (id, h) = token(s, a, 3, 3600).await;
+    let t = s.fetch_token(a, id).await.unwrap().unwrap();
+    assert_eq!((t.max_uses, t.uses, t.revoked_at), (3, 0, None));
+    assert_eq!(t.description.as_deref(), Some("laptops"));
+    assert_eq!(t.labels.get("site").map(String::as_str), Some("berlin"));
+    assert_eq!(t.status(now()), TokenStatus::Active);
+    assert!(
+        s.fetch_token(b, id).await.unwrap().is_none(),
+        "other tenant sees the token"
+    );
+    assert!(s
+        .revoke_token(b, id, now(), Actor::System)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(s.fetch_token_ref_by_hash(&h).await.unwrap(), Some((id, a)));
+    assert_eq!(s.fetch_token_ref_by_hash(&hash("x")).await.unwrap(), None);
+    let events = s.list_events(a, 10).await.unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        events[0].event.payload.event_type(),
+        "agent.enrollment_token.issued"
+    );
+    assert!(s.list_events(b, 10).await.unwrap().is_empty());
+}
+
+pub async fn token_listing_filters_and_pages<S: Store>(s: &S) {
+    let t = tenant(s).await;
+    let (active, _) = token(s, t, 1, 3600).await;
+    let (expired, _) = token(s, t, 1, -1).await;
+    let (revoked, _) = token(s, t, 1, 3600).await;
+    s.revoke_token(t, revoked, now(), Actor::System)
+        .await
+        .unwrap();
+    let (used, uh) = token(s, t, 1, 3600).await;
+    assert_eq!(
+        s.enroll(&enrollment(t, used, &uh, now())).await.unwrap(),
+        EnrollOutcome::Enrolled
+    );
+    let ids = |v: Vec<TokenRecord>| v.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    for (status, want) in [
+        (TokenStatus::Active, active),
+        (TokenStatus::Expired, expired),
+        (TokenStatus::Revoked, revoked),
+        (TokenStatus::UsedUp, used),
+    ] {
+        let got = ids(s.list_tokens(t, Some(status), now(), PAGE).await.unwrap());
+        assert_eq!(got, vec![want], "{status:?}");
+    }
+    let all = ids(s.list_tokens(t, None, now(), PAGE).await.unwrap());
+    assert_eq!(all.len(), 4);
+    let mut sorted = all.clone();
+    sorted.sort_by_key(|i| *i.as_uuid());
+    assert_eq!(all, sorted);
+    let first = ids(s
+        .list_tokens(
+            t,
+            None,
+            now(),
+            Page {
+                limit: 3,
+                after: None,
+            },
+        )
+        .await
+        .unwrap());
+    let rest = ids(s
+        .list_tokens(
+            t,
+            None,
+            now(),
+            Page {
+                limit: 3,
+                after: Some(*first[2].as_uuid()),
+            },
+        )
+        .await
+        .unwrap());
+    assert_eq!(first.len(), 3);
+    assert_eq!([first, rest].concat(), all);
+}
+
+pub async fn revoke_token_is_idempotent<S: Store>(s: &S) {
+    let t = tenant(s).await;
+    let (id, h) = token(s, t, 2, 3600).await;
+    let first = s
+        .revoke_token(t, id, now(), Actor::System)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.revoked_at, Some(now()));
+    let later = now() + Duration::from_secs(10);
+    let second = s
+        .revoke_token(t, id, later, Actor::System)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        second.revoked_at,
+        Some(now()),
+        "second revoke changed the record"
+    );
+    let kinds: Vec<_> = s
+        .list_events(t, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event.payload.event_type())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "agent.enrollment_token.issued",
+            "agent.enrollment_token.revoked"
+        ]
+    );
+    assert_eq!(
+        s.enroll(&enrollment(t, id, &h, now())).await.unwrap(),
+        EnrollOutcome::Refused(TokenRefusal::Revoked)
+    );
+}
+
+pub async fn enroll_writes_everything_or_nothing<S: Store>(s: &S) {
+    let t = tenant(s).await;
+    let (id, h) = token(s, t, 2, 3600).await;
+    let e = enrollment(t, id, &h, now());
+    assert_eq!(s.enroll(&e).await.unwrap(), EnrollOutcome::Enrolled);
+    let agent = s.fetch_agent(t, e.agent.id).await.unwrap().unwrap();
+    assert_eq!(agent, e.agent);
+    assert_eq!(s.fetch_token(t, id).await.unwrap().unwrap().uses, 1);
+    let events = s.list_events(t, 10).await.unwrap();
+    assert_eq!(events.last().unwrap().event, e.event);
+
+    // A second enrollment that fails half-way (duplicate serial) leaves no
+    // trace: the use is not consumed and no agent or event appears.
+    let mut dup = enrollment(t, id, &h, now());
+    dup.certificate.serial = e.certificate.serial;
+    assert!(s.enroll(&dup).await.is_err());
+    assert!(s.fetch_agent(t, dup.agent.id).await.unwrap().is_none());
+    assert_eq!(s.fetch_token(t, id).await.unwrap().unwrap().uses, 1);
+    assert_eq!(s.list_events(t, 10).await.unwrap().len(), events.len());
+}
+
+pub async fn enroll_refusals<S: Store>(s: &S) {
+    let t = tenant(s).await;
+    let other = tenant(s).await;
+    let (id, h) = token(s, t, 1, 60).await;
+    // Wrong hash, wrong tenant: unknown.
+    assert_eq!(
+        s.enroll(&enrollment(t, id, &hash("wrong"), now()))
+            .await
+            .unwrap(),
+        EnrollOutcome::Refused(TokenRefusal::Unknown)
+    );
+    assert_eq!(
+        s.enroll(&enrollment(other, id, &h, now())).await.unwrap(),
+        EnrollOutcome::Refused(TokenRefusal::Unknown)
+    );
+    // Expired at exactly expires_at.
+    let at_expiry = now() + Duration::from_secs(60);
+    assert_eq!(
+        s.enroll(&enrollment(t, id, &h, at_expiry)).await.unwrap(),
+        EnrollOutcome::Refused(TokenRefusal::Expired)
+    );
+    assert_eq!(
+        s.enroll(&enrollment(t, id, &h, now())).await.unwrap(),
+        EnrollOutcome::Enrolled
+    );
+    assert_eq!(
+        s.enroll(&enrollment(t, id, &h, now())).await.unwrap(),
+        EnrollOutcome::Refused(TokenRefusal::UsedUp)
+    );
+    let agents = s.list_agents(t, None, PAGE).await.unwrap();
+    assert_eq!(agents.len(), 1);
+}
+
+/// `n` concurrent enrollments with one single-use token: exactly one wins.
+pub async fn single_use_token_under_concurrency<S: Store>(s: &S, n: usize) {
+    let t = tenant(s).await;
+    let (id, h) = token(s, t, 1, 3600).await;
+    let barrier = Arc::new(tokio::sync::Barrier::new(n));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let s = s.clone();
+        let e = enrollment(t, id, &h, now());
+        let barrier = Arc::clone(&barrier);
+        set.spawn(async move {
+            barrier.wait().await;
+            s.enroll(&e).await
+        });
+    }
+    let mut ok = 0;
+    while let Some(r) = set.join_next().await {
+        match r.unwrap().unwrap() {
+            EnrollOutcome::Enrolled => ok += 1,
+            EnrollOutcome::Refused(r) => assert_eq!(r, TokenRefusal::UsedUp),
+        }
+    }
+    assert_eq!(ok, 1);
+    assert_eq!(s.list_agents(t, None, PAGE).await.unwrap().len(), 1);
+    assert_eq!(s.fetch_token(t, id).await.unwrap().unwrap().uses, 1);
+    let enrolled = s
+        .list_events(t, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event.payload.event_type() == "agent.enrolled")
+        .count();
+    assert_eq!(enrolled, 1);
+}
+
+pub async fn agents_list_and_revoke<S: Store>(s: &S) {
+    let t = tenant(s).await;
+    let other = tenant(s).await;
+    let (id, h) = token(s, t, 5, 3600).await;
+    let e1 = enrollment(t, id, &h, now());
+    let e2 = enrollment(t, id, &h, now());
+    s.enroll(&e1).await.unwrap();
+    s.enroll(&e2).await.unwrap();
+    assert!(s.fetch_agent(other, e1.agent.id).await.unwrap().is_none());
+    assert!(s
+        .revoke_agent(other, e1.agent.id, "x", now(), Actor::System)
+        .await
+        .unwrap()
+        .is_none());
+    let r = s
+        .revoke_agent(t, e1.agent.id, "stolen", now(), Actor::System)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, AgentStatus::Revoked);
+    assert_eq!(r.revocation_reason.as_deref(), Some("stolen"));
+    let again = s
+        .revoke_agent(
+            t,
+            e1.agent.id,
+            "other",
+            now() + Duration::from_secs(5),
+            Actor::System,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again, r);
+    let active = s
+        .list_agents(t, Some(AgentStatus::Active), PAGE)
+        .await
+        .unwrap();
+    assert_eq!(
+        active.iter().map(|a| a.id).collect::<Vec<_>>(),
+        vec![e2.agent.id]
+    );
+    let revoked = s
+        .list_agents(t, Some(AgentStatus::Revoked), PAGE)
+        .await
+        .unwrap();
+    assert_eq!(
+        revoked.iter().map(|a| a.id).collect::<Vec<_>>(),
+        vec![e1.agent.id]
+    );
+    let last = s.list_events(t, 100).await.unwrap().pop().unwrap().event;
+    match last.payload {
+        Payload::Revoked {
+            agent_id,
+            revoked_serials,
+            ..
+        } => {
+            assert_eq!(agent_id, e1.agent.id);
+            assert_eq!(revoked_serials, vec![e1.certificate.serial]);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Opens a PostgreSQL store in a fresh schema `schema` (created here).
+pub async fn pg_store_in_new_schema(url: &str, schema: &str) -> super::postgres::PgStore {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    super::postgres::PgStore::open(&super::postgres::PgOptions {
+        url: url.to_owned(),
+        schema: Some(schema.to_owned()),
+        app_role: super::postgres::DEFAULT_APP_ROLE.to_owned(),
+        max_connections: 16,
+    })
+    .await
+    .unwrap()
+}

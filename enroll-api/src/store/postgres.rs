@@ -1,0 +1,560 @@
+//! The PostgreSQL backend, with row-level security.
+//!
+//! Migrations run on a dedicated connection as the login role (the table
+//! owner). Every pooled connection then does `SET ROLE <app_role>`
+//! (`oneprotect_app`, created NOLOGIN by the migration), and the store
+//! refuses to start if that role is a superuser or has BYPASSRLS — so the
+//! policies always apply. Each operation runs in a transaction that first
+//! calls `set_config('oneprotect.tenant_id', <tenant>, true)`.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{Connection, Executor, PgConnection, PgPool, Postgres, Row, Transaction};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use oneprotect_identity::events::{Actor, Event, Payload};
+use oneprotect_identity::{AgentId, AgentStatus, TenantId, TokenId};
+
+use super::{
+    event_json, labels_json, parse_event, parse_id, parse_labels, refusal, token_status_sql, ts,
+    u32_of, AdminKeyRef, AgentRecord, EnrollOutcome, Enrollment, NewAdminKey, NewToken,
+    OutboxEvent, Page, Store, StoreError, Tenant, TokenRecord, TokenStatus,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+/// The role the migrations create and the service runs as.
+pub const DEFAULT_APP_ROLE: &str = "oneprotect_app";
+
+/// How to reach PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// Connection URL of the login role (which must be allowed to `SET ROLE`
+    /// to `app_role`).
+    pub url: String,
+    /// Schema to use (`search_path`); `None` for the server default.
+    pub schema: Option<String>,
+    /// The role every pooled connection switches to. Must match
+    /// `[a-z_][a-z0-9_]*`.
+    pub app_role: String,
+    /// Pool size.
+    pub max_connections: u32,
+}
+
+/// The PostgreSQL store.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+const TOKEN_COLS: &str =
+    "id, tenant_id, max_uses, uses, expires_at, created_at, revoked_at, description, labels";
+const AGENT_COLS: &str = "id, tenant_id, spiffe_id, status, hostname, os, agent_version, token_id, enrolled_at, current_serial, certificate_not_after, revoked_at, revocation_reason";
+
+fn opt_ts(v: Option<i64>) -> Result<Option<OffsetDateTime>, StoreError> {
+    v.map(ts).transpose()
+}
+
+fn token_from_row(r: &PgRow) -> Result<TokenRecord, StoreError> {
+    Ok(TokenRecord {
+        id: TokenId::from_uuid(r.try_get("id")?),
+        tenant_id: TenantId::from_uuid(r.try_get("tenant_id")?),
+        max_uses: u32_of(i64::from(r.try_get::<i32, _>("max_uses")?))?,
+        uses: u32_of(i64::from(r.try_get::<i32, _>("uses")?))?,
+        expires_at: ts(r.try_get("expires_at")?)?,
+        created_at: ts(r.try_get("created_at")?)?,
+        revoked_at: opt_ts(r.try_get("revoked_at")?)?,
+        description: r.try_get("description")?,
+        labels: parse_labels(r.try_get("labels")?)?,
+    })
+}
+
+fn agent_from_row(r: &PgRow) -> Result<AgentRecord, StoreError> {
+    Ok(AgentRecord {
+        id: AgentId::from_uuid(r.try_get("id")?),
+        tenant_id: TenantId::from_uuid(r.try_get("tenant_id")?),
+        spiffe_id: r.try_get("spiffe_id")?,
+        status: AgentStatus::from_str(r.try_get("status")?)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        hostname: r.try_get("hostname")?,
+        os: r.try_get("os")?,
+        agent_version: r.try_get("agent_version")?,
+        token_id: TokenId::from_uuid(r.try_get("token_id")?),
+        enrolled_at: ts(r.try_get("enrolled_at")?)?,
+        current_serial: parse_id(r.try_get::<&str, _>("current_serial")?)?,
+        certificate_not_after: ts(r.try_get("certificate_not_after")?)?,
+        revoked_at: opt_ts(r.try_get("revoked_at")?)?,
+        revocation_reason: r.try_get("revocation_reason")?,
+    })
+}
+
+fn valid_ident(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && s.len() <= 63
+}
+
+impl PgStore {
+    /// Connects, applies the embedded migrations as the login role, and
+    /// opens a pool whose connections run as `app_role`. Fails if that role
+    /// could bypass row-level security.
+    pub async fn open(o: &PgOptions) -> Result<Self, StoreError> {
+        if !valid_ident(&o.app_role) {
+            return Err(StoreError::RoleBypassesRls(o.app_role.clone()));
+        }
+        let mut opts = PgConnectOptions::from_str(&o.url)?;
+        if let Some(schema) = &o.schema {
+            opts = opts.options([("search_path", schema.as_str())]);
+        }
+        let mut conn = PgConnection::connect_with(&opts).await?;
+        MIGRATOR.run(&mut conn).await?;
+        conn.close().await?;
+
+        let set_role = format!("SET ROLE \"{}\"", o.app_role);
+        let pool = PgPoolOptions::new()
+            .max_connections(o.max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(move |conn, _meta| {
+                let set_role = set_role.clone();
+                Box::pin(async move {
+                    conn.execute(set_role.as_str()).await?;
+                    Ok(())
+                })
+            })
+            .connect_with(opts)
+            .await?;
+        let bypass: bool = sqlx::query_scalar(
+            "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if bypass {
+            return Err(StoreError::RoleBypassesRls(o.app_role.clone()));
+        }
+        Ok(Self { pool })
+    }
+
+    /// The pool (connections already switched to the app role). For tests
+    /// that need to show what a raw query without a tenant sees.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn begin(&self, tenant: TenantId) -> Result<Transaction<'static, Postgres>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT set_config('oneprotect.tenant_id', $1, true)")
+            .bind(tenant.to_string())
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
+
+    async fn insert_event(conn: &mut PgConnection, event: &Event) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO events_outbox (event_id, tenant_id, event_type, occurred_at, body) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(event.event_id)
+        .bind(event.tenant_id.as_uuid())
+        .bind(event.payload.event_type())
+        .bind(event.occurred_at.unix_timestamp())
+        .bind(event_json(event)?)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn fetch_token_in(
+        tx: &mut PgConnection,
+        tenant: TenantId,
+        id: TokenId,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {TOKEN_COLS} FROM enrollment_tokens WHERE tenant_id = $1 AND id = $2"
+        ))
+        .bind(tenant.as_uuid())
+        .bind(id.as_uuid())
+        .fetch_optional(tx)
+        .await?;
+        row.as_ref().map(token_from_row).transpose()
+    }
+
+    async fn fetch_agent_in(
+        tx: &mut PgConnection,
+        tenant: TenantId,
+        id: AgentId,
+    ) -> Result<Option<AgentRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {AGENT_COLS} FROM agents WHERE tenant_id = $1 AND id = $2"
+        ))
+        .bind(tenant.as_uuid())
+        .bind(id.as_uuid())
+        .fetch_optional(tx)
+        .await?;
+        row.as_ref().map(agent_from_row).transpose()
+    }
+}
+
+impl Store for PgStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn create_tenant(&self, t: &Tenant) -> Result<(), StoreError> {
+        let mut tx = self.begin(t.id).await?;
+        sqlx::query(
+            "INSERT INTO tenants (id, name, leaf_lifetime_secs, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(t.id.as_uuid())
+        .bind(&t.name)
+        .bind(t.leaf_lifetime_secs)
+        .bind(t.created_at.unix_timestamp())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn fetch_tenant(&self, id: TenantId) -> Result<Option<Tenant>, StoreError> {
+        let mut tx = self.begin(id).await?;
+        let row = sqlx::query(
+            "SELECT id, name, leaf_lifetime_secs, created_at FROM tenants WHERE id = $1",
+        )
+        .bind(id.as_uuid())
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        row.map(|r| {
+            Ok(Tenant {
+                id: TenantId::from_uuid(r.try_get("id")?),
+                name: r.try_get("name")?,
+                leaf_lifetime_secs: r.try_get("leaf_lifetime_secs")?,
+                created_at: ts(r.try_get("created_at")?)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn create_admin_key(&self, k: &NewAdminKey) -> Result<(), StoreError> {
+        let mut tx = self.begin(k.tenant_id).await?;
+        sqlx::query(
+            "INSERT INTO admin_keys (id, tenant_id, name, key_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(k.id)
+        .bind(k.tenant_id.as_uuid())
+        .bind(&k.name)
+        .bind(&k.key_hash)
+        .bind(k.created_at.unix_timestamp())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn fetch_admin_key_by_hash(
+        &self,
+        hash: &[u8],
+    ) -> Result<Option<AdminKeyRef>, StoreError> {
+        let row = sqlx::query("SELECT key_id, tenant_id FROM oneprotect_admin_key_ref($1)")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(AdminKeyRef {
+                id: r.try_get("key_id")?,
+                tenant_id: TenantId::from_uuid(r.try_get("tenant_id")?),
+            })
+        })
+        .transpose()
+    }
+
+    async fn create_token(&self, t: &NewToken, event: &Event) -> Result<(), StoreError> {
+        let r = &t.record;
+        let mut tx = self.begin(r.tenant_id).await?;
+        sqlx::query(
+            "INSERT INTO enrollment_tokens (id, tenant_id, token_hash, max_uses, uses, expires_at, created_at, description, labels, created_by) \
+             VALUES ($1, $2, $3, $4, 0, $5, $6, $7, $8, $9)",
+        )
+        .bind(r.id.as_uuid())
+        .bind(r.tenant_id.as_uuid())
+        .bind(&t.token_hash)
+        .bind(i32::try_from(r.max_uses).unwrap_or(i32::MAX))
+        .bind(r.expires_at.unix_timestamp())
+        .bind(r.created_at.unix_timestamp())
+        .bind(&r.description)
+        .bind(labels_json(&r.labels))
+        .bind(t.created_by)
+        .execute(&mut *tx)
+        .await?;
+        Self::insert_event(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn fetch_token(
+        &self,
+        tenant: TenantId,
+        id: TokenId,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let mut tx = self.begin(tenant).await?;
+        let t = Self::fetch_token_in(&mut tx, tenant, id).await?;
+        tx.commit().await?;
+        Ok(t)
+    }
+
+    async fn list_tokens(
+        &self,
+        tenant: TenantId,
+        status: Option<TokenStatus>,
+        now: OffsetDateTime,
+        page: Page,
+    ) -> Result<Vec<TokenRecord>, StoreError> {
+        let status_sql = status
+            .map(|s| format!(" AND {}", token_status_sql(s, "$3")))
+            .unwrap_or_default();
+        let mut tx = self.begin(tenant).await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {TOKEN_COLS} FROM enrollment_tokens WHERE tenant_id = $1 AND id > $2 AND $3::bigint IS NOT NULL{status_sql} ORDER BY id LIMIT $4"
+        ))
+        .bind(tenant.as_uuid())
+        .bind(page.after.unwrap_or(Uuid::nil()))
+        .bind(now.unix_timestamp())
+        .bind(i64::from(page.limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        rows.iter().map(token_from_row).collect()
+    }
+
+    async fn revoke_token(
+        &self,
+        tenant: TenantId,
+        id: TokenId,
+        now: OffsetDateTime,
+        actor: Actor,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let mut tx = self.begin(tenant).await?;
+        let changed = sqlx::query(
+            "UPDATE enrollment_tokens SET revoked_at = $3 WHERE tenant_id = $1 AND id = $2 AND revoked_at IS NULL",
+        )
+        .bind(tenant.as_uuid())
+        .bind(id.as_uuid())
+        .bind(now.unix_timestamp())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let Some(record) = Self::fetch_token_in(&mut tx, tenant, id).await? else {
+            return Ok(None);
+        };
+        if changed == 1 {
+            let event = Event::new(
+                tenant,
+                actor,
+                now,
+                Payload::TokenRevoked {
+                    token_id: id,
+                    uses: record.uses,
+                },
+            );
+            Self::insert_event(&mut tx, &event).await?;
+        }
+        tx.commit().await?;
+        Ok(Some(record))
+    }
+
+    async fn fetch_token_ref_by_hash(
+        &self,
+        hash: &[u8],
+    ) -> Result<Option<(TokenId, TenantId)>, StoreError> {
+        let row = sqlx::query("SELECT token_id, tenant_id FROM oneprotect_token_ref($1)")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok((
+                TokenId::from_uuid(r.try_get("token_id")?),
+                TenantId::from_uuid(r.try_get("tenant_id")?),
+            ))
+        })
+        .transpose()
+    }
+
+    async fn enroll(&self, e: &Enrollment) -> Result<EnrollOutcome, StoreError> {
+        let a = &e.agent;
+        let mut tx = self.begin(a.tenant_id).await?;
+        // Row lock + re-check under READ COMMITTED: concurrent updaters of
+        // the same row wait, then re-evaluate the WHERE on the new version,
+        // so the row count is exact.
+        let consumed = sqlx::query(
+            "UPDATE enrollment_tokens SET uses = uses + 1 \
+             WHERE id = $1 AND tenant_id = $2 AND token_hash = $3 \
+             AND revoked_at IS NULL AND uses < max_uses AND expires_at > $4",
+        )
+        .bind(e.token_id.as_uuid())
+        .bind(a.tenant_id.as_uuid())
+        .bind(&e.token_hash)
+        .bind(e.now.unix_timestamp())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if consumed != 1 {
+            let t = Self::fetch_token_in(&mut tx, a.tenant_id, e.token_id).await?;
+            tx.rollback().await?;
+            return Ok(EnrollOutcome::Refused(refusal(t.as_ref(), e.now)));
+        }
+        sqlx::query(&format!(
+            "INSERT INTO agents ({AGENT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL, NULL)"
+        ))
+        .bind(a.id.as_uuid())
+        .bind(a.tenant_id.as_uuid())
+        .bind(&a.spiffe_id)
+        .bind(a.status.as_str())
+        .bind(&a.hostname)
+        .bind(&a.os)
+        .bind(&a.agent_version)
+        .bind(a.token_id.as_uuid())
+        .bind(a.enrolled_at.unix_timestamp())
+        .bind(a.current_serial.to_string())
+        .bind(a.certificate_not_after.unix_timestamp())
+        .execute(&mut *tx)
+        .await?;
+        let c = &e.certificate;
+        sqlx::query(
+            "INSERT INTO certificates (serial, tenant_id, agent_id, status, fingerprint, not_before, not_after, cert_pem, issued_at) \
+             VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, $8)",
+        )
+        .bind(c.serial.to_string())
+        .bind(a.tenant_id.as_uuid())
+        .bind(a.id.as_uuid())
+        .bind(&c.fingerprint)
+        .bind(c.not_before.unix_timestamp())
+        .bind(c.not_after.unix_timestamp())
+        .bind(&c.cert_pem)
+        .bind(e.now.unix_timestamp())
+        .execute(&mut *tx)
+        .await?;
+        Self::insert_event(&mut tx, &e.event).await?;
+        tx.commit().await?;
+        Ok(EnrollOutcome::Enrolled)
+    }
+
+    async fn create_event(&self, event: &Event) -> Result<(), StoreError> {
+        let mut tx = self.begin(event.tenant_id).await?;
+        Self::insert_event(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn list_events(
+        &self,
+        tenant: TenantId,
+        limit: u32,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        let mut tx = self.begin(tenant).await?;
+        let rows = sqlx::query(
+            "SELECT seq, body FROM events_outbox WHERE tenant_id = $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(tenant.as_uuid())
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OutboxEvent {
+                    seq: r.try_get("seq")?,
+                    event: parse_event(r.try_get("body")?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn fetch_agent(
+        &self,
+        tenant: TenantId,
+        id: AgentId,
+    ) -> Result<Option<AgentRecord>, StoreError> {
+        let mut tx = self.begin(tenant).await?;
+        let a = Self::fetch_agent_in(&mut tx, tenant, id).await?;
+        tx.commit().await?;
+        Ok(a)
+    }
+
+    async fn list_agents(
+        &self,
+        tenant: TenantId,
+        status: Option<AgentStatus>,
+        page: Page,
+    ) -> Result<Vec<AgentRecord>, StoreError> {
+        let mut tx = self.begin(tenant).await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {AGENT_COLS} FROM agents WHERE tenant_id = $1 AND id > $2 AND ($3::text IS NULL OR status = $3) ORDER BY id LIMIT $4"
+        ))
+        .bind(tenant.as_uuid())
+        .bind(page.after.unwrap_or(Uuid::nil()))
+        .bind(status.map(|s| s.as_str()))
+        .bind(i64::from(page.limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        rows.iter().map(agent_from_row).collect()
+    }
+
+    async fn revoke_agent(
+        &self,
+        tenant: TenantId,
+        id: AgentId,
+        reason: &str,
+        now: OffsetDateTime,
+        actor: Actor,
+    ) -> Result<Option<AgentRecord>, StoreError> {
+        let mut tx = self.begin(tenant).await?;
+        let changed = sqlx::query(
+            "UPDATE agents SET status = 'revoked', revoked_at = $3, revocation_reason = $4 \
+             WHERE tenant_id = $1 AND id = $2 AND status = 'active'",
+        )
+        .bind(tenant.as_uuid())
+        .bind(id.as_uuid())
+        .bind(now.unix_timestamp())
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if changed == 1 {
+            let serials: Vec<String> = sqlx::query_scalar(
+                "UPDATE certificates SET status = 'revoked', revoked_at = $3 \
+                 WHERE tenant_id = $1 AND agent_id = $2 AND status != 'revoked' RETURNING serial",
+            )
+            .bind(tenant.as_uuid())
+            .bind(id.as_uuid())
+            .bind(now.unix_timestamp())
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut revoked_serials = serials
+                .iter()
+                .map(|s| parse_id(s))
+                .collect::<Result<Vec<_>, _>>()?;
+            revoked_serials.sort();
+            let event = Event::new(
+                tenant,
+                actor,
+                now,
+                Payload::Revoked {
+                    agent_id: id,
+                    reason: reason.to_owned(),
+                    revoked_serials,
+                },
+            );
+            Self::insert_event(&mut tx, &event).await?;
+        }
+        let agent = Self::fetch_agent_in(&mut tx, tenant, id).await?;
+        tx.commit().await?;
+        Ok(agent)
+    }
+}

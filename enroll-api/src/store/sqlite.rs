@@ -1,0 +1,482 @@
+//! The SQLite backend: the embedded default, one file.
+//!
+//! SQLite has no row-level security, so every query here carries its
+//! `tenant_id` filter. WAL mode with a busy timeout lets readers run beside
+//! the single writer; the token consume is the first statement of its
+//! transaction, so the write lock is taken up front and concurrent exchanges
+//! queue on the busy timeout instead of failing on a lock upgrade.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, SqlitePool};
+use time::OffsetDateTime;
+
+use oneprotect_identity::events::{Actor, Event, Payload};
+use oneprotect_identity::{AgentId, AgentStatus, TenantId, TokenId};
+
+use super::{
+    event_json, labels_json, parse_event, parse_id, parse_labels, refusal, token_status_sql, ts,
+    u32_of, AdminKeyRef, AgentRecord, EnrollOutcome, Enrollment, NewAdminKey, NewToken,
+    OutboxEvent, Page, Store, StoreError, Tenant, TokenRecord, TokenStatus,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+
+/// The SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+const TOKEN_COLS: &str =
+    "id, tenant_id, max_uses, uses, expires_at, created_at, revoked_at, description, labels";
+const AGENT_COLS: &str = "id, tenant_id, spiffe_id, status, hostname, os, agent_version, token_id, enrolled_at, current_serial, certificate_not_after, revoked_at, revocation_reason";
+
+fn opt_ts(v: Option<i64>) -> Result<Option<OffsetDateTime>, StoreError> {
+    v.map(ts).transpose()
+}
+
+fn token_from_row(r: &SqliteRow) -> Result<TokenRecord, StoreError> {
+    Ok(TokenRecord {
+        id: parse_id(r.try_get::<&str, _>("id")?)?,
+        tenant_id: parse_id(r.try_get::<&str, _>("tenant_id")?)?,
+        max_uses: u32_of(r.try_get("max_uses")?)?,
+        uses: u32_of(r.try_get("uses")?)?,
+        expires_at: ts(r.try_get("expires_at")?)?,
+        created_at: ts(r.try_get("created_at")?)?,
+        revoked_at: opt_ts(r.try_get("revoked_at")?)?,
+        description: r.try_get("description")?,
+        labels: parse_labels(r.try_get("labels")?)?,
+    })
+}
+
+fn agent_from_row(r: &SqliteRow) -> Result<AgentRecord, StoreError> {
+    Ok(AgentRecord {
+        id: parse_id(r.try_get::<&str, _>("id")?)?,
+        tenant_id: parse_id(r.try_get::<&str, _>("tenant_id")?)?,
+        spiffe_id: r.try_get("spiffe_id")?,
+        status: AgentStatus::from_str(r.try_get("status")?)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        hostname: r.try_get("hostname")?,
+        os: r.try_get("os")?,
+        agent_version: r.try_get("agent_version")?,
+        token_id: parse_id(r.try_get::<&str, _>("token_id")?)?,
+        enrolled_at: ts(r.try_get("enrolled_at")?)?,
+        current_serial: parse_id(r.try_get::<&str, _>("current_serial")?)?,
+        certificate_not_after: ts(r.try_get("certificate_not_after")?)?,
+        revoked_at: opt_ts(r.try_get("revoked_at")?)?,
+        revocation_reason: r.try_get("revocation_reason")?,
+    })
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database file at `path` and applies
+    /// the embedded migrations. `max_connections` bounds the pool.
+    pub async fn open(path: &Path, max_connections: u32) -> Result<Self, StoreError> {
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(opts)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    async fn insert_event(
+        conn: &mut sqlx::SqliteConnection,
+        event: &Event,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO events_outbox (event_id, tenant_id, event_type, occurred_at, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(event.event_id.to_string())
+        .bind(event.tenant_id.to_string())
+        .bind(event.payload.event_type())
+        .bind(event.occurred_at.unix_timestamp())
+        .bind(event_json(event)?)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}
+
+impl Store for SqliteStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn create_tenant(&self, t: &Tenant) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO tenants (id, name, leaf_lifetime_secs, created_at) VALUES (?1, ?2, ?3, ?4)")
+            .bind(t.id.to_string())
+            .bind(&t.name)
+            .bind(t.leaf_lifetime_secs)
+            .bind(t.created_at.unix_timestamp())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn fetch_tenant(&self, id: TenantId) -> Result<Option<Tenant>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, name, leaf_lifetime_secs, created_at FROM tenants WHERE id = ?1",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(Tenant {
+                id: parse_id(r.try_get::<&str, _>("id")?)?,
+                name: r.try_get("name")?,
+                leaf_lifetime_secs: r.try_get("leaf_lifetime_secs")?,
+                created_at: ts(r.try_get("created_at")?)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn create_admin_key(&self, k: &NewAdminKey) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO admin_keys (id, tenant_id, name, key_hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)")
+            .bind(k.id.to_string())
+            .bind(k.tenant_id.to_string())
+            .bind(&k.name)
+            .bind(&k.key_hash)
+            .bind(k.created_at.unix_timestamp())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn fetch_admin_key_by_hash(
+        &self,
+        hash: &[u8],
+    ) -> Result<Option<AdminKeyRef>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, tenant_id FROM admin_keys WHERE key_hash = ?1 AND revoked_at IS NULL",
+        )
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(AdminKeyRef {
+                id: parse_id(r.try_get::<&str, _>("id")?)?,
+                tenant_id: parse_id(r.try_get::<&str, _>("tenant_id")?)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn create_token(&self, t: &NewToken, event: &Event) -> Result<(), StoreError> {
+        let r = &t.record;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO enrollment_tokens (id, tenant_id, token_hash, max_uses, uses, expires_at, created_at, description, labels, created_by) \
+             VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .bind(r.id.to_string())
+        .bind(r.tenant_id.to_string())
+        .bind(&t.token_hash)
+        .bind(i64::from(r.max_uses))
+        .bind(r.expires_at.unix_timestamp())
+        .bind(r.created_at.unix_timestamp())
+        .bind(&r.description)
+        .bind(labels_json(&r.labels))
+        .bind(t.created_by.to_string())
+        .execute(&mut *tx)
+        .await?;
+        Self::insert_event(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn fetch_token(
+        &self,
+        tenant: TenantId,
+        id: TokenId,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {TOKEN_COLS} FROM enrollment_tokens WHERE tenant_id = ?1 AND id = ?2"
+        ))
+        .bind(tenant.to_string())
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(token_from_row).transpose()
+    }
+
+    async fn list_tokens(
+        &self,
+        tenant: TenantId,
+        status: Option<TokenStatus>,
+        now: OffsetDateTime,
+        page: Page,
+    ) -> Result<Vec<TokenRecord>, StoreError> {
+        let status_sql = status
+            .map(|s| format!(" AND {}", token_status_sql(s, "?3")))
+            .unwrap_or_default();
+        let rows = sqlx::query(&format!(
+            "SELECT {TOKEN_COLS} FROM enrollment_tokens WHERE tenant_id = ?1 AND id > ?2{status_sql} ORDER BY id LIMIT ?4"
+        ))
+        .bind(tenant.to_string())
+        .bind(page.after.map(|u| u.to_string()).unwrap_or_default())
+        .bind(now.unix_timestamp())
+        .bind(i64::from(page.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(token_from_row).collect()
+    }
+
+    async fn revoke_token(
+        &self,
+        tenant: TenantId,
+        id: TokenId,
+        now: OffsetDateTime,
+        actor: Actor,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let changed = sqlx::query(
+            "UPDATE enrollment_tokens SET revoked_at = ?3 WHERE tenant_id = ?1 AND id = ?2 AND revoked_at IS NULL",
+        )
+        .bind(tenant.to_string())
+        .bind(id.to_string())
+        .bind(now.unix_timestamp())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let row = sqlx::query(&format!(
+            "SELECT {TOKEN_COLS} FROM enrollment_tokens WHERE tenant_id = ?1 AND id = ?2"
+        ))
+        .bind(tenant.to_string())
+        .bind(id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(record) = row.as_ref().map(token_from_row).transpose()? else {
+            return Ok(None);
+        };
+        if changed == 1 {
+            let event = Event::new(
+                tenant,
+                actor,
+                now,
+                Payload::TokenRevoked {
+                    token_id: id,
+                    uses: record.uses,
+                },
+            );
+            Self::insert_event(&mut tx, &event).await?;
+        }
+        tx.commit().await?;
+        Ok(Some(record))
+    }
+
+    async fn fetch_token_ref_by_hash(
+        &self,
+        hash: &[u8],
+    ) -> Result<Option<(TokenId, TenantId)>, StoreError> {
+        let row = sqlx::query("SELECT id, tenant_id FROM enrollment_tokens WHERE token_hash = ?1")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok((
+                parse_id(r.try_get::<&str, _>("id")?)?,
+                parse_id(r.try_get::<&str, _>("tenant_id")?)?,
+            ))
+        })
+        .transpose()
+    }
+
+    async fn enroll(&self, e: &Enrollment) -> Result<EnrollOutcome, StoreError> {
+        let a = &e.agent;
+        let mut tx = self.pool.begin().await?;
+        // The consume comes first: it takes the write lock, and its row count
+        // decides which of several concurrent exchanges wins the last use.
+        let consumed = sqlx::query(
+            "UPDATE enrollment_tokens SET uses = uses + 1 \
+             WHERE id = ?1 AND tenant_id = ?2 AND token_hash = ?3 \
+             AND revoked_at IS NULL AND uses < max_uses AND expires_at > ?4",
+        )
+        .bind(e.token_id.to_string())
+        .bind(a.tenant_id.to_string())
+        .bind(&e.token_hash)
+        .bind(e.now.unix_timestamp())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if consumed != 1 {
+            tx.rollback().await?;
+            let t = self.fetch_token(a.tenant_id, e.token_id).await?;
+            return Ok(EnrollOutcome::Refused(refusal(t.as_ref(), e.now)));
+        }
+        sqlx::query(&format!(
+            "INSERT INTO agents ({AGENT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, NULL, NULL)"
+        ))
+        .bind(a.id.to_string())
+        .bind(a.tenant_id.to_string())
+        .bind(&a.spiffe_id)
+        .bind(a.status.as_str())
+        .bind(&a.hostname)
+        .bind(&a.os)
+        .bind(&a.agent_version)
+        .bind(a.token_id.to_string())
+        .bind(a.enrolled_at.unix_timestamp())
+        .bind(a.current_serial.to_string())
+        .bind(a.certificate_not_after.unix_timestamp())
+        .execute(&mut *tx)
+        .await?;
+        let c = &e.certificate;
+        sqlx::query(
+            "INSERT INTO certificates (serial, tenant_id, agent_id, status, fingerprint, not_before, not_after, cert_pem, issued_at) \
+             VALUES (?1, ?2, ?3, 'active', ?4, ?5, ?6, ?7, ?8)",
+        )
+        .bind(c.serial.to_string())
+        .bind(a.tenant_id.to_string())
+        .bind(a.id.to_string())
+        .bind(&c.fingerprint)
+        .bind(c.not_before.unix_timestamp())
+        .bind(c.not_after.unix_timestamp())
+        .bind(&c.cert_pem)
+        .bind(e.now.unix_timestamp())
+        .execute(&mut *tx)
+        .await?;
+        Self::insert_event(&mut tx, &e.event).await?;
+        tx.commit().await?;
+        Ok(EnrollOutcome::Enrolled)
+    }
+
+    async fn create_event(&self, event: &Event) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        Self::insert_event(&mut conn, event).await
+    }
+
+    async fn list_events(
+        &self,
+        tenant: TenantId,
+        limit: u32,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, body FROM events_outbox WHERE tenant_id = ?1 ORDER BY seq LIMIT ?2",
+        )
+        .bind(tenant.to_string())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OutboxEvent {
+                    seq: r.try_get("seq")?,
+                    event: parse_event(r.try_get("body")?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn fetch_agent(
+        &self,
+        tenant: TenantId,
+        id: AgentId,
+    ) -> Result<Option<AgentRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {AGENT_COLS} FROM agents WHERE tenant_id = ?1 AND id = ?2"
+        ))
+        .bind(tenant.to_string())
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(agent_from_row).transpose()
+    }
+
+    async fn list_agents(
+        &self,
+        tenant: TenantId,
+        status: Option<AgentStatus>,
+        page: Page,
+    ) -> Result<Vec<AgentRecord>, StoreError> {
+        let status_sql = if status.is_some() {
+            " AND status = ?3"
+        } else {
+            ""
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT {AGENT_COLS} FROM agents WHERE tenant_id = ?1 AND id > ?2{status_sql} ORDER BY id LIMIT ?4"
+        ))
+        .bind(tenant.to_string())
+        .bind(page.after.map(|u| u.to_string()).unwrap_or_default())
+        .bind(status.map(|s| s.as_str()).unwrap_or_default())
+        .bind(i64::from(page.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(agent_from_row).collect()
+    }
+
+    async fn revoke_agent(
+        &self,
+        tenant: TenantId,
+        id: AgentId,
+        reason: &str,
+        now: OffsetDateTime,
+        actor: Actor,
+    ) -> Result<Option<AgentRecord>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let changed = sqlx::query(
+            "UPDATE agents SET status = 'revoked', revoked_at = ?3, revocation_reason = ?4 \
+             WHERE tenant_id = ?1 AND id = ?2 AND status = 'active'",
+        )
+        .bind(tenant.to_string())
+        .bind(id.to_string())
+        .bind(now.unix_timestamp())
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if changed == 1 {
+            let serials: Vec<String> = sqlx::query_scalar(
+                "UPDATE certificates SET status = 'revoked', revoked_at = ?3 \
+                 WHERE tenant_id = ?1 AND agent_id = ?2 AND status != 'revoked' RETURNING serial",
+            )
+            .bind(tenant.to_string())
+            .bind(id.to_string())
+            .bind(now.unix_timestamp())
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut revoked_serials = serials
+                .iter()
+                .map(|s| parse_id(s))
+                .collect::<Result<Vec<_>, _>>()?;
+            revoked_serials.sort();
+            let event = Event::new(
+                tenant,
+                actor,
+                now,
+                Payload::Revoked {
+                    agent_id: id,
+                    reason: reason.to_owned(),
+                    revoked_serials,
+                },
+            );
+            Self::insert_event(&mut tx, &event).await?;
+        }
+        let row = sqlx::query(&format!(
+            "SELECT {AGENT_COLS} FROM agents WHERE tenant_id = ?1 AND id = ?2"
+        ))
+        .bind(tenant.to_string())
+        .bind(id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let agent = row.as_ref().map(agent_from_row).transpose()?;
+        tx.commit().await?;
+        Ok(agent)
+    }
+}

@@ -1,0 +1,100 @@
+use super::conformance;
+use super::sqlite::SqliteStore;
+use super::*;
+
+fn pg_url() -> String {
+    std::env::var("ONEPROTECT_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn schema_name(label: &str) -> String {
+    format!("enroll_{label}_{}", uuid::Uuid::new_v4().simple())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_conformance() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(&dir.path().join("enroll.db"), 8)
+        .await
+        .unwrap();
+    conformance::run_all(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_conformance() {
+    let s = conformance::pg_store_in_new_schema(&pg_url(), &schema_name("conf")).await;
+    conformance::run_all(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rls_hides_rows_without_the_tenant_setting() {
+    let s = conformance::pg_store_in_new_schema(&pg_url(), &schema_name("rls")).await;
+    let t = conformance::tenant(&s).await;
+    let (id, h) = conformance::token(&s, t, 1, 3600).await;
+    assert_eq!(
+        s.enroll(&conformance::enrollment(t, id, &h, conformance::now()))
+            .await
+            .unwrap(),
+        EnrollOutcome::Enrolled
+    );
+    let mut conn = s.pool().acquire().await.unwrap();
+    let who: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(who, postgres::DEFAULT_APP_ROLE);
+    for table in [
+        "tenants",
+        "admin_keys",
+        "enrollment_tokens",
+        "agents",
+        "certificates",
+        "events_outbox",
+    ] {
+        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(n, 0, "{table} leaks rows without a tenant");
+    }
+    // With another tenant set: still nothing; with the right one: the rows.
+    let mut tx = s.pool().begin().await.unwrap();
+    sqlx::query("SELECT set_config('oneprotect.tenant_id', $1, true)")
+        .bind(TenantId::random().to_string())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM agents")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    // Writing a row for another tenant is refused by WITH CHECK.
+    let err = sqlx::query(
+        "INSERT INTO tenants (id, name, leaf_lifetime_secs, created_at) VALUES ($1, 'x', 60, 0)",
+    )
+    .bind(uuid::Uuid::new_v4())
+    .execute(&mut *tx)
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("row-level security"), "{err}");
+    tx.rollback().await.unwrap();
+    let mut tx = s.pool().begin().await.unwrap();
+    sqlx::query("SELECT set_config('oneprotect.tenant_id', $1, true)")
+        .bind(t.to_string())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM agents")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    tx.rollback().await.unwrap();
+    // The setting is transaction-local: gone after the transaction.
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM agents")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+}

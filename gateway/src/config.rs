@@ -1,0 +1,588 @@
+//! The gateway configuration: a serde struct with safe defaults, loaded from
+//! TOML, overridden from the environment, and always checked by
+//! [`Config::validate`] before anything is built (pingora's rustls
+//! `TlsSettings::build()` panics on a bad file, so files are checked here).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("config file {path} is invalid: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// An environment override does not parse.
+    #[error("environment variable {var} is invalid: {reason}")]
+    Env {
+        /// The variable.
+        var: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A value is out of range or a combination is not allowed.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+    /// A certificate, key or bundle file is missing or does not parse.
+    #[error("{what} {path}: {reason}")]
+    File {
+        /// What the file is for.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why it was refused.
+        reason: String,
+    },
+}
+
+/// The whole gateway configuration. Every field has a default; see
+/// `configs/gateway.full.toml` for each key with its default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The mTLS listener.
+    pub listener: ListenerConfig,
+    /// The admin listener (metrics, health).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// The signed identity assertion.
+    #[serde(default)]
+    pub assertion: AssertionConfig,
+    /// Headers injected for upstreams.
+    #[serde(default)]
+    pub headers: HeadersConfig,
+    /// The revocation check.
+    #[serde(default)]
+    pub revocation: RevocationConfig,
+    /// Path-prefix routes to upstream pools, matched longest prefix first.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// pingora runtime tuning.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+/// The mTLS listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Address of the mTLS listener. Defaults to `0.0.0.0:8443`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The gateway's server certificate chain (PEM, leaf first).
+    pub cert: PathBuf,
+    /// The gateway's server private key (PEM, PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// The platform trust bundle: root certificates (PEM) that agent chains
+    /// must lead to. Reloaded on SIGHUP and when the file changes.
+    pub trust_bundle: PathBuf,
+    /// The trust domain agent identities must belong to. When unset, any
+    /// trust domain that chains to the bundle is accepted.
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+    /// Also allow TLS 1.2. Defaults to `false` (TLS 1.3 only).
+    #[serde(default)]
+    pub tls12: bool,
+    /// Refuse the handshake when the client sends no certificate. Defaults to
+    /// `false`: the gateway fronts the enrollment exchange, which new agents
+    /// call without a certificate, so the check is made per route instead.
+    /// Set it for gateways that front no certificate-less route.
+    #[serde(default)]
+    pub require_client_cert: bool,
+    /// How often the trust bundle file is checked for changes, seconds
+    /// (0 disables polling; SIGHUP still reloads). Defaults to 10.
+    #[serde(default = "default_bundle_poll")]
+    pub trust_bundle_poll_secs: u64,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin listener (plain HTTP: keep it on loopback or a
+    /// management network). Defaults to `127.0.0.1:9090`.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+/// The signed identity assertion.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssertionConfig {
+    /// The Ed25519 signing key, PKCS#8 (DER or PEM). When unset, a fresh key
+    /// is generated at start and its public key logged — fine for
+    /// development, useless for upstreams that pin keys.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The key id put in the JWT header. Defaults to `gateway-1`.
+    #[serde(default = "default_kid")]
+    pub kid: String,
+    /// The `iss` claim. Defaults to `oneprotect-gateway`.
+    #[serde(default = "default_issuer")]
+    pub issuer: String,
+    /// The `aud` claim. Defaults to `oneprotect-upstream`.
+    #[serde(default = "default_audience")]
+    pub audience: String,
+    /// Lifetime of an assertion, seconds (1..=60). Defaults to 60.
+    #[serde(default = "default_assertion_lifetime")]
+    pub lifetime_secs: u64,
+    /// Re-sign when fewer than this many seconds remain. Defaults to 20.
+    #[serde(default = "default_assertion_refresh")]
+    pub refresh_before_secs: u64,
+}
+
+impl Default for AssertionConfig {
+    fn default() -> Self {
+        Self {
+            key_file: None,
+            kid: default_kid(),
+            issuer: default_issuer(),
+            audience: default_audience(),
+            lifetime_secs: default_assertion_lifetime(),
+            refresh_before_secs: default_assertion_refresh(),
+        }
+    }
+}
+
+/// Headers injected for upstreams (beyond the always-injected identity set).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadersConfig {
+    /// Also inject an Envoy-compatible `x-forwarded-client-cert` element
+    /// (`By`, `Hash`, `URI`). Defaults to `false`.
+    #[serde(default)]
+    pub xfcc: bool,
+    /// The `By` value of the XFCC element (the gateway's own identity).
+    /// Defaults to `spiffe://oneprotect.local/gateway`.
+    #[serde(default)]
+    pub xfcc_by: Option<String>,
+}
+
+/// The per-request revocation check.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationConfig {
+    /// The Redis holding the revocation projection. Defaults to
+    /// `redis://127.0.0.1:6379`.
+    #[serde(default = "default_redis_url")]
+    pub redis_url: String,
+    /// The key prefix of the projection. Defaults to `oneprotect:`.
+    #[serde(default = "default_prefix")]
+    pub key_prefix: String,
+    /// How long cached answers stay trusted after Redis was last confirmed
+    /// (subscription alive and answering pings), milliseconds. After that
+    /// the gateway fails closed: 503 `revocation_unavailable`. Defaults to
+    /// 5000.
+    #[serde(default = "default_max_staleness")]
+    pub max_staleness_ms: u64,
+    /// Heartbeat (PING on the subscription) interval, milliseconds. Must be
+    /// well below `max_staleness_ms`. Defaults to 1000.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_ms: u64,
+    /// Timeout of one Redis lookup, milliseconds. Defaults to 250.
+    #[serde(default = "default_redis_timeout")]
+    pub redis_timeout_ms: u64,
+    /// Cache capacity in entries (certificates and agents each). Defaults
+    /// to 100000.
+    #[serde(default = "default_cache_capacity")]
+    pub cache_capacity: u64,
+    /// Upper bound on how long one cached answer is kept even while the
+    /// subscription is healthy, seconds. Defaults to 300.
+    #[serde(default = "default_cache_ttl")]
+    pub cache_ttl_secs: u64,
+    /// The `Retry-After` of a 503 `revocation_unavailable`, seconds.
+    /// Defaults to 1.
+    #[serde(default = "default_retry_after")]
+    pub retry_after_secs: u64,
+}
+
+impl Default for RevocationConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: default_redis_url(),
+            key_prefix: default_prefix(),
+            max_staleness_ms: default_max_staleness(),
+            heartbeat_ms: default_heartbeat(),
+            redis_timeout_ms: default_redis_timeout(),
+            cache_capacity: default_cache_capacity(),
+            cache_ttl_secs: default_cache_ttl(),
+            retry_after_secs: default_retry_after(),
+        }
+    }
+}
+
+impl RevocationConfig {
+    /// `max_staleness_ms` as a duration.
+    pub fn max_staleness(&self) -> Duration {
+        Duration::from_millis(self.max_staleness_ms)
+    }
+}
+
+/// One route: a path prefix and the upstream pool it goes to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The path prefix (starts with `/`). The longest matching prefix wins.
+    pub prefix: String,
+    /// Upstream addresses (`host:port`), round robin.
+    pub upstreams: Vec<String>,
+    /// Whether a verified agent identity is required. Defaults to `true`;
+    /// set `false` only for the enrollment exchange, which new agents call
+    /// without a certificate.
+    #[serde(default = "default_true")]
+    pub require_identity: bool,
+    /// Connect to the upstreams over TLS. Defaults to `false`.
+    #[serde(default)]
+    pub tls: bool,
+    /// SNI (and verified name) for upstream TLS. Defaults to empty.
+    #[serde(default)]
+    pub sni: String,
+    /// Upstream connect timeout, milliseconds. Defaults to 2000.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// Upstream read/write timeout, milliseconds. Defaults to 30000.
+    #[serde(default = "default_io_timeout")]
+    pub timeout_ms: u64,
+    /// Largest request body accepted, bytes (413 beyond; checked on
+    /// Content-Length). Defaults to 1048576.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: u64,
+    /// Active TCP health check interval, seconds (0 disables). Defaults to 5.
+    #[serde(default = "default_health_check")]
+    pub health_check_secs: u64,
+}
+
+/// pingora runtime tuning.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads of the proxy service. Defaults to 1.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// Seconds to wait for in-flight requests on graceful shutdown.
+    /// Defaults to 10.
+    #[serde(default = "default_grace")]
+    pub graceful_shutdown_secs: u64,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            threads: default_threads(),
+            graceful_shutdown_secs: default_grace(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8443))
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+fn default_bundle_poll() -> u64 {
+    10
+}
+fn default_kid() -> String {
+    "gateway-1".into()
+}
+fn default_issuer() -> String {
+    oneprotect_identity::assertion::DEFAULT_ISSUER.into()
+}
+fn default_audience() -> String {
+    "oneprotect-upstream".into()
+}
+fn default_assertion_lifetime() -> u64 {
+    60
+}
+fn default_assertion_refresh() -> u64 {
+    20
+}
+fn default_redis_url() -> String {
+    "redis://127.0.0.1:6379".into()
+}
+fn default_prefix() -> String {
+    oneprotect_identity::revocation::DEFAULT_PREFIX.into()
+}
+fn default_max_staleness() -> u64 {
+    5000
+}
+fn default_heartbeat() -> u64 {
+    1000
+}
+fn default_redis_timeout() -> u64 {
+    250
+}
+fn default_cache_capacity() -> u64 {
+    100_000
+}
+fn default_cache_ttl() -> u64 {
+    300
+}
+fn default_retry_after() -> u64 {
+    1
+}
+fn default_true() -> bool {
+    true
+}
+fn default_connect_timeout() -> u64 {
+    2000
+}
+fn default_io_timeout() -> u64 {
+    30_000
+}
+fn default_max_body() -> u64 {
+    1 << 20
+}
+fn default_health_check() -> u64 {
+    5
+}
+fn default_threads() -> usize {
+    1
+}
+fn default_grace() -> u64 {
+    10
+}
+
+/// Environment variables that override the file (for containers).
+pub const ENV_OVERRIDES: [&str; 5] = [
+    "ONEPROTECT_GATEWAY_LISTEN",
+    "ONEPROTECT_GATEWAY_ADMIN_LISTEN",
+    "ONEPROTECT_GATEWAY_REDIS_URL",
+    "ONEPROTECT_GATEWAY_KEY_PREFIX",
+    "ONEPROTECT_GATEWAY_THREADS",
+];
+
+impl Config {
+    /// Parses TOML text (no environment overrides, not validated).
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            source: Box::new(e),
+        })
+    }
+
+    /// Reads `path`, applies the environment overrides and validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg = Self::from_toml(&text, path)?;
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        cfg.validate()
+    }
+
+    /// Applies the [`ENV_OVERRIDES`] found by `get`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn parse<T: std::str::FromStr>(var: &'static str, v: &str) -> Result<T, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            v.parse().map_err(|e: T::Err| ConfigError::Env {
+                var,
+                reason: e.to_string(),
+            })
+        }
+        if let Some(v) = get(ENV_OVERRIDES[0]) {
+            self.listener.listen = parse(ENV_OVERRIDES[0], &v)?;
+        }
+        if let Some(v) = get(ENV_OVERRIDES[1]) {
+            self.admin.listen = parse(ENV_OVERRIDES[1], &v)?;
+        }
+        if let Some(v) = get(ENV_OVERRIDES[2]) {
+            self.revocation.redis_url = v;
+        }
+        if let Some(v) = get(ENV_OVERRIDES[3]) {
+            self.revocation.key_prefix = v;
+        }
+        if let Some(v) = get(ENV_OVERRIDES[4]) {
+            self.runtime.threads = parse(ENV_OVERRIDES[4], &v)?;
+        }
+        Ok(())
+    }
+
+    /// Checks ranges, combinations and files; returns the config unchanged
+    /// when everything is usable.
+    pub fn validate(self) -> Result<Self, ConfigError> {
+        let inv = |m: String| Err(ConfigError::Invalid(m));
+        let r = &self.revocation;
+        if r.max_staleness_ms == 0 || r.max_staleness_ms > 300_000 {
+            return inv("revocation.max_staleness_ms must be 1..=300000".into());
+        }
+        if r.heartbeat_ms == 0 || r.heartbeat_ms * 2 > r.max_staleness_ms {
+            return inv(
+                "revocation.heartbeat_ms must be at least 1 and at most half of max_staleness_ms"
+                    .into(),
+            );
+        }
+        if r.redis_timeout_ms == 0 || r.redis_timeout_ms > 10_000 {
+            return inv("revocation.redis_timeout_ms must be 1..=10000".into());
+        }
+        if r.cache_capacity == 0 || r.cache_ttl_secs == 0 {
+            return inv("revocation.cache_capacity and cache_ttl_secs must be positive".into());
+        }
+        if redis::Client::open(r.redis_url.as_str()).is_err() {
+            return inv(format!(
+                "revocation.redis_url is not a Redis URL: {}",
+                redact_url(&r.redis_url)
+            ));
+        }
+        let a = &self.assertion;
+        let max = oneprotect_identity::assertion::MAX_LIFETIME_SECS as u64;
+        if a.lifetime_secs == 0 || a.lifetime_secs > max {
+            return inv(format!("assertion.lifetime_secs must be 1..={max}"));
+        }
+        if a.refresh_before_secs >= a.lifetime_secs {
+            return inv("assertion.refresh_before_secs must be below lifetime_secs".into());
+        }
+        if a.kid.is_empty() || a.audience.is_empty() || a.issuer.is_empty() {
+            return inv("assertion.kid, audience and issuer must not be empty".into());
+        }
+        if let Some(td) = &self.listener.trust_domain {
+            if td.parse::<oneprotect_identity::TrustDomain>().is_err() {
+                return inv(format!(
+                    "listener.trust_domain {td:?} is not a trust domain"
+                ));
+            }
+        }
+        if self.runtime.threads == 0 || self.runtime.threads > 256 {
+            return inv("runtime.threads must be 1..=256".into());
+        }
+        let mut prefixes = std::collections::HashSet::new();
+        for route in &self.routes {
+            if !route.prefix.starts_with('/') {
+                return inv(format!("route prefix {:?} must start with /", route.prefix));
+            }
+            if !prefixes.insert(route.prefix.as_str()) {
+                return inv(format!("route prefix {:?} appears twice", route.prefix));
+            }
+            if route.upstreams.is_empty() {
+                return inv(format!("route {:?} has no upstreams", route.prefix));
+            }
+            for u in &route.upstreams {
+                if std::net::ToSocketAddrs::to_socket_addrs(u.as_str()).is_err() {
+                    return inv(format!(
+                        "route {:?}: upstream {u:?} is not host:port",
+                        route.prefix
+                    ));
+                }
+            }
+            if route.connect_timeout_ms == 0 || route.timeout_ms == 0 {
+                return inv(format!(
+                    "route {:?}: timeouts must be positive",
+                    route.prefix
+                ));
+            }
+            if route.tls && route.sni.is_empty() {
+                return inv(format!("route {:?}: tls needs an sni", route.prefix));
+            }
+        }
+        if self.listener.listen == self.admin.listen {
+            return inv("listener.listen and admin.listen must differ".into());
+        }
+        crate::tls::check_server_files(&self.listener.cert, &self.listener.key)?;
+        crate::tls::load_trust_bundle(&self.listener.trust_bundle)?;
+        if let Some(key) = &self.assertion.key_file {
+            crate::assertion::load_signer(key, &self.assertion.kid)?;
+        }
+        Ok(self)
+    }
+}
+
+/// A Redis URL with any password replaced, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://[redacted]@{host}"),
+            None => url.to_owned(),
+        },
+        None => "[unparsable]".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [listener]
+        cert = "/nonexistent/cert.pem"
+        key = "/nonexistent/key.pem"
+        trust_bundle = "/nonexistent/bundle.pem"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_safe_defaults() {
+        let c = Config::from_toml(MINIMAL, Path::new("t")).unwrap();
+        assert!(!c.listener.tls12);
+        assert!(!c.listener.require_client_cert);
+        assert_eq!(c.revocation.max_staleness_ms, 5000);
+        assert_eq!(c.assertion.lifetime_secs, 60);
+        assert!(!c.headers.xfcc);
+    }
+
+    #[test]
+    fn validate_reports_missing_files_clearly() {
+        let c = Config::from_toml(MINIMAL, Path::new("t")).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/cert.pem"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let text = format!("{MINIMAL}\n[revocation]\nmax_stale = 3\n");
+        assert!(Config::from_toml(&text, Path::new("t")).is_err());
+    }
+
+    #[test]
+    fn env_overrides_apply() {
+        let mut c = Config::from_toml(MINIMAL, Path::new("t")).unwrap();
+        c.apply_env(|k| match k {
+            "ONEPROTECT_GATEWAY_REDIS_URL" => Some("redis://10.0.0.1:6380".into()),
+            "ONEPROTECT_GATEWAY_LISTEN" => Some("127.0.0.1:1234".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.revocation.redis_url, "redis://10.0.0.1:6380");
+        assert_eq!(c.listener.listen.port(), 1234);
+        assert!(c
+            .apply_env(|k| (k == "ONEPROTECT_GATEWAY_THREADS").then(|| "x".into()))
+            .is_err());
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("redis://:secret@host:6379/0"),
+            "redis://[redacted]@host:6379/0"
+        );
+        assert_eq!(redact_url("redis://host"), "redis://host");
+    }
+}

@@ -1,0 +1,33 @@
+//! OneProtect's mTLS gateway: a pingora reverse proxy that terminates mTLS
+//! for agents, turns the verified client certificate into an identity once
+//! per connection, checks revocation on every request, strips client-sent
+//! identity headers and injects the verified identity plus a short-lived
+//! signed assertion for upstream worker APIs.
+//!
+//! - [`config`]: the TOML configuration and its `validate()`.
+//! - [`tls`]: trust bundle, client certificate verifier, identity callback.
+//! - [`conn`]: the per-connection identity (header values built once).
+//! - [`assertion`]: the signed assertion, re-signed shortly before expiry.
+//! - [`headers`]: strip and inject (pure functions).
+//! - [`revocation`]: the cached, pub/sub-invalidated revocation check.
+//! - [`routes`]: path-prefix routing to round-robin upstream pools.
+//! - [`proxy`]: the `ProxyHttp` implementation.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`server`]: assembling and running it.
+//!
+//! Run: `oneprotect-gateway --config configs/gateway.toml`.
+
+pub mod admin;
+pub mod assertion;
+pub mod config;
+pub mod conn;
+pub mod headers;
+pub mod metrics;
+pub mod proxy;
+pub mod revocation;
+pub mod routes;
+pub mod server;
+pub mod tls;
+
+pub use config::Config;
+pub use server::{build, App, RunningGateway};

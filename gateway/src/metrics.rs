@@ -1,0 +1,157 @@
+//! Prometheus metrics of one gateway instance, in their own registry (so
+//! several gateways can run in one test process).
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric the gateway exports on the admin listener's `/metrics`.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by route prefix (or `none`) and response status.
+    pub requests: IntCounterVec,
+    /// Failed client-certificate verifications by reason.
+    pub handshake_failures: IntCounterVec,
+    /// Revocation cache hits.
+    pub revocation_cache_hits: IntCounter,
+    /// Revocation cache misses (each costs one Redis lookup).
+    pub revocation_cache_misses: IntCounter,
+    /// Refusals by problem code (revoked, superseded, unknown, unavailable).
+    pub revocation_refusals: IntCounterVec,
+    /// 1 while the revocation subscription is up and answering pings.
+    pub redis_connected: IntGauge,
+    /// The last announcement sequence number seen.
+    pub revocation_last_seq: IntGauge,
+    /// Milliseconds since Redis was last confirmed (updated on scrape).
+    pub revocation_staleness_ms: IntGauge,
+    /// Sequence gaps and reconnects that made the cache distrusted.
+    pub revocation_cache_resets: IntCounter,
+    /// Trust bundle reloads by outcome (`ok`, `error`).
+    pub trust_bundle_reloads: IntCounterVec,
+    /// Upstream response latency (request sent to response header), seconds.
+    pub upstream_latency: HistogramVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("oneprotect_gateway".into()), None)
+            .expect("static registry prefix is valid");
+        let requests = IntCounterVec::new(
+            Opts::new("requests_total", "Requests by route and status"),
+            &["route", "status"],
+        )
+        .expect("static metric");
+        let handshake_failures = IntCounterVec::new(
+            Opts::new(
+                "handshake_failures_total",
+                "Client certificate verification failures by reason",
+            ),
+            &["reason"],
+        )
+        .expect("static metric");
+        let revocation_cache_hits = IntCounter::new(
+            "revocation_cache_hits_total",
+            "Revocation answers served from cache",
+        )
+        .expect("static metric");
+        let revocation_cache_misses = IntCounter::new(
+            "revocation_cache_misses_total",
+            "Revocation lookups that went to Redis",
+        )
+        .expect("static metric");
+        let revocation_refusals = IntCounterVec::new(
+            Opts::new(
+                "revocation_refusals_total",
+                "Requests refused by the revocation check",
+            ),
+            &["code"],
+        )
+        .expect("static metric");
+        let redis_connected = IntGauge::new(
+            "redis_connected",
+            "1 while the revocation subscription is healthy",
+        )
+        .expect("static metric");
+        let revocation_last_seq = IntGauge::new(
+            "revocation_last_seq",
+            "Last revocation announcement sequence number",
+        )
+        .expect("static metric");
+        let revocation_staleness_ms = IntGauge::new(
+            "revocation_staleness_ms",
+            "Milliseconds since Redis was last confirmed",
+        )
+        .expect("static metric");
+        let revocation_cache_resets = IntCounter::new(
+            "revocation_cache_resets_total",
+            "Cache distrusted after a sequence gap or reconnect",
+        )
+        .expect("static metric");
+        let trust_bundle_reloads = IntCounterVec::new(
+            Opts::new("trust_bundle_reloads_total", "Trust bundle reloads"),
+            &["outcome"],
+        )
+        .expect("static metric");
+        let upstream_latency = HistogramVec::new(
+            HistogramOpts::new("upstream_latency_seconds", "Upstream response latency").buckets(
+                vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ],
+            ),
+            &["route"],
+        )
+        .expect("static metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(handshake_failures.clone()),
+            Box::new(revocation_cache_hits.clone()),
+            Box::new(revocation_cache_misses.clone()),
+            Box::new(revocation_refusals.clone()),
+            Box::new(redis_connected.clone()),
+            Box::new(revocation_last_seq.clone()),
+            Box::new(revocation_staleness_ms.clone()),
+            Box::new(revocation_cache_resets.clone()),
+            Box::new(trust_bundle_reloads.clone()),
+            Box::new(upstream_latency.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Self {
+            registry,
+            requests,
+            handshake_failures,
+            revocation_cache_hits,
+            revocation_cache_misses,
+            revocation_refusals,
+            redis_connected,
+            revocation_last_seq,
+            revocation_staleness_ms,
+            revocation_cache_resets,
+            trust_bundle_reloads,
+            upstream_latency,
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4096);
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,290 @@
+//! The one `ProxyHttp` implementation: route, require identity, check
+//! revocation, rewrite headers, proxy. Errors become `pingora::Error` only
+//! here.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use oneprotect_identity::problem::{self, Problem, ProblemKind};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::tls::SslDigest;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorType};
+
+use crate::assertion::AssertionService;
+use crate::conn::ConnIdentity;
+use crate::headers::{inject_identity, strip_client_identity_headers};
+use crate::metrics::Metrics;
+use crate::revocation::{Decision, Revocation};
+use crate::routes::{Route, Router};
+
+/// The proxy.
+pub struct Gateway {
+    router: Arc<Router>,
+    revocation: Arc<Revocation>,
+    assertions: Arc<AssertionService>,
+    metrics: Metrics,
+}
+
+impl Gateway {
+    /// A proxy over its parts.
+    pub fn new(
+        router: Arc<Router>,
+        revocation: Arc<Revocation>,
+        assertions: Arc<AssertionService>,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            router,
+            revocation,
+            assertions,
+            metrics,
+        }
+    }
+}
+
+/// Per-request state.
+#[derive(Default)]
+pub struct RequestCtx {
+    route: Option<Arc<Route>>,
+    /// The connection's TLS digest, holding its [`ConnIdentity`] when the
+    /// client presented a verified certificate.
+    tls: Option<Arc<SslDigest>>,
+    /// Identity checked and allowed for this request: inject it.
+    inject: bool,
+    upstream_sent: Option<Instant>,
+}
+
+impl RequestCtx {
+    fn identity(&self) -> Option<&ConnIdentity> {
+        self.tls.as_ref()?.extension.get::<ConnIdentity>()
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Writes a problem+json answer. `close` ends an HTTP/1.1 connection after
+/// the response (`connection: close`); on HTTP/2 only the stream ends.
+async fn respond_problem(
+    session: &mut Session,
+    kind: ProblemKind,
+    detail: Option<&str>,
+    retry_after: Option<u64>,
+    close: bool,
+) -> pingora::Result<()> {
+    let body = Bytes::from(Problem::new(kind, detail.map(str::to_owned)).to_json());
+    let mut resp = ResponseHeader::build(kind.status, Some(5))?;
+    resp.insert_header(http::header::CONTENT_TYPE, problem::CONTENT_TYPE)?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+    resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+    if let Some(s) = retry_after {
+        resp.insert_header(http::header::RETRY_AFTER, s)?;
+    }
+    if close {
+        session.set_keepalive(None);
+        if !session.is_http2() {
+            resp.insert_header(http::header::CONNECTION, "close")?;
+        }
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::default()
+    }
+
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<bool> {
+        let Some(route) = self.router.route(session.req_header().uri.path()).cloned() else {
+            respond_problem(session, problem::ROUTE_NOT_FOUND, None, None, false).await?;
+            return Ok(true);
+        };
+        ctx.tls = session.digest().and_then(|d| d.ssl_digest.clone());
+        if route.require_identity {
+            let Some(conn) = ctx.identity() else {
+                respond_problem(
+                    session,
+                    problem::IDENTITY_REQUIRED,
+                    Some("present a valid agent client certificate"),
+                    None,
+                    false,
+                )
+                .await?;
+                ctx.route = Some(route);
+                return Ok(true);
+            };
+            match self.revocation.check(conn).await {
+                Decision::Allow => ctx.inject = true,
+                Decision::Refuse(kind) => {
+                    self.metrics
+                        .revocation_refusals
+                        .with_label_values(&[kind.code])
+                        .inc();
+                    tracing::info!(
+                        code = kind.code,
+                        tenant = %conn.identity().tenant(),
+                        agent = %conn.identity().agent(),
+                        serial = %conn.identity().serial(),
+                        "request refused by revocation check"
+                    );
+                    ctx.route = Some(route);
+                    respond_problem(session, kind, None, None, true).await?;
+                    return Ok(true);
+                }
+                Decision::Unavailable => {
+                    self.metrics
+                        .revocation_refusals
+                        .with_label_values(&[problem::REVOCATION_UNAVAILABLE.code])
+                        .inc();
+                    ctx.route = Some(route);
+                    let retry = self.revocation.retry_after_secs();
+                    respond_problem(
+                        session,
+                        problem::REVOCATION_UNAVAILABLE,
+                        None,
+                        Some(retry),
+                        false,
+                    )
+                    .await?;
+                    return Ok(true);
+                }
+            }
+        }
+        let too_big = session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n > route.max_body_bytes);
+        ctx.route = Some(route);
+        if too_big {
+            respond_problem(session, problem::PAYLOAD_TOO_LARGE, None, None, true).await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<Box<HttpPeer>> {
+        let route = ctx
+            .route
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorType::InternalError))?;
+        let backend = route
+            .pool
+            .select(b"", 256)
+            .ok_or_else(|| Error::explain(ErrorType::HTTPStatus(503), "no healthy upstream"))?;
+        let mut peer = HttpPeer::new(backend.addr, route.tls, route.sni.clone());
+        peer.options.connection_timeout = Some(route.connect_timeout);
+        peer.options.read_timeout = Some(route.timeout);
+        peer.options.write_timeout = Some(route.timeout);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        // Always, mTLS or not.
+        strip_client_identity_headers(upstream_request);
+        if ctx.inject {
+            if let Some(conn) = ctx.identity() {
+                let assertion = conn.assertion(&self.assertions, unix_now());
+                inject_identity(upstream_request, conn, assertion)?;
+            }
+        }
+        ctx.upstream_sent = Some(Instant::now());
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        if let (Some(sent), Some(route)) = (ctx.upstream_sent.take(), ctx.route.as_ref()) {
+            self.metrics
+                .upstream_latency
+                .with_label_values(&[route.prefix.as_str()])
+                .observe(sent.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        _ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let kind = match e.etype() {
+            ErrorType::HTTPStatus(503) => Some(problem::UPSTREAM_UNAVAILABLE),
+            ErrorType::HTTPStatus(413) => Some(problem::PAYLOAD_TOO_LARGE),
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                if e.esource() == &pingora::ErrorSource::Upstream =>
+            {
+                Some(problem::GATEWAY_TIMEOUT)
+            }
+            _ => match e.esource() {
+                pingora::ErrorSource::Upstream => Some(problem::BAD_GATEWAY),
+                pingora::ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
+                        None
+                    }
+                    _ => Some(problem::INVALID_REQUEST),
+                },
+                _ => Some(problem::INTERNAL),
+            },
+        };
+        let code = match kind {
+            Some(kind) => {
+                tracing::warn!(error = %e, status = kind.status, "request failed");
+                if respond_problem(session, kind, None, None, true)
+                    .await
+                    .is_err()
+                {
+                    tracing::debug!("could not write the error response");
+                }
+                kind.status
+            }
+            None => 0,
+        };
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let route = ctx.route.as_ref().map_or("none", |r| r.prefix.as_str());
+        self.metrics
+            .requests
+            .with_label_values(&[route, status.to_string().as_str()])
+            .inc();
+    }
+}

@@ -1,0 +1,474 @@
+//! The per-request revocation check: a moka cache in front of the Redis
+//! projection, kept current by the revocation pub/sub channel.
+//!
+//! # Rules (fail closed)
+//!
+//! - A request is allowed only when both the certificate (by serial) and the
+//!   agent are known `active`.
+//! - A cached `revoked`/`superseded` answer refuses at once (403), however
+//!   old: those states are terminal.
+//! - A cached `active` answer is trusted only while Redis is *confirmed*:
+//!   the subscription is up and answered a PING within `max_staleness`
+//!   (default 5 s), and the entry was filled in the current cache epoch.
+//! - Otherwise one `MGET` of the two status keys decides (and refills the
+//!   cache). If Redis does not answer: 503 `revocation_unavailable` with
+//!   `Retry-After`.
+//! - A missing key means *unknown*, not active: 503
+//!   `revocation_unavailable` (retryable — the projection may be being
+//!   rebuilt after a Redis flush), never allowed, never cached.
+//! - A gap in the announcement sequence, an unparsable announcement, a
+//!   `resync` or a reconnect of the subscription starts a new cache epoch:
+//!   every cached `active` answer must be confirmed again.
+//! - A lookup racing an announcement never overwrites the announced state:
+//!   the cache is filled only when no change arrived during the lookup.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use futures_util::StreamExt;
+use oneprotect_identity::problem::{self, ProblemKind};
+use oneprotect_identity::revocation::Change;
+use oneprotect_identity::{
+    AgentId, AgentStatus, Announcement, CertStatus, KeySchema, SerialNumber, TenantId,
+};
+use redis::aio::MultiplexedConnection;
+
+use crate::config::{redact_url, RevocationConfig};
+use crate::conn::ConnIdentity;
+use crate::metrics::Metrics;
+
+/// The outcome of the check for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Certificate and agent confirmed active.
+    Allow,
+    /// Refused for good: revoked or superseded (403).
+    Refuse(ProblemKind),
+    /// Cannot be confirmed now (Redis unreachable or stale, or status
+    /// unknown): 503 `revocation_unavailable`.
+    Unavailable,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Cached<T> {
+    status: T,
+    epoch: u64,
+}
+
+/// Decides from the two statuses (`None` = key missing).
+pub fn decide(cert: Option<CertStatus>, agent: Option<AgentStatus>) -> Decision {
+    match (cert, agent) {
+        (_, Some(AgentStatus::Revoked)) => Decision::Refuse(problem::AGENT_REVOKED),
+        (Some(CertStatus::Revoked), _) => Decision::Refuse(problem::CERTIFICATE_REVOKED),
+        (Some(CertStatus::Superseded), _) => Decision::Refuse(problem::CERTIFICATE_SUPERSEDED),
+        (Some(CertStatus::Active), Some(AgentStatus::Active)) => Decision::Allow,
+        _ => Decision::Unavailable,
+    }
+}
+
+/// The revocation checker shared by every request and the subscriber.
+pub struct Revocation {
+    cfg: RevocationConfig,
+    keys: KeySchema,
+    client: redis::Client,
+    conn: ArcSwapOption<MultiplexedConnection>,
+    certs: moka::sync::Cache<SerialNumber, Cached<CertStatus>>,
+    agents: moka::sync::Cache<(TenantId, AgentId), Cached<AgentStatus>>,
+    /// Bumped when the whole cache is distrusted.
+    epoch: AtomicU64,
+    /// Bumped on every applied change (guards lookups racing announcements).
+    generation: AtomicU64,
+    start: Instant,
+    /// Milliseconds since `start` when Redis was last confirmed; 0 = never.
+    last_ok_ms: AtomicU64,
+    /// The subscriber could not connect: skip lookups while stale.
+    redis_down: AtomicBool,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for Revocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Revocation")
+            .field("redis", &redact_url(&self.cfg.redis_url))
+            .field("prefix", &self.keys.prefix())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Revocation {
+    /// A checker for `cfg`. Does not connect yet.
+    pub fn new(cfg: &RevocationConfig, metrics: Metrics) -> Result<Self, redis::RedisError> {
+        let client = redis::Client::open(cfg.redis_url.as_str())?;
+        let ttl = Duration::from_secs(cfg.cache_ttl_secs);
+        Ok(Self {
+            keys: KeySchema::new(cfg.key_prefix.clone()),
+            client,
+            conn: ArcSwapOption::empty(),
+            certs: moka::sync::Cache::builder()
+                .max_capacity(cfg.cache_capacity)
+                .time_to_live(ttl)
+                .build(),
+            agents: moka::sync::Cache::builder()
+                .max_capacity(cfg.cache_capacity)
+                .time_to_live(ttl)
+                .build(),
+            epoch: AtomicU64::new(1),
+            generation: AtomicU64::new(0),
+            start: Instant::now(),
+            last_ok_ms: AtomicU64::new(0),
+            redis_down: AtomicBool::new(false),
+            metrics,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The key schema.
+    pub fn keys(&self) -> &KeySchema {
+        &self.keys
+    }
+
+    fn now_ms(&self) -> u64 {
+        // +1 so that 0 keeps meaning "never".
+        self.start.elapsed().as_millis() as u64 + 1
+    }
+
+    fn mark_ok(&self) {
+        self.last_ok_ms.store(self.now_ms(), Ordering::Release);
+    }
+
+    /// How long ago Redis was last confirmed; `None` if never.
+    pub fn staleness(&self) -> Option<Duration> {
+        match self.last_ok_ms.load(Ordering::Acquire) {
+            0 => None,
+            t => Some(Duration::from_millis(self.now_ms().saturating_sub(t))),
+        }
+    }
+
+    /// Whether cached answers may be trusted now.
+    pub fn is_confirmed(&self) -> bool {
+        self.staleness()
+            .is_some_and(|s| s <= self.cfg.max_staleness())
+    }
+
+    /// The `Retry-After` value for a 503.
+    pub fn retry_after_secs(&self) -> u64 {
+        self.cfg.retry_after_secs
+    }
+
+    /// Distrusts every cached `active` answer.
+    fn reset(&self, why: &'static str) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.metrics.revocation_cache_resets.inc();
+        tracing::info!(why, "revocation cache distrusted");
+    }
+
+    /// The per-request check for the connection's identity.
+    pub async fn check(&self, conn: &ConnIdentity) -> Decision {
+        let id = conn.identity();
+        let serial = id.serial();
+        let agent_key = (id.tenant(), id.agent());
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let cert = self.certs.get(&serial);
+        let agent = self.agents.get(&agent_key);
+        let cached = decide(cert.map(|c| c.status), agent.map(|a| a.status));
+        if let Decision::Refuse(_) = cached {
+            self.metrics.revocation_cache_hits.inc();
+            return cached;
+        }
+        if cached == Decision::Allow
+            && cert.is_some_and(|c| c.epoch == epoch)
+            && agent.is_some_and(|a| a.epoch == epoch)
+            && self.is_confirmed()
+        {
+            self.metrics.revocation_cache_hits.inc();
+            return Decision::Allow;
+        }
+        self.metrics.revocation_cache_misses.inc();
+        if self.redis_down.load(Ordering::Acquire) && !self.is_confirmed() {
+            return Decision::Unavailable;
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        let Some((cert, agent)) = self.lookup(conn.redis_keys()).await else {
+            return Decision::Unavailable;
+        };
+        let decision = decide(cert, agent);
+        let unchanged = self.generation.load(Ordering::Acquire) == generation;
+        if unchanged || matches!(decision, Decision::Refuse(_)) {
+            if let Some(status) = cert {
+                self.certs.insert(serial, Cached { status, epoch });
+            }
+            if let Some(status) = agent {
+                self.agents.insert(agent_key, Cached { status, epoch });
+            }
+        }
+        decision
+    }
+
+    async fn connection(&self) -> Option<MultiplexedConnection> {
+        if let Some(c) = self.conn.load_full() {
+            return Some((*c).clone());
+        }
+        let cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(self.cfg.redis_timeout_ms)))
+            .set_response_timeout(Some(Duration::from_millis(self.cfg.redis_timeout_ms)));
+        match self
+            .client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+        {
+            Ok(c) => {
+                self.conn.store(Some(Arc::new(c.clone())));
+                Some(c)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "redis connect failed");
+                None
+            }
+        }
+    }
+
+    /// One `MGET` of the certificate and agent status keys.
+    async fn lookup(&self, keys: [&str; 2]) -> Option<(Option<CertStatus>, Option<AgentStatus>)> {
+        let timeout = Duration::from_millis(self.cfg.redis_timeout_ms);
+        let mut conn = self.connection().await?;
+        let res: Result<redis::RedisResult<(Option<String>, Option<String>)>, _> =
+            tokio::time::timeout(
+                timeout,
+                redis::cmd("MGET").arg(&keys[..]).query_async(&mut conn),
+            )
+            .await;
+        match res {
+            Ok(Ok((c, a))) => Some((
+                c.and_then(|s| s.parse().ok()),
+                a.and_then(|s| s.parse().ok()),
+            )),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "redis lookup failed");
+                self.conn.store(None);
+                None
+            }
+            Err(_) => {
+                tracing::debug!("redis lookup timed out");
+                self.conn.store(None);
+                None
+            }
+        }
+    }
+
+    /// Applies one announcement; `last_seq` is the subscriber's cursor.
+    fn apply(&self, payload: &[u8], last_seq: &mut Option<u64>) {
+        let Ok(a) = serde_json::from_slice::<Announcement>(payload) else {
+            self.reset("unparsable announcement");
+            return;
+        };
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let in_order = match *last_seq {
+            None => true,
+            Some(l) if a.seq == l + 1 => true,
+            Some(l) if a.seq <= l => false,
+            Some(_) => {
+                self.reset("announcement sequence gap");
+                true
+            }
+        };
+        *last_seq = Some(last_seq.map_or(a.seq, |l| l.max(a.seq)));
+        self.metrics
+            .revocation_last_seq
+            .set(last_seq.unwrap_or(0) as i64);
+        let epoch = self.epoch.load(Ordering::Acquire);
+        match a.change {
+            Change::Cert { serial, status } => {
+                if in_order || status != CertStatus::Active {
+                    self.certs.insert(serial, Cached { status, epoch });
+                } else {
+                    self.certs.invalidate(&serial);
+                }
+            }
+            Change::Agent {
+                tenant_id,
+                agent_id,
+                status,
+            } => {
+                let k = (tenant_id, agent_id);
+                if in_order || status != AgentStatus::Active {
+                    self.agents.insert(k, Cached { status, epoch });
+                } else {
+                    self.agents.invalidate(&k);
+                }
+            }
+            Change::Resync => {
+                self.certs.invalidate_all();
+                self.agents.invalidate_all();
+                self.reset("resync announced");
+            }
+        }
+    }
+
+    /// Runs the subscriber until `shutdown` turns true: subscribes to the
+    /// revocation channel, applies announcements, PINGs every
+    /// `heartbeat_ms` to confirm the link, and reconnects (distrusting the
+    /// cache) after any failure.
+    pub async fn run_subscriber(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let heartbeat = Duration::from_millis(self.cfg.heartbeat_ms);
+        let timeout = Duration::from_millis(self.cfg.redis_timeout_ms);
+        let channel = self.keys.revocation_channel();
+        let mut failures: u64 = 0;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match self.subscribe(&channel, timeout).await {
+                Ok((mut sink, mut stream, baseline)) => {
+                    failures = 0;
+                    self.redis_down.store(false, Ordering::Release);
+                    // The command connection may be dead too.
+                    self.conn.store(None);
+                    self.reset("subscribed");
+                    self.mark_ok();
+                    self.metrics.redis_connected.set(1);
+                    tracing::info!(channel = %channel, "revocation subscription up");
+                    let mut last_seq = baseline;
+                    let mut tick = tokio::time::interval(heartbeat);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        tokio::select! {
+                            msg = stream.next() => match msg {
+                                Some(m) => {
+                                    self.apply(m.get_payload_bytes(), &mut last_seq);
+                                    self.mark_ok();
+                                }
+                                None => break,
+                            },
+                            _ = tick.tick() => {
+                                match tokio::time::timeout(timeout, sink.ping::<String>()).await {
+                                    Ok(Ok(_)) => self.mark_ok(),
+                                    _ => break,
+                                }
+                            }
+                            _ = shutdown.changed() => return,
+                        }
+                    }
+                    self.metrics.redis_connected.set(0);
+                    tracing::warn!(
+                        "revocation subscription lost; serving cached answers until max_staleness"
+                    );
+                }
+                Err(e) => {
+                    self.redis_down.store(true, Ordering::Release);
+                    failures += 1;
+                    // One line on the first failure, then one per ~minute.
+                    if failures == 1 || failures.is_multiple_of(60) {
+                        tracing::warn!(error = %e, failures, "cannot subscribe to revocation channel");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(heartbeat) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        channel: &str,
+        timeout: Duration,
+    ) -> Result<
+        (
+            redis::aio::PubSubSink,
+            redis::aio::PubSubStream,
+            Option<u64>,
+        ),
+        String,
+    > {
+        let fut = async {
+            let pubsub = self.client.get_async_pubsub().await?;
+            let (mut sink, stream) = pubsub.split();
+            sink.subscribe(channel).await?;
+            // Announcements up to the counter's value are already reflected
+            // in the keys we will read.
+            let mut conn = self.client.get_multiplexed_async_connection().await?;
+            let seq: Option<u64> = redis::cmd("GET")
+                .arg(self.keys.revocation_seq())
+                .query_async(&mut conn)
+                .await?;
+            Ok::<_, redis::RedisError>((sink, stream, seq))
+        };
+        match tokio::time::timeout(timeout * 4, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+
+    /// Updates the staleness gauge (called on scrape).
+    pub fn update_gauges(&self) {
+        let ms = self
+            .staleness()
+            .map_or(-1, |d| d.as_millis().min(i64::MAX as u128) as i64);
+        self.metrics.revocation_staleness_ms.set(ms);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decision_table_fails_closed() {
+        use AgentStatus as A;
+        use CertStatus as C;
+        assert_eq!(decide(Some(C::Active), Some(A::Active)), Decision::Allow);
+        assert_eq!(
+            decide(Some(C::Revoked), Some(A::Active)),
+            Decision::Refuse(problem::CERTIFICATE_REVOKED)
+        );
+        assert_eq!(
+            decide(Some(C::Superseded), Some(A::Active)),
+            Decision::Refuse(problem::CERTIFICATE_SUPERSEDED)
+        );
+        assert_eq!(
+            decide(Some(C::Active), Some(A::Revoked)),
+            Decision::Refuse(problem::AGENT_REVOKED)
+        );
+        assert_eq!(
+            decide(None, Some(A::Revoked)),
+            Decision::Refuse(problem::AGENT_REVOKED)
+        );
+        assert_eq!(decide(None, Some(A::Active)), Decision::Unavailable);
+        assert_eq!(decide(Some(C::Active), None), Decision::Unavailable);
+        assert_eq!(decide(None, None), Decision::Unavailable);
+    }
+
+    fn checker() -> Revocation {
+        Revocation::new(&RevocationConfig::default(), Metrics::new()).unwrap()
+    }
+
+    #[test]
+    fn announcements_update_in_order_and_gaps_reset() {
+        let r = checker();
+        let serial: SerialNumber = "0a".parse().unwrap();
+        let mut seq = Some(4);
+        let msg = |seq: u64, status: &str| {
+            format!(r#"{{"seq":{seq},"kind":"cert","serial":"0a","status":"{status}"}}"#)
+        };
+        let e0 = r.epoch.load(Ordering::Relaxed);
+        r.apply(msg(5, "active").as_bytes(), &mut seq);
+        assert_eq!(seq, Some(5));
+        assert_eq!(r.epoch.load(Ordering::Relaxed), e0);
+        assert_eq!(r.certs.get(&serial).unwrap().status, CertStatus::Active);
+        // Gap: 5 -> 7 distrusts the cache but applies the change.
+        r.apply(msg(7, "revoked").as_bytes(), &mut seq);
+        assert_eq!(r.epoch.load(Ordering::Relaxed), e0 + 1);
+        assert_eq!(r.certs.get(&serial).unwrap().status, CertStatus::Revoked);
+        // A late `active` (seq 6) must not resurrect a revoked certificate.
+        r.apply(msg(6, "active").as_bytes(), &mut seq);
+        assert!(r.certs.get(&serial).is_none());
+        assert_eq!(seq, Some(7));
+        r.apply(b"not json", &mut seq);
+        assert_eq!(r.epoch.load(Ordering::Relaxed), e0 + 2);
+    }
+}

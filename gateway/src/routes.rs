@@ -1,0 +1,141 @@
+//! Path-prefix routing to upstream pools.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora::lb::selection::RoundRobin;
+use pingora::lb::LoadBalancer;
+
+use crate::config::RouteConfig;
+
+/// One configured route with its pool.
+pub struct Route {
+    /// The path prefix (also the metrics label).
+    pub prefix: String,
+    /// Whether a verified identity is required.
+    pub require_identity: bool,
+    /// Upstream TLS.
+    pub tls: bool,
+    /// Upstream SNI.
+    pub sni: String,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Read/write timeout.
+    pub timeout: Duration,
+    /// Largest accepted request body (by Content-Length).
+    pub max_body_bytes: u64,
+    /// The round-robin pool (health-checked in the background).
+    pub pool: Arc<LoadBalancer<RoundRobin>>,
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route")
+            .field("prefix", &self.prefix)
+            .field("require_identity", &self.require_identity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Route {
+    /// Builds the route and its pool (not yet health-checked).
+    pub fn new(cfg: &RouteConfig) -> std::io::Result<Self> {
+        let mut pool =
+            LoadBalancer::<RoundRobin>::try_from_iter(cfg.upstreams.iter().map(String::as_str))?;
+        if cfg.health_check_secs > 0 {
+            let mut hc = if cfg.tls {
+                pingora::lb::health_check::TcpHealthCheck::new_tls(&cfg.sni)
+            } else {
+                pingora::lb::health_check::TcpHealthCheck::new()
+            };
+            hc.peer_template.options.connection_timeout =
+                Some(Duration::from_millis(cfg.connect_timeout_ms));
+            pool.set_health_check(hc);
+            pool.health_check_frequency = Some(Duration::from_secs(cfg.health_check_secs));
+        }
+        Ok(Self {
+            prefix: cfg.prefix.clone(),
+            require_identity: cfg.require_identity,
+            tls: cfg.tls,
+            sni: cfg.sni.clone(),
+            connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
+            timeout: Duration::from_millis(cfg.timeout_ms),
+            max_body_bytes: cfg.max_body_bytes,
+            pool: Arc::new(pool),
+        })
+    }
+}
+
+/// Whether `path` falls under `prefix` on a segment boundary (`/api` matches
+/// `/api`, `/api/x`, not `/apix`).
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    if !path.starts_with(prefix) {
+        return false;
+    }
+    prefix.ends_with('/') || path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/'
+}
+
+/// The routes, longest prefix first.
+#[derive(Debug, Default)]
+pub struct Router {
+    routes: Vec<Arc<Route>>,
+}
+
+impl Router {
+    /// A router over `routes`.
+    pub fn new(mut routes: Vec<Arc<Route>>) -> Self {
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        Self { routes }
+    }
+
+    /// The route for `path`, if any.
+    pub fn route(&self, path: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| prefix_matches(&r.prefix, path))
+    }
+
+    /// Every route.
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(prefix: &str) -> Arc<Route> {
+        Arc::new(
+            Route::new(&RouteConfig {
+                prefix: prefix.into(),
+                upstreams: vec!["127.0.0.1:1".into()],
+                require_identity: true,
+                tls: false,
+                sni: String::new(),
+                connect_timeout_ms: 100,
+                timeout_ms: 100,
+                max_body_bytes: 10,
+                health_check_secs: 0,
+            })
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn longest_prefix_on_segment_boundaries() {
+        let r = Router::new(vec![
+            route("/"),
+            route("/api"),
+            route("/api/v1/agent-enrollment/exchange"),
+        ]);
+        assert_eq!(
+            r.route("/api/v1/agent-enrollment/exchange").unwrap().prefix,
+            "/api/v1/agent-enrollment/exchange"
+        );
+        assert_eq!(r.route("/api/x").unwrap().prefix, "/api");
+        assert_eq!(r.route("/api").unwrap().prefix, "/api");
+        assert_eq!(r.route("/apix").unwrap().prefix, "/");
+        let r = Router::new(vec![route("/api")]);
+        assert!(r.route("/other").is_none());
+        assert!(r.route("/apix").is_none());
+    }
+}

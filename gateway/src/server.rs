@@ -1,0 +1,333 @@
+//! Assembles the pingora server: the mTLS proxy service, the admin service,
+//! upstream health checks, the revocation subscriber and the trust bundle
+//! reloader.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::listeners::tls::TlsSettings;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+
+use crate::admin::AdminApp;
+use crate::assertion::{load_signer, AssertionService};
+use crate::config::{Config, ConfigError};
+use crate::conn::IdentityContext;
+use crate::metrics::Metrics;
+use crate::proxy::Gateway;
+use crate::revocation::Revocation;
+use crate::routes::{Route, Router};
+use crate::tls::{AgentCertVerifier, ChainValidator, IdentityCallback, TrustStore};
+
+/// Why the gateway could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The configuration is not usable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The Redis URL was refused by the client.
+    #[error("redis client: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// An upstream address did not resolve.
+    #[error("upstream pool: {0}")]
+    Upstream(#[from] std::io::Error),
+    /// pingora refused a setting.
+    #[error("pingora: {0}")]
+    Pingora(#[from] Box<pingora::Error>),
+}
+
+/// A built gateway, ready to run.
+pub struct App {
+    server: Server,
+    /// The trust store (reload it to swap the bundle).
+    pub trust: Arc<TrustStore>,
+    /// The revocation checker.
+    pub revocation: Arc<Revocation>,
+    /// The assertion signer (its public key verifies injected assertions).
+    pub assertions: Arc<AssertionService>,
+    /// The metrics.
+    pub metrics: Metrics,
+}
+
+/// Installs the process-wide rustls crypto provider (ring). Without TLS 1.2
+/// only the TLS 1.3 suites are installed, which is how TLS 1.2 is turned
+/// off: pingora's rustls `TlsSettings` always offers both versions. The
+/// provider is per process: the first gateway built decides.
+pub fn install_crypto_provider(tls12: bool) {
+    let mut provider = rustls::crypto::ring::default_provider();
+    if !tls12 {
+        provider
+            .cipher_suites
+            .retain(|s| matches!(s, rustls::SupportedCipherSuite::Tls13(_)));
+    }
+    if provider.install_default().is_err() {
+        let has12 = rustls::crypto::CryptoProvider::get_default().is_some_and(|p| {
+            p.cipher_suites
+                .iter()
+                .any(|s| matches!(s, rustls::SupportedCipherSuite::Tls12(_)))
+        });
+        if has12 != tls12 {
+            tracing::warn!(
+                tls12,
+                "a crypto provider was already installed; listener.tls12 not applied"
+            );
+        }
+    }
+}
+
+struct Subscriber(Arc<Revocation>);
+
+#[async_trait]
+impl BackgroundService for Subscriber {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.run_subscriber(shutdown).await;
+    }
+}
+
+struct TrustReloader {
+    trust: Arc<TrustStore>,
+    poll: Option<Duration>,
+    metrics: Metrics,
+}
+
+impl TrustReloader {
+    fn record(&self, res: Result<usize, ConfigError>) {
+        match res {
+            Ok(n) => {
+                self.metrics
+                    .trust_bundle_reloads
+                    .with_label_values(&["ok"])
+                    .inc();
+                tracing::info!(anchors = n, "trust bundle reloaded");
+            }
+            Err(e) => {
+                self.metrics
+                    .trust_bundle_reloads
+                    .with_label_values(&["error"])
+                    .inc();
+                tracing::error!(error = %e, "trust bundle reload failed; keeping the old bundle");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for TrustReloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let poll = self.poll.unwrap_or(Duration::from_secs(3600));
+        let mut tick = tokio::time::interval(poll);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
+                    self.record(self.trust.reload());
+                }
+                _ = tick.tick(), if self.poll.is_some() => {
+                    if let Some(res) = self.trust.reload_if_changed() {
+                        self.record(res);
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// Builds the gateway from a validated config.
+pub fn build(cfg: Config) -> Result<App, BuildError> {
+    install_crypto_provider(cfg.listener.tls12);
+    let metrics = Metrics::new();
+
+    let conf = ServerConf {
+        threads: cfg.runtime.threads,
+        grace_period_seconds: Some(cfg.runtime.graceful_shutdown_secs),
+        graceful_shutdown_timeout_seconds: Some(cfg.runtime.graceful_shutdown_secs),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let signer = match &cfg.assertion.key_file {
+        Some(path) => load_signer(path, &cfg.assertion.kid)?,
+        None => {
+            let (signer, _) =
+                oneprotect_identity::AssertionSigner::generate(cfg.assertion.kid.clone())
+                    .map_err(|_| ConfigError::Invalid("cannot generate an assertion key".into()))?;
+            tracing::warn!(
+                kid = %cfg.assertion.kid,
+                "no assertion.key_file: generated an ephemeral signing key (development only)"
+            );
+            signer
+        }
+    };
+    let assertions = Arc::new(AssertionService::new(signer, &cfg.assertion));
+    let revocation = Arc::new(Revocation::new(&cfg.revocation, metrics.clone())?);
+    let trust = Arc::new(TrustStore::load(&cfg.listener.trust_bundle)?);
+    let trust_domain = cfg
+        .listener
+        .trust_domain
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(|_| ConfigError::Invalid("listener.trust_domain".into()))?;
+    let validator = Arc::new(ChainValidator::new(trust.clone(), trust_domain));
+    let verifier = Arc::new(AgentCertVerifier::new(
+        validator,
+        cfg.listener.require_client_cert,
+        metrics.clone(),
+    ));
+    let id_ctx = Arc::new(IdentityContext {
+        keys: revocation.keys().clone(),
+        assertions: assertions.clone(),
+        xfcc_by: cfg.headers.xfcc.then(|| {
+            cfg.headers
+                .xfcc_by
+                .clone()
+                .unwrap_or_else(|| "spiffe://oneprotect.local/gateway".into())
+        }),
+    });
+
+    let mut routes = Vec::new();
+    for rc in &cfg.routes {
+        let route = Route::new(rc)?;
+        if rc.health_check_secs > 0 {
+            let pool = route.pool.clone();
+            server.add_service(background_service(
+                &format!("health check {}", rc.prefix),
+                ArcTask(pool),
+            ));
+        }
+        routes.push(Arc::new(route));
+    }
+    let router = Arc::new(Router::new(routes));
+
+    let gateway = Gateway::new(
+        router,
+        revocation.clone(),
+        assertions.clone(),
+        metrics.clone(),
+    );
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        gateway,
+        "oneprotect-gateway",
+    );
+    let mut tls =
+        TlsSettings::with_callbacks(Box::new(IdentityCallback::new(verifier.clone(), id_ctx)))?;
+    // Checked by Config::validate; checked again so build() cannot panic.
+    crate::tls::check_server_files(&cfg.listener.cert, &cfg.listener.key)?;
+    tls.set_certificate_chain_file(&cfg.listener.cert.to_string_lossy())?;
+    tls.set_private_key_file(&cfg.listener.key.to_string_lossy())?;
+    tls.enable_h2();
+    tls.set_client_cert_verifier(verifier);
+    proxy.add_tls_with_settings(&cfg.listener.listen.to_string(), None, tls);
+    server.add_service(proxy);
+
+    server.add_service(background_service(
+        "revocation subscriber",
+        Subscriber(revocation.clone()),
+    ));
+    server.add_service(background_service(
+        "trust bundle reloader",
+        TrustReloader {
+            trust: trust.clone(),
+            poll: (cfg.listener.trust_bundle_poll_secs > 0)
+                .then(|| Duration::from_secs(cfg.listener.trust_bundle_poll_secs)),
+            metrics: metrics.clone(),
+        },
+    ));
+
+    let mut admin = Service::new(
+        "oneprotect-gateway admin".to_string(),
+        AdminApp::new(metrics.clone(), revocation.clone(), trust.clone()),
+    );
+    admin.add_tcp(&cfg.admin.listen.to_string());
+    server.add_service(admin);
+
+    Ok(App {
+        server,
+        trust,
+        revocation,
+        assertions,
+        metrics,
+    })
+}
+
+/// Runs a shared load balancer's background work (health checks).
+struct ArcTask<T>(Arc<T>);
+
+#[async_trait]
+impl<T: BackgroundService + Send + Sync> BackgroundService for ArcTask<T> {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.start(shutdown).await;
+    }
+}
+
+struct ChannelSignal(tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>);
+
+#[async_trait]
+impl ShutdownSignalWatch for ChannelSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        if let Some(rx) = self.0.lock().await.take() {
+            let _ = rx.await;
+        }
+        ShutdownSignal::FastShutdown
+    }
+}
+
+/// A gateway running on its own thread (for tests and embedding).
+pub struct RunningGateway {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningGateway {
+    /// Stops the gateway and waits for its thread.
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RunningGateway {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+impl App {
+    /// Runs until SIGTERM (graceful) / SIGINT (fast) and exits the process.
+    pub fn run_forever(self) -> ! {
+        self.server.run_forever()
+    }
+
+    /// Runs on a new thread until [`RunningGateway::stop`] (or drop).
+    pub fn spawn(self) -> RunningGateway {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let server = self.server;
+        let thread = std::thread::Builder::new()
+            .name("oneprotect-gateway".into())
+            .spawn(move || {
+                server.run(RunArgs {
+                    shutdown_signal: Box::new(ChannelSignal(tokio::sync::Mutex::new(Some(rx)))),
+                });
+            })
+            .expect("spawn the gateway thread");
+        RunningGateway {
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+}

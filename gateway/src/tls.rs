@@ -1,0 +1,621 @@
+//! mTLS termination: file checks, the swappable trust bundle, the client
+//! certificate verifier and the post-handshake identity callback.
+//!
+//! # How a client certificate becomes an identity
+//!
+//! 1. [`AgentCertVerifier`] (a rustls `ClientCertVerifier`) validates the
+//!    presented chain with rustls-webpki against the current
+//!    [`TrustBundle`], with the clientAuth EKU, and — inside webpki's path
+//!    hook, so on the *verified* path only — runs
+//!    [`AgentIdentity::from_chain`] on the leaf and the CA that actually
+//!    issued it. The tenant boundary is therefore enforced against the
+//!    issuer whose signature was checked, never against an unverified
+//!    intermediate the client added. (rustls' `WebPkiClientVerifier` does
+//!    the same path validation but does not expose the verified path, which
+//!    is why the gateway calls webpki itself; the TLS signature checks are
+//!    rustls' own helpers.)
+//! 2. The verified identity is parked in a short-lived map keyed by the
+//!    leaf's SHA-256 fingerprint.
+//! 3. [`IdentityCallback::handshake_complete_callback`] (pingora's
+//!    `TlsAccept`) picks it up, builds the per-connection [`ConnIdentity`]
+//!    (header values, Redis keys) once, and stores it in the connection's
+//!    `SslDigest` extension; every request (every h2 stream) reads it from
+//!    there. A resumed TLS 1.3 session skips the verifier: the callback then
+//!    re-validates the chain restored from the ticket against the current
+//!    bundle, so a reload also applies to resumptions.
+//!
+//! # Certificate-less clients
+//!
+//! The verifier allows unauthenticated clients by default
+//! (`client_auth_mandatory() == false`) because the gateway fronts the
+//! enrollment exchange, which new agents call without a certificate. Every
+//! route except those configured with `require_identity = false` refuses a
+//! request without a verified identity (401 `identity_required`). A client
+//! that *does* present a certificate that fails verification is refused at
+//! the handshake. `listener.require_client_cert = true` makes a certificate
+//! mandatory at the handshake.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use oneprotect_identity::{AgentIdentity, CertFingerprint, ChainError, TrustDomain};
+use pingora::listeners::TlsAccept;
+use pingora::protocols::tls::TlsRef;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, TrustAnchor, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+use crate::config::ConfigError;
+use crate::conn::{ConnIdentity, IdentityContext};
+use crate::metrics::Metrics;
+
+fn file_err(what: &'static str, path: &Path, reason: impl Into<String>) -> ConfigError {
+    ConfigError::File {
+        what,
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+fn read_pem_certs(
+    what: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let bytes = std::fs::read(path).map_err(|e| file_err(what, path, e.to_string()))?;
+    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut bytes.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_err(what, path, format!("not PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(file_err(what, path, "contains no CERTIFICATE block"));
+    }
+    Ok(certs)
+}
+
+/// Checks the server certificate chain and key files the way pingora's
+/// `TlsSettings::build()` will load them, so a bad file is a clear error
+/// instead of a panic.
+pub fn check_server_files(cert: &Path, key: &Path) -> Result<(), ConfigError> {
+    let certs = read_pem_certs("server certificate", cert)?;
+    let key_bytes = std::fs::read(key).map_err(|e| file_err("server key", key, e.to_string()))?;
+    let key_der = rustls_pemfile::private_key(&mut key_bytes.as_slice())
+        .map_err(|e| file_err("server key", key, format!("not PEM: {e}")))?
+        .ok_or_else(|| file_err("server key", key, "contains no private key block"))?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key_der)
+        .map_err(|e| file_err("server key", key, format!("unsupported key: {e}")))?;
+    let certified = rustls::sign::CertifiedKey::new(certs, signing);
+    certified.keys_match().map_err(|e| {
+        file_err(
+            "server key",
+            key,
+            format!("does not match the certificate: {e}"),
+        )
+    })?;
+    Ok(())
+}
+
+/// The trust anchors agent chains must lead to.
+#[derive(Debug)]
+pub struct TrustBundle {
+    anchors: Vec<TrustAnchor<'static>>,
+    ders: Vec<CertificateDer<'static>>,
+}
+
+impl TrustBundle {
+    /// Builds a bundle from DER root certificates.
+    pub fn from_ders(ders: Vec<CertificateDer<'static>>) -> Result<Self, webpki::Error> {
+        let anchors = ders
+            .iter()
+            .map(|d| webpki::anchor_from_trusted_cert(d).map(|a| a.to_owned()))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { anchors, ders })
+    }
+
+    /// Number of anchors.
+    pub fn len(&self) -> usize {
+        self.anchors.len()
+    }
+
+    /// Whether the bundle is empty (never true for a loaded bundle).
+    pub fn is_empty(&self) -> bool {
+        self.anchors.is_empty()
+    }
+
+    fn der_of(&self, anchor: &TrustAnchor<'_>) -> Option<&CertificateDer<'static>> {
+        self.anchors
+            .iter()
+            .position(|a| std::ptr::eq(a, anchor))
+            .map(|i| &self.ders[i])
+    }
+}
+
+/// Reads a PEM trust bundle (one or more root certificates).
+pub fn load_trust_bundle(path: &Path) -> Result<TrustBundle, ConfigError> {
+    let ders = read_pem_certs("trust bundle", path)?;
+    TrustBundle::from_ders(ders).map_err(|e| {
+        file_err(
+            "trust bundle",
+            path,
+            format!("not a usable trust anchor: {e}"),
+        )
+    })
+}
+
+/// The current trust bundle, swappable at run time without dropping
+/// connections (new handshakes use the new bundle; established connections
+/// keep their verified identity).
+#[derive(Debug)]
+pub struct TrustStore {
+    path: PathBuf,
+    current: ArcSwap<TrustBundle>,
+    modified: std::sync::Mutex<Option<SystemTime>>,
+}
+
+impl TrustStore {
+    /// Loads the bundle at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let bundle = load_trust_bundle(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            current: ArcSwap::from_pointee(bundle),
+            modified: std::sync::Mutex::new(mtime(path)),
+        })
+    }
+
+    /// The bundle in force.
+    pub fn current(&self) -> Arc<TrustBundle> {
+        self.current.load_full()
+    }
+
+    /// Re-reads the file and swaps the bundle in; on error the old bundle
+    /// stays in force.
+    pub fn reload(&self) -> Result<usize, ConfigError> {
+        let bundle = load_trust_bundle(&self.path)?;
+        let n = bundle.len();
+        self.current.store(Arc::new(bundle));
+        if let Ok(mut m) = self.modified.lock() {
+            *m = mtime(&self.path);
+        }
+        Ok(n)
+    }
+
+    /// Reloads when the file's modification time changed since the last
+    /// load. Returns `None` when nothing changed.
+    pub fn reload_if_changed(&self) -> Option<Result<usize, ConfigError>> {
+        let now = mtime(&self.path);
+        let changed = self.modified.lock().map(|m| *m != now).unwrap_or(true);
+        changed.then(|| self.reload())
+    }
+}
+
+fn mtime(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Why a client chain was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// Path validation failed (unknown issuer, expired, not yet valid, bad
+    /// signature, wrong EKU...).
+    #[error("certificate path invalid: {0}")]
+    Path(webpki::Error),
+    /// The chain is valid but does not carry a valid agent identity (e.g. a
+    /// tenant CA minting another tenant's agent).
+    #[error("certificate identity invalid: {0}")]
+    Identity(ChainError),
+    /// The identity's trust domain is not the configured one.
+    #[error("certificate is in another trust domain")]
+    TrustDomain,
+}
+
+impl VerifyError {
+    /// A short stable label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            VerifyError::Path(webpki::Error::CertExpired { .. }) => "expired",
+            VerifyError::Path(webpki::Error::CertNotValidYet { .. }) => "not_yet_valid",
+            VerifyError::Path(webpki::Error::UnknownIssuer) => "unknown_issuer",
+            VerifyError::Path(webpki::Error::InvalidSignatureForPublicKey) => "bad_signature",
+            VerifyError::Path(webpki::Error::RequiredEkuNotFoundContext(_)) => "bad_eku",
+            VerifyError::Path(_) => "invalid_path",
+            VerifyError::Identity(ChainError::TenantMismatch) => "tenant_mismatch",
+            VerifyError::Identity(_) => "invalid_identity",
+            VerifyError::TrustDomain => "trust_domain",
+        }
+    }
+
+    fn to_rustls(&self) -> rustls::Error {
+        let ce = match self {
+            VerifyError::Path(webpki::Error::CertExpired { .. }) => CertificateError::Expired,
+            VerifyError::Path(webpki::Error::CertNotValidYet { .. }) => {
+                CertificateError::NotValidYet
+            }
+            VerifyError::Path(webpki::Error::UnknownIssuer) => CertificateError::UnknownIssuer,
+            VerifyError::Path(webpki::Error::InvalidSignatureForPublicKey) => {
+                CertificateError::BadSignature
+            }
+            VerifyError::Path(webpki::Error::BadDer) => CertificateError::BadEncoding,
+            _ => CertificateError::ApplicationVerificationFailure,
+        };
+        rustls::Error::InvalidCertificate(ce)
+    }
+}
+
+/// Validates a client chain and extracts its agent identity.
+#[derive(Debug)]
+pub struct ChainValidator {
+    store: Arc<TrustStore>,
+    trust_domain: Option<TrustDomain>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ChainValidator {
+    /// A validator over `store`, optionally pinned to one trust domain.
+    pub fn new(store: Arc<TrustStore>, trust_domain: Option<TrustDomain>) -> Self {
+        Self {
+            store,
+            trust_domain,
+            algs: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        }
+    }
+
+    /// The trust store.
+    pub fn store(&self) -> &Arc<TrustStore> {
+        &self.store
+    }
+
+    /// Validates `end_entity` with `intermediates` at `now` and returns the
+    /// agent identity (see the module documentation).
+    pub fn validate(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<AgentIdentity, VerifyError> {
+        let bundle = self.store.current();
+        let ee = webpki::EndEntityCert::try_from(end_entity).map_err(VerifyError::Path)?;
+        let found: std::cell::RefCell<Option<Result<AgentIdentity, ChainError>>> =
+            std::cell::RefCell::new(None);
+        let hook = |path: &webpki::VerifiedPath<'_>| -> Result<(), webpki::Error> {
+            let issuer = match path.intermediate_certificates().next() {
+                Some(c) => c.der(),
+                None => match bundle.der_of(path.anchor()) {
+                    Some(d) => d.clone(),
+                    None => return Err(webpki::Error::UnknownIssuer),
+                },
+            };
+            let res = AgentIdentity::from_chain(end_entity.as_ref(), issuer.as_ref());
+            let ok = res.is_ok();
+            *found.borrow_mut() = Some(res);
+            if ok {
+                Ok(())
+            } else {
+                // Refuse this path; webpki tries any other path.
+                Err(webpki::Error::UnknownIssuer)
+            }
+        };
+        let verified = ee.verify_for_usage(
+            self.algs.all,
+            &bundle.anchors,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+            None,
+            Some(&hook),
+        );
+        let found = found.into_inner();
+        match (verified, found) {
+            (Ok(_), Some(Ok(id))) => {
+                if let Some(td) = &self.trust_domain {
+                    if id.trust_domain() != td {
+                        return Err(VerifyError::TrustDomain);
+                    }
+                }
+                Ok(id)
+            }
+            (Ok(_), _) => Err(VerifyError::Path(webpki::Error::UnknownIssuer)),
+            (Err(_), Some(Err(e))) => Err(VerifyError::Identity(e)),
+            (Err(e), _) => Err(VerifyError::Path(e)),
+        }
+    }
+}
+
+/// The rustls client certificate verifier: webpki path validation plus the
+/// agent identity checks, over a swappable trust bundle.
+#[derive(Debug)]
+pub struct AgentCertVerifier {
+    validator: Arc<ChainValidator>,
+    mandatory: bool,
+    verified: moka::sync::Cache<CertFingerprint, Arc<AgentIdentity>>,
+    metrics: Metrics,
+    log_limiter: LogLimiter,
+}
+
+impl AgentCertVerifier {
+    /// A verifier; `mandatory` refuses clients without a certificate.
+    pub fn new(validator: Arc<ChainValidator>, mandatory: bool, metrics: Metrics) -> Self {
+        Self {
+            validator,
+            mandatory,
+            // Holds an identity only from verification to the end of the
+            // same handshake; the bound keeps a handshake flood harmless.
+            verified: moka::sync::Cache::builder()
+                .max_capacity(65_536)
+                .time_to_live(Duration::from_secs(30))
+                .build(),
+            metrics,
+            log_limiter: LogLimiter::default(),
+        }
+    }
+
+    /// Takes the identity verified for the leaf with fingerprint `fp`.
+    fn take_verified(&self, fp: &CertFingerprint) -> Option<Arc<AgentIdentity>> {
+        self.verified.remove(fp)
+    }
+
+    fn record_failure(&self, e: &VerifyError) {
+        self.metrics
+            .handshake_failures
+            .with_label_values(&[e.reason()])
+            .inc();
+        if let Some(suppressed) = self.log_limiter.allow() {
+            tracing::warn!(reason = e.reason(), error = %e, suppressed, "client certificate refused");
+        }
+    }
+}
+
+impl ClientCertVerifier for AgentCertVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // The bundle is swappable, so no borrowed hint list; agents hold
+        // exactly one certificate and send it regardless.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        match self.validator.validate(end_entity, intermediates, now) {
+            Ok(id) => {
+                self.verified.insert(id.fingerprint(), Arc::new(id));
+                Ok(ClientCertVerified::assertion())
+            }
+            Err(e) => {
+                self.record_failure(&e);
+                Err(e.to_rustls())
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.validator.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.validator.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.validator.algs.supported_schemes()
+    }
+}
+
+/// Allows one log line per second and counts what it suppressed.
+#[derive(Debug, Default)]
+struct LogLimiter {
+    last_sec: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LogLimiter {
+    fn allow(&self) -> Option<u64> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let last = self.last_sec.load(Ordering::Relaxed);
+        if now != last
+            && self
+                .last_sec
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// pingora's post-handshake callback: turns the verified chain into the
+/// connection's [`ConnIdentity`] (see the module documentation).
+pub struct IdentityCallback {
+    verifier: Arc<AgentCertVerifier>,
+    ctx: Arc<IdentityContext>,
+}
+
+impl IdentityCallback {
+    /// A callback reading identities verified by `verifier`.
+    pub fn new(verifier: Arc<AgentCertVerifier>, ctx: Arc<IdentityContext>) -> Self {
+        Self { verifier, ctx }
+    }
+}
+
+#[async_trait]
+impl TlsAccept for IdentityCallback {
+    async fn handshake_complete_callback(
+        &self,
+        tls: &TlsRef,
+    ) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        let chain = tls.peer_cert_chain_der()?;
+        let (leaf, rest) = chain.split_first()?;
+        let fp = CertFingerprint::of_der(leaf.as_ref());
+        let id = match self.verifier.take_verified(&fp) {
+            Some(id) => id,
+            // A resumed session: the verifier did not run. Re-validate the
+            // chain restored from the ticket against the current bundle.
+            None => match self
+                .verifier
+                .validator
+                .validate(leaf, rest, UnixTime::now())
+            {
+                Ok(id) => Arc::new(id),
+                Err(e) => {
+                    self.verifier.record_failure(&e);
+                    return None;
+                }
+            },
+        };
+        Some(Arc::new(ConnIdentity::new(id, &self.ctx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oneprotect_testpki::{LeafSpec, TestPki};
+
+    fn validator(pki: &TestPki) -> (ChainValidator, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bundle.pem");
+        std::fs::write(&path, pki.root_pem()).unwrap();
+        let store = Arc::new(TrustStore::load(&path).unwrap());
+        (ChainValidator::new(store, None), dir)
+    }
+
+    fn der(b: &[u8]) -> CertificateDer<'static> {
+        CertificateDer::from(b.to_vec())
+    }
+
+    #[test]
+    fn accepts_a_good_chain_and_extracts_identity() {
+        let pki = TestPki::new("oneprotect.test");
+        let tenant = uuid::Uuid::new_v4().to_string();
+        let agent = uuid::Uuid::new_v4().to_string();
+        let ca = pki.tenant_ca(&tenant);
+        let leaf = ca.agent(&agent);
+        let (v, _d) = validator(&pki);
+        let id = v
+            .validate(&der(&leaf.cert_der), &[der(&ca.cert_der)], UnixTime::now())
+            .unwrap();
+        assert_eq!(id.agent().to_string(), agent);
+        assert_eq!(id.tenant().to_string(), tenant);
+    }
+
+    #[test]
+    fn refuses_foreign_root_expired_and_tenant_mismatch() {
+        let pki = TestPki::new("oneprotect.test");
+        let (v, _d) = validator(&pki);
+        let tenant = uuid::Uuid::new_v4().to_string();
+        let ca = pki.tenant_ca(&tenant);
+        let agent = uuid::Uuid::new_v4().to_string();
+
+        let foreign = TestPki::new("foreign.test").tenant_ca(&tenant);
+        let leaf = foreign.agent(&agent);
+        let e = v
+            .validate(
+                &der(&leaf.cert_der),
+                &[der(&foreign.cert_der)],
+                UnixTime::now(),
+            )
+            .unwrap_err();
+        assert_eq!(e.reason(), "unknown_issuer");
+
+        let mut spec = LeafSpec::agent(&ca, &agent);
+        spec.not_after = time::OffsetDateTime::now_utc() - time::Duration::minutes(5);
+        spec.not_before = spec.not_after - time::Duration::hours(1);
+        let leaf = ca.leaf(&spec);
+        let e = v
+            .validate(&der(&leaf.cert_der), &[der(&ca.cert_der)], UnixTime::now())
+            .unwrap_err();
+        assert_eq!(e.reason(), "expired");
+
+        let mut spec = LeafSpec::agent(&ca, &agent);
+        spec.uris = vec![format!(
+            "spiffe://oneprotect.test/tenant/{}/agent/{agent}",
+            uuid::Uuid::new_v4()
+        )];
+        let leaf = ca.leaf(&spec);
+        let e = v
+            .validate(&der(&leaf.cert_der), &[der(&ca.cert_der)], UnixTime::now())
+            .unwrap_err();
+        assert_eq!(e, VerifyError::Identity(ChainError::TenantMismatch));
+    }
+
+    #[test]
+    fn a_forged_extra_intermediate_cannot_lend_its_tenant() {
+        // Tenant A's CA mints a leaf for tenant B; the client adds a
+        // self-made "CA" with A's subject but B's URI. The check must run on
+        // the issuer webpki verified, so the forgery changes nothing.
+        let pki = TestPki::new("oneprotect.test");
+        let (v, _d) = validator(&pki);
+        let tenant_a = uuid::Uuid::new_v4().to_string();
+        let tenant_b = uuid::Uuid::new_v4().to_string();
+        let ca_a = pki.tenant_ca(&tenant_a);
+        let rogue = TestPki::new("oneprotect.test").tenant_ca_with_uri(
+            &tenant_a,
+            &format!("spiffe://oneprotect.test/tenant/{tenant_b}"),
+        );
+        let mut spec = LeafSpec::agent(&ca_a, &uuid::Uuid::new_v4().to_string());
+        spec.uris = vec![format!(
+            "spiffe://oneprotect.test/tenant/{tenant_b}/agent/{}",
+            uuid::Uuid::new_v4()
+        )];
+        let leaf = ca_a.leaf(&spec);
+        for order in [
+            vec![der(&rogue.cert_der), der(&ca_a.cert_der)],
+            vec![der(&ca_a.cert_der), der(&rogue.cert_der)],
+        ] {
+            assert!(v
+                .validate(&der(&leaf.cert_der), &order, UnixTime::now())
+                .is_err());
+        }
+    }
+
+    #[test]
+    fn server_file_checks_give_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("c.pem");
+        let key = dir.path().join("k.pem");
+        std::fs::write(&cert, "garbage").unwrap();
+        std::fs::write(&key, "garbage").unwrap();
+        let e = check_server_files(&cert, &key).unwrap_err().to_string();
+        assert!(e.contains("no CERTIFICATE"), "{e}");
+        let pki = TestPki::new("oneprotect.test");
+        let ca = pki.tenant_ca(&uuid::Uuid::new_v4().to_string());
+        let a = ca.agent(&uuid::Uuid::new_v4().to_string());
+        let b = ca.agent(&uuid::Uuid::new_v4().to_string());
+        std::fs::write(&cert, &a.cert_pem).unwrap();
+        std::fs::write(&key, &b.key_pem).unwrap();
+        let e = check_server_files(&cert, &key).unwrap_err().to_string();
+        assert!(e.contains("does not match"), "{e}");
+        std::fs::write(&key, &a.key_pem).unwrap();
+        check_server_files(&cert, &key).unwrap();
+    }
+}
