@@ -624,6 +624,7 @@ fn every_asyncapi_event_message_resolves_to_a_schema_file_and_every_file_is_used
     let mut referenced = BTreeSet::new();
     let messages = doc["channels"]["events"]["messages"].as_object().unwrap();
     let mut names = BTreeSet::new();
+    let entry_fields = validator(&doc["components"]["schemas"]["StreamEntryFields"]);
     for (id, m) in messages {
         let message = deref(doc, m);
         let payload = &message["payload"];
@@ -650,6 +651,11 @@ fn every_asyncapi_event_message_resolves_to_a_schema_file_and_every_file_is_used
         let v = event_validator(name);
         for ex in message["examples"].as_array().into_iter().flatten() {
             assert_valid(&v, &ex["payload"], &format!("asyncapi example of {id}"));
+            assert_valid(
+                &entry_fields,
+                &ex["headers"],
+                &format!("asyncapi headers of {id}"),
+            );
             assert_eq!(ex["headers"]["type"], name);
             assert_eq!(ex["headers"]["event_id"], ex["payload"]["event_id"]);
         }
