@@ -901,6 +901,35 @@ fn openapi_has_every_outline_endpoint_with_its_auth_and_success_answer() {
 }
 
 #[test]
+fn openapi_path_parameters_match_the_path_templates() {
+    let doc = openapi();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let in_template: BTreeSet<&str> = path
+            .split('/')
+            .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+            .collect();
+        for (method, op) in item.as_object().unwrap() {
+            if !METHODS.contains(&method.as_str()) {
+                continue;
+            }
+            let declared: BTreeSet<&str> = item["parameters"]
+                .as_array()
+                .into_iter()
+                .chain(op["parameters"].as_array())
+                .flatten()
+                .map(|p| deref(doc, p))
+                .filter(|p| p["in"] == "path")
+                .map(|p| {
+                    assert_eq!(p["required"], true, "{method} {path}: path parameter");
+                    p["name"].as_str().unwrap()
+                })
+                .collect();
+            assert_eq!(declared, in_template, "{method} {path}: path parameters");
+        }
+    }
+}
+
+#[test]
 fn openapi_schemas_from_the_outline_exist() {
     let schemas = openapi()["components"]["schemas"].as_object().unwrap();
     for name in [
