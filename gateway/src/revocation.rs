@@ -343,7 +343,7 @@ impl Revocation {
                                 None => break,
                             },
                             _ = tick.tick() => {
-                                match tokio::time::timeout(timeout, sink.ping::<String>()).await {
+                                match tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await {
                                     Ok(Ok(_)) => self.mark_ok(),
                                     _ => break,
                                 }

@@ -5,3 +5,4 @@
 //! `cargo test -p oneprotect-tests --test suite contracts::`.
 
 mod contracts;
+mod gateway;

@@ -1,0 +1,801 @@
+//! The gateway end to end: real sockets, real Redis, an in-process pingora
+//! gateway, a tiny echo upstream, and clients we did not write (`curl`).
+//!
+//! Run: `cargo test -p oneprotect-tests --test suite gateway::` (needs Redis
+//! on 127.0.0.1:6379, `redis-server` and `curl` on the PATH).
+
+// The helpers below run only inside tests, where a panic with its message is the failure report
+// (clippy's allow-unwrap-in-tests covers `#[test]` functions but not their helpers).
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use oneprotect_identity::revocation::Change;
+use oneprotect_identity::{
+    headers, AgentIdentity, AgentStatus, Announcement, AssertionVerifier, CertStatus, KeySchema,
+};
+use oneprotect_testpki::{Leaf, LeafSpec, TenantCa, TestPki};
+use redis::AsyncCommands;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::{TcpListener, TcpStream};
+
+const TD: &str = "oneprotect.test";
+const EXCHANGE: &str = "/api/v1/agent-enrollment/exchange";
+
+/// An upstream that answers every request with its path and headers as JSON.
+async fn start_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let mut map = serde_json::Map::new();
+                        for (k, v) in req.headers() {
+                            let e = map
+                                .entry(k.as_str().to_owned())
+                                .or_insert_with(|| serde_json::Value::Array(vec![]));
+                            if let serde_json::Value::Array(a) = e {
+                                a.push(v.to_str().unwrap_or("?").into());
+                            }
+                        }
+                        let body = serde_json::json!({"path": req.uri().path(), "headers": map});
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from(body.to_string()),
+                        )))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+struct Gw {
+    dir: tempfile::TempDir,
+    pki: TestPki,
+    ca: TenantCa,
+    leaf: Leaf,
+    id: AgentIdentity,
+    keys: KeySchema,
+    redis_url: String,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    trust: Arc<oneprotect_gateway::tls::TrustStore>,
+    verifier: AssertionVerifier,
+    running: Option<oneprotect_gateway::RunningGateway>,
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop();
+        }
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+struct Opts {
+    redis_url: String,
+    max_staleness_ms: u64,
+    heartbeat_ms: u64,
+}
+
+impl Opts {
+    fn shared_redis() -> Self {
+        Self {
+            redis_url: oneprotect_tests::require_redis(),
+            max_staleness_ms: 5000,
+            heartbeat_ms: 1000,
+        }
+    }
+}
+
+async fn start_gateway(opts: Opts) -> Gw {
+    let echo = start_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(TD);
+    let ca = pki.tenant_ca(&uuid::Uuid::new_v4().to_string());
+    let leaf = ca.agent(&uuid::Uuid::new_v4().to_string());
+    let id = AgentIdentity::from_chain(&leaf.cert_der, &ca.cert_der).unwrap();
+    let server = pki.server_cert(&["localhost", "127.0.0.1"]);
+    let cert = write(dir.path(), "server.pem", &server.cert_pem);
+    let key = write(dir.path(), "server.key", &server.key_pem);
+    let bundle = write(dir.path(), "bundle.pem", &pki.root_pem());
+    let prefix = oneprotect_tests::unique_redis_prefix("gateway");
+    let port = oneprotect_tests::free_port();
+    let admin_port = oneprotect_tests::free_port();
+    let toml = format!(
+        r#"
+[listener]
+listen = "127.0.0.1:{port}"
+cert = "{cert}"
+key = "{key}"
+trust_bundle = "{bundle}"
+trust_domain = "{TD}"
+trust_bundle_poll_secs = 0
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
+
+[revocation]
+redis_url = "{redis}"
+key_prefix = "{prefix}"
+max_staleness_ms = {stale}
+heartbeat_ms = {hb}
+
+[runtime]
+graceful_shutdown_secs = 0
+
+[[routes]]
+prefix = "{EXCHANGE}"
+upstreams = ["{echo}"]
+require_identity = false
+
+[[routes]]
+prefix = "/api"
+upstreams = ["{echo}"]
+"#,
+        cert = cert.display(),
+        key = key.display(),
+        bundle = bundle.display(),
+        redis = opts.redis_url,
+        stale = opts.max_staleness_ms,
+        hb = opts.heartbeat_ms,
+    );
+    let cfg_path = write(dir.path(), "gateway.toml", &toml);
+    let cfg = oneprotect_gateway::Config::from_toml(&toml, &cfg_path)
+        .unwrap()
+        .validate()
+        .unwrap();
+    let app = tokio::task::spawn_blocking(move || oneprotect_gateway::build(cfg).unwrap())
+        .await
+        .unwrap();
+    let trust = app.trust.clone();
+    let verifier = AssertionVerifier::new("oneprotect-upstream")
+        .add_key(app.assertions.kid(), app.assertions.public_key());
+    let running = app.spawn();
+    let gw = Gw {
+        dir,
+        pki,
+        ca,
+        leaf,
+        id,
+        keys: KeySchema::new(prefix),
+        redis_url: opts.redis_url,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+        trust,
+        verifier,
+        running: Some(running),
+    };
+    gw.set_active(&gw.id).await;
+    gw.wait_ready().await;
+    gw
+}
+
+impl Gw {
+    async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.redis_url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    async fn set_active(&self, id: &AgentIdentity) {
+        let mut r = self.redis().await;
+        let _: () = r
+            .set(
+                self.keys.cert_status(&id.serial()),
+                CertStatus::Active.as_str(),
+            )
+            .await
+            .unwrap();
+        let _: () = r
+            .set(
+                self.keys.agent_status(&id.tenant(), &id.agent()),
+                AgentStatus::Active.as_str(),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Writes the new state and announces it, as the enroll-api does.
+    async fn announce(&self, key: String, value: &str, change: Change) {
+        let mut r = self.redis().await;
+        let _: () = r.set(key, value).await.unwrap();
+        let seq: u64 = r.incr(self.keys.revocation_seq(), 1).await.unwrap();
+        let msg = serde_json::to_string(&Announcement { seq, change }).unwrap();
+        let receivers: u64 = r
+            .publish(self.keys.revocation_channel(), msg)
+            .await
+            .unwrap();
+        assert!(receivers >= 1, "the gateway is subscribed");
+    }
+
+    async fn revoke_cert(&self) {
+        let serial = self.id.serial();
+        self.announce(
+            self.keys.cert_status(&serial),
+            CertStatus::Revoked.as_str(),
+            Change::Cert {
+                serial,
+                status: CertStatus::Revoked,
+            },
+        )
+        .await;
+    }
+
+    async fn revoke_agent(&self) {
+        self.announce(
+            self.keys.agent_status(&self.id.tenant(), &self.id.agent()),
+            AgentStatus::Revoked.as_str(),
+            Change::Agent {
+                tenant_id: self.id.tenant(),
+                agent_id: self.id.agent(),
+                status: AgentStatus::Revoked,
+            },
+        )
+        .await;
+    }
+
+    async fn cleanup(&self) {
+        if let Ok(c) = redis::Client::open(self.redis_url.as_str()) {
+            if let Ok(mut r) = c.get_multiplexed_async_connection().await {
+                let keys: Vec<String> = r
+                    .keys(self.keys.all_keys_pattern())
+                    .await
+                    .unwrap_or_default();
+                if !keys.is_empty() {
+                    let _: Result<(), _> = r.del(keys).await;
+                }
+            }
+        }
+    }
+
+    async fn admin_get(&self, path: &str) -> (u16, String) {
+        let stream = TcpStream::connect(self.admin).await.unwrap();
+        let (mut s, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::get(path)
+            .header("host", "admin")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = s.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    async fn wait_ready(&self) {
+        for _ in 0..200 {
+            if TcpStream::connect(self.admin).await.is_ok()
+                && self.admin_get("/readyz").await.0 == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("gateway not ready");
+    }
+
+    fn client(&self, cert: Option<(&Leaf, &TenantCa)>, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(self.pki.root_der()))
+            .unwrap();
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+        let mut cfg = match cert {
+            Some((leaf, ca)) => builder
+                .with_client_auth_cert(
+                    vec![
+                        CertificateDer::from(leaf.cert_der.clone()),
+                        CertificateDer::from(ca.cert_der.clone()),
+                    ],
+                    PrivateKeyDer::try_from(leaf.key_der.clone()).unwrap(),
+                )
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        cfg.alpn_protocols = vec![alpn.to_vec()];
+        Arc::new(cfg)
+    }
+
+    async fn tls(
+        &self,
+        cfg: Arc<rustls::ClientConfig>,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        tokio_rustls::TlsConnector::from(cfg)
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+    }
+
+    /// An HTTP/1.1 connection; the task handle ends when the connection does.
+    async fn h1(
+        &self,
+        cert: Option<(&Leaf, &TenantCa)>,
+    ) -> anyhow::Result<(
+        hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+        tokio::task::JoinHandle<()>,
+    )> {
+        let stream = self.tls(self.client(cert, b"http/1.1")).await?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        let task = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok((sender, task))
+    }
+}
+
+struct Resp {
+    status: u16,
+    headers: http::HeaderMap,
+    body: serde_json::Value,
+}
+
+fn request(path: &str, extra: &[(&str, &str)]) -> hyper::Request<Full<Bytes>> {
+    let mut b = hyper::Request::get(path).header("host", "localhost");
+    for (k, v) in extra {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(Bytes::new())).unwrap()
+}
+
+async fn h1_send(
+    s: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    path: &str,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<Resp> {
+    s.ready().await?;
+    let resp = s.send_request(request(path, extra)).await?;
+    read(resp).await
+}
+
+async fn read(resp: hyper::Response<hyper::body::Incoming>) -> anyhow::Result<Resp> {
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    Ok(Resp {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn upstream_headers(r: &Resp) -> &serde_json::Map<String, serde_json::Value> {
+    r.body["headers"].as_object().expect("echo body")
+}
+
+fn only(r: &Resp, name: &str) -> String {
+    let v = upstream_headers(r)
+        .get(name)
+        .unwrap_or_else(|| panic!("upstream did not get {name}: {}", r.body));
+    let a = v.as_array().unwrap();
+    assert_eq!(a.len(), 1, "{name} must appear exactly once: {a:?}");
+    a[0].as_str().unwrap().to_owned()
+}
+
+const SPOOFS: &[(&str, &str)] = &[
+    (
+        "X-OneProtect-Tenant-Id",
+        "00000000-0000-4000-8000-000000000000",
+    ),
+    (
+        "x-oneprotect-tenant-id",
+        "11111111-1111-4111-8111-111111111111",
+    ),
+    ("X-ONEPROTECT-IDENTITY-ASSERTION", "forged"),
+    ("X-Forwarded-Client-Cert", "By=evil;URI=spiffe://evil"),
+    ("Client-Cert", ":Zm9v:"),
+    ("client-cert-chain", ":Zm9v:"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_cert_reaches_upstream_with_exactly_the_injected_identity_headers() {
+    let gw = start_gateway(Opts::shared_redis()).await;
+    let (mut s, _task) = gw.h1(Some((&gw.leaf, &gw.ca))).await.unwrap();
+    let r = h1_send(&mut s, "/api/things", SPOOFS).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["path"], "/api/things");
+
+    let id = &gw.id;
+    assert_eq!(only(&r, headers::TENANT_ID), id.tenant().to_string());
+    assert_eq!(only(&r, headers::AGENT_ID), id.agent().to_string());
+    assert_eq!(only(&r, headers::CERT_SERIAL), id.serial().to_string());
+    assert_eq!(only(&r, headers::SPIFFE_ID), id.uri().to_string());
+    let not_after = time::OffsetDateTime::parse(
+        &only(&r, headers::CERT_NOT_AFTER),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert_eq!(not_after.unix_timestamp(), id.not_after());
+    let assertion = only(&r, headers::IDENTITY_ASSERTION);
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let verified = gw.verifier.verify(&assertion, now).unwrap();
+    assert_eq!(verified.claims.agent_id, id.agent());
+    assert_eq!(verified.claims.cert_sha256, id.fingerprint());
+
+    // Exactly the injected set: nothing else with our prefix, no foreign
+    // identity header.
+    let ours: Vec<&String> = upstream_headers(&r)
+        .keys()
+        .filter(|k| headers::is_client_identity_header(k))
+        .collect();
+    assert_eq!(ours.len(), headers::INJECTED.len(), "{ours:?}");
+    for name in headers::INJECTED {
+        assert!(ours.iter().any(|k| *k == name), "{name} missing");
+    }
+
+    // Same connection, second request: same assertion (signed once).
+    let r2 = h1_send(&mut s, "/api/again", &[]).await.unwrap();
+    assert_eq!(r2.status, 200);
+    assert_eq!(only(&r2, headers::IDENTITY_ASSERTION), assertion);
+
+    let (status, metrics) = gw.admin_get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("oneprotect_gateway_requests_total"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("oneprotect_gateway_revocation_cache_hits_total"));
+    assert!(
+        metrics.contains("oneprotect_gateway_redis_connected 1"),
+        "{metrics}"
+    );
+    assert_eq!(gw.admin_get("/healthz").await.0, 200);
+    gw.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_without_identity_and_requests_without_a_certificate() {
+    let gw = start_gateway(Opts::shared_redis()).await;
+    let (mut s, _task) = gw.h1(None).await.unwrap();
+    // The enrollment exchange needs no certificate; spoofed identity headers
+    // are still removed and none injected.
+    let r = h1_send(&mut s, EXCHANGE, SPOOFS).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        !upstream_headers(&r)
+            .keys()
+            .any(|k| headers::is_client_identity_header(k)),
+        "{}",
+        r.body
+    );
+    // Everything else needs one.
+    let r = h1_send(&mut s, "/api/things", SPOOFS).await.unwrap();
+    assert_eq!(r.status, 401);
+    assert_eq!(r.body["code"], "identity_required");
+    assert_eq!(
+        r.headers.get("content-type").unwrap(),
+        "application/problem+json"
+    );
+    let r = h1_send(&mut s, "/nowhere", &[]).await.unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(r.body["code"], "route_not_found");
+    gw.cleanup().await;
+}
+
+async fn refused(gw: &Gw, leaf: &Leaf, ca: &TenantCa) -> bool {
+    match gw.h1(Some((leaf, ca))).await {
+        Err(_) => true,
+        Ok((mut s, _t)) => h1_send(&mut s, "/api/x", &[]).await.is_err(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_client_certificates_are_refused_at_the_handshake() {
+    let gw = start_gateway(Opts::shared_redis()).await;
+    let agent = uuid::Uuid::new_v4().to_string();
+
+    let foreign = TestPki::new(TD).tenant_ca(&gw.ca.tenant);
+    assert!(
+        refused(&gw, &foreign.agent(&agent), &foreign).await,
+        "foreign CA"
+    );
+
+    let now = time::OffsetDateTime::now_utc();
+    let mut spec = LeafSpec::agent(&gw.ca, &agent);
+    spec.not_before = now - time::Duration::days(2);
+    spec.not_after = now - time::Duration::days(1);
+    assert!(refused(&gw, &gw.ca.leaf(&spec), &gw.ca).await, "expired");
+
+    let mut spec = LeafSpec::agent(&gw.ca, &agent);
+    spec.not_before = now + time::Duration::days(1);
+    spec.not_after = now + time::Duration::days(2);
+    assert!(
+        refused(&gw, &gw.ca.leaf(&spec), &gw.ca).await,
+        "not yet valid"
+    );
+
+    let mut spec = LeafSpec::agent(&gw.ca, &agent);
+    spec.uris = vec![format!(
+        "spiffe://{TD}/tenant/{}/agent/{agent}",
+        uuid::Uuid::new_v4()
+    )];
+    assert!(
+        refused(&gw, &gw.ca.leaf(&spec), &gw.ca).await,
+        "tenant mismatch"
+    );
+
+    // The good leaf still works, and the failures were counted by reason.
+    let (mut s, _t) = gw.h1(Some((&gw.leaf, &gw.ca))).await.unwrap();
+    assert_eq!(h1_send(&mut s, "/api/x", &[]).await.unwrap().status, 200);
+    let (_, metrics) = gw.admin_get("/metrics").await;
+    for reason in ["expired", "not_yet_valid", "tenant_mismatch"] {
+        assert!(
+            metrics.contains(&format!("reason=\"{reason}\"")),
+            "{reason}: {metrics}"
+        );
+    }
+    gw.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_during_keep_alive_refuses_and_closes_the_connection() {
+    let gw = start_gateway(Opts::shared_redis()).await;
+    let (mut s, task) = gw.h1(Some((&gw.leaf, &gw.ca))).await.unwrap();
+    assert_eq!(h1_send(&mut s, "/api/x", &[]).await.unwrap().status, 200);
+
+    gw.revoke_cert().await;
+    // The announcement travels asynchronously; poll on the same connection.
+    let mut r = None;
+    for _ in 0..100 {
+        let resp = h1_send(&mut s, "/api/x", &[]).await.unwrap();
+        if resp.status != 200 {
+            r = Some(resp);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = r.expect("revocation never applied");
+    assert_eq!(r.status, 403);
+    assert_eq!(r.body["code"], "certificate_revoked");
+    assert_eq!(r.headers.get("connection").unwrap(), "close");
+    // The gateway closed the connection after the response.
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("connection closed")
+        .unwrap();
+    assert!(s.ready().await.is_err());
+
+    // A new connection with the same certificate is refused too.
+    let (mut s, _t) = gw.h1(Some((&gw.leaf, &gw.ca))).await.unwrap();
+    assert_eq!(h1_send(&mut s, "/api/x", &[]).await.unwrap().status, 403);
+    gw.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_streams_after_agent_revocation_are_refused() {
+    let gw = start_gateway(Opts::shared_redis()).await;
+    let stream = gw
+        .tls(gw.client(Some((&gw.leaf, &gw.ca)), b"h2"))
+        .await
+        .unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut s, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut send = |path: &'static str| {
+        let fut = s.send_request(request(path, SPOOFS));
+        async move { read(fut.await.unwrap()).await.unwrap() }
+    };
+    let r = send("/api/a").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(only(&r, headers::AGENT_ID), gw.id.agent().to_string());
+    assert!(!upstream_headers(&r).contains_key("client-cert"));
+
+    gw.revoke_agent().await;
+    let mut status = 200;
+    for _ in 0..100 {
+        let r = send("/api/b").await;
+        status = r.status;
+        if status != 200 {
+            assert_eq!(r.body["code"], "agent_revoked");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 403);
+    // Every later stream on the same connection: 403.
+    for _ in 0..3 {
+        let r = send("/api/c").await;
+        assert_eq!(r.status, 403);
+        assert_eq!(r.body["code"], "agent_revoked");
+    }
+    gw.cleanup().await;
+}
+
+struct RedisChild {
+    child: tokio::process::Child,
+    port: u16,
+}
+
+impl RedisChild {
+    async fn start(port: u16) -> Self {
+        let child = tokio::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server is installed");
+        for _ in 0..200 {
+            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return Self { child, port };
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("redis-server on {port} did not start");
+    }
+
+    async fn stop(mut self) {
+        self.child.kill().await.unwrap();
+        let _ = self.child.wait().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_serves_until_max_staleness_then_fails_closed_and_recovers() {
+    let redis = RedisChild::start(oneprotect_tests::free_port()).await;
+    let port = redis.port;
+    let gw = start_gateway(Opts {
+        redis_url: format!("redis://127.0.0.1:{port}"),
+        max_staleness_ms: 3000,
+        heartbeat_ms: 200,
+    })
+    .await;
+    let (mut s, _t) = gw.h1(Some((&gw.leaf, &gw.ca))).await.unwrap();
+    assert_eq!(h1_send(&mut s, "/api/x", &[]).await.unwrap().status, 200);
+
+    redis.stop().await;
+    // Cached answers are still trusted for up to max_staleness...
+    assert_eq!(h1_send(&mut s, "/api/x", &[]).await.unwrap().status, 200);
+    // ...then the gateway fails closed.
+    let mut last = None;
+    for _ in 0..200 {
+        let r = h1_send(&mut s, "/api/x", &[]).await.unwrap();
+        if r.status != 200 {
+            last = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = last.expect("never failed closed");
+    assert_eq!(r.status, 503);
+    assert_eq!(r.body["code"], "revocation_unavailable");
+    assert!(r.headers.get("retry-after").is_some());
+    assert_eq!(gw.admin_get("/readyz").await.0, 503);
+
+    // Redis back (empty: the projection is rebuilt) -> recovers.
+    let redis = RedisChild::start(port).await;
+    gw.set_active(&gw.id).await;
+    let mut status = 0;
+    for _ in 0..200 {
+        status = h1_send(&mut s, "/api/x", &[]).await.unwrap().status;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200);
+    gw.wait_ready().await;
+    drop(gw);
+    redis.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_with_a_client_certificate() {
+    let gw = start_gateway(Opts::shared_redis()).await;
+    let dir = gw.dir.path();
+    let chain = write(
+        dir,
+        "agent.pem",
+        &format!("{}{}", gw.leaf.cert_pem, gw.ca.cert_pem),
+    );
+    let key = write(dir, "agent.key", &gw.leaf.key_pem);
+    let root = write(dir, "root.pem", &gw.pki.root_pem());
+    let port = gw.addr.port();
+    let curl = |with_cert: bool| {
+        let mut c = std::process::Command::new("curl");
+        c.args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(&root)
+            .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+            .args([
+                "-H",
+                "X-OneProtect-Agent-Id: spoofed",
+                "-H",
+                "client-cert: :Zm9v:",
+            ]);
+        if with_cert {
+            c.arg("--cert").arg(&chain).arg("--key").arg(&key);
+        }
+        c.arg(format!("https://localhost:{port}/api/curl"));
+        tokio::task::spawn_blocking(move || c.output().unwrap())
+    };
+    let out = curl(true).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let h = body["headers"].as_object().unwrap();
+    assert_eq!(
+        h[headers::AGENT_ID],
+        serde_json::json!([gw.id.agent().to_string()])
+    );
+    assert!(!h.contains_key("client-cert"));
+
+    let out = curl(false).await.unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["code"], "identity_required");
+    gw.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_bundle_reload_keeps_open_connections() {
+    let gw = start_gateway(Opts::shared_redis()).await;
+    let (mut old, _t) = gw.h1(Some((&gw.leaf, &gw.ca))).await.unwrap();
+    assert_eq!(h1_send(&mut old, "/api/x", &[]).await.unwrap().status, 200);
+
+    // Rotate the platform root: only the new one is trusted from now on.
+    let pki2 = TestPki::new(TD);
+    let ca2 = pki2.tenant_ca(&uuid::Uuid::new_v4().to_string());
+    let leaf2 = ca2.agent(&uuid::Uuid::new_v4().to_string());
+    let id2 = AgentIdentity::from_chain(&leaf2.cert_der, &ca2.cert_der).unwrap();
+    gw.set_active(&id2).await;
+    write(gw.dir.path(), "bundle.pem", &pki2.root_pem());
+    gw.trust.reload().unwrap();
+
+    // The open connection keeps its verified identity.
+    assert_eq!(h1_send(&mut old, "/api/x", &[]).await.unwrap().status, 200);
+    // New handshakes use the new bundle. (The client trusts the old root for
+    // the server certificate, which is unchanged.)
+    assert!(refused(&gw, &gw.leaf, &gw.ca).await);
+    let (mut s, _t) = gw.h1(Some((&leaf2, &ca2))).await.unwrap();
+    let r = h1_send(&mut s, "/api/x", &[]).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(only(&r, headers::AGENT_ID), id2.agent().to_string());
+    gw.cleanup().await;
+}
