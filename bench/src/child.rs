@@ -1,0 +1,120 @@
+//! Child processes under test: started on loopback, waited for until they
+//! accept connections (bounded), killed when dropped.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+/// A running child process, killed (with its process group's leader) on drop.
+pub struct Server {
+    /// Name in reports.
+    pub name: String,
+    child: Child,
+}
+
+impl Server {
+    /// Spawns `cmd` with stdout/stderr sent to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<Self> {
+        let out =
+            std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .with_context(|| format!("start {name}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (at most `timeout`) until `addr` accepts TCP connections; fails
+    /// early if the process exits.
+    pub fn wait_ready(
+        &mut self,
+        addr: SocketAddr,
+        timeout: Duration,
+        log: &Path,
+    ) -> anyhow::Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(status) = self.child.try_wait()? {
+                let tail = std::fs::read_to_string(log).unwrap_or_default();
+                let tail: String = tail
+                    .lines()
+                    .rev()
+                    .take(20)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                bail!(
+                    "{} exited with {status} before listening on {addr}:\n{tail}",
+                    self.name
+                );
+            }
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "{} did not listen on {addr} within {timeout:?} (log: {})",
+            self.name,
+            log.display()
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Finds an executable on PATH (or the usual sbin directories).
+pub fn which(name: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(std::path::PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A sibling binary of the running one (e.g. `oneprotect-gateway` next to
+/// `oneprotect-bench` in `target/release`).
+pub fn sibling_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let me = std::env::current_exe()?;
+    let mut dirs = vec![me.parent().map(Path::to_path_buf)];
+    // Test binaries live in target/<profile>/deps.
+    dirs.push(me.parent().and_then(Path::parent).map(Path::to_path_buf));
+    for d in dirs.into_iter().flatten() {
+        let p = d.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "{name} not found next to {}; build it first (cargo build --release -p oneprotect-gateway)",
+        me.display()
+    )
+}

@@ -1,0 +1,139 @@
+//! `oneprotect-bench`: see the library documentation for the scenarios.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use oneprotect_bench::scenarios::{self, Options, Sizes};
+
+#[derive(Parser)]
+#[command(
+    name = "oneprotect-bench",
+    version,
+    about = "OneProtect gateway load harness (loopback only)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Every scenario against the gateway, the upstream directly and nginx.
+    All {
+        /// Small sizes: every scenario in well under two minutes.
+        #[arg(long, conflicts_with = "tiny")]
+        quick: bool,
+        /// Smallest sizes (the smoke test).
+        #[arg(long)]
+        tiny: bool,
+        /// Output directory (JSON, Markdown, SVG, logs).
+        #[arg(long, default_value = "bench/out")]
+        out: PathBuf,
+        /// Where minted identities are cached between runs.
+        #[arg(long, default_value = "bench/out/cache")]
+        cache: PathBuf,
+        /// Redis for the revocation projection (a unique key prefix is used and removed).
+        #[arg(
+            long,
+            env = "ONEPROTECT_BENCH_REDIS_URL",
+            default_value = "redis://127.0.0.1:6379"
+        )]
+        redis_url: String,
+        /// Pin the server under test to this CPU (taskset); the load runs on the others.
+        #[arg(long)]
+        server_cpu: Option<usize>,
+        /// Skip the nginx baseline.
+        #[arg(long)]
+        no_nginx: bool,
+        /// Override: seconds per load run.
+        #[arg(long)]
+        duration: Option<f64>,
+        /// Override: connections.
+        #[arg(long)]
+        concurrency: Option<usize>,
+        /// Override: agent identities.
+        #[arg(long)]
+        agents: Option<usize>,
+    },
+    /// The trivial upstream (used by `all` as a child process).
+    #[command(hide = true)]
+    Upstream {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Upstream { listen } => {
+            anyhow::ensure!(
+                listen.ip().is_loopback(),
+                "the upstream listens on loopback only"
+            );
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(oneprotect_bench::upstream::run(listen))
+        }
+        Command::All {
+            quick,
+            tiny,
+            out,
+            cache,
+            redis_url,
+            server_cpu,
+            no_nginx,
+            duration,
+            concurrency,
+            agents,
+        } => {
+            let mut sizes = if tiny {
+                Sizes::tiny()
+            } else if quick {
+                Sizes::quick()
+            } else {
+                Sizes::full()
+            };
+            if let Some(d) = duration {
+                sizes.duration = std::time::Duration::from_secs_f64(d.clamp(0.1, 600.0));
+            }
+            if let Some(c) = concurrency {
+                sizes.concurrency = c.clamp(1, 10_000);
+            }
+            if let Some(a) = agents {
+                sizes.agents = a.clamp(1, 100_000);
+                sizes.revocations = sizes.revocations.min(sizes.agents);
+            }
+            let opts = Options {
+                sizes,
+                out: out.clone(),
+                cache,
+                redis_url,
+                server_cpu,
+                no_nginx,
+                command: std::env::args().collect::<Vec<_>>().join(" "),
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let report = rt.block_on(scenarios::run_all(&opts))?;
+            std::fs::write(
+                out.join("results.json"),
+                serde_json::to_vec_pretty(&report)?,
+            )
+            .context("write results.json")?;
+            let md = report.markdown();
+            std::fs::write(out.join("results.md"), &md).context("write results.md")?;
+            std::fs::write(out.join("results.svg"), report.svg()).context("write results.svg")?;
+            println!("{md}");
+            println!(
+                "wrote {0}/results.json, {0}/results.md, {0}/results.svg",
+                out.display()
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,527 @@
+//! The scenarios and the `all` run that puts them side by side.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use oneprotect_identity::KeySchema;
+use tokio::net::TcpStream;
+
+use crate::child::{free_port, Server};
+use crate::cpu::{rss_kib, CpuMeter};
+use crate::load::{self, LoadSpec, Proto, Target};
+use crate::pki::BenchPki;
+use crate::report::{IdleRecord, Report, RevocationRecord, RunRecord};
+
+/// Sizes of a run.
+#[derive(Debug, Clone)]
+pub struct Sizes {
+    /// Agent identities.
+    pub agents: usize,
+    /// Tenants they are spread over.
+    pub tenants: usize,
+    /// Connections for keep-alive and handshake load.
+    pub concurrency: usize,
+    /// Length of each load run.
+    pub duration: Duration,
+    /// Request cap of each load run.
+    pub max_requests: u64,
+    /// Total rate of the fixed-rate latency runs, req/s.
+    pub latency_rate: f64,
+    /// Idle connections held.
+    pub idle: usize,
+    /// Agents revoked in the revocation scenario.
+    pub revocations: usize,
+    /// Bound after which no revoked request may be accepted, ms.
+    pub revocation_bound_ms: f64,
+}
+
+impl Sizes {
+    /// Full size: the figures for bench/RESULTS.md.
+    pub fn full() -> Self {
+        Self {
+            agents: 1000,
+            tenants: 10,
+            concurrency: 64,
+            duration: Duration::from_secs(10),
+            max_requests: 5_000_000,
+            latency_rate: 2000.0,
+            idle: 2000,
+            revocations: 200,
+            revocation_bound_ms: 50.0,
+        }
+    }
+
+    /// `--quick`: every scenario in well under two minutes.
+    pub fn quick() -> Self {
+        Self {
+            agents: 200,
+            tenants: 4,
+            concurrency: 16,
+            duration: Duration::from_secs(3),
+            max_requests: 1_000_000,
+            latency_rate: 1000.0,
+            idle: 300,
+            revocations: 50,
+            revocation_bound_ms: 50.0,
+        }
+    }
+
+    /// `--tiny`: the smoke test that keeps the harness from rotting.
+    pub fn tiny() -> Self {
+        Self {
+            agents: 12,
+            tenants: 2,
+            concurrency: 2,
+            duration: Duration::from_millis(500),
+            max_requests: 20_000,
+            latency_rate: 200.0,
+            idle: 10,
+            revocations: 5,
+            revocation_bound_ms: 50.0,
+        }
+    }
+}
+
+/// What the `all` run needs from the command line.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Sizes.
+    pub sizes: Sizes,
+    /// Output directory.
+    pub out: PathBuf,
+    /// Where cached identities live.
+    pub cache: PathBuf,
+    /// Redis for the revocation projection.
+    pub redis_url: String,
+    /// Pin servers under test to this CPU (taskset), if any.
+    pub server_cpu: Option<usize>,
+    /// Skip nginx even if installed.
+    pub no_nginx: bool,
+    /// The command line, for the report.
+    pub command: String,
+}
+
+async fn upstream_stats(addr: SocketAddr) -> Option<(u64, u64)> {
+    let tcp = TcpStream::connect(addr).await.ok()?;
+    let (mut s, c) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(tcp))
+        .await
+        .ok()?;
+    tokio::spawn(c);
+    let req = http::Request::get("/__stats")
+        .header("host", addr.to_string())
+        .body(Empty::new())
+        .ok()?;
+    let body = s
+        .send_request(req)
+        .await
+        .ok()?
+        .into_body()
+        .collect()
+        .await
+        .ok()?
+        .to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    Some((v["connections"].as_u64()?, v["requests"].as_u64()?))
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned())
+        })
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(String::new(), |kb| format!(", {} GiB", kb / 1024 / 1024));
+    format!("{cores} cores ({model}){mem}")
+}
+
+struct Env {
+    pki: BenchPki,
+    upstream: Server,
+    upstream_addr: SocketAddr,
+}
+
+/// Runs one load against `target`, measuring `cpu_pid`'s CPU time.
+async fn measure(
+    report: &mut Report,
+    env: &Env,
+    scenario: &str,
+    target: &Target,
+    cpu_pid: u32,
+    spec: &LoadSpec,
+    resumption: bool,
+) -> anyhow::Result<()> {
+    let configs = env.pki.client_configs(spec.proto.alpn(), resumption)?;
+    let before = upstream_stats(env.upstream_addr).await;
+    let meter = CpuMeter::start(cpu_pid);
+    let label = format!("{scenario} {} {:?}", target.name, spec.proto);
+    let r = match scenario {
+        "handshake" | "handshake-resumed" => load::handshakes(target, &configs, spec, &label).await,
+        _ => load::keepalive(target, &configs, spec, &label).await,
+    };
+    let cpu = meter.elapsed_cpu();
+    let after = upstream_stats(env.upstream_addr).await;
+    let upstream_conns = match (before, after) {
+        // The stats request itself opens one connection.
+        (Some((b, _)), Some((a, _))) => Some(a.saturating_sub(b).saturating_sub(1)),
+        _ => None,
+    };
+    let proto = match spec.proto {
+        Proto::H1 => "h1",
+        Proto::H2 => "h2",
+    };
+    report.runs.push(RunRecord::new(
+        scenario,
+        &target.name,
+        proto,
+        spec.concurrency,
+        spec.rate,
+        &r,
+        cpu,
+        upstream_conns,
+    ));
+    Ok(())
+}
+
+/// Runs every scenario against every available target and returns the report.
+pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
+    let s = &opts.sizes;
+    std::fs::create_dir_all(&opts.out)?;
+    let mut report = Report {
+        date: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+        command: opts.command.clone(),
+        machine: machine(),
+        ..Report::default()
+    };
+    let pki = BenchPki::load_or_mint(&opts.cache, s.agents, s.tenants)?;
+    let files = pki.write_server_files(&opts.out.join("pki"))?;
+    let ids = crate::gateway::identities(&pki)?;
+
+    // The upstream: this binary in `upstream` mode.
+    let up_port = free_port()?;
+    let upstream_addr: SocketAddr = format!("127.0.0.1:{up_port}").parse()?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("upstream")
+        .arg("--listen")
+        .arg(upstream_addr.to_string());
+    let up_log = opts.out.join("upstream.log");
+    let mut upstream = Server::spawn("upstream", cmd, &up_log)?;
+    upstream.wait_ready(upstream_addr, Duration::from_secs(10), &up_log)?;
+    let env = Env {
+        pki,
+        upstream,
+        upstream_addr,
+    };
+
+    // Redis: the projection the gateway reads, under a prefix of our own.
+    let keys = KeySchema::new(format!("bench:{}:", uuid::Uuid::new_v4().simple()));
+    let client = redis::Client::open(opts.redis_url.as_str()).context("Redis URL")?;
+    let mut redis = tokio::time::timeout(
+        Duration::from_secs(3),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("Redis at {} did not answer within 3 s", opts.redis_url))?
+    .with_context(|| format!("connect to Redis at {}", opts.redis_url))?;
+    crate::gateway::publish_active(&mut redis, &keys, &ids).await?;
+
+    let result = async {
+        let gw = crate::gateway::start(
+            &opts.out.join("gateway"),
+            upstream_addr,
+            &files,
+            &opts.redis_url,
+            keys.prefix(),
+            opts.server_cpu,
+        )?;
+        let nginx_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let nginx = if opts.no_nginx {
+            report.notes.push("nginx skipped (--no-nginx)".into());
+            None
+        } else {
+            let n = crate::nginx::start(
+                &opts.out.join("nginx"),
+                nginx_addr,
+                upstream_addr,
+                &files,
+                opts.server_cpu,
+            )?;
+            if n.is_none() {
+                report.notes.push(
+                    "nginx not installed: nginx baseline skipped (apt-get install nginx)".into(),
+                );
+            }
+            n
+        };
+
+        let direct = Target {
+            name: "direct".into(),
+            addr: upstream_addr,
+            tls: false,
+            path: "/".into(),
+        };
+        let gateway = Target {
+            name: "gateway".into(),
+            addr: gw.listen,
+            tls: true,
+            path: "/".into(),
+        };
+        let nginx_t = Target {
+            name: "nginx".into(),
+            addr: nginx_addr,
+            tls: true,
+            path: "/".into(),
+        };
+        let mut targets: Vec<(&Target, u32)> = vec![(&gateway, gw.server.pid())];
+        if let Some(n) = &nginx {
+            targets.push((&nginx_t, n.pid()));
+        }
+
+        let closed = |proto| LoadSpec {
+            concurrency: s.concurrency,
+            duration: s.duration,
+            max_requests: s.max_requests,
+            proto,
+            rate: None,
+        };
+        let fixed = LoadSpec {
+            rate: Some(s.latency_rate),
+            ..closed(Proto::H1)
+        };
+
+        measure(
+            &mut report,
+            &env,
+            "keepalive",
+            &direct,
+            env.upstream.pid(),
+            &closed(Proto::H1),
+            true,
+        )
+        .await?;
+        measure(
+            &mut report,
+            &env,
+            "latency",
+            &direct,
+            env.upstream.pid(),
+            &fixed,
+            true,
+        )
+        .await?;
+        for (t, pid) in &targets {
+            measure(
+                &mut report,
+                &env,
+                "keepalive",
+                t,
+                *pid,
+                &closed(Proto::H1),
+                true,
+            )
+            .await?;
+            measure(
+                &mut report,
+                &env,
+                "keepalive",
+                t,
+                *pid,
+                &closed(Proto::H2),
+                true,
+            )
+            .await?;
+            measure(&mut report, &env, "latency", t, *pid, &fixed, true).await?;
+            measure(
+                &mut report,
+                &env,
+                "handshake",
+                t,
+                *pid,
+                &closed(Proto::H1),
+                false,
+            )
+            .await?;
+            measure(
+                &mut report,
+                &env,
+                "handshake-resumed",
+                t,
+                *pid,
+                &closed(Proto::H1),
+                true,
+            )
+            .await?;
+        }
+        for (t, pid) in &targets {
+            report.idle.push(idle(&env, t, *pid, s.idle).await?);
+        }
+        report.revocation = Some(revocation(&env, &gateway, &ids, &keys, &mut redis, s).await?);
+        drop(nginx);
+        drop(gw);
+        anyhow::Ok(())
+    }
+    .await;
+    crate::gateway::cleanup(&mut redis, &keys).await;
+    result?;
+    Ok(report)
+}
+
+async fn idle(env: &Env, target: &Target, pid: u32, count: usize) -> anyhow::Result<IdleRecord> {
+    let configs = env.pki.client_configs(Proto::H1.alpn(), false)?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_kib(pid);
+    let (held, res) = load::idle_connections(target, &configs, count).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = rss_kib(pid);
+    let n = held.len();
+    drop(held);
+    if res.error_count() > 0 {
+        tracing_note(&format!("idle {}: {:?}", target.name, res.errors));
+    }
+    Ok(IdleRecord {
+        target: target.name.clone(),
+        connections: n,
+        rss_before_kib: before,
+        rss_after_kib: after,
+        per_connection_kib: if n > 0 {
+            after.saturating_sub(before) as f64 / n as f64
+        } else {
+            0.0
+        },
+    })
+}
+
+fn tracing_note(msg: &str) {
+    eprintln!("note: {msg}");
+}
+
+/// Revokes agents one by one (projection write + announcement, as the
+/// enroll-api does) while each keeps sending on its own keep-alive
+/// connection; measures the time to each agent's first refused request and
+/// counts requests accepted after the revocation was visible.
+async fn revocation(
+    env: &Env,
+    gateway: &Target,
+    ids: &[oneprotect_identity::AgentIdentity],
+    keys: &KeySchema,
+    redis: &mut redis::aio::MultiplexedConnection,
+    s: &Sizes,
+) -> anyhow::Result<RevocationRecord> {
+    let n = s.revocations.min(ids.len());
+    let configs = env.pki.client_configs(Proto::H1.alpn(), true)?;
+    let start = Instant::now();
+    let nanos = || start.elapsed().as_nanos() as u64;
+    // 0 = not revoked yet; else nanos since start when the revocation became visible.
+    let revoked_at: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let refused_at: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let accepted_after = Arc::new(AtomicU64::new(0));
+    let accepted_after_bound = Arc::new(AtomicU64::new(0));
+    let bound_ns = (s.revocation_bound_ms * 1e6) as u64;
+    let deadline = start + Duration::from_secs(10 + n as u64 / 5);
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let cfg = configs[i].clone();
+        let target = gateway.clone();
+        let (revoked_at, refused_at, acc, acc_b) = (
+            revoked_at.clone(),
+            refused_at.clone(),
+            accepted_after.clone(),
+            accepted_after_bound.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut scratch = load::LoadResult::empty();
+            let mut sender: Option<load::Sender> = None;
+            // One keep-alive connection per agent, reopened only if closed.
+            while Instant::now() < deadline {
+                if sender.is_none() {
+                    match load::open(&target, Some(cfg.clone()), Proto::H1, &mut scratch).await {
+                        Ok(s) => sender = Some(s),
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            continue;
+                        }
+                    }
+                }
+                let Some(conn) = sender.as_mut() else {
+                    continue;
+                };
+                let sent = start.elapsed().as_nanos() as u64;
+                let status = conn.send(load::request(&target, Proto::H1, false)).await;
+                let rv = revoked_at[i].load(Ordering::Acquire);
+                match status {
+                    Ok(st) if st.is_success() => {
+                        if rv != 0 && sent > rv {
+                            acc.fetch_add(1, Ordering::Relaxed);
+                            if sent > rv + bound_ns {
+                                acc_b.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    Ok(st) if st.as_u16() == 403 && rv != 0 => {
+                        refused_at[i].store(start.elapsed().as_nanos() as u64, Ordering::Release);
+                        return;
+                    }
+                    _ => sender = None,
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    // Let every agent get going, then revoke them one by one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (i, id) in ids.iter().take(n).enumerate() {
+        crate::gateway::revoke(redis, keys, id).await?;
+        revoked_at[i].store(nanos().max(1), Ordering::Release);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let mut lat: Vec<f64> = (0..n)
+        .filter_map(|i| {
+            let rv = revoked_at[i].load(Ordering::Acquire);
+            let rf = refused_at[i].load(Ordering::Acquire);
+            (rf != 0).then(|| rf.saturating_sub(rv) as f64 / 1e6)
+        })
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        if lat.is_empty() {
+            f64::NAN
+        } else {
+            lat[((lat.len() - 1) as f64 * p).round() as usize]
+        }
+    };
+    Ok(RevocationRecord {
+        via: "redis".into(),
+        revocations: n,
+        refused: lat.len(),
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        max_ms: lat.last().copied().unwrap_or(f64::NAN),
+        accepted_after_visible: accepted_after.load(Ordering::Relaxed),
+        accepted_after_bound: accepted_after_bound.load(Ordering::Relaxed),
+        bound_ms: s.revocation_bound_ms,
+    })
+}
