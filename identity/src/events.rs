@@ -173,7 +173,8 @@ pub struct Event {
 }
 
 impl Event {
-    /// A new event with a random id, occurring at `occurred_at`.
+    /// A new event with a random id, occurring at `occurred_at` (converted
+    /// to UTC: the schemas require `Z` timestamps).
     pub fn new(
         tenant_id: TenantId,
         actor: Actor,
@@ -183,7 +184,7 @@ impl Event {
         Self {
             event_id: Uuid::new_v4(),
             version: VERSION,
-            occurred_at,
+            occurred_at: occurred_at.to_offset(time::UtcOffset::UTC),
             tenant_id,
             actor,
             payload,
@@ -214,5 +215,23 @@ mod tests {
         assert_eq!(v["payload"]["uses"], 0);
         assert_eq!(serde_json::from_value::<Event>(v).unwrap(), e);
         assert_eq!(e.payload.event_type(), EVENT_TYPES[1]);
+    }
+
+    #[test]
+    fn occurred_at_is_stored_in_utc() {
+        let local = OffsetDateTime::from_unix_timestamp(1_700_000_000)
+            .unwrap()
+            .to_offset(time::UtcOffset::from_hms(2, 0, 0).unwrap());
+        let e = Event::new(
+            TenantId::random(),
+            Actor::System,
+            local,
+            Payload::TokenRevoked {
+                token_id: TokenId::random(),
+                uses: 1,
+            },
+        );
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["occurred_at"], "2023-11-14T22:13:20Z");
     }
 }
