@@ -799,3 +799,25 @@ async fn trust_bundle_reload_keeps_open_connections() {
     assert_eq!(only(&r, headers::AGENT_ID), id2.agent().to_string());
     gw.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumed_tls13_session_keeps_the_identity() {
+    let gw = start_gateway(Opts::shared_redis()).await;
+    let cfg = gw.client(Some((&gw.leaf, &gw.ca)), b"http/1.1");
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let stream = gw.tls(cfg.clone()).await.unwrap();
+        kinds.push(stream.get_ref().1.handshake_kind());
+        let (mut s, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let r = h1_send(&mut s, "/api/x", &[]).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(only(&r, headers::AGENT_ID), gw.id.agent().to_string());
+    }
+    assert_eq!(kinds[0], Some(rustls::HandshakeKind::Full));
+    assert_eq!(kinds[1], Some(rustls::HandshakeKind::Resumed));
+    gw.cleanup().await;
+}
