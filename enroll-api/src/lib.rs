@@ -6,8 +6,21 @@
 //! (`oneprotect-enroll-api`) so tests drive it in-process:
 //!
 //! - [`ca`]: the platform root and per-tenant issuing CAs (no HTTP).
-//! - [`clock`]: the injected clock.
+//! - [`store`]: the storage trait, SQLite and PostgreSQL (RLS) backends.
+//! - [`http`]: the API, one module per resource.
+//! - [`secrets`]: token and admin-key generation and keyed hashing.
+//! - [`config`], [`service`], [`cli`]: configuration, listeners, commands.
+//!
+//! Run it: `cargo run -p oneprotect-enroll-api` (dev defaults: SQLite file,
+//! generated CA and TLS certificate under `./data/enroll-api`, HTTPS on
+//! `127.0.0.1:8443`).
 
 pub mod ca;
+pub mod cli;
 pub mod clock;
+pub mod config;
+pub mod http;
+pub mod ratelimit;
+pub mod secrets;
+pub mod service;
 pub mod store;

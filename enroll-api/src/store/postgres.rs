@@ -155,6 +155,11 @@ impl PgStore {
         Ok(tx)
     }
 
+    /// Closes the pool; later operations fail as unavailable.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
     async fn insert_event(conn: &mut PgConnection, event: &Event) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO events_outbox (event_id, tenant_id, event_type, occurred_at, body) VALUES ($1, $2, $3, $4, $5)",

@@ -94,6 +94,11 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 
+    /// Closes the pool; later operations fail as unavailable.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
     async fn insert_event(
         conn: &mut sqlx::SqliteConnection,
         event: &Event,

@@ -1,0 +1,243 @@
+//! The command line: `serve` (default), `ca init`, `tenant create`,
+//! `admin-key create`. The functions behind the commands are public so tests
+//! drive them in-process. (`anyhow` here: this is the binary's edge.)
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use uuid::Uuid;
+
+use oneprotect_identity::{AdminKeySecret, TenantId};
+
+use crate::ca::Ca;
+use crate::config::Config;
+use crate::service;
+use crate::store::{NewAdminKey, Store, Tenant};
+
+/// OneProtect enrollment API.
+#[derive(Debug, Parser)]
+#[command(name = "oneprotect-enroll-api", version)]
+pub struct Cli {
+    /// Configuration file (TOML). Without it, defaults plus environment.
+    #[arg(long, short, env = "ONEPROTECT_ENROLL_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// What to do; `serve` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service (the default).
+    Serve,
+    /// CA management.
+    Ca {
+        /// CA subcommand.
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Tenant management.
+    Tenant {
+        /// Tenant subcommand.
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// Tenant-admin API keys.
+    AdminKey {
+        /// Admin key subcommand.
+        #[command(subcommand)]
+        command: AdminKeyCommand,
+    },
+}
+
+/// `ca …`
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create the platform root CA in `ca.dir` (refuses to replace one).
+    Init,
+}
+
+/// `tenant …`
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant and print its id.
+    Create {
+        /// Display name.
+        #[arg(long)]
+        name: String,
+        /// Agent certificate lifetime in seconds (default: `ca.default_leaf_lifetime_secs`).
+        #[arg(long)]
+        leaf_lifetime_secs: Option<u64>,
+    },
+}
+
+/// `admin-key …`
+#[derive(Debug, Subcommand)]
+pub enum AdminKeyCommand {
+    /// Create an admin key for a tenant and print it (shown only this once).
+    Create {
+        /// The tenant id.
+        #[arg(long)]
+        tenant: String,
+        /// Display name.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+fn check_name(name: &str) -> anyhow::Result<()> {
+    let n = name.chars().count();
+    anyhow::ensure!(
+        (1..=128).contains(&n) && !name.chars().any(char::is_control),
+        "name must be 1..=128 printable characters"
+    );
+    Ok(())
+}
+
+/// `tenant create`: stores the tenant and creates its issuing CA.
+pub async fn tenant_create(
+    cfg: &Config,
+    name: &str,
+    leaf_lifetime_secs: Option<u64>,
+) -> anyhow::Result<TenantId> {
+    check_name(name)?;
+    let lifetime = leaf_lifetime_secs.unwrap_or(cfg.ca.default_leaf_lifetime_secs);
+    let d = std::time::Duration::from_secs(lifetime);
+    use oneprotect_identity::profile::{MAX_LEAF_LIFETIME, MIN_LEAF_LIFETIME};
+    anyhow::ensure!(
+        (MIN_LEAF_LIFETIME..=MAX_LEAF_LIFETIME).contains(&d),
+        "leaf lifetime must be {}..={} seconds",
+        MIN_LEAF_LIFETIME.as_secs(),
+        MAX_LEAF_LIFETIME.as_secs()
+    );
+    let clock = service::system_clock();
+    let store = service::open_store(cfg).await?;
+    let ca = service::open_ca(cfg, clock.clone())?;
+    let tenant = Tenant {
+        id: TenantId::random(),
+        name: name.to_owned(),
+        leaf_lifetime_secs: i64::try_from(lifetime)?,
+        created_at: clock.now(),
+    };
+    store.create_tenant(&tenant).await?;
+    ca.tenant_ca_pem(tenant.id)?;
+    Ok(tenant.id)
+}
+
+/// `admin-key create`: stores the key's keyed hash and returns the key.
+pub async fn admin_key_create(
+    cfg: &Config,
+    tenant: TenantId,
+    name: &str,
+) -> anyhow::Result<AdminKeySecret> {
+    check_name(name)?;
+    let store = service::open_store(cfg).await?;
+    anyhow::ensure!(
+        store.fetch_tenant(tenant).await?.is_some(),
+        "no tenant {tenant}"
+    );
+    let pepper = crate::secrets::Pepper::load(&cfg.pepper_file(), cfg.secrets.generate_pepper)?;
+    let key = crate::secrets::new_admin_key()?;
+    store
+        .create_admin_key(&NewAdminKey {
+            id: Uuid::new_v4(),
+            tenant_id: tenant,
+            name: name.to_owned(),
+            key_hash: pepper.hash(key.expose_secret()),
+            created_at: service::system_clock().now(),
+        })
+        .await?;
+    Ok(key)
+}
+
+/// `serve`: runs until Ctrl-C / SIGTERM.
+pub async fn serve(cfg: &Config) -> anyhow::Result<()> {
+    let state = service::build_state(cfg, service::system_clock()).await?;
+    let running = service::start(cfg, state).await?;
+    let stop = async {
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r?,
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        tokio::signal::ctrl_c().await?;
+        anyhow::Ok(())
+    };
+    stop.await?;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn run_command(cli: Cli) -> anyhow::Result<()> {
+    let cfg = Config::load(cli.config.as_deref())?;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(&cfg).await,
+        Command::Ca {
+            command: CaCommand::Init,
+        } => {
+            Ca::init(&cfg.ca_dir(), &cfg.trust_domain(), &service::system_clock())?;
+            println!("root CA created in {}", cfg.ca_dir().display());
+            Ok(())
+        }
+        Command::Tenant {
+            command:
+                TenantCommand::Create {
+                    name,
+                    leaf_lifetime_secs,
+                },
+        } => {
+            let id = tenant_create(&cfg, &name, leaf_lifetime_secs).await?;
+            println!("{id}");
+            Ok(())
+        }
+        Command::AdminKey {
+            command: AdminKeyCommand::Create { tenant, name },
+        } => {
+            let tenant: TenantId = tenant
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--tenant must be a canonical UUID"))?;
+            let key = admin_key_create(&cfg, tenant, &name).await?;
+            // The one place the key leaves the process.
+            println!("{}", key.expose_secret());
+            Ok(())
+        }
+    }
+}
+
+/// The binary's entry point: parses arguments, sets up logging (stderr,
+/// `RUST_LOG`, default `info`), runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run_command(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! Configuration: a TOML file, then environment overrides, then
+//! [`Config::validate`], which checks everything up front.
+//!
+//! See `configs/enroll-api.toml` (minimal) and `configs/enroll-api.full.toml`
+//! (every key with its default).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use oneprotect_identity::profile::{DEFAULT_LEAF_LIFETIME, MAX_LEAF_LIFETIME, MIN_LEAF_LIFETIME};
+use oneprotect_identity::TrustDomain;
+
+/// Why the configuration is not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("parsing {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// An environment override does not parse.
+    #[error("environment variable {0} has an invalid value")]
+    Env(&'static str),
+    /// A value is out of range or a combination is not allowed.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// SPIFFE trust domain of every issued identity. Defaults to
+    /// `oneprotect.local`.
+    pub trust_domain: String,
+    /// Directory for generated state (dev CA, pepper, SQLite file, dev TLS
+    /// certificate). Defaults to `./data/enroll-api`.
+    pub data_dir: PathBuf,
+    /// Listeners.
+    pub listen: ListenConfig,
+    /// The HTTPS listener's certificate.
+    pub tls: TlsConfig,
+    /// The CA.
+    pub ca: CaConfig,
+    /// Storage.
+    pub database: DatabaseConfig,
+    /// Secret hashing.
+    pub secrets: SecretsConfig,
+    /// Request limits.
+    pub limits: LimitsConfig,
+}
+
+/// Where to listen.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// HTTPS address. Defaults to `127.0.0.1:8443`. Empty string: off.
+    pub https: String,
+    /// Plain HTTP address, for running behind the gateway on the same host.
+    /// Must be a loopback address. Defaults to off (empty).
+    pub http: String,
+}
+
+/// The HTTPS certificate.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain. With `key_path`; when both are unset a
+    /// self-signed dev certificate for `localhost`/`127.0.0.1` is generated
+    /// under `data_dir/tls/` (only if `dev_self_signed` is true).
+    pub cert_path: Option<PathBuf>,
+    /// PEM private key.
+    pub key_path: Option<PathBuf>,
+    /// Generate a dev certificate when none is configured. Defaults to true.
+    pub dev_self_signed: Option<bool>,
+}
+
+/// The CA.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaConfig {
+    /// Key directory. Defaults to `data_dir/ca`.
+    pub dir: Option<PathBuf>,
+    /// Create the root CA on first start if missing. Defaults to true (dev);
+    /// set false in production and run `oneprotect-enroll-api ca init`.
+    pub auto_init: bool,
+    /// Lifetime of agent certificates for new tenants, seconds. Defaults to
+    /// 2592000 (30 days); 60 ..= 34387200 (398 days).
+    pub default_leaf_lifetime_secs: u64,
+}
+
+/// Storage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite:<path>` or `postgres://…`. Defaults to
+    /// `sqlite:<data_dir>/enroll.db`.
+    pub url: Option<String>,
+    /// Pool size. Defaults to 8.
+    pub max_connections: u32,
+    /// PostgreSQL: the role every connection switches to (`SET ROLE`); it
+    /// must not bypass RLS. Defaults to `oneprotect_app`.
+    pub app_role: String,
+    /// PostgreSQL: schema (`search_path`). Defaults to the server's.
+    pub schema: Option<String>,
+}
+
+/// Secret hashing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretsConfig {
+    /// File holding the HMAC pepper (base64url, ≥ 32 bytes). Defaults to
+    /// `data_dir/pepper`. Every replica must use the same pepper.
+    pub pepper_file: Option<PathBuf>,
+    /// Generate the pepper on first start if missing. Defaults to true.
+    pub generate_pepper: bool,
+}
+
+/// Request limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request body, bytes. Defaults to 65536; 1024 ..= 1048576.
+    pub max_body_bytes: usize,
+    /// Exchanges per minute per source address (per replica). Defaults to 60.
+    pub exchange_per_address_per_minute: u32,
+    /// Burst per source address. Defaults to 20.
+    pub exchange_per_address_burst: u32,
+    /// Exchanges per minute per token (per replica). Defaults to 30.
+    pub exchange_per_token_per_minute: u32,
+    /// Burst per token. Defaults to 10.
+    pub exchange_per_token_burst: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            trust_domain: "oneprotect.local".into(),
+            data_dir: PathBuf::from("./data/enroll-api"),
+            listen: ListenConfig::default(),
+            tls: TlsConfig::default(),
+            ca: CaConfig::default(),
+            database: DatabaseConfig::default(),
+            secrets: SecretsConfig::default(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            https: "127.0.0.1:8443".into(),
+            http: String::new(),
+        }
+    }
+}
+
+impl Default for CaConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            auto_init: true,
+            default_leaf_lifetime_secs: DEFAULT_LEAF_LIFETIME.as_secs(),
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            max_connections: 8,
+            app_role: crate::store::postgres::DEFAULT_APP_ROLE.into(),
+            schema: None,
+        }
+    }
+}
+
+impl Default for SecretsConfig {
+    fn default() -> Self {
+        Self {
+            pepper_file: None,
+            generate_pepper: true,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 64 * 1024,
+            exchange_per_address_per_minute: 60,
+            exchange_per_address_burst: 20,
+            exchange_per_token_per_minute: 30,
+            exchange_per_token_burst: 10,
+        }
+    }
+}
+
+/// A parsed listen address, or none when the setting is empty.
+fn parse_addr(what: &str, s: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|_| invalid(format!("{what}: {s:?} is not an ip:port address")))
+}
+
+impl Config {
+    /// Reads `path` (if given), applies environment overrides and validates.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut cfg = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: p.to_owned(),
+                    source: Box::new(e),
+                })?
+            }
+            None => Config::default(),
+        };
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        cfg.validate()
+    }
+
+    /// Applies `ONEPROTECT_ENROLL_*` overrides read through `get`:
+    /// `TRUST_DOMAIN`, `DATA_DIR`, `LISTEN_HTTPS`, `LISTEN_HTTP`,
+    /// `DATABASE_URL`, `DATABASE_SCHEMA`, `PEPPER_FILE`, `CA_DIR`,
+    /// `CA_AUTO_INIT`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = get("ONEPROTECT_ENROLL_TRUST_DOMAIN") {
+            self.trust_domain = v;
+        }
+        if let Some(v) = get("ONEPROTECT_ENROLL_DATA_DIR") {
+            self.data_dir = v.into();
+        }
+        if let Some(v) = get("ONEPROTECT_ENROLL_LISTEN_HTTPS") {
+            self.listen.https = v;
+        }
+        if let Some(v) = get("ONEPROTECT_ENROLL_LISTEN_HTTP") {
+            self.listen.http = v;
+        }
+        if let Some(v) = get("ONEPROTECT_ENROLL_DATABASE_URL") {
+            self.database.url = Some(v);
+        }
+        if let Some(v) = get("ONEPROTECT_ENROLL_DATABASE_SCHEMA") {
+            self.database.schema = Some(v);
+        }
+        if let Some(v) = get("ONEPROTECT_ENROLL_PEPPER_FILE") {
+            self.secrets.pepper_file = Some(v.into());
+        }
+        if let Some(v) = get("ONEPROTECT_ENROLL_CA_DIR") {
+            self.ca.dir = Some(v.into());
+        }
+        if let Some(v) = get("ONEPROTECT_ENROLL_CA_AUTO_INIT") {
+            self.ca.auto_init = v
+                .parse()
+                .map_err(|_| ConfigError::Env("ONEPROTECT_ENROLL_CA_AUTO_INIT"))?;
+        }
+        Ok(())
+    }
+
+    /// Checks ranges, addresses and combinations, and fills derived paths.
+    pub fn validate(mut self) -> Result<Self, ConfigError> {
+        self.trust_domain.parse::<TrustDomain>().map_err(|_| {
+            invalid(format!(
+                "trust_domain {:?} is not a valid SPIFFE trust domain",
+                self.trust_domain
+            ))
+        })?;
+        let https = parse_addr("listen.https", &self.listen.https)?;
+        let http = parse_addr("listen.http", &self.listen.http)?;
+        if https.is_none() && http.is_none() {
+            return Err(invalid("no listener: set listen.https and/or listen.http"));
+        }
+        if http.is_some_and(|a| !a.ip().is_loopback()) {
+            return Err(invalid(
+                "listen.http must be a loopback address (plain HTTP is only for a co-located gateway)",
+            ));
+        }
+        match (&self.tls.cert_path, &self.tls.key_path) {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(invalid("tls.cert_path and tls.key_path go together"))
+            }
+            (Some(c), Some(k)) => {
+                for p in [c, k] {
+                    if !p.is_file() {
+                        return Err(invalid(format!("TLS file {} does not exist", p.display())));
+                    }
+                }
+            }
+            (None, None) => {
+                if https.is_some() && self.tls.dev_self_signed == Some(false) {
+                    return Err(invalid(
+                        "listen.https is set but there is no tls.cert_path/key_path and dev_self_signed is false",
+                    ));
+                }
+            }
+        }
+        let lifetime = std::time::Duration::from_secs(self.ca.default_leaf_lifetime_secs);
+        if !(MIN_LEAF_LIFETIME..=MAX_LEAF_LIFETIME).contains(&lifetime) {
+            return Err(invalid(format!(
+                "ca.default_leaf_lifetime_secs must be {}..={}",
+                MIN_LEAF_LIFETIME.as_secs(),
+                MAX_LEAF_LIFETIME.as_secs()
+            )));
+        }
+        if !(1024..=1024 * 1024).contains(&self.limits.max_body_bytes) {
+            return Err(invalid("limits.max_body_bytes must be 1024..=1048576"));
+        }
+        if self.limits.exchange_per_address_per_minute == 0
+            || self.limits.exchange_per_token_per_minute == 0
+            || self.limits.exchange_per_address_burst == 0
+            || self.limits.exchange_per_token_burst == 0
+        {
+            return Err(invalid("limits.exchange_* must be at least 1"));
+        }
+        if !(1..=256).contains(&self.database.max_connections) {
+            return Err(invalid("database.max_connections must be 1..=256"));
+        }
+        let url = self
+            .database
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite:{}", self.data_dir.join("enroll.db").display()));
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            return Err(invalid(
+                "database.url must start with sqlite: or postgres://",
+            ));
+        }
+        self.database.url = Some(url);
+        if self.ca.dir.is_none() {
+            self.ca.dir = Some(self.data_dir.join("ca"));
+        }
+        if self.secrets.pepper_file.is_none() {
+            self.secrets.pepper_file = Some(self.data_dir.join("pepper"));
+        }
+        Ok(self)
+    }
+
+    /// The HTTPS listen address, if any (after [`Config::validate`]).
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.listen.https.parse().ok()
+    }
+
+    /// The plain HTTP listen address, if any (after [`Config::validate`]).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.listen.http.parse().ok()
+    }
+
+    /// The trust domain (after [`Config::validate`]).
+    pub fn trust_domain(&self) -> TrustDomain {
+        self.trust_domain
+            .parse()
+            .expect("validate() checked the trust domain")
+    }
+
+    /// The CA directory (after [`Config::validate`]).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.ca
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("ca"))
+    }
+
+    /// The pepper file (after [`Config::validate`]).
+    pub fn pepper_file(&self) -> PathBuf {
+        self.secrets
+            .pepper_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("pepper"))
+    }
+
+    /// The database URL (after [`Config::validate`]).
+    pub fn database_url(&self) -> String {
+        self.database
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite:{}", self.data_dir.join("enroll.db").display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_fill_paths() {
+        let c = Config::default().validate().unwrap();
+        assert_eq!(c.https_addr().unwrap().to_string(), "127.0.0.1:8443");
+        assert!(c.http_addr().is_none());
+        assert!(c.database_url().starts_with("sqlite:"));
+        assert!(c.ca_dir().ends_with("ca"));
+    }
+
+    #[test]
+    fn shipped_configs_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        for f in ["enroll-api.toml", "enroll-api.full.toml"] {
+            let text = std::fs::read_to_string(root.join(f)).unwrap();
+            let c: Config = toml::from_str(&text).unwrap_or_else(|e| panic!("{f}: {e}"));
+            c.validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn refuses_bad_values() {
+        let mut c = Config::default();
+        c.listen.http = "0.0.0.0:8080".into();
+        assert!(c.validate().is_err(), "plain HTTP off loopback");
+        let mut c = Config::default();
+        c.ca.default_leaf_lifetime_secs = 1;
+        assert!(c.validate().is_err());
+        let c = Config {
+            trust_domain: "Bad Domain".into(),
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.database.url = Some("mysql://x".into());
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.listen.https = String::new();
+        assert!(c.validate().is_err(), "no listener");
+        assert!(toml::from_str::<Config>("nope = 1").is_err(), "unknown key");
+    }
+
+    #[test]
+    fn env_overrides() {
+        let mut c = Config::default();
+        c.apply_env(|k| match k {
+            "ONEPROTECT_ENROLL_LISTEN_HTTP" => Some("127.0.0.1:9000".into()),
+            "ONEPROTECT_ENROLL_DATABASE_URL" => Some("postgres://db/x".into()),
+            _ => None,
+        })
+        .unwrap();
+        let c = c.validate().unwrap();
+        assert_eq!(c.http_addr().unwrap().port(), 9000);
+        assert_eq!(c.database_url(), "postgres://db/x");
+        let mut c = Config::default();
+        assert!(c
+            .apply_env(|k| (k == "ONEPROTECT_ENROLL_CA_AUTO_INIT").then(|| "maybe".into()))
+            .is_err());
+    }
+}

@@ -1,0 +1,138 @@
+//! Agents: list, get, revoke (the Redis push of the revocation is part 2).
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use oneprotect_identity::events::Actor;
+use oneprotect_identity::problem;
+use oneprotect_identity::{AgentId, AgentStatus, SerialNumber, TenantId};
+
+use super::{next_cursor, path_id, AdminAuth, ApiError, ApiJson, AppState, ListQuery};
+use crate::store::{AgentRecord, Store};
+
+pub(crate) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/agents", get(list))
+        .route("/api/v1/agents/{agent_id}", get(fetch))
+        .route("/api/v1/agents/{agent_id}/revoke", post(revoke))
+}
+
+/// `Agent`.
+#[derive(Debug, Serialize)]
+pub(crate) struct AgentView {
+    agent_id: AgentId,
+    tenant_id: TenantId,
+    spiffe_id: String,
+    status: AgentStatus,
+    hostname: String,
+    os: String,
+    agent_version: String,
+    #[serde(with = "time::serde::rfc3339")]
+    enrolled_at: OffsetDateTime,
+    current_serial: SerialNumber,
+    #[serde(with = "time::serde::rfc3339")]
+    certificate_not_after: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    revoked_at: Option<OffsetDateTime>,
+    revocation_reason: Option<String>,
+}
+
+impl From<AgentRecord> for AgentView {
+    fn from(a: AgentRecord) -> Self {
+        Self {
+            agent_id: a.id,
+            tenant_id: a.tenant_id,
+            spiffe_id: a.spiffe_id,
+            status: a.status,
+            hostname: a.hostname,
+            os: a.os,
+            agent_version: a.agent_version,
+            enrolled_at: a.enrolled_at,
+            current_serial: a.current_serial,
+            certificate_not_after: a.certificate_not_after,
+            revoked_at: a.revoked_at,
+            revocation_reason: a.revocation_reason,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct AgentList {
+    items: Vec<AgentView>,
+    next_cursor: Option<String>,
+}
+
+/// `RevokeAgentRequest`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeRequest {
+    reason: String,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let q = ListQuery::from_rejection(q)?;
+    let status = match q.status.as_deref() {
+        None => None,
+        Some("active") => Some(AgentStatus::Active),
+        Some("revoked") => Some(AgentStatus::Revoked),
+        Some(_) => return Err(ApiError::invalid("status must be active or revoked")),
+    };
+    let page = q.page()?;
+    let items = state.store.list_agents(auth.tenant, status, page).await?;
+    let ids: Vec<_> = items.iter().map(|a| *a.id.as_uuid()).collect();
+    let body = AgentList {
+        next_cursor: next_cursor(&ids, page.limit),
+        items: items.into_iter().map(AgentView::from).collect(),
+    };
+    serde_json::to_value(&body)
+        .map(Json)
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+async fn fetch(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    Path(id): Path<String>,
+) -> Result<Json<AgentView>, ApiError> {
+    let id: AgentId = path_id(&id)?;
+    let a = state
+        .store
+        .fetch_agent(auth.tenant, id)
+        .await?
+        .ok_or(ApiError::new(problem::NOT_FOUND))?;
+    Ok(Json(a.into()))
+}
+
+async fn revoke(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<RevokeRequest>,
+) -> Result<Json<AgentView>, ApiError> {
+    let id: AgentId = path_id(&id)?;
+    let n = req.reason.chars().count();
+    if n == 0 || n > 256 {
+        return Err(ApiError::invalid("reason must be 1..=256 characters"));
+    }
+    let a = state
+        .store
+        .revoke_agent(
+            auth.tenant,
+            id,
+            &req.reason,
+            state.clock.now(),
+            Actor::AdminKey(auth.key_id),
+        )
+        .await?
+        .ok_or(ApiError::new(problem::NOT_FOUND))?;
+    tracing::info!(tenant = %auth.tenant, agent = %id, "agent revoked");
+    Ok(Json(a.into()))
+}

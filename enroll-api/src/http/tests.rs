@@ -1,0 +1,778 @@
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use oneprotect_identity::AgentIdentity;
+use rustls_pki_types::{pem::PemObject, CertificateDer};
+
+use super::*;
+use crate::clock::{Clock, FixedClock};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{NewAdminKey, Tenant};
+use time::OffsetDateTime;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    state: AppState,
+    clock: FixedClock,
+    tenant: TenantId,
+    key: String,
+    other_key: String,
+}
+
+async fn admin(state: &AppState, tenant: TenantId) -> String {
+    let key = crate::secrets::new_admin_key().unwrap();
+    state
+        .store
+        .create_admin_key(&NewAdminKey {
+            id: Uuid::new_v4(),
+            tenant_id: tenant,
+            name: "test".into(),
+            key_hash: state.pepper.hash(key.expose_secret()),
+            created_at: state.clock.now(),
+        })
+        .await
+        .unwrap();
+    key.expose_secret().to_owned()
+}
+
+async fn tenant(state: &AppState) -> TenantId {
+    let t = Tenant {
+        id: TenantId::random(),
+        name: "acme".into(),
+        leaf_lifetime_secs: 3000,
+        created_at: state.clock.now(),
+    };
+    state.store.create_tenant(&t).await.unwrap();
+    t.id
+}
+
+async fn fixture_with(per_token_burst: u32, per_address_burst: u32) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = FixedClock::new(OffsetDateTime::now_utc());
+    let shared: crate::clock::SharedClock = Arc::new(clock.clone());
+    let store = SqliteStore::open(&dir.path().join("db"), 4).await.unwrap();
+    let ca = Ca::open(
+        &dir.path().join("ca"),
+        "oneprotect.test".parse().unwrap(),
+        shared.clone(),
+        true,
+    )
+    .unwrap();
+    let state = AppState::new(Inner {
+        store: AnyStore::Sqlite(store),
+        ca: Arc::new(ca),
+        pepper: Pepper::from_bytes(&[7; 32]),
+        clock: shared,
+        per_address: RateLimiter::new(60, per_address_burst, 1000),
+        per_token: RateLimiter::new(60, per_token_burst, 1000),
+        max_body_bytes: 16 * 1024,
+    });
+    let t = tenant(&state).await;
+    let other = tenant(&state).await;
+    let key = admin(&state, t).await;
+    let other_key = admin(&state, other).await;
+    Fixture {
+        _dir: dir,
+        state,
+        clock,
+        tenant: t,
+        key,
+        other_key,
+    }
+}
+
+async fn fixture() -> Fixture {
+    fixture_with(100, 100).await
+}
+
+struct Resp {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: Value,
+}
+
+async fn call(
+    f: &Fixture,
+    method: Method,
+    uri: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> Resp {
+    let mut b = Request::builder().method(method).uri(uri);
+    if let Some(k) = key {
+        b = b.header("authorization", format!("Bearer {k}"));
+    }
+    let req = match body {
+        Some(v) => b
+            .header("content-type", "application/json")
+            .body(Body::from(v.to_string())),
+        None => b.body(Body::empty()),
+    }
+    .unwrap();
+    send(f, req).await
+}
+
+async fn send(f: &Fixture, req: Request<Body>) -> Resp {
+    let resp = router(f.state.clone()).oneshot(req).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
+    if status.is_client_error() || status.is_server_error() {
+        assert_eq!(headers["content-type"], problem::CONTENT_TYPE);
+        assert_eq!(body["status"], status.as_u16());
+        assert_eq!(
+            body["type"],
+            format!("{}{}", problem::TYPE_BASE, body["code"].as_str().unwrap())
+        );
+    }
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn assert_problem(r: &Resp, kind: ProblemKind) {
+    assert_eq!(r.status.as_u16(), kind.status, "{:?}", r.body);
+    assert_eq!(r.body["code"], kind.code, "{:?}", r.body);
+}
+
+const TOKENS: &str = "/api/v1/agent-enrollment/tokens";
+const EXCHANGE: &str = "/api/v1/agent-enrollment/exchange";
+
+async fn new_token(f: &Fixture, body: Value) -> (String, String) {
+    let r = call(f, Method::POST, TOKENS, Some(&f.key), Some(body)).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    (
+        r.body["token_id"].as_str().unwrap().into(),
+        r.body["token"].as_str().unwrap().into(),
+    )
+}
+
+fn csr(alg: &'static rcgen::SignatureAlgorithm) -> String {
+    let key = rcgen::KeyPair::generate_for(alg).unwrap();
+    rcgen::CertificateParams::new(vec!["ignored.example".into()])
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap()
+}
+
+fn exchange_body(token: &str, csr_pem: &str) -> Value {
+    json!({"token": token, "csr_pem": csr_pem, "agent": {"hostname": "host-1", "os": "linux", "agent_version": "1.2.3"}})
+}
+
+#[tokio::test]
+async fn token_lifecycle_and_tenant_scoping() {
+    let f = fixture().await;
+    let (id, secret) = new_token(
+        &f,
+        json!({"ttl_seconds": 600, "max_uses": 2, "description": "lab", "labels": {"site": "b"}}),
+    )
+    .await;
+    assert!(crate::secrets::well_formed(&secret, "opet_"));
+    let got = call(
+        &f,
+        Method::GET,
+        &format!("{TOKENS}/{id}"),
+        Some(&f.key),
+        None,
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.body["status"], "active");
+    assert_eq!(got.body["max_uses"], 2);
+    assert_eq!(got.body["labels"]["site"], "b");
+    assert!(got.body.get("token").is_none());
+    let list = call(
+        &f,
+        Method::GET,
+        &format!("{TOKENS}?status=active&limit=10"),
+        Some(&f.key),
+        None,
+    )
+    .await;
+    assert_eq!(list.body["items"].as_array().unwrap().len(), 1);
+    assert!(!list.body.to_string().contains(&secret));
+    // Defaults: one use, one hour.
+    let r = call(&f, Method::POST, TOKENS, Some(&f.key), Some(json!({}))).await;
+    assert_eq!(r.body["max_uses"], 1);
+    // Another tenant's token is not found, whatever the verb.
+    for (m, uri) in [
+        (Method::GET, format!("{TOKENS}/{id}")),
+        (Method::POST, format!("{TOKENS}/{id}/revoke")),
+    ] {
+        assert_problem(
+            &call(&f, m, &uri, Some(&f.other_key), None).await,
+            problem::NOT_FOUND,
+        );
+    }
+    let other_list = call(&f, Method::GET, TOKENS, Some(&f.other_key), None).await;
+    assert_eq!(other_list.body["items"].as_array().unwrap().len(), 0);
+    assert_problem(
+        &call(
+            &f,
+            Method::GET,
+            &format!("{TOKENS}/not-a-uuid"),
+            Some(&f.key),
+            None,
+        )
+        .await,
+        problem::NOT_FOUND,
+    );
+    // Revoke is idempotent.
+    let r1 = call(
+        &f,
+        Method::POST,
+        &format!("{TOKENS}/{id}/revoke"),
+        Some(&f.key),
+        None,
+    )
+    .await;
+    let r2 = call(
+        &f,
+        Method::POST,
+        &format!("{TOKENS}/{id}/revoke"),
+        Some(&f.key),
+        None,
+    )
+    .await;
+    assert_eq!((r1.status, r2.status), (StatusCode::OK, StatusCode::OK));
+    assert_eq!(r1.body, r2.body);
+    assert_eq!(r2.body["status"], "revoked");
+}
+
+#[tokio::test]
+async fn admin_auth_is_required() {
+    let f = fixture().await;
+    for key in [
+        None,
+        Some("opak_wrong"),
+        Some("opak_"),
+        Some(&*format!("opak_{}", "A".repeat(43))),
+    ] {
+        let r = call(&f, Method::GET, TOKENS, key, None).await;
+        assert_problem(&r, problem::UNAUTHORIZED);
+        assert_eq!(r.headers["www-authenticate"], "Bearer");
+    }
+    let r = send(
+        &f,
+        Request::get("/api/v1/agents")
+            .header("authorization", format!("Basic {}", f.key))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_problem(&r, problem::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn exchange_issues_an_identity() {
+    let f = fixture().await;
+    let (token_id, secret) = new_token(&f, json!({})).await;
+    let r = call(
+        &f,
+        Method::POST,
+        EXCHANGE,
+        None,
+        Some(exchange_body(&secret, &csr(&rcgen::PKCS_ECDSA_P256_SHA256))),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let b = &r.body;
+    let leaf =
+        CertificateDer::from_pem_slice(b["certificate_pem"].as_str().unwrap().as_bytes()).unwrap();
+    let chain =
+        CertificateDer::from_pem_slice(b["chain_pem"].as_str().unwrap().as_bytes()).unwrap();
+    let id = AgentIdentity::from_chain(&leaf, &chain).unwrap();
+    assert_eq!(id.tenant(), f.tenant);
+    assert_eq!(id.agent().to_string(), b["agent_id"]);
+    assert_eq!(id.uri().to_string(), b["spiffe_id"]);
+    assert_eq!(id.serial().to_string(), b["serial"]);
+    assert_eq!(
+        b["trust_bundle_pem"].as_str().unwrap(),
+        f.state.ca.trust_bundle_pem()
+    );
+    // Tenant lifetime 3000 s, NotBefore backdated 300 s: rotate at 2/3 of 3300 s.
+    let parse = |k: &str| {
+        OffsetDateTime::parse(
+            b[k].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap()
+    };
+    let now = f.clock.now();
+    assert_eq!(
+        parse("not_after"),
+        now + std::time::Duration::from_secs(3000)
+    );
+    assert_eq!(
+        parse("not_before"),
+        now - std::time::Duration::from_secs(300)
+    );
+    assert_eq!(
+        parse("rotate_after"),
+        parse("not_before") + std::time::Duration::from_secs(2200)
+    );
+
+    let agent_id = b["agent_id"].as_str().unwrap();
+    let a = call(
+        &f,
+        Method::GET,
+        &format!("/api/v1/agents/{agent_id}"),
+        Some(&f.key),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.body["hostname"], "host-1");
+    assert_eq!(a.body["status"], "active");
+    assert_eq!(a.body["current_serial"], b["serial"]);
+    assert_problem(
+        &call(
+            &f,
+            Method::GET,
+            &format!("/api/v1/agents/{agent_id}"),
+            Some(&f.other_key),
+            None,
+        )
+        .await,
+        problem::NOT_FOUND,
+    );
+    let list = call(
+        &f,
+        Method::GET,
+        "/api/v1/agents?status=active",
+        Some(&f.key),
+        None,
+    )
+    .await;
+    assert_eq!(list.body["items"].as_array().unwrap().len(), 1);
+    let t = call(
+        &f,
+        Method::GET,
+        &format!("{TOKENS}/{token_id}"),
+        Some(&f.key),
+        None,
+    )
+    .await;
+    assert_eq!(t.body["status"], "used_up");
+    // The single-use token is spent.
+    let again = call(
+        &f,
+        Method::POST,
+        EXCHANGE,
+        None,
+        Some(exchange_body(&secret, &csr(&rcgen::PKCS_ED25519))),
+    )
+    .await;
+    assert_problem(&again, problem::INVALID_TOKEN);
+    // Revoke the agent.
+    assert_problem(
+        &call(
+            &f,
+            Method::POST,
+            &format!("/api/v1/agents/{agent_id}/revoke"),
+            Some(&f.key),
+            Some(json!({})),
+        )
+        .await,
+        problem::INVALID_REQUEST,
+    );
+    let rv = call(
+        &f,
+        Method::POST,
+        &format!("/api/v1/agents/{agent_id}/revoke"),
+        Some(&f.key),
+        Some(json!({"reason": "lost"})),
+    )
+    .await;
+    assert_eq!(rv.body["status"], "revoked");
+    assert_eq!(rv.body["revocation_reason"], "lost");
+    let kinds: Vec<String> = f
+        .state
+        .store
+        .list_events(f.tenant, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event.payload.event_type().to_owned())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "agent.enrollment_token.issued",
+            "agent.enrolled",
+            "agent.enrollment.failed",
+            "agent.revoked"
+        ]
+    );
+    // CA material.
+    let ca = call(&f, Method::GET, "/api/v1/ca", Some(&f.key), None).await;
+    assert_eq!(ca.body["issuing_ca_pem"], b["chain_pem"]);
+    let tb = send(
+        &f,
+        Request::get("/api/v1/trust-bundle")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(tb.headers["content-type"], "application/x-pem-file");
+}
+
+#[tokio::test]
+async fn every_token_failure_is_the_same_answer() {
+    let f = fixture().await;
+    let p256 = csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+    let unknown = crate::secrets::new_token().unwrap();
+    let (revoked_id, revoked) = new_token(&f, json!({})).await;
+    call(
+        &f,
+        Method::POST,
+        &format!("{TOKENS}/{revoked_id}/revoke"),
+        Some(&f.key),
+        None,
+    )
+    .await;
+    let (_, expiring) = new_token(&f, json!({"ttl_seconds": 60})).await;
+    f.clock.advance(std::time::Duration::from_secs(61));
+    let mut answers = Vec::new();
+    for t in [
+        unknown.expose_secret(),
+        &revoked,
+        &expiring,
+        "opet_short",
+        "not-a-token",
+    ] {
+        let r = call(
+            &f,
+            Method::POST,
+            EXCHANGE,
+            None,
+            Some(exchange_body(t, &p256)),
+        )
+        .await;
+        assert_problem(&r, problem::INVALID_TOKEN);
+        answers.push(r.body);
+    }
+    assert!(
+        answers.windows(2).all(|w| w[0] == w[1]),
+        "answers differ: {answers:?}"
+    );
+}
+
+#[tokio::test]
+async fn csr_errors_have_their_own_codes_and_do_not_consume() {
+    let f = fixture().await;
+    let (token_id, secret) = new_token(&f, json!({})).await;
+    let mut forged = CertificateSigningRequestDerBytes::of(&csr(&rcgen::PKCS_ECDSA_P256_SHA256));
+    let n = forged.0.len() - 3;
+    forged.0[n] ^= 1;
+    let weak = openssl_csr(&["-newkey", "rsa:1024"]);
+    let p521 = openssl_csr(&["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-521"]);
+    for (pem, kind) in [
+        ("garbage".to_string(), problem::INVALID_CSR),
+        (forged.pem(), problem::CSR_SIGNATURE_INVALID),
+        (weak, problem::WEAK_KEY),
+        (p521, problem::UNSUPPORTED_KEY),
+    ] {
+        let r = call(
+            &f,
+            Method::POST,
+            EXCHANGE,
+            None,
+            Some(exchange_body(&secret, &pem)),
+        )
+        .await;
+        assert_problem(&r, kind);
+    }
+    let t = call(
+        &f,
+        Method::GET,
+        &format!("{TOKENS}/{token_id}"),
+        Some(&f.key),
+        None,
+    )
+    .await;
+    assert_eq!(t.body["uses"], 0);
+    let ok = call(
+        &f,
+        Method::POST,
+        EXCHANGE,
+        None,
+        Some(exchange_body(&secret, &csr(&rcgen::PKCS_ECDSA_P384_SHA384))),
+    )
+    .await;
+    assert_eq!(ok.status, StatusCode::CREATED);
+}
+
+struct CertificateSigningRequestDerBytes(Vec<u8>);
+impl CertificateSigningRequestDerBytes {
+    fn of(pem: &str) -> Self {
+        Self(
+            rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+                .unwrap()
+                .as_ref()
+                .to_vec(),
+        )
+    }
+    fn pem(&self) -> String {
+        use base64::Engine;
+        format!(
+            "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+            base64::engine::general_purpose::STANDARD.encode(&self.0)
+        )
+    }
+}
+
+fn openssl_csr(args: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-new", "-nodes", "-subj", "/CN=x", "-keyout"])
+        .arg(dir.path().join("k"))
+        .arg("-out")
+        .arg(dir.path().join("c"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    std::fs::read_to_string(dir.path().join("c")).unwrap()
+}
+
+#[tokio::test]
+async fn body_errors() {
+    let f = fixture().await;
+    let post = |ct: &str, body: String| {
+        Request::post(TOKENS)
+            .header("authorization", format!("Bearer {}", f.key))
+            .header("content-type", ct)
+            .body(Body::from(body))
+            .unwrap()
+    };
+    assert_problem(
+        &send(&f, post("application/json", "{not json".into())).await,
+        problem::INVALID_JSON,
+    );
+    assert_problem(
+        &send(&f, post("text/plain", "{}".into())).await,
+        problem::UNSUPPORTED_MEDIA_TYPE,
+    );
+    assert_problem(
+        &send(
+            &f,
+            post(
+                "application/json",
+                format!("{{\"description\": \"{}\"}}", "a".repeat(20_000)),
+            ),
+        )
+        .await,
+        problem::PAYLOAD_TOO_LARGE,
+    );
+    for bad in [
+        json!({"ttl_seconds": 59}),
+        json!({"max_uses": 0}),
+        json!({"max_uses": 10001}),
+        json!({"unknown": 1}),
+        json!({"ttl_seconds": "x"}),
+        json!({"description": "d".repeat(257)}),
+    ] {
+        assert_problem(
+            &call(&f, Method::POST, TOKENS, Some(&f.key), Some(bad)).await,
+            problem::INVALID_REQUEST,
+        );
+    }
+    assert_problem(
+        &call(
+            &f,
+            Method::POST,
+            EXCHANGE,
+            None,
+            Some(json!({"token": "x"})),
+        )
+        .await,
+        problem::INVALID_REQUEST,
+    );
+    assert_problem(&call(&f, Method::POST, EXCHANGE, None, Some(json!({"token": "x", "csr_pem": "y", "agent": {"hostname": "", "os": "l", "agent_version": "1"}}))).await, problem::INVALID_REQUEST);
+    assert_problem(
+        &call(
+            &f,
+            Method::GET,
+            &format!("{TOKENS}?limit=0"),
+            Some(&f.key),
+            None,
+        )
+        .await,
+        problem::INVALID_REQUEST,
+    );
+    assert_problem(
+        &call(
+            &f,
+            Method::GET,
+            &format!("{TOKENS}?status=nope"),
+            Some(&f.key),
+            None,
+        )
+        .await,
+        problem::INVALID_REQUEST,
+    );
+    assert_problem(
+        &call(&f, Method::GET, "/nope", None, None).await,
+        problem::ROUTE_NOT_FOUND,
+    );
+    assert_problem(
+        &call(&f, Method::DELETE, TOKENS, Some(&f.key), None).await,
+        problem::METHOD_NOT_ALLOWED,
+    );
+}
+
+#[tokio::test]
+async fn exchange_is_rate_limited_per_token_and_per_address() {
+    let f = fixture_with(1, 100).await;
+    let (_, secret) = new_token(&f, json!({"max_uses": 5})).await;
+    let p = csr(&rcgen::PKCS_ED25519);
+    assert_eq!(
+        call(
+            &f,
+            Method::POST,
+            EXCHANGE,
+            None,
+            Some(exchange_body(&secret, &p))
+        )
+        .await
+        .status,
+        StatusCode::CREATED
+    );
+    let r = call(
+        &f,
+        Method::POST,
+        EXCHANGE,
+        None,
+        Some(exchange_body(&secret, &p)),
+    )
+    .await;
+    assert_problem(&r, problem::RATE_LIMITED);
+    assert!(r.headers.contains_key("retry-after"));
+
+    let f = fixture_with(100, 1).await;
+    let peer: SocketAddr = "192.0.2.7:5555".parse().unwrap();
+    let req = || {
+        let mut r = Request::post(EXCHANGE)
+            .header("content-type", "application/json")
+            .body(Body::from(exchange_body("opet_x", &p).to_string()))
+            .unwrap();
+        r.extensions_mut().insert(ConnectInfo(peer));
+        r
+    };
+    assert_problem(&send(&f, req()).await, problem::INVALID_TOKEN);
+    assert_problem(&send(&f, req()).await, problem::RATE_LIMITED);
+}
+
+#[tokio::test]
+async fn storage_down_is_503_with_retry_after() {
+    let f = fixture().await;
+    assert_eq!(
+        call(&f, Method::GET, "/readyz", None, None).await.status,
+        StatusCode::OK
+    );
+    let AnyStore::Sqlite(s) = &f.state.store else {
+        unreachable!()
+    };
+    s.close().await;
+    for r in [
+        call(&f, Method::GET, "/readyz", None, None).await,
+        call(&f, Method::GET, TOKENS, Some(&f.key), None).await,
+    ] {
+        assert_problem(&r, problem::STORAGE_UNAVAILABLE);
+        assert_eq!(r.headers["retry-after"], "5");
+    }
+    assert_eq!(
+        call(&f, Method::GET, "/healthz", None, None).await.status,
+        StatusCode::OK
+    );
+}
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn secrets_never_reach_the_logs() {
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || sink.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let f = fixture().await;
+    let (token_id, secret) = new_token(&f, json!({"max_uses": 2})).await;
+    let p = csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+    assert_eq!(
+        call(
+            &f,
+            Method::POST,
+            EXCHANGE,
+            None,
+            Some(exchange_body(&secret, &p))
+        )
+        .await
+        .status,
+        StatusCode::CREATED
+    );
+    call(
+        &f,
+        Method::POST,
+        EXCHANGE,
+        None,
+        Some(exchange_body(&secret, "bad csr")),
+    )
+    .await;
+    call(
+        &f,
+        Method::POST,
+        EXCHANGE,
+        None,
+        Some(exchange_body(&format!("{secret}x"), &p)),
+    )
+    .await;
+    call(
+        &f,
+        Method::GET,
+        &format!("{TOKENS}/{token_id}"),
+        Some(&f.key),
+        None,
+    )
+    .await;
+    call(&f, Method::GET, TOKENS, Some(&format!("{}x", f.key)), None).await;
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("agent enrolled"), "nothing captured: {text}");
+    assert!(text.contains(&token_id));
+    let secret_body = secret.trim_start_matches("opet_");
+    let key_body = f.key.trim_start_matches("opak_");
+    assert!(!text.contains(secret_body), "token secret in logs");
+    assert!(!text.contains(key_body), "admin key in logs");
+    assert!(!text.contains("opet_") && !text.contains("opak_"));
+    // Error bodies do not echo them either (checked above per call), nor Debug.
+    let req: exchange::ExchangeRequest =
+        serde_json::from_value(exchange_body(&secret, &p)).unwrap();
+    assert!(!format!("{req:?}").contains(secret_body));
+}

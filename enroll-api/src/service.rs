@@ -1,0 +1,308 @@
+//! Assembling and running the service: state from configuration, the HTTPS
+//! listener (rustls, ring provider) and the optional loopback HTTP listener.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tower::ServiceExt;
+
+use crate::ca::{Ca, CaError};
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::Config;
+use crate::http::{self, AppState, Inner};
+use crate::ratelimit::RateLimiter;
+use crate::secrets::{Pepper, SecretError};
+use crate::store::postgres::{PgOptions, PgStore};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{AnyStore, StoreError};
+
+/// Rate-limiter key tables are bounded to this many entries each.
+const RATE_LIMIT_KEYS: usize = 100_000;
+/// A TLS handshake must finish within this time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Storage could not be opened or migrated.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The CA could not be opened.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// The pepper could not be loaded.
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    /// A listener could not be bound, or a file read.
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    /// The TLS certificate or key is unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// Opens the configured store (running migrations).
+pub async fn open_store(cfg: &Config) -> Result<AnyStore, StoreError> {
+    let url = cfg.database_url();
+    if let Some(path) = url.strip_prefix("sqlite:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        if let Some(dir) = Path::new(path).parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+            }
+        }
+        Ok(AnyStore::Sqlite(
+            SqliteStore::open(Path::new(path), cfg.database.max_connections).await?,
+        ))
+    } else {
+        Ok(AnyStore::Postgres(
+            PgStore::open(&PgOptions {
+                url,
+                schema: cfg.database.schema.clone(),
+                app_role: cfg.database.app_role.clone(),
+                max_connections: cfg.database.max_connections,
+            })
+            .await?,
+        ))
+    }
+}
+
+/// Opens the CA directory (generating the root when `ca.auto_init`).
+pub fn open_ca(cfg: &Config, clock: SharedClock) -> Result<Ca, CaError> {
+    Ca::open(&cfg.ca_dir(), cfg.trust_domain(), clock, cfg.ca.auto_init)
+}
+
+/// Builds the shared state from configuration with the given clock.
+pub async fn build_state(cfg: &Config, clock: SharedClock) -> Result<AppState, StartError> {
+    let store = open_store(cfg).await?;
+    let pepper = Pepper::load(&cfg.pepper_file(), cfg.secrets.generate_pepper)?;
+    let ca_cfg = cfg.clone();
+    let ca_clock = clock.clone();
+    let ca = tokio::task::spawn_blocking(move || open_ca(&ca_cfg, ca_clock))
+        .await
+        .map_err(|e| StartError::Io("CA task".into(), std::io::Error::other(e)))??;
+    let l = &cfg.limits;
+    Ok(AppState::new(Inner {
+        store,
+        ca: Arc::new(ca),
+        pepper,
+        clock,
+        per_address: RateLimiter::new(
+            l.exchange_per_address_per_minute,
+            l.exchange_per_address_burst,
+            RATE_LIMIT_KEYS,
+        ),
+        per_token: RateLimiter::new(
+            l.exchange_per_token_per_minute,
+            l.exchange_per_token_burst,
+            RATE_LIMIT_KEYS,
+        ),
+        max_body_bytes: l.max_body_bytes,
+    }))
+}
+
+/// The HTTPS certificate and key: the configured files, or a self-signed dev
+/// certificate for `localhost` and `127.0.0.1` kept in `data_dir/tls/`.
+pub fn tls_material(
+    cfg: &Config,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), StartError> {
+    let (cert_path, key_path) = match (&cfg.tls.cert_path, &cfg.tls.key_path) {
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
+        _ => {
+            let dir = cfg.data_dir.join("tls");
+            let (c, k) = (dir.join("dev-cert.pem"), dir.join("dev-key.pem"));
+            if !c.is_file() || !k.is_file() {
+                generate_dev_cert(&dir, &c, &k)?;
+            }
+            (c, k)
+        }
+    };
+    let certs = CertificateDer::pem_file_iter(&cert_path)
+        .map_err(|e| StartError::Tls(format!("{}: {e}", cert_path.display())))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StartError::Tls(format!("{}: {e}", cert_path.display())))?;
+    if certs.is_empty() {
+        return Err(StartError::Tls(format!(
+            "{}: no certificate",
+            cert_path.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(&key_path)
+        .map_err(|e| StartError::Tls(format!("{}: {e}", key_path.display())))?;
+    Ok((certs, key))
+}
+
+fn generate_dev_cert(dir: &Path, cert: &Path, key: &Path) -> Result<(), StartError> {
+    let io = |what: &Path| {
+        let what = what.display().to_string();
+        move |e| StartError::Io(what, e)
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .map_err(|e| StartError::Tls(e.to_string()))?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    use std::io::Write;
+    opts.open(key)
+        .and_then(|mut f| f.write_all(ck.signing_key.serialize_pem().as_bytes()))
+        .map_err(io(key))?;
+    std::fs::write(cert, ck.cert.pem()).map_err(io(cert))?;
+    tracing::warn!(cert = %cert.display(), "generated a self-signed dev TLS certificate; configure tls.cert_path/key_path in production");
+    Ok(())
+}
+
+/// A running service.
+#[derive(Debug)]
+pub struct Running {
+    /// The bound HTTPS address.
+    pub https_addr: Option<SocketAddr>,
+    /// The bound plain HTTP address (loopback).
+    pub http_addr: Option<SocketAddr>,
+    /// The state the handlers share.
+    pub state: AppState,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Running {
+    /// Stops accepting and waits for the listeners to end.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Waits until a listener ends (they run until shutdown).
+    pub async fn wait(mut self) {
+        self.tasks.join_next().await;
+    }
+}
+
+/// Binds the configured listeners and serves `state` on them.
+pub async fn start(cfg: &Config, state: AppState) -> Result<Running, StartError> {
+    let app = http::router(state.clone());
+    let (tx, rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let mut https_addr = None;
+    let mut http_addr = None;
+    if let Some(addr) = cfg.https_addr() {
+        let (certs, key) = tls_material(cfg)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| StartError::Tls(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| StartError::Tls(e.to_string()))?;
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| StartError::Io(format!("bind {addr}"), e))?;
+        https_addr = Some(
+            listener
+                .local_addr()
+                .map_err(|e| StartError::Io("local_addr".into(), e))?,
+        );
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        tasks.spawn(serve_tls(listener, acceptor, app.clone(), rx.clone()));
+    }
+    if let Some(addr) = cfg.http_addr() {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| StartError::Io(format!("bind {addr}"), e))?;
+        http_addr = Some(
+            listener
+                .local_addr()
+                .map_err(|e| StartError::Io("local_addr".into(), e))?,
+        );
+        let mut rx = rx.clone();
+        let app = app.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })
+            .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP listener failed");
+            }
+        });
+    }
+    for a in https_addr.iter() {
+        tracing::info!(addr = %a, "listening (HTTPS)");
+    }
+    for a in http_addr.iter() {
+        tracing::info!(addr = %a, "listening (plain HTTP, loopback)");
+    }
+    Ok(Running {
+        https_addr,
+        http_addr,
+        state,
+        shutdown: tx,
+        tasks,
+    })
+}
+
+async fn serve_tls(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: Router,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => break,
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let acceptor = acceptor.clone();
+                let app = app.clone();
+                conns.spawn(async move {
+                    let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                        req.extensions_mut().insert(ConnectInfo(peer));
+                        app.clone().oneshot(req)
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    conns.abort_all();
+}
+
+/// The system clock, shared.
+pub fn system_clock() -> SharedClock {
+    Arc::new(SystemClock)
+}
