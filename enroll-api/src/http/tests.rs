@@ -723,6 +723,9 @@ async fn secrets_never_reach_the_logs() {
         .with_writer(move || sink.clone())
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
+    // Other tests on other threads may have cached "no subscriber" interest
+    // for shared callsites; recompute it now that this one is installed.
+    tracing::callsite::rebuild_interest_cache();
     let f = fixture().await;
     let (token_id, secret) = new_token(&f, json!({"max_uses": 2})).await;
     let p = csr(&rcgen::PKCS_ECDSA_P256_SHA256);
@@ -775,4 +778,28 @@ async fn secrets_never_reach_the_logs() {
     let req: exchange::ExchangeRequest =
         serde_json::from_value(exchange_body(&secret, &p)).unwrap();
     assert!(!format!("{req:?}").contains(secret_body));
+}
+
+#[tokio::test]
+async fn every_listed_route_is_served() {
+    let f = fixture().await;
+    let id = Uuid::new_v4().to_string();
+    for (method, template) in ROUTES {
+        let uri = template
+            .replace("{token_id}", &id)
+            .replace("{agent_id}", &id);
+        let r = call(&f, method.parse().unwrap(), &uri, None, None).await;
+        let code = r.body.get("code").and_then(Value::as_str).unwrap_or("");
+        assert!(
+            code != "route_not_found" && code != "method_not_allowed",
+            "{method} {template}: {code}"
+        );
+    }
+    for (method, template) in NOT_YET_SERVED {
+        let uri = template
+            .replace("{tenant_id}", &id)
+            .replace("{agent_id}", &id);
+        let r = call(&f, method.parse().unwrap(), &uri, None, None).await;
+        assert_problem(&r, problem::ROUTE_NOT_FOUND);
+    }
 }

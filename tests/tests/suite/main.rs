@@ -5,4 +5,5 @@
 //! `cargo test -p oneprotect-tests --test suite contracts::`.
 
 mod contracts;
+mod enroll;
 mod gateway;
