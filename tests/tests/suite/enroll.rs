@@ -851,3 +851,145 @@ async fn enroll_responses_match_openapi_schemas() -> Result<()> {
     }
     Ok(())
 }
+
+/// The real binary at `RUST_LOG=trace`: its whole log (stderr) never holds a
+/// token secret or an admin key, across creation, a good exchange, a replay,
+/// a bad CSR and a wrong key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_binary_logs_hold_no_secrets() -> Result<()> {
+    let bin = enroll_binary()?;
+    let tmp = tempfile::tempdir()?;
+    let port = oneprotect_tests::free_port();
+    let cmd = |args: &[&str]| {
+        let mut c = Command::new(&bin);
+        c.args(args)
+            .env("ONEPROTECT_ENROLL_DATA_DIR", tmp.path())
+            .env("ONEPROTECT_ENROLL_TRUST_DOMAIN", "oneprotect.test")
+            .env("ONEPROTECT_ENROLL_LISTEN_HTTPS", "")
+            .env("ONEPROTECT_ENROLL_LISTEN_HTTP", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "trace");
+        c
+    };
+    let out = cmd(&["tenant", "create", "--name", "acme"]).output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tenant = String::from_utf8(out.stdout)?.trim().to_owned();
+    let out = cmd(&["admin-key", "create", "--tenant", &tenant, "--name", "ops"]).output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = String::from_utf8(out.stdout)?.trim().to_owned();
+    let mut logs = String::from_utf8_lossy(&out.stderr).into_owned();
+
+    let log_path = tmp.path().join("serve.log");
+    let mut child = cmd(&["serve"])
+        .stderr(std::fs::File::create(&log_path)?)
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let result = async {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let send = |method: &'static str,
+                    path: String,
+                    key: Option<String>,
+                    body: Option<Value>| async move {
+            let tcp = TcpStream::connect(addr).await?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+            tokio::spawn(conn);
+            let mut req = http::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", "localhost");
+            if let Some(k) = key {
+                req = req.header("authorization", format!("Bearer {k}"));
+            }
+            let bytes = match body {
+                Some(v) => {
+                    req = req.header("content-type", "application/json");
+                    Bytes::from(v.to_string())
+                }
+                None => Bytes::new(),
+            };
+            let resp = sender.send_request(req.body(Full::new(bytes))?).await?;
+            let status = resp.status().as_u16();
+            let raw = resp.into_body().collect().await?.to_bytes();
+            anyhow::Ok((
+                status,
+                serde_json::from_slice::<Value>(&raw).unwrap_or(Value::Null),
+            ))
+        };
+        // Bounded wait for the listener (at most 30 s of 100 ms attempts).
+        let mut up = false;
+        for _ in 0..300 {
+            if let Ok((200, _)) = send("GET", "/healthz".into(), None, None).await {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        ensure!(up, "service did not come up");
+        let (status, created) = send(
+            "POST",
+            "/api/v1/agent-enrollment/tokens".into(),
+            Some(key.clone()),
+            Some(json!({"max_uses": 1})),
+        )
+        .await?;
+        ensure!(status == 201, "token create {status}");
+        let token = created["token"].as_str().context("token")?.to_owned();
+        let csr = openssl_csr(tmp.path(), "agent")?;
+        let ex = "/api/v1/agent-enrollment/exchange".to_string();
+        assert_eq!(
+            send("POST", ex.clone(), None, Some(exchange_body(&token, "bad")))
+                .await?
+                .0,
+            400
+        );
+        assert_eq!(
+            send("POST", ex.clone(), None, Some(exchange_body(&token, &csr)))
+                .await?
+                .0,
+            201
+        );
+        assert_eq!(
+            send("POST", ex.clone(), None, Some(exchange_body(&token, &csr)))
+                .await?
+                .0,
+            401
+        );
+        let wrong = format!("{}A", &key[..key.len() - 1]);
+        assert_eq!(
+            send("GET", "/api/v1/agents".into(), Some(wrong), None)
+                .await?
+                .0,
+            401
+        );
+        assert_eq!(
+            send("GET", "/api/v1/agents".into(), Some(key.clone()), None)
+                .await?
+                .0,
+            200
+        );
+        anyhow::Ok(token)
+    }
+    .await;
+    // The child is ours: stop it by its handle.
+    child.kill().ok();
+    child.wait().ok();
+    let token = result?;
+    logs.push_str(&std::fs::read_to_string(&log_path)?);
+    ensure!(logs.contains("agent enrolled"), "log not captured:\n{logs}");
+    for (what, secret) in [("token", &token[5..]), ("admin key", &key[5..])] {
+        ensure!(!logs.contains(secret), "{what} secret found in the logs");
+    }
+    ensure!(
+        !logs.contains("opet_") && !logs.contains("opak_"),
+        "a secret prefix is in the logs"
+    );
+    Ok(())
+}
