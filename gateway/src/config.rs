@@ -504,6 +504,14 @@ impl Config {
                 return inv(format!("route {:?}: tls needs an sni", route.prefix));
             }
         }
+        if self.listener.require_client_cert && self.routes.iter().any(|r| !r.require_identity) {
+            return inv(
+                "listener.require_client_cert = true refuses certificate-less clients at the \
+                 handshake, so routes with require_identity = false (the enrollment exchange) \
+                 would be unreachable: front them with a gateway that does not require one"
+                    .into(),
+            );
+        }
         if self.listener.listen == self.admin.listen {
             return inv("listener.listen and admin.listen must differ".into());
         }
@@ -575,6 +583,20 @@ mod tests {
         assert!(c
             .apply_env(|k| (k == "ONEPROTECT_GATEWAY_THREADS").then(|| "x".into()))
             .is_err());
+    }
+
+    #[test]
+    fn mandatory_client_cert_and_certificate_less_routes_conflict() {
+        let text = format!(
+            "{}\nrequire_client_cert = true\n[[routes]]\nprefix = \"/x\"\nupstreams = [\"127.0.0.1:1\"]\nrequire_identity = false\n",
+            MINIMAL.trim_end()
+        );
+        let e = Config::from_toml(&text, Path::new("t"))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("require_client_cert"), "{e}");
     }
 
     #[test]

@@ -103,3 +103,44 @@ impl ConnIdentity {
 pub fn xfcc_element(by: &str, hash_hex: &str, uri: &str) -> String {
     format!("By={by};Hash={hash_hex};URI={uri}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oneprotect_identity::AssertionSigner;
+
+    #[test]
+    fn header_values_are_prepared_once_with_optional_xfcc() {
+        let pki = oneprotect_testpki::TestPki::new("oneprotect.test");
+        let ca = pki.tenant_ca(&uuid::Uuid::new_v4().to_string());
+        let leaf = ca.agent(&uuid::Uuid::new_v4().to_string());
+        let id = Arc::new(AgentIdentity::from_chain(&leaf.cert_der, &ca.cert_der).unwrap());
+        let (signer, _) = AssertionSigner::generate("k").unwrap();
+        let assertions = Arc::new(AssertionService::new(
+            signer,
+            &crate::config::AssertionConfig::default(),
+        ));
+        let ctx = IdentityContext {
+            keys: KeySchema::new("p:"),
+            assertions: assertions.clone(),
+            xfcc_by: Some("spiffe://oneprotect.test/gateway".into()),
+        };
+        let conn = ConnIdentity::new(id.clone(), &ctx);
+        let names: Vec<&str> = conn.headers().iter().map(|(n, _)| *n).collect();
+        assert_eq!(&names[..5], &headers::INJECTED[..5]);
+        let xfcc = conn.headers()[5].1.to_str().unwrap().to_owned();
+        assert_eq!(
+            xfcc,
+            format!(
+                "By=spiffe://oneprotect.test/gateway;Hash={};URI={}",
+                id.fingerprint(),
+                id.uri()
+            )
+        );
+        assert_eq!(conn.redis_keys()[0], format!("p:cert:{}", id.serial()));
+        // Signed once, then reused until shortly before expiry.
+        let a = conn.assertion(&assertions, 1_000);
+        assert_eq!(conn.assertion(&assertions, 1_030), a);
+        assert_ne!(conn.assertion(&assertions, 1_041), a);
+    }
+}

@@ -96,6 +96,7 @@ struct Opts {
     redis_url: String,
     max_staleness_ms: u64,
     heartbeat_ms: u64,
+    require_client_cert: bool,
 }
 
 impl Opts {
@@ -104,6 +105,7 @@ impl Opts {
             redis_url: oneprotect_tests::require_redis(),
             max_staleness_ms: 5000,
             heartbeat_ms: 1000,
+            require_client_cert: false,
         }
     }
 }
@@ -122,6 +124,13 @@ async fn start_gateway(opts: Opts) -> Gw {
     let prefix = oneprotect_tests::unique_redis_prefix("gateway");
     let port = oneprotect_tests::free_port();
     let admin_port = oneprotect_tests::free_port();
+    // Nothing listens there: the upstream is down.
+    let dead = oneprotect_tests::free_port();
+    let exchange = if opts.require_client_cert {
+        String::new()
+    } else {
+        format!("[[routes]]\nprefix = \"{EXCHANGE}\"\nupstreams = [\"{echo}\"]\nrequire_identity = false\n")
+    };
     let toml = format!(
         r#"
 [listener]
@@ -131,6 +140,7 @@ key = "{key}"
 trust_bundle = "{bundle}"
 trust_domain = "{TD}"
 trust_bundle_poll_secs = 0
+require_client_cert = {mandatory}
 
 [admin]
 listen = "127.0.0.1:{admin_port}"
@@ -144,15 +154,18 @@ heartbeat_ms = {hb}
 [runtime]
 graceful_shutdown_secs = 0
 
-[[routes]]
-prefix = "{EXCHANGE}"
-upstreams = ["{echo}"]
-require_identity = false
-
+{exchange}
 [[routes]]
 prefix = "/api"
 upstreams = ["{echo}"]
+
+[[routes]]
+prefix = "/dead"
+upstreams = ["127.0.0.1:{dead}"]
+health_check_secs = 0
+connect_timeout_ms = 500
 "#,
+        mandatory = opts.require_client_cert,
         cert = cert.display(),
         key = key.display(),
         bundle = bundle.display(),
@@ -683,6 +696,7 @@ async fn redis_outage_serves_until_max_staleness_then_fails_closed_and_recovers(
         redis_url: format!("redis://127.0.0.1:{port}"),
         max_staleness_ms: 3000,
         heartbeat_ms: 200,
+        require_client_cert: false,
     })
     .await;
     let (mut s, _t) = gw.h1(Some((&gw.leaf, &gw.ca))).await.unwrap();
@@ -819,5 +833,93 @@ async fn resumed_tls13_session_keeps_the_identity() {
     }
     assert_eq!(kinds[0], Some(rustls::HandshakeKind::Full));
     assert_eq!(kinds[1], Some(rustls::HandshakeKind::Resumed));
+    gw.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_down_is_a_problem_document() {
+    let gw = start_gateway(Opts::shared_redis()).await;
+    let (mut s, _t) = gw.h1(Some((&gw.leaf, &gw.ca))).await.unwrap();
+    let r = h1_send(&mut s, "/dead/x", &[]).await.unwrap();
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert_eq!(r.body["code"], "bad_gateway");
+    assert_eq!(
+        r.headers.get("content-type").unwrap(),
+        "application/problem+json"
+    );
+    gw.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mandatory_client_certificate_refuses_certificate_less_handshakes() {
+    let mut opts = Opts::shared_redis();
+    opts.require_client_cert = true;
+    let gw = start_gateway(opts).await;
+    let failed = match gw.h1(None).await {
+        Err(_) => true,
+        Ok((mut s, _t)) => h1_send(&mut s, "/api/x", &[]).await.is_err(),
+    };
+    assert!(failed, "a certificate-less client got an HTTP answer");
+    let (mut s, _t) = gw.h1(Some((&gw.leaf, &gw.ca))).await.unwrap();
+    assert_eq!(h1_send(&mut s, "/api/x", &[]).await.unwrap().status, 200);
+    gw.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssl_s_client_with_good_and_foreign_certificates() {
+    let gw = start_gateway(Opts::shared_redis()).await;
+    let dir = gw.dir.path();
+    let root = write(dir, "root.pem", &gw.pki.root_pem());
+    let port = gw.addr.port();
+    let s_client = |leaf: &Leaf, ca: &TenantCa, name: &str| {
+        let cert = write(dir, &format!("{name}.pem"), &leaf.cert_pem);
+        // s_client sends only the first certificate of -cert; the issuing CA
+        // goes in -cert_chain.
+        let chain = write(dir, &format!("{name}-ca.pem"), &ca.cert_pem);
+        let key = write(dir, &format!("{name}.key"), &leaf.key_pem);
+        let mut c = std::process::Command::new("timeout");
+        c.args(["10", "openssl", "s_client", "-quiet", "-no_ign_eof"])
+            .args([
+                "-connect",
+                &format!("127.0.0.1:{port}"),
+                "-servername",
+                "localhost",
+            ])
+            .args(["-alpn", "http/1.1", "-verify_return_error", "-CAfile"])
+            .arg(&root)
+            .arg("-cert")
+            .arg(&cert)
+            .arg("-cert_chain")
+            .arg(&chain)
+            .arg("-key")
+            .arg(&key)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut child = c.spawn().unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            let _ = stdin.write_all(
+                b"GET /api/s_client HTTP/1.1\r\nHost: localhost\r\nX-OneProtect-Agent-Id: spoofed\r\nConnection: close\r\n\r\n",
+            );
+            // Keep stdin open until the server closes the connection.
+            let out = child.wait_with_output().unwrap();
+            drop(stdin);
+            (
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        })
+    };
+    let (out, err) = s_client(&gw.leaf, &gw.ca, "good").await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}\n{err}");
+    assert!(out.contains(&gw.id.agent().to_string()), "{out}");
+    assert!(!out.contains("spoofed"), "{out}");
+
+    let foreign = TestPki::new(TD).tenant_ca(&gw.ca.tenant);
+    let leaf = foreign.agent(&uuid::Uuid::new_v4().to_string());
+    let (out, _) = s_client(&leaf, &foreign, "foreign").await.unwrap();
+    assert!(!out.contains("HTTP/1.1"), "{out}");
     gw.cleanup().await;
 }
