@@ -150,3 +150,46 @@ mod tests {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_'));
     }
 }
+
+/// The path of a workspace binary, building it first (debug profile, the
+/// target directory this test runs from) so `cargo test --workspace` alone is
+/// enough. Builds each binary at most once per test process.
+///
+/// Cargo does not hold its build lock while tests run, so the nested
+/// `cargo build` here does not deadlock; when the binary is up to date it
+/// costs one no-op cargo invocation.
+pub fn ensure_binary(package: &str, bin: &str) -> PathBuf {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = built.get(bin) {
+        return p.clone();
+    }
+    // target/debug/deps/suite-<hash> → target/debug
+    let exe = std::env::current_exe().expect("current test executable");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable lives in target/<profile>/deps")
+        .to_path_buf();
+    let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.current_dir(workspace_root())
+        .args(["build", "--quiet", "-p", package, "--bin", bin])
+        .env("CARGO_TARGET_DIR", &target_dir);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("run cargo build");
+    assert!(
+        status.success(),
+        "cargo build -p {package} --bin {bin} failed"
+    );
+    let path = profile_dir.join(bin);
+    assert!(path.is_file(), "{} missing after build", path.display());
+    built.insert(bin.to_owned(), path.clone());
+    path
+}

@@ -1,0 +1,52 @@
+//! The bench harness in its smallest mode, so it cannot rot: every scenario
+//! runs against the real gateway binary, the direct upstream and (when
+//! installed) nginx, and writes its JSON, Markdown and SVG. Figures are not
+//! asserted — speed is measured by benchmarks, not tests — but every
+//! scenario must have produced successful requests and the revocation
+//! scenario must have refused every revoked agent.
+
+use std::process::Command;
+
+#[test]
+fn bench_all_tiny_runs_every_scenario_and_writes_reports() {
+    let redis = oneprotect_tests::require_redis();
+    let gateway = oneprotect_tests::ensure_binary("oneprotect-gateway", "oneprotect-gateway");
+    let bench = oneprotect_tests::ensure_binary("oneprotect-bench", "oneprotect-bench");
+    // The harness finds the gateway next to itself.
+    assert_eq!(gateway.parent(), bench.parent());
+    let out = tempfile::tempdir().unwrap();
+    let output = Command::new(&bench)
+        .args(["all", "--tiny", "--out"])
+        .arg(out.path())
+        .arg("--cache")
+        .arg(out.path().join("cache"))
+        .args(["--redis-url", &redis])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "bench failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
+    let runs = json["runs"].as_array().unwrap();
+    let nginx = runs.iter().any(|r| r["target"] == "nginx");
+    let expected = if nginx { 12 } else { 7 };
+    assert_eq!(runs.len(), expected, "{json:#}");
+    for r in runs {
+        assert!(r["ok"].as_u64().unwrap() > 0, "no successful request: {r}");
+        assert_eq!(r["errors"].as_object().unwrap().len(), 0, "errors: {r}");
+    }
+    // Full handshakes really were full: the client never resumed.
+    for r in runs.iter().filter(|r| r["scenario"] == "handshake") {
+        assert_eq!(r["resumed"], 0, "{r}");
+    }
+    let rev = &json["revocation"];
+    assert_eq!(rev["revocations"], rev["refused"], "{rev}");
+    let md = std::fs::read_to_string(out.path().join("results.md")).unwrap();
+    assert!(md.contains("| keepalive | gateway | h1 |"), "{md}");
+    let svg = std::fs::read_to_string(out.path().join("results.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+}
