@@ -123,34 +123,6 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral port on 127.0.0.1")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_port_parsing() {
-        assert_eq!(
-            host_port("redis://127.0.0.1:6380/0", 6379),
-            "127.0.0.1:6380"
-        );
-        assert_eq!(host_port("postgres://u:p@db:5433/test", 5432), "db:5433");
-        assert_eq!(
-            host_port("postgres://postgres@127.0.0.1/test", 5432),
-            "127.0.0.1:5432"
-        );
-    }
-
-    #[test]
-    fn unique_names_differ_and_are_safe() {
-        let a = unique_name("My-Test");
-        let b = unique_name("My-Test");
-        assert_ne!(a, b);
-        assert!(a
-            .bytes()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_'));
-    }
-}
-
 /// The path of a workspace binary, building it first (debug profile, the
 /// target directory this test runs from) so `cargo test --workspace` alone is
 /// enough. Builds each binary at most once per test process.
@@ -192,4 +164,32 @@ pub fn ensure_binary(package: &str, bin: &str) -> PathBuf {
     assert!(path.is_file(), "{} missing after build", path.display());
     built.insert(bin.to_owned(), path.clone());
     path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_parsing() {
+        assert_eq!(
+            host_port("redis://127.0.0.1:6380/0", 6379),
+            "127.0.0.1:6380"
+        );
+        assert_eq!(host_port("postgres://u:p@db:5433/test", 5432), "db:5433");
+        assert_eq!(
+            host_port("postgres://postgres@127.0.0.1/test", 5432),
+            "127.0.0.1:5432"
+        );
+    }
+
+    #[test]
+    fn unique_names_differ_and_are_safe() {
+        let a = unique_name("My-Test");
+        let b = unique_name("My-Test");
+        assert_ne!(a, b);
+        assert!(a
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_'));
+    }
 }
