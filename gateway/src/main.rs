@@ -23,7 +23,15 @@ struct Args {
     check: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    if let Err(e) = run() {
+        // One clear line (with causes), no backtrace: this is an operator error.
+        eprintln!("oneprotect-gateway: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
