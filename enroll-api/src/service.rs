@@ -29,6 +29,11 @@ use crate::store::{AnyStore, StoreError};
 const RATE_LIMIT_KEYS: usize = 100_000;
 /// A TLS handshake must finish within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request's headers must arrive within this time (slow-loris guard).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this many HTTPS connections are served at once; further accepts
+/// wait for a slot.
+const MAX_CONNECTIONS: usize = 10_000;
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -267,7 +272,11 @@ async fn serve_tls(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            break;
+        };
         tokio::select! {
             _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => break,
             accepted = listener.accept() => {
@@ -282,6 +291,7 @@ async fn serve_tls(
                 let acceptor = acceptor.clone();
                 let app = app.clone();
                 conns.spawn(async move {
+                    let _slot = slot;
                     let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await else {
                         return;
                     };
@@ -290,6 +300,8 @@ async fn serve_tls(
                         app.clone().oneshot(req)
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(HEADER_READ_TIMEOUT)
                         .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");
