@@ -258,7 +258,9 @@ impl TestPki {
         params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
         params.use_authority_key_identifier_extension = true;
         let key = KeyPair::generate().expect("generate server key");
-        let cert = params.signed_by(&key, &*self.root).expect("sign server cert");
+        let cert = params
+            .signed_by(&key, &*self.root)
+            .expect("sign server cert");
         Leaf {
             cert_der: cert.der().to_vec(),
             cert_pem: cert.pem(),
