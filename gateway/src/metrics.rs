@@ -24,6 +24,8 @@ pub struct Metrics {
     pub redis_connected: IntGauge,
     /// The last announcement sequence number seen.
     pub revocation_last_seq: IntGauge,
+    /// Announcements Redis' counter is ahead of the last one applied.
+    pub revocation_seq_lag: IntGauge,
     /// Milliseconds since Redis was last confirmed (updated on scrape).
     pub revocation_staleness_ms: IntGauge,
     /// Sequence gaps and reconnects that made the cache distrusted.
@@ -86,6 +88,11 @@ impl Metrics {
             "Last revocation announcement sequence number",
         )
         .expect("static metric");
+        let revocation_seq_lag = IntGauge::new(
+            "revocation_seq_lag",
+            "How far Redis' announcement counter is ahead of the last applied one",
+        )
+        .expect("static metric");
         let revocation_staleness_ms = IntGauge::new(
             "revocation_staleness_ms",
             "Milliseconds since Redis was last confirmed",
@@ -118,6 +125,7 @@ impl Metrics {
             Box::new(revocation_refusals.clone()),
             Box::new(redis_connected.clone()),
             Box::new(revocation_last_seq.clone()),
+            Box::new(revocation_seq_lag.clone()),
             Box::new(revocation_staleness_ms.clone()),
             Box::new(revocation_cache_resets.clone()),
             Box::new(trust_bundle_reloads.clone()),
@@ -134,6 +142,7 @@ impl Metrics {
             revocation_refusals,
             redis_connected,
             revocation_last_seq,
+            revocation_seq_lag,
             revocation_staleness_ms,
             revocation_cache_resets,
             trust_bundle_reloads,

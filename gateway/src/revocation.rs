@@ -331,6 +331,7 @@ impl Revocation {
                     self.metrics.redis_connected.set(1);
                     tracing::info!(channel = %channel, "revocation subscription up");
                     let mut last_seq = baseline;
+                    let mut lagging = false;
                     let mut tick = tokio::time::interval(heartbeat);
                     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     loop {
@@ -347,6 +348,7 @@ impl Revocation {
                                     Ok(Ok(_)) => self.mark_ok(),
                                     _ => break,
                                 }
+                                self.check_lag(&mut last_seq, &mut lagging).await;
                             }
                             _ = shutdown.changed() => return,
                         }
@@ -369,6 +371,42 @@ impl Revocation {
                 _ = tokio::time::sleep(heartbeat) => {}
                 _ = shutdown.changed() => return,
             }
+        }
+    }
+
+    /// Compares the announcement cursor with Redis' counter. A lag seen on
+    /// two heartbeats in a row is not a message in flight: an announcement
+    /// was lost (or its publisher died between `INCR` and `PUBLISH`), so the
+    /// cache is distrusted and the cursor moves to the counter.
+    async fn check_lag(&self, last_seq: &mut Option<u64>, lagging: &mut bool) {
+        let Some(mut conn) = self.connection().await else {
+            return;
+        };
+        let timeout = Duration::from_millis(self.cfg.redis_timeout_ms);
+        let res = tokio::time::timeout(
+            timeout,
+            redis::cmd("GET")
+                .arg(self.keys.revocation_seq())
+                .query_async::<Option<u64>>(&mut conn),
+        )
+        .await;
+        let Ok(Ok(Some(current))) = res else {
+            return;
+        };
+        let lag = current.saturating_sub(last_seq.unwrap_or(0));
+        self.metrics
+            .revocation_seq_lag
+            .set(lag.min(i64::MAX as u64) as i64);
+        if lag == 0 {
+            *lagging = false;
+        } else if *lagging {
+            self.reset("announcement missed (sequence lag)");
+            *last_seq = Some(current);
+            self.metrics.revocation_last_seq.set(current as i64);
+            self.metrics.revocation_seq_lag.set(0);
+            *lagging = false;
+        } else {
+            *lagging = true;
         }
     }
 

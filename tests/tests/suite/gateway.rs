@@ -923,3 +923,35 @@ async fn openssl_s_client_with_good_and_foreign_certificates() {
     assert!(!out.contains("HTTP/1.1"), "{out}");
     gw.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_announcement_is_detected_by_sequence_lag() {
+    let mut opts = Opts::shared_redis();
+    opts.heartbeat_ms = 100;
+    let gw = start_gateway(opts).await;
+    let (mut s, _t) = gw.h1(Some((&gw.leaf, &gw.ca))).await.unwrap();
+    assert_eq!(h1_send(&mut s, "/api/x", &[]).await.unwrap().status, 200);
+    let resets = |m: &str| {
+        m.lines()
+            .find(|l| l.starts_with("oneprotect_gateway_revocation_cache_resets_total "))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap()
+    };
+    let before = resets(&gw.admin_get("/metrics").await.1);
+    // A publisher that died between INCR and PUBLISH.
+    let mut r = gw.redis().await;
+    let _: u64 = r.incr(gw.keys.revocation_seq(), 1).await.unwrap();
+    let mut after = before;
+    for _ in 0..200 {
+        after = resets(&gw.admin_get("/metrics").await.1);
+        if after > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(after > before, "lag never detected");
+    // The distrusted cache is re-confirmed from Redis.
+    assert_eq!(h1_send(&mut s, "/api/x", &[]).await.unwrap().status, 200);
+    gw.cleanup().await;
+}
