@@ -97,6 +97,8 @@ struct Opts {
     max_staleness_ms: u64,
     heartbeat_ms: u64,
     require_client_cert: bool,
+    /// Redis is reachable: seed the agent's status and wait for readiness.
+    redis_up: bool,
 }
 
 impl Opts {
@@ -106,6 +108,7 @@ impl Opts {
             max_staleness_ms: 5000,
             heartbeat_ms: 1000,
             require_client_cert: false,
+            redis_up: true,
         }
     }
 }
@@ -199,8 +202,19 @@ connect_timeout_ms = 500
         verifier,
         running: Some(running),
     };
-    gw.set_active(&gw.id).await;
-    gw.wait_ready().await;
+    if opts.redis_up {
+        gw.set_active(&gw.id).await;
+        gw.wait_ready().await;
+    } else {
+        for _ in 0..200 {
+            if TcpStream::connect(gw.admin).await.is_ok()
+                && TcpStream::connect(gw.addr).await.is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     gw
 }
 
@@ -697,6 +711,7 @@ async fn redis_outage_serves_until_max_staleness_then_fails_closed_and_recovers(
         max_staleness_ms: 3000,
         heartbeat_ms: 200,
         require_client_cert: false,
+        redis_up: true,
     })
     .await;
     let (mut s, _t) = gw.h1(Some((&gw.leaf, &gw.ca))).await.unwrap();
@@ -954,4 +969,22 @@ async fn a_lost_announcement_is_detected_by_sequence_lag() {
     // The distrusted cache is re-confirmed from Redis.
     assert_eq!(h1_send(&mut s, "/api/x", &[]).await.unwrap().status, 200);
     gw.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_from_the_start_identity_routes_fail_closed() {
+    // Nothing listens on this port.
+    let mut opts = Opts::shared_redis();
+    opts.redis_url = format!("redis://127.0.0.1:{}", oneprotect_tests::free_port());
+    opts.redis_up = false;
+    let gw = start_gateway(opts).await;
+    assert_eq!(gw.admin_get("/readyz").await.0, 503);
+    let (mut s, _t) = gw.h1(Some((&gw.leaf, &gw.ca))).await.unwrap();
+    let r = h1_send(&mut s, "/api/x", &[]).await.unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.body["code"], "revocation_unavailable");
+    assert!(r.headers.get("retry-after").is_some());
+    // The enrollment exchange needs no revocation check.
+    let (mut s, _t) = gw.h1(None).await.unwrap();
+    assert_eq!(h1_send(&mut s, EXCHANGE, &[]).await.unwrap().status, 200);
 }
