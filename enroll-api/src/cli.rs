@@ -1,5 +1,5 @@
 //! The command line: `serve` (default), `ca init`, `tenant create`,
-//! `admin-key create`. The functions behind the commands are public so tests
+//! `admin-key create`, `projection rebuild`. The functions behind the commands are public so tests
 //! drive them in-process. (`anyhow` here: this is the binary's edge.)
 
 use std::path::PathBuf;
@@ -50,6 +50,20 @@ pub enum Command {
         #[command(subcommand)]
         command: AdminKeyCommand,
     },
+    /// The Redis revocation projection.
+    Projection {
+        /// Projection subcommand.
+        #[command(subcommand)]
+        command: ProjectionCommand,
+    },
+}
+
+/// `projection …`
+#[derive(Debug, Subcommand)]
+pub enum ProjectionCommand {
+    /// Rewrite every agent and certificate status in Redis from the store,
+    /// then announce a `resync` (after a Redis flush or restore).
+    Rebuild,
 }
 
 /// `ca …`
@@ -152,6 +166,19 @@ pub async fn admin_key_create(
     Ok(key)
 }
 
+/// `projection rebuild`: rewrites the whole projection from the store.
+pub async fn projection_rebuild(cfg: &Config) -> anyhow::Result<crate::projection::RebuildStats> {
+    let url = cfg
+        .redis
+        .url
+        .as_deref()
+        .ok_or_else(|| anyhow::anyhow!("redis.url is not configured"))?;
+    let store = service::open_store(cfg).await?;
+    let projection = crate::projection::Projection::new(url, &cfg.redis.key_prefix)?;
+    let mut conn = projection.connect().await?;
+    Ok(conn.rebuild(&store, service::system_clock().now()).await?)
+}
+
 /// `serve`: runs until Ctrl-C / SIGTERM.
 pub async fn serve(cfg: &Config) -> anyhow::Result<()> {
     let state = service::build_state(cfg, service::system_clock()).await?;
@@ -207,6 +234,16 @@ async fn run_command(cli: Cli) -> anyhow::Result<()> {
             let key = admin_key_create(&cfg, tenant, &name).await?;
             // The one place the key leaves the process.
             println!("{}", key.expose_secret());
+            Ok(())
+        }
+        Command::Projection {
+            command: ProjectionCommand::Rebuild,
+        } => {
+            let s = projection_rebuild(&cfg).await?;
+            println!(
+                "projection rebuilt: {} tenants, {} agents, {} certificates (resync seq {})",
+                s.tenants, s.agents, s.certificates, s.seq
+            );
             Ok(())
         }
     }

@@ -67,6 +67,40 @@ pub struct Config {
     pub secrets: SecretsConfig,
     /// Request limits.
     pub limits: LimitsConfig,
+    /// The Redis revocation projection and event stream. Optional: without
+    /// `redis.url` the service runs with no projection (gateways then fail
+    /// closed for every agent) and says so at startup.
+    pub redis: RedisConfig,
+}
+
+/// Redis: the revocation projection gateways read, and the event stream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://host:port[/db]` or `rediss://…`. Defaults to unset: no
+    /// projection, no event relay (outbox rows stay pending until a replica
+    /// with Redis publishes them).
+    pub url: Option<String>,
+    /// Prefix of every key and channel; must match the gateways'. Defaults
+    /// to `oneprotect:`.
+    pub key_prefix: String,
+    /// How often the outbox relay looks for pending rows besides the
+    /// wake-up after each commit, milliseconds. Defaults to 1000; 10 ..= 60000.
+    pub relay_poll_interval_ms: u64,
+    /// Rebuild the projection on start when `{prefix}projection:built_at`
+    /// is missing (new or flushed Redis). Defaults to true.
+    pub rebuild_if_missing: bool,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            key_prefix: oneprotect_identity::revocation::DEFAULT_PREFIX.into(),
+            relay_poll_interval_ms: 1000,
+            rebuild_if_missing: true,
+        }
+    }
 }
 
 /// Where to listen.
@@ -162,6 +196,7 @@ impl Default for Config {
             database: DatabaseConfig::default(),
             secrets: SecretsConfig::default(),
             limits: LimitsConfig::default(),
+            redis: RedisConfig::default(),
         }
     }
 }
@@ -250,7 +285,7 @@ impl Config {
     /// Applies `ONEPROTECT_ENROLL_*` overrides read through `get`:
     /// `TRUST_DOMAIN`, `DATA_DIR`, `LISTEN_HTTPS`, `LISTEN_HTTP`,
     /// `DATABASE_URL`, `DATABASE_SCHEMA`, `PEPPER_FILE`, `CA_DIR`,
-    /// `CA_AUTO_INIT`.
+    /// `CA_AUTO_INIT`, `REDIS_URL`, `REDIS_KEY_PREFIX`.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = get("ONEPROTECT_ENROLL_TRUST_DOMAIN") {
             self.trust_domain = v;
@@ -275,6 +310,12 @@ impl Config {
         }
         if let Some(v) = get("ONEPROTECT_ENROLL_CA_DIR") {
             self.ca.dir = Some(v.into());
+        }
+        if let Some(v) = get("ONEPROTECT_ENROLL_REDIS_URL") {
+            self.redis.url = Some(v).filter(|v| !v.is_empty());
+        }
+        if let Some(v) = get("ONEPROTECT_ENROLL_REDIS_KEY_PREFIX") {
+            self.redis.key_prefix = v;
         }
         if let Some(v) = get("ONEPROTECT_ENROLL_CA_AUTO_INIT") {
             self.ca.auto_init = v
@@ -356,6 +397,17 @@ impl Config {
             ));
         }
         self.database.url = Some(url);
+        if let Some(u) = &self.redis.url {
+            if redis::Client::open(u.as_str()).is_err() {
+                return Err(invalid("redis.url is not a redis:// or rediss:// URL"));
+            }
+        }
+        if self.redis.key_prefix.is_empty() || self.redis.key_prefix.len() > 128 {
+            return Err(invalid("redis.key_prefix must be 1..=128 bytes"));
+        }
+        if !(10..=60_000).contains(&self.redis.relay_poll_interval_ms) {
+            return Err(invalid("redis.relay_poll_interval_ms must be 10..=60000"));
+        }
         if self.ca.dir.is_none() {
             self.ca.dir = Some(self.data_dir.join("ca"));
         }

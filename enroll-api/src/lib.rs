@@ -8,6 +8,8 @@
 //! - [`ca`]: the platform root and per-tenant issuing CAs (no HTTP).
 //! - [`store`]: the storage trait, SQLite and PostgreSQL (RLS) backends.
 //! - [`http`]: the API, one module per resource.
+//! - [`projection`], [`relay`]: the Redis revocation projection gateways
+//!   read, and the outbox relay that feeds it and the event stream.
 //! - [`secrets`]: token and admin-key generation and keyed hashing.
 //! - [`config`], [`service`], [`cli`]: configuration, listeners, commands.
 //!
@@ -20,7 +22,9 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod http;
+pub mod projection;
 pub mod ratelimit;
+pub mod relay;
 pub mod secrets;
 pub mod service;
 pub mod store;

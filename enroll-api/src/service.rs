@@ -19,7 +19,9 @@ use crate::ca::{Ca, CaError};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::http::{self, AppState, Inner};
+use crate::projection::Projection;
 use crate::ratelimit::RateLimiter;
+use crate::relay::{RelaySettings, RelayWaker};
 use crate::secrets::{Pepper, SecretError};
 use crate::store::postgres::{PgOptions, PgStore};
 use crate::store::sqlite::SqliteStore;
@@ -53,6 +55,9 @@ pub enum StartError {
     /// The TLS certificate or key is unusable.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The Redis settings are unusable.
+    #[error("redis: {0}")]
+    Redis(String),
 }
 
 /// Opens the configured store (running migrations).
@@ -96,6 +101,22 @@ pub async fn build_state(cfg: &Config, clock: SharedClock) -> Result<AppState, S
     let ca = tokio::task::spawn_blocking(move || open_ca(&ca_cfg, ca_clock))
         .await
         .map_err(|e| StartError::Io("CA task".into(), std::io::Error::other(e)))??;
+    let projection = match &cfg.redis.url {
+        Some(url) => {
+            let p = Projection::new(url, &cfg.redis.key_prefix)
+                .map_err(|e| StartError::Redis(e.to_string()))?;
+            tracing::info!(prefix = %cfg.redis.key_prefix, "revocation projection and event relay: Redis configured");
+            Some(p)
+        }
+        None => {
+            tracing::warn!(
+                "NO REDIS CONFIGURED (redis.url): the revocation projection is not written, so \
+                 gateways refuse every agent (fail closed), and lifecycle events stay in the \
+                 outbox unpublished. Set redis.url for anything but a store-only test."
+            );
+            None
+        }
+    };
     let l = &cfg.limits;
     Ok(AppState::new(Inner {
         store,
@@ -113,6 +134,8 @@ pub async fn build_state(cfg: &Config, clock: SharedClock) -> Result<AppState, S
             RATE_LIMIT_KEYS,
         ),
         max_body_bytes: l.max_body_bytes,
+        projection,
+        relay: RelayWaker::new(),
     }))
 }
 
@@ -249,6 +272,19 @@ pub async fn start(cfg: &Config, state: AppState) -> Result<Running, StartError>
                 tracing::error!(error = %e, "HTTP listener failed");
             }
         });
+    }
+    if let Some(projection) = state.projection.clone() {
+        tasks.spawn(crate::relay::run(
+            state.store.clone(),
+            projection,
+            state.clock.clone(),
+            state.relay.clone(),
+            RelaySettings {
+                poll_interval: Duration::from_millis(cfg.redis.relay_poll_interval_ms),
+                rebuild_if_missing: cfg.redis.rebuild_if_missing,
+            },
+            rx.clone(),
+        ));
     }
     for a in https_addr.iter() {
         tracing::info!(addr = %a, "listening (HTTPS)");

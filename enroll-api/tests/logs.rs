@@ -90,6 +90,8 @@ async fn secrets_never_reach_the_logs() {
         per_address: RateLimiter::new(600, 100, 1000),
         per_token: RateLimiter::new(600, 100, 1000),
         max_body_bytes: 64 * 1024,
+        projection: None,
+        relay: oneprotect_enroll_api::relay::RelayWaker::new(),
     });
     let tenant = Tenant {
         id: TenantId::random(),

@@ -1,4 +1,5 @@
-//! Agents: list, get, revoke (the Redis push of the revocation is part 2).
+//! Agents: list, get, revoke. A revocation answers 200 once the store has
+//! committed it; the outbox relay then pushes it to Redis.
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -133,6 +134,9 @@ async fn revoke(
         )
         .await?
         .ok_or(ApiError::new(problem::NOT_FOUND))?;
+    // Committed: the relay pushes the revocation to Redis at once (and
+    // retries from the outbox if Redis is down).
+    state.relay.wake();
     tracing::info!(tenant = %auth.tenant, agent = %id, "agent revoked");
     Ok(Json(a.into()))
 }

@@ -122,6 +122,7 @@ async fn record_failure(
     if let Err(e) = state.store.create_event(&event).await {
         tracing::warn!(error = %e, %tenant, %token_id, "could not record failed enrollment");
     }
+    state.relay.wake();
 }
 
 fn refusal_failure(r: TokenRefusal) -> Option<EnrollmentFailure> {
@@ -261,6 +262,7 @@ async fn exchange(
             return Err(ApiError::new(problem::INVALID_TOKEN));
         }
     }
+    state.relay.wake();
     tracing::info!(%tenant, %token_id, agent = %agent_id, serial = %leaf.serial, "agent enrolled");
     let rotate = rotate_after(
         leaf.not_before.unix_timestamp(),

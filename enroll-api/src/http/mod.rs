@@ -59,6 +59,10 @@ pub struct Inner {
     pub per_token: RateLimiter,
     /// Largest request body in bytes.
     pub max_body_bytes: usize,
+    /// The Redis projection, when `redis.url` is configured.
+    pub projection: Option<crate::projection::Projection>,
+    /// Wakes the outbox relay after a commit.
+    pub relay: crate::relay::RelayWaker,
 }
 
 impl AppState {

@@ -73,6 +73,8 @@ async fn fixture_with(per_token_burst: u32, per_address_burst: u32) -> Fixture {
         per_address: RateLimiter::new(60, per_address_burst, 1000),
         per_token: RateLimiter::new(60, per_token_burst, 1000),
         max_body_bytes: 16 * 1024,
+        projection: None,
+        relay: crate::relay::RelayWaker::new(),
     });
     let t = tenant(&state).await;
     let other = tenant(&state).await;

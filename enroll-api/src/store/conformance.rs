@@ -155,6 +155,7 @@ pub async fn run_all<S: Store>(s: &S) {
     enroll_refusals(s).await;
     single_use_token_under_concurrency(s, 100).await;
     agents_list_and_revoke(s).await;
+    relay_reads_pending_events_and_certificates(s).await;
 }
 
 pub async fn tenants_and_admin_keys<S: Store>(s: &S) {
@@ -475,6 +476,48 @@ pub async fn agents_list_and_revoke<S: Store>(s: &S) {
         }
         other => panic!("unexpected {other:?}"),
     }
+}
+
+pub async fn relay_reads_pending_events_and_certificates<S: Store>(s: &S) {
+    let t = tenant(s).await;
+    let (id, h) = token(s, t, 5, 3600).await;
+    let e = enrollment(t, id, &h, now());
+    s.enroll(&e).await.unwrap();
+    assert!(s.list_tenant_ids().await.unwrap().contains(&t));
+    let certs = s.list_agent_certificates(t, e.agent.id).await.unwrap();
+    assert_eq!(certs.len(), 1);
+    assert_eq!(certs[0].serial, e.certificate.serial);
+    assert_eq!(certs[0].status, oneprotect_identity::CertStatus::Active);
+    assert_eq!(certs[0].not_after, e.certificate.not_after);
+    let other = tenant(s).await;
+    assert!(s
+        .list_agent_certificates(other, e.agent.id)
+        .await
+        .unwrap()
+        .is_empty());
+    // Drain: every pending row (of every tenant) is listed until marked sent.
+    for _ in 0..1000 {
+        let pending = s.list_pending_events(50).await.unwrap();
+        if pending.is_empty() {
+            break;
+        }
+        let seqs: Vec<i64> = pending.iter().map(|p| p.seq).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "oldest first");
+        for p in &pending {
+            s.mark_event_sent(p.seq, now()).await.unwrap();
+            s.mark_event_sent(p.seq, now()).await.unwrap();
+        }
+    }
+    assert!(s.list_pending_events(50).await.unwrap().is_empty());
+    s.revoke_agent(t, e.agent.id, "gone", now(), Actor::System)
+        .await
+        .unwrap();
+    let pending = s.list_pending_events(50).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].event.payload.event_type(), "agent.revoked");
+    let certs = s.list_agent_certificates(t, e.agent.id).await.unwrap();
+    assert_eq!(certs[0].status, oneprotect_identity::CertStatus::Revoked);
+    s.mark_event_sent(pending[0].seq, now()).await.unwrap();
 }
 
 /// Opens a PostgreSQL store in a fresh schema `schema` (created here).

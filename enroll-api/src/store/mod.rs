@@ -27,7 +27,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use oneprotect_identity::events::{Actor, Event};
-use oneprotect_identity::{AgentId, AgentStatus, SerialNumber, TenantId, TokenId};
+use oneprotect_identity::{AgentId, AgentStatus, CertStatus, SerialNumber, TenantId, TokenId};
 
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -291,6 +291,19 @@ pub struct OutboxEvent {
     pub event: Event,
 }
 
+/// A certificate's lifecycle state, as the Redis projection needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateState {
+    /// Serial.
+    pub serial: SerialNumber,
+    /// The agent it belongs to.
+    pub agent_id: AgentId,
+    /// Active, superseded or revoked.
+    pub status: CertStatus,
+    /// NotAfter (the projection key expires then).
+    pub not_after: OffsetDateTime,
+}
+
 /// The storage operations the service needs. Implemented by both backends;
 /// [`conformance`] checks that they behave the same.
 pub trait Store: Send + Sync + Clone + 'static {
@@ -362,6 +375,27 @@ pub trait Store: Send + Sync + Clone + 'static {
         tenant: TenantId,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<OutboxEvent>, StoreError>> + Send;
+    /// Lists up to `limit` outbox events of every tenant not yet marked
+    /// sent, oldest first (the relay's cross-tenant read; on PostgreSQL a
+    /// narrow `SECURITY DEFINER` function).
+    fn list_pending_events(
+        &self,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<OutboxEvent>, StoreError>> + Send;
+    /// Marks outbox event `seq` sent at `now` (idempotent).
+    fn mark_event_sent(
+        &self,
+        seq: i64,
+        now: OffsetDateTime,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Every tenant id (for a full projection rebuild), in id order.
+    fn list_tenant_ids(&self) -> impl Future<Output = Result<Vec<TenantId>, StoreError>> + Send;
+    /// Every certificate of one agent of `tenant`, by serial.
+    fn list_agent_certificates(
+        &self,
+        tenant: TenantId,
+        agent: AgentId,
+    ) -> impl Future<Output = Result<Vec<CertificateState>, StoreError>> + Send;
     /// Fetches an agent of `tenant`.
     fn fetch_agent(
         &self,
@@ -471,6 +505,22 @@ impl Store for AnyStore {
     ) -> Result<Vec<OutboxEvent>, StoreError> {
         dispatch!(self, s => s.list_events(tenant, limit))
     }
+    async fn list_pending_events(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
+        dispatch!(self, s => s.list_pending_events(limit))
+    }
+    async fn mark_event_sent(&self, seq: i64, now: OffsetDateTime) -> Result<(), StoreError> {
+        dispatch!(self, s => s.mark_event_sent(seq, now))
+    }
+    async fn list_tenant_ids(&self) -> Result<Vec<TenantId>, StoreError> {
+        dispatch!(self, s => s.list_tenant_ids())
+    }
+    async fn list_agent_certificates(
+        &self,
+        tenant: TenantId,
+        agent: AgentId,
+    ) -> Result<Vec<CertificateState>, StoreError> {
+        dispatch!(self, s => s.list_agent_certificates(tenant, agent))
+    }
     async fn fetch_agent(
         &self,
         tenant: TenantId,
@@ -539,6 +589,10 @@ pub(crate) fn event_json(e: &Event) -> Result<String, StoreError> {
 
 pub(crate) fn parse_event(s: &str) -> Result<Event, StoreError> {
     serde_json::from_str(s).map_err(corrupt)
+}
+
+pub(crate) fn parse_cert_status(s: &str) -> Result<CertStatus, StoreError> {
+    s.parse().map_err(corrupt)
 }
 
 pub(crate) fn parse_id<T: std::str::FromStr>(s: &str) -> Result<T, StoreError> {

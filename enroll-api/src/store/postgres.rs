@@ -19,9 +19,10 @@ use oneprotect_identity::events::{Actor, Event, Payload};
 use oneprotect_identity::{AgentId, AgentStatus, TenantId, TokenId};
 
 use super::{
-    event_json, labels_json, parse_event, parse_id, parse_labels, refusal, token_status_sql, ts,
-    u32_of, AdminKeyRef, AgentRecord, EnrollOutcome, Enrollment, NewAdminKey, NewToken,
-    OutboxEvent, Page, Store, StoreError, Tenant, TokenRecord, TokenStatus,
+    event_json, labels_json, parse_cert_status, parse_event, parse_id, parse_labels, refusal,
+    token_status_sql, ts, u32_of, AdminKeyRef, AgentRecord, CertificateState, EnrollOutcome,
+    Enrollment, NewAdminKey, NewToken, OutboxEvent, Page, Store, StoreError, Tenant, TokenRecord,
+    TokenStatus,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -509,6 +510,67 @@ impl Store for PgStore {
         .await?;
         tx.commit().await?;
         rows.iter().map(agent_from_row).collect()
+    }
+
+    // The relay and the rebuild read across tenants only through the narrow
+    // SECURITY DEFINER functions of migration 0002 (outbox rows and tenant
+    // ids); everything else runs under RLS with the tenant set.
+    async fn list_pending_events(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
+        let rows = sqlx::query("SELECT seq, body FROM oneprotect_outbox_pending($1)")
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OutboxEvent {
+                    seq: r.try_get("seq")?,
+                    event: parse_event(r.try_get("body")?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn mark_event_sent(&self, seq: i64, now: OffsetDateTime) -> Result<(), StoreError> {
+        sqlx::query("SELECT oneprotect_outbox_mark_sent($1, $2)")
+            .bind(seq)
+            .bind(now.unix_timestamp())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn list_tenant_ids(&self) -> Result<Vec<TenantId>, StoreError> {
+        let ids: Vec<Uuid> = sqlx::query_scalar("SELECT tenant_id FROM oneprotect_tenant_ids()")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(ids.into_iter().map(TenantId::from_uuid).collect())
+    }
+
+    async fn list_agent_certificates(
+        &self,
+        tenant: TenantId,
+        agent: AgentId,
+    ) -> Result<Vec<CertificateState>, StoreError> {
+        let mut tx = self.begin(tenant).await?;
+        let rows = sqlx::query(
+            "SELECT serial, agent_id, status, not_after FROM certificates \
+             WHERE tenant_id = $1 AND agent_id = $2 ORDER BY serial",
+        )
+        .bind(tenant.as_uuid())
+        .bind(agent.as_uuid())
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        rows.iter()
+            .map(|r| {
+                Ok(CertificateState {
+                    serial: parse_id(r.try_get::<&str, _>("serial")?)?,
+                    agent_id: AgentId::from_uuid(r.try_get("agent_id")?),
+                    status: parse_cert_status(r.try_get("status")?)?,
+                    not_after: ts(r.try_get("not_after")?)?,
+                })
+            })
+            .collect()
     }
 
     async fn revoke_agent(

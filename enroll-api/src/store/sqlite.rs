@@ -20,9 +20,10 @@ use oneprotect_identity::events::{Actor, Event, Payload};
 use oneprotect_identity::{AgentId, AgentStatus, TenantId, TokenId};
 
 use super::{
-    event_json, labels_json, parse_event, parse_id, parse_labels, refusal, token_status_sql, ts,
-    u32_of, AdminKeyRef, AgentRecord, EnrollOutcome, Enrollment, NewAdminKey, NewToken,
-    OutboxEvent, Page, Store, StoreError, Tenant, TokenRecord, TokenStatus,
+    event_json, labels_json, parse_cert_status, parse_event, parse_id, parse_labels, refusal,
+    token_status_sql, ts, u32_of, AdminKeyRef, AgentRecord, CertificateState, EnrollOutcome,
+    Enrollment, NewAdminKey, NewToken, OutboxEvent, Page, Store, StoreError, Tenant, TokenRecord,
+    TokenStatus,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -424,6 +425,66 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(agent_from_row).collect()
+    }
+
+    async fn list_pending_events(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, body FROM events_outbox WHERE published_at IS NULL ORDER BY seq LIMIT ?1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OutboxEvent {
+                    seq: r.try_get("seq")?,
+                    event: parse_event(r.try_get("body")?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn mark_event_sent(&self, seq: i64, now: OffsetDateTime) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE events_outbox SET published_at = ?2 WHERE seq = ?1 AND published_at IS NULL",
+        )
+        .bind(seq)
+        .bind(now.unix_timestamp())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_tenant_ids(&self) -> Result<Vec<TenantId>, StoreError> {
+        let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM tenants ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        ids.iter().map(|s| parse_id(s)).collect()
+    }
+
+    async fn list_agent_certificates(
+        &self,
+        tenant: TenantId,
+        agent: AgentId,
+    ) -> Result<Vec<CertificateState>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT serial, agent_id, status, not_after FROM certificates \
+             WHERE tenant_id = ?1 AND agent_id = ?2 ORDER BY serial",
+        )
+        .bind(tenant.to_string())
+        .bind(agent.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(CertificateState {
+                    serial: parse_id(r.try_get::<&str, _>("serial")?)?,
+                    agent_id: parse_id(r.try_get::<&str, _>("agent_id")?)?,
+                    status: parse_cert_status(r.try_get("status")?)?,
+                    not_after: ts(r.try_get("not_after")?)?,
+                })
+            })
+            .collect()
     }
 
     async fn revoke_agent(

@@ -8,3 +8,4 @@ mod bench;
 mod contracts;
 mod enroll;
 mod gateway;
+mod lifecycle;

@@ -1,0 +1,385 @@
+//! The revocation projection in Redis, and the lifecycle event stream.
+//!
+//! The store is the source of truth; this module writes what gateways read
+//! (key names from [`KeySchema`] only):
+//!
+//! - `{prefix}cert:{serial}` = `active` / `superseded` / `revoked`, expiring
+//!   at the certificate's NotAfter (an expired certificate is refused by the
+//!   chain check anyway, so its key is not kept);
+//! - `{prefix}agent:{tenant}:{agent}` = `active` / `revoked` (no expiry);
+//! - after each key written: `INCR {prefix}revocation:seq`, then `PUBLISH
+//!   {prefix}revocation` an [`Announcement`] carrying that number.
+//!
+//! The write, the `INCR` and the `PUBLISH` run as one Lua script, so an
+//! announcement is never published for a write that did not happen, and a
+//! number is never used without its announcement. The script only ever moves
+//! a status *forward* (certificate: active → superseded → revoked; agent:
+//! active → revoked), as the store does: two relays racing on stale reads, or
+//! a rebuild overlapping the relay, cannot turn a revoked key active again.
+//! (For Redis Cluster, put a hash tag in the prefix, e.g. `{oneprotect}:`, so
+//! the key and the counter share a slot.)
+//!
+//! What the relay applies per event is not a delta but the agent's current
+//! state re-read from the store ([`ProjectionConn::project_agent`]), so
+//! retries and duplicates are harmless (idempotent).
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use oneprotect_identity::events::{Event, Payload};
+use oneprotect_identity::revocation::Change;
+use oneprotect_identity::{AgentId, AgentStatus, KeySchema, TenantId};
+
+use crate::store::{AnyStore, Page, Store, StoreError};
+
+/// Redis commands give up after this long (the relay retries).
+const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Agents read per page during a rebuild.
+const REBUILD_PAGE: u32 = 500;
+
+/// Why a projection step failed. Every variant is retried by the relay.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    /// Redis refused, timed out or is unreachable.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// Reading the store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An announcement did not serialise (a bug).
+    #[error("announcement: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+// KEYS[1] status key, KEYS[2] sequence counter. ARGV[1] new status,
+// ARGV[2] EXAT unix seconds or "" (no expiry), ARGV[3] channel, ARGV[4] the
+// announcement JSON without its opening `{` and without `seq`, ARGV[5] "1" to
+// announce. Returns -1 when a later status is already there (nothing
+// written), else the announcement's seq (0 when not announcing).
+const SET_STATUS: &str = r#"
+local rank = { active = 1, superseded = 2, revoked = 3 }
+local cur = redis.call('GET', KEYS[1])
+if cur and rank[cur] and rank[cur] > rank[ARGV[1]] then
+  return -1
+end
+if ARGV[2] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[1], 'EXAT', ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+if ARGV[5] ~= '1' then
+  return 0
+end
+local seq = redis.call('INCR', KEYS[2])
+redis.call('PUBLISH', ARGV[3], '{"seq":' .. seq .. ',' .. ARGV[4])
+return seq
+"#;
+
+// KEYS[1] counter. ARGV[1] channel, ARGV[2] announcement tail as above.
+const ANNOUNCE: &str = r#"
+local seq = redis.call('INCR', KEYS[1])
+redis.call('PUBLISH', ARGV[1], '{"seq":' .. seq .. ',' .. ARGV[2])
+return seq
+"#;
+
+/// The announcement JSON after its `{`, without `seq` (the script prepends
+/// `{"seq":N,`). [`oneprotect_identity::Announcement`] flattens the change,
+/// so the result parses as one.
+fn announcement_tail(change: &Change) -> Result<String, serde_json::Error> {
+    let json = serde_json::to_string(change)?;
+    Ok(json.strip_prefix('{').unwrap_or(&json).to_owned())
+}
+
+/// Where the projection lives: a Redis client (connects lazily) and the key
+/// schema. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Projection {
+    client: redis::Client,
+    keys: KeySchema,
+}
+
+impl Projection {
+    /// A projection at `url` under `prefix`. Does not connect.
+    pub fn new(url: &str, prefix: &str) -> Result<Self, ProjectionError> {
+        Ok(Self {
+            client: redis::Client::open(url)?,
+            keys: KeySchema::new(prefix),
+        })
+    }
+
+    /// The key schema.
+    pub fn keys(&self) -> &KeySchema {
+        &self.keys
+    }
+
+    /// Opens a connection (connect and response timeouts of 5 s).
+    pub async fn connect(&self) -> Result<ProjectionConn, ProjectionError> {
+        let cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(REDIS_TIMEOUT))
+            .set_response_timeout(Some(REDIS_TIMEOUT));
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await?;
+        Ok(ProjectionConn {
+            conn,
+            keys: self.keys.clone(),
+        })
+    }
+}
+
+/// What a rebuild wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RebuildStats {
+    /// Tenants visited.
+    pub tenants: usize,
+    /// Agent keys written.
+    pub agents: usize,
+    /// Certificate keys written (unexpired certificates only).
+    pub certificates: usize,
+    /// The sequence number of the `resync` announcement.
+    pub seq: i64,
+}
+
+/// One connection to the projection's Redis.
+pub struct ProjectionConn {
+    conn: redis::aio::MultiplexedConnection,
+    keys: KeySchema,
+}
+
+impl std::fmt::Debug for ProjectionConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProjectionConn")
+            .field("prefix", &self.keys.prefix())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProjectionConn {
+    async fn set_status(
+        &mut self,
+        key: String,
+        status: &str,
+        expires_at: Option<OffsetDateTime>,
+        change: &Change,
+        announce: bool,
+    ) -> Result<i64, ProjectionError> {
+        let exat = expires_at
+            .map(|t| t.unix_timestamp().to_string())
+            .unwrap_or_default();
+        // Plain EVAL (the scripts are a few hundred bytes; the `script`
+        // feature's EVALSHA cache would pull in another SHA-1 crate).
+        let seq: i64 = redis::cmd("EVAL")
+            .arg(SET_STATUS)
+            .arg(2)
+            .arg(key)
+            .arg(self.keys.revocation_seq())
+            .arg(status)
+            .arg(exat)
+            .arg(self.keys.revocation_channel())
+            .arg(announcement_tail(change)?)
+            .arg(if announce { "1" } else { "0" })
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(seq)
+    }
+
+    /// Writes one agent's status and its unexpired certificates' statuses as
+    /// the store has them now; with `announce`, announces each key written.
+    /// Returns the number of keys written. An agent unknown to the store
+    /// writes nothing.
+    pub async fn project_agent(
+        &mut self,
+        store: &AnyStore,
+        tenant: TenantId,
+        agent: AgentId,
+        now: OffsetDateTime,
+        announce: bool,
+    ) -> Result<usize, ProjectionError> {
+        let Some(record) = store.fetch_agent(tenant, agent).await? else {
+            return Ok(0);
+        };
+        let certs = store.list_agent_certificates(tenant, agent).await?;
+        let mut written = 0;
+        // On revocation the agent key first: one announcement stops every
+        // certificate of the agent at the gateways. On enrollment the
+        // certificates first, so the agent never looks active with an
+        // unknown certificate for longer than needed.
+        let agent_first = record.status == AgentStatus::Revoked;
+        if agent_first {
+            written += self
+                .write_agent(tenant, agent, record.status, announce)
+                .await?;
+        }
+        for c in certs.iter().filter(|c| c.not_after > now) {
+            let change = Change::Cert {
+                serial: c.serial,
+                status: c.status,
+            };
+            let seq = self
+                .set_status(
+                    self.keys.cert_status(&c.serial),
+                    c.status.as_str(),
+                    Some(c.not_after),
+                    &change,
+                    announce,
+                )
+                .await?;
+            if seq >= 0 {
+                written += 1;
+            }
+        }
+        if !agent_first {
+            written += self
+                .write_agent(tenant, agent, record.status, announce)
+                .await?;
+        }
+        Ok(written)
+    }
+
+    async fn write_agent(
+        &mut self,
+        tenant: TenantId,
+        agent: AgentId,
+        status: AgentStatus,
+        announce: bool,
+    ) -> Result<usize, ProjectionError> {
+        let change = Change::Agent {
+            tenant_id: tenant,
+            agent_id: agent,
+            status,
+        };
+        let seq = self
+            .set_status(
+                self.keys.agent_status(&tenant, &agent),
+                status.as_str(),
+                None,
+                &change,
+                announce,
+            )
+            .await?;
+        Ok(usize::from(seq >= 0))
+    }
+
+    /// Rewrites every agent's and unexpired certificate's status from the
+    /// store (without per-key announcements), records
+    /// `{prefix}projection:built_at`, then announces one `resync`.
+    pub async fn rebuild(
+        &mut self,
+        store: &AnyStore,
+        now: OffsetDateTime,
+    ) -> Result<RebuildStats, ProjectionError> {
+        let mut stats = RebuildStats::default();
+        for tenant in store.list_tenant_ids().await? {
+            stats.tenants += 1;
+            let mut after = None;
+            loop {
+                let page = store
+                    .list_agents(
+                        tenant,
+                        None,
+                        Page {
+                            limit: REBUILD_PAGE,
+                            after,
+                        },
+                    )
+                    .await?;
+                for a in &page {
+                    let n = self.project_agent(store, tenant, a.id, now, false).await?;
+                    if n > 0 {
+                        stats.agents += 1;
+                        stats.certificates += n - 1;
+                    }
+                }
+                match page.last() {
+                    Some(last) if page.len() == REBUILD_PAGE as usize => {
+                        after = Some(*last.id.as_uuid());
+                    }
+                    _ => break,
+                }
+            }
+        }
+        redis::cmd("SET")
+            .arg(self.keys.projection_built_at())
+            .arg(now.unix_timestamp())
+            .query_async::<()>(&mut self.conn)
+            .await?;
+        stats.seq = redis::cmd("EVAL")
+            .arg(ANNOUNCE)
+            .arg(1)
+            .arg(self.keys.revocation_seq())
+            .arg(self.keys.revocation_channel())
+            .arg(announcement_tail(&Change::Resync)?)
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(stats)
+    }
+
+    /// Whether `{prefix}projection:built_at` exists (a flushed or new Redis
+    /// has none, and must be rebuilt).
+    pub async fn is_built(&mut self) -> Result<bool, ProjectionError> {
+        let n: i64 = redis::cmd("EXISTS")
+            .arg(self.keys.projection_built_at())
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// Appends `event` to the lifecycle stream: `XADD {prefix}events * event_id
+    /// <uuid> type <type> data <json>` (see `specs/asyncapi.yaml`).
+    pub async fn publish_event(&mut self, event: &Event) -> Result<(), ProjectionError> {
+        let data = serde_json::to_string(event)?;
+        redis::cmd("XADD")
+            .arg(self.keys.events_stream())
+            .arg("*")
+            .arg("event_id")
+            .arg(event.event_id.to_string())
+            .arg("type")
+            .arg(event.payload.event_type())
+            .arg("data")
+            .arg(data)
+            .query_async::<String>(&mut self.conn)
+            .await?;
+        Ok(())
+    }
+}
+
+/// The agent whose projection an event changes, if any.
+pub fn affected_agent(event: &Event) -> Option<AgentId> {
+    match &event.payload {
+        Payload::Enrolled { agent_id, .. }
+        | Payload::CertificateRotated { agent_id, .. }
+        | Payload::Revoked { agent_id, .. } => Some(*agent_id),
+        Payload::TokenIssued { .. }
+        | Payload::TokenRevoked { .. }
+        | Payload::EnrollmentFailed { .. } => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oneprotect_identity::{Announcement, CertStatus};
+
+    #[test]
+    fn the_script_announcement_parses_as_an_announcement() {
+        for change in [
+            Change::Resync,
+            Change::Cert {
+                serial: "0a".parse().unwrap(),
+                status: CertStatus::Revoked,
+            },
+            Change::Agent {
+                tenant_id: TenantId::random(),
+                agent_id: AgentId::random(),
+                status: AgentStatus::Revoked,
+            },
+        ] {
+            let text = format!("{{\"seq\":42,{}", announcement_tail(&change).unwrap());
+            let a: Announcement = serde_json::from_str(&text).unwrap();
+            assert_eq!(a.seq, 42);
+            assert_eq!(a.change, change);
+        }
+    }
+}

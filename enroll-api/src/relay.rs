@@ -1,0 +1,147 @@
+//! The outbox relay: one task per replica that publishes committed outbox
+//! rows to Redis and keeps the revocation projection in step.
+//!
+//! For each pending row, oldest first: apply its projection effect (re-read
+//! the agent from the store and write its statuses, announcing each),
+//! `XADD` the event to `{prefix}events`, then mark the row sent. A failure at
+//! any step leaves the row pending and the relay retries it after a backoff
+//! (in order: later rows wait), so a Redis outage delays the projection and
+//! the stream but loses nothing. A crash between the Redis writes and the
+//! mark gives a duplicate on restart: delivery is at least once, consumers
+//! de-duplicate on `event_id`, and the projection writes are idempotent.
+//!
+//! Handlers wake the relay after each commit ([`RelayWaker::wake`]), so a
+//! revocation reaches Redis at once; a poll interval covers other replicas'
+//! rows and missed wake-ups. Before the first row, the relay rebuilds the
+//! projection when `{prefix}projection:built_at` is missing (a new or flushed
+//! Redis).
+//!
+//! Several replicas may relay the same row concurrently; that is one more
+//! duplicate, not an inconsistency (statuses only move forward).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+
+use crate::clock::SharedClock;
+use crate::projection::{affected_agent, Projection, ProjectionConn, ProjectionError};
+use crate::store::{AnyStore, Store};
+
+/// Rows read per batch.
+const BATCH: u32 = 100;
+/// First retry delay after a failure; doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest retry delay.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Wakes the relay after a commit. Cloning shares the same relay.
+#[derive(Debug, Clone, Default)]
+pub struct RelayWaker(Arc<Notify>);
+
+impl RelayWaker {
+    /// A waker with no relay attached yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the relay to look for pending rows now (cheap; never blocks).
+    pub fn wake(&self) {
+        self.0.notify_one();
+    }
+
+    async fn woken(&self) {
+        self.0.notified().await;
+    }
+}
+
+/// The relay's settings.
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    /// How often to look for pending rows without a wake-up.
+    pub poll_interval: Duration,
+    /// Rebuild the projection on start when it has never been built.
+    pub rebuild_if_missing: bool,
+}
+
+/// Runs the relay until `stop` turns true.
+pub async fn run(
+    store: AnyStore,
+    projection: Projection,
+    clock: SharedClock,
+    waker: RelayWaker,
+    settings: RelaySettings,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut conn: Option<ProjectionConn> = None;
+    let mut checked_built = !settings.rebuild_if_missing;
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let pass = async {
+            let c = match conn.as_mut() {
+                Some(c) => c,
+                None => conn.insert(projection.connect().await?),
+            };
+            if !checked_built {
+                if !c.is_built().await? {
+                    tracing::warn!(
+                        prefix = projection.keys().prefix(),
+                        "revocation projection missing in Redis; rebuilding from the store"
+                    );
+                    let stats = c.rebuild(&store, clock.now()).await?;
+                    tracing::info!(?stats, "revocation projection rebuilt");
+                }
+                checked_built = true;
+            }
+            drain(&store, c, &clock).await
+        };
+        let wait = match pass.await {
+            Ok(()) => {
+                backoff = MIN_BACKOFF;
+                settings.poll_interval
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "outbox relay: will retry");
+                conn = None;
+                let w = backoff;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                w
+            }
+        };
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = waker.woken() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Publishes every pending row, in order, stopping at the first failure.
+pub async fn drain(
+    store: &AnyStore,
+    conn: &mut ProjectionConn,
+    clock: &SharedClock,
+) -> Result<(), ProjectionError> {
+    loop {
+        let rows = store.list_pending_events(BATCH).await?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        for row in &rows {
+            let e = &row.event;
+            if let Some(agent) = affected_agent(e) {
+                conn.project_agent(store, e.tenant_id, agent, clock.now(), true)
+                    .await?;
+            }
+            conn.publish_event(e).await?;
+            store.mark_event_sent(row.seq, clock.now()).await?;
+            tracing::debug!(seq = row.seq, event_id = %e.event_id, r#type = e.payload.event_type(), "event relayed");
+        }
+        if rows.len() < BATCH as usize {
+            return Ok(());
+        }
+    }
+}

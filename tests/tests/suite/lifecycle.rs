@@ -1,0 +1,703 @@
+//! enroll-api lifecycle end to end, on real PostgreSQL and Redis: the
+//! revocation projection the gateway reads, its announcements, the outbox
+//! relay to the event stream (with a crash between commit and publish), and
+//! `projection rebuild` after a flush. Each test has its own PostgreSQL
+//! schema and Redis key prefix.
+//!
+//! `cargo test -p oneprotect-tests --test suite lifecycle::`
+//! Revoke-to-announcement latency (not a test; prints figures):
+//! `cargo test --release -p oneprotect-tests --test suite lifecycle::bench -- --ignored --nocapture`
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use redis::AsyncCommands;
+use serde_json::{json, Value};
+use sqlx::Connection;
+use tokio::net::TcpStream;
+
+use oneprotect_enroll_api::config::Config;
+use oneprotect_enroll_api::store::Store;
+use oneprotect_enroll_api::{cli, service};
+use oneprotect_identity::revocation::Change;
+use oneprotect_identity::{AgentStatus, Announcement, CertStatus, KeySchema, TenantId};
+
+/// Poll attempts (50 ms apart) before a wait gives up.
+const POLLS: usize = 400;
+
+struct Env {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    cfg: Config,
+    running: Option<service::Running>,
+    client: Client,
+    tenant: TenantId,
+    key: String,
+    keys: KeySchema,
+    redis_url: String,
+    schema: String,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let schema = self.schema.clone();
+        let url = oneprotect_tests::require_postgres();
+        let redis_url = self.redis_url.clone();
+        let pattern = self.keys.all_keys_pattern();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            if let Ok(rt) = rt {
+                rt.block_on(async {
+                    if let Ok(mut c) = sqlx::PgConnection::connect(&url).await {
+                        let _ = sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+                            .execute(&mut c)
+                            .await;
+                    }
+                    let _ = delete_keys(&redis_url, &pattern).await;
+                });
+            }
+        })
+        .join()
+        .ok();
+    }
+}
+
+async fn delete_keys(redis_url: &str, pattern: &str) -> Result<usize> {
+    let mut c = redis_conn(redis_url).await?;
+    let keys: Vec<String> = {
+        let mut it = c.scan_match::<_, String>(pattern).await?;
+        let mut v = Vec::new();
+        while let Some(k) = it.next().await {
+            v.push(k?);
+        }
+        v
+    };
+    if !keys.is_empty() {
+        let _: () = c.del(&keys).await?;
+    }
+    Ok(keys.len())
+}
+
+async fn redis_conn(url: &str) -> Result<redis::aio::MultiplexedConnection> {
+    Ok(redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await?)
+}
+
+fn config(dir: &Path, url: &str, schema: &str, redis_url: &str, prefix: &str) -> Result<Config> {
+    let mut cfg = Config {
+        trust_domain: "oneprotect.test".into(),
+        data_dir: dir.to_owned(),
+        ..Config::default()
+    };
+    cfg.listen.https = "127.0.0.1:0".into();
+    cfg.limits.exchange_per_address_burst = 10_000;
+    cfg.limits.exchange_per_address_per_minute = 10_000;
+    cfg.limits.exchange_per_token_burst = 10_000;
+    cfg.limits.exchange_per_token_per_minute = 10_000;
+    cfg.database.max_connections = 16;
+    cfg.database.url = Some(url.to_owned());
+    cfg.database.schema = Some(schema.to_owned());
+    cfg.redis.url = Some(redis_url.to_owned());
+    cfg.redis.key_prefix = prefix.to_owned();
+    cfg.redis.relay_poll_interval_ms = 200;
+    Ok(cfg.validate()?)
+}
+
+/// A service on PostgreSQL (own schema) and Redis (own prefix). With
+/// `redis_down`, the service is pointed at a closed loopback port instead.
+async fn start(label: &str, redis_down: bool) -> Result<Env> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().to_owned();
+    let url = oneprotect_tests::require_postgres();
+    let redis_url = oneprotect_tests::require_redis();
+    let schema = oneprotect_tests::unique_name(label);
+    let mut conn = sqlx::PgConnection::connect(&url).await?;
+    sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
+        .execute(&mut conn)
+        .await?;
+    conn.close().await?;
+    let prefix = oneprotect_tests::unique_redis_prefix(label);
+    let dead = format!("redis://127.0.0.1:{}", oneprotect_tests::free_port());
+    let cfg = config(
+        &dir,
+        &url,
+        &schema,
+        if redis_down { &dead } else { &redis_url },
+        &prefix,
+    )?;
+    let tenant = cli::tenant_create(&cfg, "acme", Some(3600)).await?;
+    let key = cli::admin_key_create(&cfg, tenant, "e2e").await?;
+    let state = service::build_state(&cfg, service::system_clock()).await?;
+    let running = service::start(&cfg, state).await?;
+    let addr = running.https_addr.context("no https listener")?;
+    let client = Client::new(addr, &dir.join("tls/dev-cert.pem"))?;
+    Ok(Env {
+        _dir: tmp,
+        dir,
+        cfg,
+        running: Some(running),
+        client,
+        tenant,
+        key: key.expose_secret().to_owned(),
+        keys: KeySchema::new(prefix),
+        redis_url,
+        schema,
+    })
+}
+
+impl Env {
+    /// Restarts the service in place (same store, same CA), with `redis_url`.
+    async fn restart(&mut self, redis_url: &str) -> Result<()> {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+        self.cfg.redis.url = Some(redis_url.to_owned());
+        let state = service::build_state(&self.cfg, service::system_clock()).await?;
+        let running = service::start(&self.cfg, state).await?;
+        let addr = running.https_addr.context("no https listener")?;
+        self.client = Client::new(addr, &self.dir.join("tls/dev-cert.pem"))?;
+        self.running = Some(running);
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<String>> {
+        let mut c = redis_conn(&self.redis_url).await?;
+        Ok(c.get(key).await?)
+    }
+
+    /// Waits until `key` holds `want`.
+    async fn wait_for(&self, key: &str, want: &str) -> Result<()> {
+        let mut last = None;
+        for _ in 0..POLLS {
+            last = self.get(key).await?;
+            if last.as_deref() == Some(want) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("{key}: wanted {want}, have {last:?}")
+    }
+
+    /// Enrolls one agent; returns (agent_id, serial, not_after unix seconds).
+    async fn enroll(&self, csr: &str) -> Result<(String, String, i64)> {
+        let r = self
+            .client
+            .send(
+                "POST",
+                "/api/v1/agent-enrollment/tokens",
+                Some(&self.key),
+                Some(json!({"ttl_seconds": 600})),
+            )
+            .await?;
+        ensure!(r.status == 201, "token create: {} {}", r.status, r.body);
+        let token = r.body["token"].as_str().context("token")?.to_owned();
+        let r = self
+            .client
+            .send(
+                "POST",
+                "/api/v1/agent-enrollment/exchange",
+                None,
+                Some(json!({"token": token, "csr_pem": csr,
+                    "agent": {"hostname": "e2e-host", "os": "linux", "agent_version": "0.1.0"}})),
+            )
+            .await?;
+        ensure!(r.status == 201, "exchange: {} {}", r.status, r.body);
+        let not_after = time::OffsetDateTime::parse(
+            r.body["not_after"].as_str().context("not_after")?,
+            &time::format_description::well_known::Rfc3339,
+        )?;
+        Ok((
+            r.body["agent_id"].as_str().context("agent_id")?.to_owned(),
+            r.body["serial"].as_str().context("serial")?.to_owned(),
+            not_after.unix_timestamp(),
+        ))
+    }
+
+    async fn revoke(&self, key: &str, agent: &str) -> Result<Reply> {
+        self.client
+            .send(
+                "POST",
+                &format!("/api/v1/agents/{agent}/revoke"),
+                Some(key),
+                Some(json!({"reason": "device lost"})),
+            )
+            .await
+    }
+
+    fn cert_key(&self, serial: &str) -> Result<String> {
+        Ok(self.keys.cert_status(&serial.parse()?))
+    }
+
+    fn agent_key(&self, agent: &str) -> Result<String> {
+        Ok(self.keys.agent_status(&self.tenant, &agent.parse()?))
+    }
+
+    /// Every entry of the event stream as (event_id, type, data).
+    async fn stream(&self) -> Result<Vec<(String, String, Value)>> {
+        let mut c = redis_conn(&self.redis_url).await?;
+        let reply: redis::streams::StreamRangeReply =
+            c.xrange_all(self.keys.events_stream()).await?;
+        reply
+            .ids
+            .iter()
+            .map(|e| {
+                let field = |name: &str| -> Result<String> {
+                    e.get::<String>(name)
+                        .with_context(|| format!("stream entry without {name}"))
+                };
+                Ok((
+                    field("event_id")?,
+                    field("type")?,
+                    serde_json::from_str(&field("data")?)?,
+                ))
+            })
+            .collect()
+    }
+}
+
+/// A subscriber on the revocation channel.
+struct Subscriber {
+    stream: std::pin::Pin<Box<dyn futures_util::Stream<Item = redis::Msg> + Send>>,
+}
+
+impl Subscriber {
+    async fn new(env: &Env) -> Result<Self> {
+        let mut ps = redis::Client::open(env.redis_url.as_str())?
+            .get_async_pubsub()
+            .await?;
+        ps.subscribe(env.keys.revocation_channel()).await?;
+        Ok(Self {
+            stream: Box::pin(ps.into_on_message()),
+        })
+    }
+
+    /// The next announcement satisfying `pred` (skipping others).
+    async fn until(&mut self, pred: impl Fn(&Announcement) -> bool) -> Result<Announcement> {
+        for _ in 0..10_000 {
+            let msg = tokio::time::timeout(Duration::from_secs(20), self.stream.next())
+                .await
+                .context("no announcement within 20 s")?
+                .context("subscription ended")?;
+            let a: Announcement = serde_json::from_str(&msg.get_payload::<String>()?)?;
+            if pred(&a) {
+                return Ok(a);
+            }
+        }
+        anyhow::bail!("no matching announcement")
+    }
+}
+
+/// A minimal HTTPS client: one connection per request, trusting only the
+/// service's dev certificate.
+#[derive(Clone)]
+struct Client {
+    addr: SocketAddr,
+    tls: tokio_rustls::TlsConnector,
+}
+
+struct Reply {
+    status: u16,
+    body: Value,
+}
+
+impl Client {
+    fn new(addr: SocketAddr, ca: &Path) -> Result<Self> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)? {
+            roots.add(cert?)?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Self {
+            addr,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(cfg)),
+        })
+    }
+
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> Result<Reply> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        let name = rustls::pki_types::ServerName::try_from("localhost")?;
+        let tls = self.tls.connect(name, tcp).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+        tokio::spawn(conn);
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost");
+        if let Some(k) = key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        let bytes = match body {
+            Some(v) => {
+                req = req.header("content-type", "application/json");
+                Bytes::from(v.to_string())
+            }
+            None => Bytes::new(),
+        };
+        let resp = sender.send_request(req.body(Full::new(bytes))?).await?;
+        let status = resp.status().as_u16();
+        let raw = resp.into_body().collect().await?.to_bytes();
+        let body = serde_json::from_slice(&raw)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into_owned()));
+        Ok(Reply { status, body })
+    }
+}
+
+/// A P-256 CSR made by the openssl CLI.
+fn openssl_csr(dir: &Path, name: &str) -> Result<String> {
+    let key = format!("{name}.key");
+    let csr = format!("{name}.csr");
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=x",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+        ])
+        .current_dir(dir)
+        .output()
+        .context("run the openssl CLI")?;
+    ensure!(out.status.success(), "openssl req failed");
+    Ok(std::fs::read_to_string(dir.join(csr))?)
+}
+
+/// Validators for every event schema in `specs/events/`, by event type.
+fn event_validator(event_type: &str) -> jsonschema::Validator {
+    static REGISTRY: std::sync::OnceLock<jsonschema::Registry<'static>> =
+        std::sync::OnceLock::new();
+    let registry = REGISTRY.get_or_init(|| {
+        let events = oneprotect_tests::workspace_root().join("specs/events");
+        let resources: Vec<(String, Value)> = std::fs::read_dir(&events)
+            .expect("specs/events")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.to_string_lossy().ends_with(".schema.json"))
+            .map(|p| {
+                let v: Value =
+                    serde_json::from_str(&std::fs::read_to_string(&p).expect("read schema"))
+                        .expect("schema is JSON");
+                (v["$id"].as_str().expect("$id").to_owned(), v)
+            })
+            .collect();
+        jsonschema::Registry::new()
+            .extend(resources)
+            .expect("resource URIs parse")
+            .prepare()
+            .expect("registry of event schemas")
+    });
+    let path = oneprotect_tests::workspace_root()
+        .join("specs/events")
+        .join(format!("{event_type}.v1.schema.json"));
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read schema")).expect("JSON");
+    jsonschema::options()
+        .with_registry(registry)
+        .should_validate_formats(true)
+        .build(&schema)
+        .unwrap_or_else(|e| panic!("{event_type} schema does not compile: {e}"))
+}
+
+/// Every stream entry's `data` validates against its type's schema, and the
+/// entry's `event_id`/`type` fields agree with it.
+fn assert_stream_valid(entries: &[(String, String, Value)]) {
+    for (id, ty, data) in entries {
+        assert_eq!(data["event_id"], id.as_str());
+        assert_eq!(data["type"], ty.as_str());
+        let v = event_validator(ty);
+        let errs: Vec<String> = v.iter_errors(data).map(|e| e.to_string()).collect();
+        assert!(errs.is_empty(), "{ty}: {errs:?}\n{data:#}");
+        let text = data.to_string();
+        assert!(
+            !text.contains("opet_") && !text.contains("opak_"),
+            "secret in {text}"
+        );
+    }
+}
+
+/// Enroll → both keys active (certificate key expiring at NotAfter) →
+/// revoke → statuses flip and a subscriber sees the announcements;
+/// idempotent and tenant-scoped revoke; every streamed event valid; flush
+/// then `projection rebuild` restores every status and announces a resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_projection_revoke_and_rebuild_postgres() -> Result<()> {
+    let mut env = start("lc_proj", false).await?;
+    let csr = openssl_csr(&env.dir, "agent")?;
+    let (a1, s1, not_after) = env.enroll(&csr).await?;
+    let (a2, s2, _) = env.enroll(&csr).await?;
+    for (k, want) in [
+        (env.cert_key(&s1)?, "active"),
+        (env.agent_key(&a1)?, "active"),
+        (env.cert_key(&s2)?, "active"),
+        (env.agent_key(&a2)?, "active"),
+    ] {
+        env.wait_for(&k, want).await?;
+    }
+    let mut c = redis_conn(&env.redis_url).await?;
+    let exat: i64 = redis::cmd("EXPIRETIME")
+        .arg(env.cert_key(&s1)?)
+        .query_async(&mut c)
+        .await?;
+    assert_eq!(exat, not_after, "certificate key expires at NotAfter");
+    let agent_ttl: i64 = c.ttl(env.agent_key(&a1)?).await?;
+    assert_eq!(agent_ttl, -1, "agent key does not expire");
+
+    // Another tenant's admin cannot revoke it (404, nothing changes).
+    let other = cli::tenant_create(&env.cfg, "other", Some(3600)).await?;
+    let other_key = cli::admin_key_create(&env.cfg, other, "x").await?;
+    let r = env.revoke(other_key.expose_secret(), &a1).await?;
+    assert_eq!(r.status, 404, "{}", r.body);
+
+    let mut sub = Subscriber::new(&env).await?;
+    let r = env.revoke(&env.key, &a1).await?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["status"], "revoked");
+    let agent_id = a1.parse()?;
+    let tenant = env.tenant;
+    let ann = sub
+        .until(|a| {
+            a.change
+                == Change::Agent {
+                    tenant_id: tenant,
+                    agent_id,
+                    status: AgentStatus::Revoked,
+                }
+        })
+        .await?;
+    let serial = s1.parse()?;
+    let cert_ann = sub
+        .until(|a| {
+            a.change
+                == Change::Cert {
+                    serial,
+                    status: CertStatus::Revoked,
+                }
+        })
+        .await?;
+    assert!(
+        cert_ann.seq > ann.seq,
+        "seq increases: {ann:?} {cert_ann:?}"
+    );
+    assert_eq!(
+        env.get(&env.agent_key(&a1)?).await?.as_deref(),
+        Some("revoked")
+    );
+    assert_eq!(
+        env.get(&env.cert_key(&s1)?).await?.as_deref(),
+        Some("revoked")
+    );
+    assert_eq!(
+        env.get(&env.agent_key(&a2)?).await?.as_deref(),
+        Some("active")
+    );
+    let again = env.revoke(&env.key, &a1).await?;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.body, r.body, "revoking twice is idempotent");
+
+    // The stream carries every event, each valid against its schema.
+    let mut entries = Vec::new();
+    for _ in 0..POLLS {
+        entries = env.stream().await?;
+        if entries.iter().any(|(_, t, _)| t == "agent.revoked") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let types: Vec<&str> = entries.iter().map(|(_, t, _)| t.as_str()).collect();
+    for t in [
+        "agent.enrollment_token.issued",
+        "agent.enrolled",
+        "agent.revoked",
+    ] {
+        assert!(types.contains(&t), "{t} in {types:?}");
+    }
+    assert_stream_valid(&entries);
+    let store = &env.running.as_ref().context("running")?.state.store;
+    assert!(store.list_pending_events(10).await?.is_empty(), "all sent");
+
+    // Flush this test's keys, rebuild from the store.
+    let n = delete_keys(&env.redis_url, &env.keys.all_keys_pattern()).await?;
+    assert!(n >= 4, "deleted {n}");
+    assert_eq!(env.get(&env.agent_key(&a2)?).await?, None);
+    let stats = cli::projection_rebuild(&env.cfg).await?;
+    assert_eq!((stats.agents, stats.certificates), (2, 2), "{stats:?}");
+    let resync = sub.until(|a| a.change == Change::Resync).await?;
+    assert_eq!(resync.seq, u64::try_from(stats.seq)?);
+    for (k, want) in [
+        (env.cert_key(&s1)?, "revoked"),
+        (env.agent_key(&a1)?, "revoked"),
+        (env.cert_key(&s2)?, "active"),
+        (env.agent_key(&a2)?, "active"),
+    ] {
+        assert_eq!(env.get(&k).await?.as_deref(), Some(want), "{k}");
+    }
+    assert!(env.get(&env.keys.projection_built_at()).await?.is_some());
+    let exat: i64 = redis::cmd("EXPIRETIME")
+        .arg(env.cert_key(&s2)?)
+        .query_async(&mut c)
+        .await?;
+    assert!(exat > 0, "rebuilt certificate key expires");
+    if let Some(r) = env.running.take() {
+        r.shutdown().await;
+    }
+    Ok(())
+}
+
+/// The relay rebuilds a missing projection on start: flush, restart, and
+/// the statuses are back without any command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_startup_rebuilds_a_flushed_projection_postgres() -> Result<()> {
+    let mut env = start("lc_boot", false).await?;
+    let csr = openssl_csr(&env.dir, "agent")?;
+    let (a1, s1, _) = env.enroll(&csr).await?;
+    env.wait_for(&env.agent_key(&a1)?, "active").await?;
+    delete_keys(&env.redis_url, &env.keys.all_keys_pattern()).await?;
+    let url = env.redis_url.clone();
+    env.restart(&url).await?;
+    env.wait_for(&env.cert_key(&s1)?, "active").await?;
+    env.wait_for(&env.agent_key(&a1)?, "active").await?;
+    if let Some(r) = env.running.take() {
+        r.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Commit with Redis unreachable (the relay cannot publish), kill the
+/// service, restart it with Redis: the committed events are delivered and
+/// the projection written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_outbox_survives_crash_between_commit_and_publish_postgres() -> Result<()> {
+    let mut env = start("lc_crash", true).await?;
+    let csr = openssl_csr(&env.dir, "agent")?;
+    let (a1, s1, _) = env.enroll(&csr).await?;
+    let r = env.revoke(&env.key, &a1).await?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let running = env.running.take().context("running")?;
+    let pending = running.state.store.list_pending_events(100).await?;
+    let pending_types: Vec<&str> = pending
+        .iter()
+        .map(|p| p.event.payload.event_type())
+        .collect();
+    assert_eq!(
+        pending_types,
+        vec![
+            "agent.enrollment_token.issued",
+            "agent.enrolled",
+            "agent.revoked"
+        ]
+    );
+    // "Kill": drop the service without a graceful shutdown.
+    drop(running);
+    assert!(env.stream().await?.is_empty(), "nothing was published");
+    assert_eq!(env.get(&env.agent_key(&a1)?).await?, None);
+
+    let url = env.redis_url.clone();
+    env.restart(&url).await?;
+    env.wait_for(&env.agent_key(&a1)?, "revoked").await?;
+    env.wait_for(&env.cert_key(&s1)?, "revoked").await?;
+    let mut entries = Vec::new();
+    for _ in 0..POLLS {
+        entries = env.stream().await?;
+        if entries.len() >= pending.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ids: Vec<String> = entries.iter().map(|(id, _, _)| id.clone()).collect();
+    for p in &pending {
+        assert!(
+            ids.contains(&p.event.event_id.to_string()),
+            "{} delivered",
+            p.event.payload.event_type()
+        );
+    }
+    assert_stream_valid(&entries);
+    let store = &env.running.as_ref().context("running")?.state.store;
+    for _ in 0..POLLS {
+        if store.list_pending_events(10).await?.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(store.list_pending_events(10).await?.is_empty());
+    if let Some(r) = env.running.take() {
+        r.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Time from the revoke API's 200 to the agent's `revoked` announcement on
+/// the channel, over 200 revocations (PostgreSQL, Redis, TLS per request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run with --ignored --nocapture"]
+async fn bench_revoke_to_announcement() -> Result<()> {
+    const N: usize = 200;
+    let mut env = start("lc_bench", false).await?;
+    let csr = openssl_csr(&env.dir, "agent")?;
+    let mut agents = Vec::with_capacity(N);
+    for _ in 0..N {
+        agents.push(env.enroll(&csr).await?.0);
+    }
+    for a in &agents {
+        env.wait_for(&env.agent_key(a)?, "active").await?;
+    }
+    let mut sub = Subscriber::new(&env).await?;
+    let tenant = env.tenant;
+    let mut micros = Vec::with_capacity(N);
+    for a in &agents {
+        let r = env.revoke(&env.key, a).await?;
+        ensure!(r.status == 200, "revoke: {}", r.status);
+        let answered = Instant::now();
+        let agent_id = a.parse()?;
+        sub.until(|x| {
+            x.change
+                == Change::Agent {
+                    tenant_id: tenant,
+                    agent_id,
+                    status: AgentStatus::Revoked,
+                }
+        })
+        .await?;
+        micros.push(answered.elapsed().as_micros());
+    }
+    micros.sort_unstable();
+    let pct = |p: usize| micros[(micros.len() * p / 100).min(micros.len() - 1)];
+    println!(
+        "revoke response -> announcement over {N} revocations: p50 {} us, p99 {} us, max {} us",
+        pct(50),
+        pct(99),
+        micros[micros.len() - 1]
+    );
+    if let Some(r) = env.running.take() {
+        r.shutdown().await;
+    }
+    Ok(())
+}
