@@ -1,4 +1,4 @@
-//! Agents: list, get, revoke. A revocation answers 200 once the store has
+//! Agents: list, get, revoke, audit history. A revocation answers 200 once the store has
 //! committed it; the outbox relay then pushes it to Redis.
 
 use axum::extract::rejection::QueryRejection;
@@ -20,6 +20,7 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/api/v1/agents", get(list))
         .route("/api/v1/agents/{agent_id}", get(fetch))
         .route("/api/v1/agents/{agent_id}/revoke", post(revoke))
+        .route("/api/v1/agents/{agent_id}/events", get(events))
 }
 
 /// `Agent`.
@@ -110,6 +111,32 @@ async fn fetch(
         .await?
         .ok_or(ApiError::new(problem::NOT_FOUND))?;
     Ok(Json(a.into()))
+}
+
+/// The most events one agent's history returns.
+const MAX_AGENT_EVENTS: u32 = 1000;
+
+/// `EventList`: the agent's events as stored (and streamed), oldest first.
+async fn events(
+    State(state): State<AppState>,
+    auth: AdminAuth,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id: AgentId = path_id(&id)?;
+    // 404 for another tenant's (or no) agent, before any event read.
+    state
+        .store
+        .fetch_agent(auth.tenant, id)
+        .await?
+        .ok_or(ApiError::new(problem::NOT_FOUND))?;
+    let items: Vec<_> = state
+        .store
+        .list_agent_events(auth.tenant, id, MAX_AGENT_EVENTS)
+        .await?
+        .into_iter()
+        .map(|e| e.event)
+        .collect();
+    Ok(Json(serde_json::json!({ "items": items })))
 }
 
 async fn revoke(

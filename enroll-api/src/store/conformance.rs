@@ -518,6 +518,17 @@ pub async fn relay_reads_pending_events_and_certificates<S: Store>(s: &S) {
     let certs = s.list_agent_certificates(t, e.agent.id).await.unwrap();
     assert_eq!(certs[0].status, oneprotect_identity::CertStatus::Revoked);
     s.mark_event_sent(pending[0].seq, now()).await.unwrap();
+    let history = s.list_agent_events(t, e.agent.id, 100).await.unwrap();
+    let types: Vec<_> = history
+        .iter()
+        .map(|h| h.event.payload.event_type())
+        .collect();
+    assert_eq!(types, vec!["agent.enrolled", "agent.revoked"]);
+    assert!(s
+        .list_agent_events(other, e.agent.id, 100)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 /// Opens a PostgreSQL store in a fresh schema `schema` (created here).

@@ -375,6 +375,14 @@ pub trait Store: Send + Sync + Clone + 'static {
         tenant: TenantId,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<OutboxEvent>, StoreError>> + Send;
+    /// Lists `tenant`'s events about `agent` (whose payload names it as
+    /// `agent_id`), oldest first, at most `limit`.
+    fn list_agent_events(
+        &self,
+        tenant: TenantId,
+        agent: AgentId,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<OutboxEvent>, StoreError>> + Send;
     /// Lists up to `limit` outbox events of every tenant not yet marked
     /// sent, oldest first (the relay's cross-tenant read; on PostgreSQL a
     /// narrow `SECURITY DEFINER` function).
@@ -505,6 +513,14 @@ impl Store for AnyStore {
     ) -> Result<Vec<OutboxEvent>, StoreError> {
         dispatch!(self, s => s.list_events(tenant, limit))
     }
+    async fn list_agent_events(
+        &self,
+        tenant: TenantId,
+        agent: AgentId,
+        limit: u32,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        dispatch!(self, s => s.list_agent_events(tenant, agent, limit))
+    }
     async fn list_pending_events(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
         dispatch!(self, s => s.list_pending_events(limit))
     }
@@ -589,6 +605,14 @@ pub(crate) fn event_json(e: &Event) -> Result<String, StoreError> {
 
 pub(crate) fn parse_event(s: &str) -> Result<Event, StoreError> {
     serde_json::from_str(s).map_err(corrupt)
+}
+
+/// The `LIKE` pattern that finds an agent's events in the stored JSON. The
+/// body is serde's compact JSON, so the payload's id is spelled exactly so;
+/// no other field holds that UUID. (An indexed `agent_id` column is the
+/// scalable form; this keeps the outbox schema unchanged.)
+pub(crate) fn agent_event_pattern(agent: AgentId) -> String {
+    format!("%\"agent_id\":\"{agent}\"%")
 }
 
 pub(crate) fn parse_cert_status(s: &str) -> Result<CertStatus, StoreError> {

@@ -19,10 +19,10 @@ use oneprotect_identity::events::{Actor, Event, Payload};
 use oneprotect_identity::{AgentId, AgentStatus, TenantId, TokenId};
 
 use super::{
-    event_json, labels_json, parse_cert_status, parse_event, parse_id, parse_labels, refusal,
-    token_status_sql, ts, u32_of, AdminKeyRef, AgentRecord, CertificateState, EnrollOutcome,
-    Enrollment, NewAdminKey, NewToken, OutboxEvent, Page, Store, StoreError, Tenant, TokenRecord,
-    TokenStatus,
+    agent_event_pattern, event_json, labels_json, parse_cert_status, parse_event, parse_id,
+    parse_labels, refusal, token_status_sql, ts, u32_of, AdminKeyRef, AgentRecord,
+    CertificateState, EnrollOutcome, Enrollment, NewAdminKey, NewToken, OutboxEvent, Page, Store,
+    StoreError, Tenant, TokenRecord, TokenStatus,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -510,6 +510,32 @@ impl Store for PgStore {
         .await?;
         tx.commit().await?;
         rows.iter().map(agent_from_row).collect()
+    }
+
+    async fn list_agent_events(
+        &self,
+        tenant: TenantId,
+        agent: AgentId,
+        limit: u32,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        let mut tx = self.begin(tenant).await?;
+        let rows = sqlx::query(
+            "SELECT seq, body FROM events_outbox WHERE tenant_id = $1 AND body LIKE $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(tenant.as_uuid())
+        .bind(agent_event_pattern(agent))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OutboxEvent {
+                    seq: r.try_get("seq")?,
+                    event: parse_event(r.try_get("body")?)?,
+                })
+            })
+            .collect()
     }
 
     // The relay and the rebuild read across tenants only through the narrow

@@ -1,7 +1,7 @@
 //! enroll-api lifecycle end to end, on real PostgreSQL and Redis: the
 //! revocation projection the gateway reads, its announcements, the outbox
-//! relay to the event stream (with a crash between commit and publish), and
-//! `projection rebuild` after a flush. Each test has its own PostgreSQL
+//! relay to the event stream (with a crash between commit and publish),
+//! `projection rebuild` after a flush, and an agent's audit history. Each test has its own PostgreSQL
 //! schema and Redis key prefix.
 //!
 //! `cargo test -p oneprotect-tests --test suite lifecycle::`
@@ -521,6 +521,39 @@ async fn lifecycle_projection_revoke_and_rebuild_postgres() -> Result<()> {
     let again = env.revoke(&env.key, &a1).await?;
     assert_eq!(again.status, 200);
     assert_eq!(again.body, r.body, "revoking twice is idempotent");
+
+    // The agent's audit history, tenant-scoped, each event valid.
+    let h = env
+        .client
+        .send(
+            "GET",
+            &format!("/api/v1/agents/{a1}/events"),
+            Some(&env.key),
+            None,
+        )
+        .await?;
+    assert_eq!(h.status, 200, "{}", h.body);
+    let items = h.body["items"].as_array().context("items")?;
+    let types: Vec<&str> = items.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(types, vec!["agent.enrolled", "agent.revoked"]);
+    for e in items {
+        let ty = e["type"].as_str().context("type")?;
+        let errs: Vec<String> = event_validator(ty)
+            .iter_errors(e)
+            .map(|x| x.to_string())
+            .collect();
+        assert!(errs.is_empty(), "{errs:?}");
+    }
+    let h = env
+        .client
+        .send(
+            "GET",
+            &format!("/api/v1/agents/{a1}/events"),
+            Some(other_key.expose_secret()),
+            None,
+        )
+        .await?;
+    assert_eq!(h.status, 404, "another tenant's agent");
 
     // The stream carries every event, each valid against its schema.
     let mut entries = Vec::new();
