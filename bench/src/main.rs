@@ -56,6 +56,14 @@ enum Command {
         #[arg(long)]
         agents: Option<usize>,
     },
+    /// Re-render results.md and results.svg from a results.json.
+    Render {
+        /// The results.json of a run.
+        json: PathBuf,
+        /// Where to write results.md and results.svg.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// The trivial upstream (used by `all` as a child process).
     #[command(hide = true)]
     Upstream {
@@ -77,6 +85,15 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(oneprotect_bench::upstream::run(listen))
+        }
+        Command::Render { json, out } => {
+            let report: oneprotect_bench::report::Report =
+                serde_json::from_slice(&std::fs::read(&json).context("read results.json")?)?;
+            std::fs::create_dir_all(&out)?;
+            std::fs::write(out.join("results.md"), report.markdown())?;
+            std::fs::write(out.join("results.svg"), report.svg())?;
+            println!("wrote {0}/results.md, {0}/results.svg", out.display());
+            Ok(())
         }
         Command::All {
             quick,

@@ -3,12 +3,12 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::load::LoadResult;
 
 /// One measured run against one target.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunRecord {
     /// `keepalive`, `latency`, `handshake`, `handshake-resumed`.
     pub scenario: String,
@@ -100,7 +100,7 @@ impl RunRecord {
 }
 
 /// The revocation propagation scenario.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RevocationRecord {
     /// How revocations were made (`redis`: projection write + announcement).
     pub via: String,
@@ -123,7 +123,7 @@ pub struct RevocationRecord {
 }
 
 /// The idle-connection memory scenario.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IdleRecord {
     /// Target.
     pub target: String,
@@ -138,7 +138,7 @@ pub struct IdleRecord {
 }
 
 /// A whole harness run.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Report {
     /// RFC 3339 time of the run.
     pub date: String,
@@ -284,8 +284,8 @@ impl Report {
     /// latency percentiles per run.
     pub fn svg(&self) -> String {
         let runs: Vec<&RunRecord> = self.runs.iter().collect();
-        let w = 1100.0;
-        let h = 520.0;
+        let w = 1200.0;
+        let h = 640.0;
         let mut s = String::new();
         let _ = writeln!(
             s,
@@ -300,14 +300,16 @@ impl Report {
             let pw = 520.0;
             let ph = 360.0;
             let y0 = 60.0;
+            // Log scale: handshake rates and keep-alive rates differ by 10-100x.
             let max = runs
                 .iter()
                 .flat_map(|r| (0..series.len()).map(move |i| get(r, i)))
-                .fold(0.0f64, f64::max)
-                .max(1.0);
+                .fold(1.0f64, f64::max);
+            let decades = max.log10().ceil().max(1.0);
+            let scale = |v: f64| ph * (v.max(1.0).log10() / decades).clamp(0.0, 1.0);
             let _ = writeln!(
                 s,
-                r#"<text x="{}" y="30" font-size="14" font-weight="bold">{title}</text>"#,
+                r#"<text x="{}" y="30" font-size="14" font-weight="bold">{title} (log scale)</text>"#,
                 x0
             );
             let _ = writeln!(
@@ -317,16 +319,15 @@ impl Report {
                 x0 + pw,
                 y0 + ph
             );
-            for t in 0..=4 {
-                let v = max * f64::from(t) / 4.0;
-                let y = y0 + ph - ph * f64::from(t) / 4.0;
+            for t in 0..=(decades as i32) {
+                let y = y0 + ph - scale(10f64.powi(t));
                 let _ = writeln!(
                     s,
-                    r##"<line x1="{x0}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{:.0}</text>"##,
+                    r##"<line x1="{x0}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{}</text>"##,
                     x0 + pw,
                     x0 - 4.0,
                     y + 4.0,
-                    v
+                    10u64.pow(t as u32)
                 );
             }
             let groups = runs.len().max(1) as f64;
@@ -336,7 +337,7 @@ impl Report {
                 let gx = x0 + gw * gi as f64 + gw * 0.1;
                 for (si, (_, color)) in series.iter().enumerate() {
                     let v = get(r, si);
-                    let bh = ph * v / max;
+                    let bh = scale(v);
                     let _ = writeln!(
                         s,
                         r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{color}"><title>{} {} {}: {:.0}</title></rect>"#,
