@@ -378,6 +378,42 @@ impl Ca {
         })
     }
 
+    /// The tenant CA's CRL (DER) listing `revoked` (serial, revocation
+    /// time), signed by that CA: thisUpdate `now`, nextUpdate `now + validity`
+    /// (capped at the CA's NotAfter), CRL number `now` in unix seconds (so
+    /// numbers increase from one CRL to the next).
+    pub fn tenant_crl_der(
+        &self,
+        tenant: TenantId,
+        revoked: &[(SerialNumber, OffsetDateTime)],
+        validity: Duration,
+    ) -> Result<Vec<u8>, CaError> {
+        let ca = self.tenant_ca(tenant)?;
+        let now = self.clock.now();
+        let next_update = (now + validity).min(ca.not_after);
+        if next_update <= now {
+            return Err(CaError::IssuerExpired);
+        }
+        let number = u64::try_from(now.unix_timestamp()).unwrap_or_default();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now,
+            next_update,
+            crl_number: rcgen::SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|(serial, at)| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(serial.to_significant_bytes()),
+                    revocation_time: *at,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&ca.issuer()?)?.der().to_vec())
+    }
+
     /// Issues an agent leaf for `agent` of `tenant` with the key in `csr`.
     ///
     /// NotBefore is now minus [`NOT_BEFORE_CUSHION`]; NotAfter is now plus

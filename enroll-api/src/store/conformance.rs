@@ -518,6 +518,20 @@ pub async fn relay_reads_pending_events_and_certificates<S: Store>(s: &S) {
     let certs = s.list_agent_certificates(t, e.agent.id).await.unwrap();
     assert_eq!(certs[0].status, oneprotect_identity::CertStatus::Revoked);
     s.mark_event_sent(pending[0].seq, now()).await.unwrap();
+    assert_eq!(
+        s.list_revoked_certificates(t, now()).await.unwrap(),
+        vec![(e.certificate.serial, now())]
+    );
+    assert!(s
+        .list_revoked_certificates(t, e.certificate.not_after)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(s
+        .list_revoked_certificates(other, now())
+        .await
+        .unwrap()
+        .is_empty());
     let history = s.list_agent_events(t, e.agent.id, 100).await.unwrap();
     let types: Vec<_> = history
         .iter()

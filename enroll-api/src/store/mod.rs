@@ -383,6 +383,13 @@ pub trait Store: Send + Sync + Clone + 'static {
         agent: AgentId,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<OutboxEvent>, StoreError>> + Send;
+    /// `tenant`'s revoked certificates that have not expired at `now`:
+    /// (serial, revocation time), by serial (for the CRL).
+    fn list_revoked_certificates(
+        &self,
+        tenant: TenantId,
+        now: OffsetDateTime,
+    ) -> impl Future<Output = Result<Vec<(SerialNumber, OffsetDateTime)>, StoreError>> + Send;
     /// Lists up to `limit` outbox events of every tenant not yet marked
     /// sent, oldest first (the relay's cross-tenant read; on PostgreSQL a
     /// narrow `SECURITY DEFINER` function).
@@ -520,6 +527,13 @@ impl Store for AnyStore {
         limit: u32,
     ) -> Result<Vec<OutboxEvent>, StoreError> {
         dispatch!(self, s => s.list_agent_events(tenant, agent, limit))
+    }
+    async fn list_revoked_certificates(
+        &self,
+        tenant: TenantId,
+        now: OffsetDateTime,
+    ) -> Result<Vec<(SerialNumber, OffsetDateTime)>, StoreError> {
+        dispatch!(self, s => s.list_revoked_certificates(tenant, now))
     }
     async fn list_pending_events(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
         dispatch!(self, s => s.list_pending_events(limit))

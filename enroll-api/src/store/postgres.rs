@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use oneprotect_identity::events::{Actor, Event, Payload};
-use oneprotect_identity::{AgentId, AgentStatus, TenantId, TokenId};
+use oneprotect_identity::{AgentId, AgentStatus, SerialNumber, TenantId, TokenId};
 
 use super::{
     agent_event_pattern, event_json, labels_json, parse_cert_status, parse_event, parse_id,
@@ -534,6 +534,32 @@ impl Store for PgStore {
                     seq: r.try_get("seq")?,
                     event: parse_event(r.try_get("body")?)?,
                 })
+            })
+            .collect()
+    }
+
+    async fn list_revoked_certificates(
+        &self,
+        tenant: TenantId,
+        now: OffsetDateTime,
+    ) -> Result<Vec<(SerialNumber, OffsetDateTime)>, StoreError> {
+        let mut tx = self.begin(tenant).await?;
+        let rows = sqlx::query(
+            "SELECT serial, revoked_at FROM certificates \
+             WHERE tenant_id = $1 AND status = 'revoked' AND not_after > $2 ORDER BY serial",
+        )
+        .bind(tenant.as_uuid())
+        .bind(now.unix_timestamp())
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        rows.iter()
+            .map(|r| {
+                let at: Option<i64> = r.try_get("revoked_at")?;
+                Ok((
+                    parse_id(r.try_get::<&str, _>("serial")?)?,
+                    ts(at.unwrap_or_default())?,
+                ))
             })
             .collect()
     }

@@ -1,7 +1,8 @@
 //! enroll-api lifecycle end to end, on real PostgreSQL and Redis: the
 //! revocation projection the gateway reads, its announcements, the outbox
 //! relay to the event stream (with a crash between commit and publish),
-//! `projection rebuild` after a flush, and an agent's audit history. Each test has its own PostgreSQL
+//! `projection rebuild` after a flush, an agent's audit history, and the
+//! tenant CRL checked by `openssl crl -verify`. Each test has its own PostgreSQL
 //! schema and Redis key prefix.
 //!
 //! `cargo test -p oneprotect-tests --test suite lifecycle::`
@@ -443,6 +444,74 @@ fn assert_stream_valid(entries: &[(String, String, Value)]) {
     }
 }
 
+/// `GET /api/v1/tenants/{tenant}/crl?format=pem` verifies against the tenant
+/// CA with `openssl crl -verify` and lists `revoked`, not `active`.
+async fn check_crl(env: &Env, revoked: &str, active: &str) -> Result<()> {
+    let path = format!("/api/v1/tenants/{}/crl", env.tenant);
+    let der = env.client.send("GET", &path, None, None).await?;
+    assert_eq!(der.status, 200);
+    let r = env
+        .client
+        .send("GET", &format!("{path}?format=pem"), None, None)
+        .await?;
+    assert_eq!(r.status, 200);
+    let pem = r.body.as_str().context("PEM text")?;
+    std::fs::write(env.dir.join("crl.pem"), pem)?;
+    let ca = env
+        .running
+        .as_ref()
+        .context("running")?
+        .state
+        .ca
+        .tenant_ca_pem(env.tenant)?;
+    std::fs::write(env.dir.join("tenant-ca.pem"), ca)?;
+    let out = Command::new("openssl")
+        .args([
+            "crl",
+            "-in",
+            "crl.pem",
+            "-CAfile",
+            "tenant-ca.pem",
+            "-verify",
+            "-noout",
+            "-text",
+        ])
+        .current_dir(&env.dir)
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(out.status.success(), "openssl crl: {text}");
+    assert!(text.contains("verify OK"), "{text}");
+    let hex = |s: &str| s.trim_start_matches('0').to_uppercase();
+    assert!(
+        text.contains(&hex(revoked)),
+        "revoked serial listed: {text}"
+    );
+    assert!(
+        !text.contains(&hex(active)),
+        "active serial not listed: {text}"
+    );
+    let bad = env
+        .client
+        .send("GET", &format!("{path}?format=xml"), None, None)
+        .await?;
+    assert_eq!(bad.status, 422);
+    let unknown = env
+        .client
+        .send(
+            "GET",
+            &format!("/api/v1/tenants/{}/crl", TenantId::random()),
+            None,
+            None,
+        )
+        .await?;
+    assert_eq!(unknown.status, 404);
+    Ok(())
+}
+
 /// Enroll → both keys active (certificate key expiring at NotAfter) →
 /// revoke → statuses flip and a subscriber sees the announcements;
 /// idempotent and tenant-scoped revoke; every streamed event valid; flush
@@ -554,6 +623,9 @@ async fn lifecycle_projection_revoke_and_rebuild_postgres() -> Result<()> {
         )
         .await?;
     assert_eq!(h.status, 404, "another tenant's agent");
+
+    // The tenant CA's CRL lists the revoked serial; openssl verifies it.
+    check_crl(&env, &s1, &s2).await?;
 
     // The stream carries every event, each valid against its schema.
     let mut entries = Vec::new();
