@@ -31,6 +31,8 @@ data_dir = "$DATA/enroll-api"
 [listen]
 https = "127.0.0.1:7443"
 http = "127.0.0.1:7080"
+[redis]
+url = "$REDIS_URL"
 TOML
 
 pids=()
