@@ -126,19 +126,19 @@ async fn start(db: Db) -> Result<Env> {
 /// A minimal HTTPS client: one connection per request, trusting only the
 /// service's dev certificate.
 #[derive(Clone)]
-struct Client {
+pub(crate) struct Client {
     addr: SocketAddr,
     tls: tokio_rustls::TlsConnector,
 }
 
-struct Reply {
-    status: u16,
-    headers: http::HeaderMap,
-    body: Value,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) headers: http::HeaderMap,
+    pub(crate) body: Value,
 }
 
 impl Client {
-    fn new(addr: SocketAddr, ca: &Path) -> Result<Self> {
+    pub(crate) fn new(addr: SocketAddr, ca: &Path) -> Result<Self> {
         use rustls::pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)? {
@@ -155,7 +155,7 @@ impl Client {
         })
     }
 
-    async fn send(
+    pub(crate) async fn send(
         &self,
         method: &str,
         path: &str,
@@ -212,7 +212,7 @@ fn openssl(args: &[&str], dir: &Path) -> Result<String> {
 }
 
 /// A P-256 CSR made by the openssl CLI (an independent implementation).
-fn openssl_csr(dir: &Path, name: &str) -> Result<String> {
+pub(crate) fn openssl_csr(dir: &Path, name: &str) -> Result<String> {
     let key = format!("{name}.key");
     let csr = format!("{name}.csr");
     openssl(

@@ -9,21 +9,17 @@
 //! Revoke-to-announcement latency (not a test; prints figures):
 //! `cargo test --release -p oneprotect-tests --test suite lifecycle::bench -- --ignored --nocapture`
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use futures_util::StreamExt;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
 use redis::AsyncCommands;
 use serde_json::{json, Value};
 use sqlx::Connection;
-use tokio::net::TcpStream;
 
+use crate::enroll::{openssl_csr, Client, Reply};
 use oneprotect_enroll_api::config::Config;
 use oneprotect_enroll_api::store::Store;
 use oneprotect_enroll_api::{cli, service};
@@ -296,100 +292,6 @@ impl Subscriber {
         }
         anyhow::bail!("no matching announcement")
     }
-}
-
-/// A minimal HTTPS client: one connection per request, trusting only the
-/// service's dev certificate.
-#[derive(Clone)]
-struct Client {
-    addr: SocketAddr,
-    tls: tokio_rustls::TlsConnector,
-}
-
-struct Reply {
-    status: u16,
-    body: Value,
-}
-
-impl Client {
-    fn new(addr: SocketAddr, ca: &Path) -> Result<Self> {
-        use rustls::pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)? {
-            roots.add(cert?)?;
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Ok(Self {
-            addr,
-            tls: tokio_rustls::TlsConnector::from(Arc::new(cfg)),
-        })
-    }
-
-    async fn send(
-        &self,
-        method: &str,
-        path: &str,
-        key: Option<&str>,
-        body: Option<Value>,
-    ) -> Result<Reply> {
-        let tcp = TcpStream::connect(self.addr).await?;
-        let name = rustls::pki_types::ServerName::try_from("localhost")?;
-        let tls = self.tls.connect(name, tcp).await?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
-        tokio::spawn(conn);
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "localhost");
-        if let Some(k) = key {
-            req = req.header("authorization", format!("Bearer {k}"));
-        }
-        let bytes = match body {
-            Some(v) => {
-                req = req.header("content-type", "application/json");
-                Bytes::from(v.to_string())
-            }
-            None => Bytes::new(),
-        };
-        let resp = sender.send_request(req.body(Full::new(bytes))?).await?;
-        let status = resp.status().as_u16();
-        let raw = resp.into_body().collect().await?.to_bytes();
-        let body = serde_json::from_slice(&raw)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into_owned()));
-        Ok(Reply { status, body })
-    }
-}
-
-/// A P-256 CSR made by the openssl CLI.
-fn openssl_csr(dir: &Path, name: &str) -> Result<String> {
-    let key = format!("{name}.key");
-    let csr = format!("{name}.csr");
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-subj",
-            "/CN=x",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-        ])
-        .current_dir(dir)
-        .output()
-        .context("run the openssl CLI")?;
-    ensure!(out.status.success(), "openssl req failed");
-    Ok(std::fs::read_to_string(dir.join(csr))?)
 }
 
 /// Validators for every event schema in `specs/events/`, by event type.
