@@ -330,48 +330,18 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
             true,
         )
         .await?;
+        // (scenario, load, whether the client may resume TLS sessions)
+        let plan = [
+            ("keepalive", closed(Proto::H1), true),
+            ("keepalive", closed(Proto::H2), true),
+            ("latency", fixed.clone(), true),
+            ("handshake", closed(Proto::H1), false),
+            ("handshake-resumed", closed(Proto::H1), true),
+        ];
         for (t, pid) in &targets {
-            measure(
-                &mut report,
-                &env,
-                "keepalive",
-                t,
-                *pid,
-                &closed(Proto::H1),
-                true,
-            )
-            .await?;
-            measure(
-                &mut report,
-                &env,
-                "keepalive",
-                t,
-                *pid,
-                &closed(Proto::H2),
-                true,
-            )
-            .await?;
-            measure(&mut report, &env, "latency", t, *pid, &fixed, true).await?;
-            measure(
-                &mut report,
-                &env,
-                "handshake",
-                t,
-                *pid,
-                &closed(Proto::H1),
-                false,
-            )
-            .await?;
-            measure(
-                &mut report,
-                &env,
-                "handshake-resumed",
-                t,
-                *pid,
-                &closed(Proto::H1),
-                true,
-            )
-            .await?;
+            for (scenario, spec, resumption) in &plan {
+                measure(&mut report, &env, scenario, t, *pid, spec, *resumption).await?;
+            }
         }
         for (t, pid) in &targets {
             report.idle.push(idle(&env, t, *pid, s.idle).await?);
@@ -397,7 +367,7 @@ async fn idle(env: &Env, target: &Target, pid: u32, count: usize) -> anyhow::Res
     let n = held.len();
     drop(held);
     if res.error_count() > 0 {
-        tracing_note(&format!("idle {}: {:?}", target.name, res.errors));
+        eprintln!("note: idle {}: {:?}", target.name, res.errors);
     }
     Ok(IdleRecord {
         target: target.name.clone(),
@@ -410,10 +380,6 @@ async fn idle(env: &Env, target: &Target, pid: u32, count: usize) -> anyhow::Res
             0.0
         },
     })
-}
-
-fn tracing_note(msg: &str) {
-    eprintln!("note: {msg}");
 }
 
 /// Revokes agents one by one (projection write + announcement, as the
