@@ -186,6 +186,13 @@ pub async fn run(
                         not_after = %new.issued.not_after,
                         "certificate rotated"
                     );
+                    let stored = state.load()?;
+                    let with_new = gateway.with_tls(stored.mtls_config(roots.clone())?);
+                    if let Some(p) =
+                        confirm_with_retries(&with_new, &stored.issued, policy, &mut shutdown).await
+                    {
+                        return Ok(RunExit::Refused(p));
+                    }
                     break;
                 }
                 Err(AgentError::Api(p)) if p.is_terminal() => {
@@ -212,6 +219,55 @@ pub async fn run(
             return Ok(RunExit::RotationsDone(rotations));
         }
     }
+}
+
+/// How many times a confirmation is tried before the agent leaves the rest
+/// to the server's grace period.
+const CONFIRM_ATTEMPTS: u32 = 8;
+
+/// Confirms the newly stored certificate, retrying transient failures (the
+/// gateway answers 503 until the new certificate reaches its revocation
+/// state, typically milliseconds). Returns a terminal refusal, if any; a
+/// confirmation that keeps failing is logged and left to the grace period.
+async fn confirm_with_retries(
+    gateway: &Endpoint,
+    issued: &IssuedCertificate,
+    policy: &RunPolicy,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Option<crate::ApiProblem> {
+    let mut backoff = Backoff::new(
+        policy.backoff_initial.min(Duration::from_millis(200)),
+        policy.backoff_max,
+    );
+    for attempt in 1..=CONFIRM_ATTEMPTS {
+        match crate::rotate::confirm(gateway, issued.agent_id).await {
+            Ok(c) => {
+                tracing::info!(
+                    serial = %c.serial,
+                    superseded = ?c.superseded_serial.map(|s| s.to_string()),
+                    "new certificate confirmed"
+                );
+                return None;
+            }
+            Err(AgentError::Api(p)) if p.is_terminal() => {
+                tracing::error!(code = %p.code, "confirmation refused: identity is no longer accepted");
+                return Some(p);
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, attempt, retry_in = ?delay, "confirmation failed");
+                tokio::select! {
+                    () = shutdown.as_mut() => return None,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    tracing::warn!(
+        "could not confirm the new certificate; the previous one stays accepted until the \
+         server's rotation grace period ends"
+    );
+    None
 }
 
 #[cfg(test)]

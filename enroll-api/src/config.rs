@@ -71,6 +71,78 @@ pub struct Config {
     /// `redis.url` the service runs with no projection (gateways then fail
     /// closed for every agent) and says so at startup.
     pub redis: RedisConfig,
+    /// Certificate rotation through the gateway.
+    pub rotation: RotationConfig,
+}
+
+/// Certificate rotation: who may call the agent endpoints and how long a
+/// rotated-away-from certificate stays accepted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RotationConfig {
+    /// Seconds the certificate an agent rotated away from stays accepted
+    /// when the new one is not seen (confirmed) earlier. Defaults to 3600;
+    /// 10 ..= 604800. Never beyond that certificate's NotAfter.
+    pub grace_secs: u64,
+    /// How often the grace sweep looks for ended grace periods,
+    /// milliseconds. Defaults to 5000; 100 ..= 600000.
+    pub sweep_interval_ms: u64,
+    /// The gateway identity assertion the agent endpoints trust.
+    pub assertion: AssertionTrustConfig,
+}
+
+impl Default for RotationConfig {
+    fn default() -> Self {
+        Self {
+            grace_secs: 3600,
+            sweep_interval_ms: 5000,
+            assertion: AssertionTrustConfig::default(),
+        }
+    }
+}
+
+/// Which gateway assertions the agent endpoints accept. With no key, every
+/// agent-endpoint call is refused with 401 `identity_required` (fail closed).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AssertionTrustConfig {
+    /// Required `aud`. Defaults to `oneprotect-upstream` (the gateway's default).
+    pub audience: String,
+    /// Required `iss`. Defaults to `oneprotect-gateway`.
+    pub issuer: String,
+    /// The gateways' public keys, by key id.
+    pub keys: Vec<TrustedKey>,
+}
+
+impl Default for AssertionTrustConfig {
+    fn default() -> Self {
+        Self {
+            audience: "oneprotect-upstream".into(),
+            issuer: oneprotect_identity::assertion::DEFAULT_ISSUER.into(),
+            keys: Vec::new(),
+        }
+    }
+}
+
+/// One gateway signing key (`oneprotect-gateway --print-assertion-key` prints it).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedKey {
+    /// The `kid` in the assertion header.
+    pub kid: String,
+    /// The Ed25519 public key, 32 bytes in unpadded base64url.
+    pub public_key: String,
+}
+
+impl TrustedKey {
+    /// The decoded key (after [`Config::validate`]).
+    pub fn key_bytes(&self) -> Option<[u8; 32]> {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(self.public_key.trim())
+            .ok()
+            .and_then(|v| <[u8; 32]>::try_from(v).ok())
+    }
 }
 
 /// Redis: the revocation projection gateways read, and the event stream.
@@ -197,6 +269,7 @@ impl Default for Config {
             secrets: SecretsConfig::default(),
             limits: LimitsConfig::default(),
             redis: RedisConfig::default(),
+            rotation: RotationConfig::default(),
         }
     }
 }
@@ -285,7 +358,8 @@ impl Config {
     /// Applies `ONEPROTECT_ENROLL_*` overrides read through `get`:
     /// `TRUST_DOMAIN`, `DATA_DIR`, `LISTEN_HTTPS`, `LISTEN_HTTP`,
     /// `DATABASE_URL`, `DATABASE_SCHEMA`, `PEPPER_FILE`, `CA_DIR`,
-    /// `CA_AUTO_INIT`, `REDIS_URL`, `REDIS_KEY_PREFIX`.
+    /// `CA_AUTO_INIT`, `REDIS_URL`, `REDIS_KEY_PREFIX`, `ASSERTION_KEY`
+    /// (`kid:base64url`, adds one trusted gateway key).
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = get("ONEPROTECT_ENROLL_TRUST_DOMAIN") {
             self.trust_domain = v;
@@ -316,6 +390,16 @@ impl Config {
         }
         if let Some(v) = get("ONEPROTECT_ENROLL_REDIS_KEY_PREFIX") {
             self.redis.key_prefix = v;
+        }
+        if let Some(v) = get("ONEPROTECT_ENROLL_ASSERTION_KEY") {
+            // `kid:base64url`, one trusted gateway key.
+            let (kid, key) = v
+                .split_once(':')
+                .ok_or(ConfigError::Env("ONEPROTECT_ENROLL_ASSERTION_KEY"))?;
+            self.rotation.assertion.keys.push(TrustedKey {
+                kid: kid.into(),
+                public_key: key.into(),
+            });
         }
         if let Some(v) = get("ONEPROTECT_ENROLL_CA_AUTO_INIT") {
             self.ca.auto_init = v
@@ -407,6 +491,26 @@ impl Config {
         }
         if !(10..=60_000).contains(&self.redis.relay_poll_interval_ms) {
             return Err(invalid("redis.relay_poll_interval_ms must be 10..=60000"));
+        }
+        let r = &self.rotation;
+        if !(10..=604_800).contains(&r.grace_secs) {
+            return Err(invalid("rotation.grace_secs must be 10..=604800"));
+        }
+        if !(100..=600_000).contains(&r.sweep_interval_ms) {
+            return Err(invalid("rotation.sweep_interval_ms must be 100..=600000"));
+        }
+        if r.assertion.audience.is_empty() || r.assertion.issuer.is_empty() {
+            return Err(invalid(
+                "rotation.assertion.audience and issuer must not be empty",
+            ));
+        }
+        for k in &r.assertion.keys {
+            if k.kid.is_empty() || k.key_bytes().is_none() {
+                return Err(invalid(format!(
+                    "rotation.assertion.keys: key {:?} needs a kid and a 32-byte base64url public_key",
+                    k.kid
+                )));
+            }
         }
         if self.ca.dir.is_none() {
             self.ca.dir = Some(self.data_dir.join("ca"));

@@ -350,8 +350,10 @@ pub fn affected_agent(event: &Event) -> Option<AgentId> {
     match &event.payload {
         Payload::Enrolled { agent_id, .. }
         | Payload::CertificateRotated { agent_id, .. }
+        | Payload::CertificateSuperseded { agent_id, .. }
         | Payload::Revoked { agent_id, .. } => Some(*agent_id),
-        Payload::TokenIssued { .. }
+        Payload::CertificateReuseDetected { .. }
+        | Payload::TokenIssued { .. }
         | Payload::TokenRevoked { .. }
         | Payload::EnrollmentFailed { .. } => None,
     }

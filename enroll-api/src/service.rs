@@ -118,6 +118,20 @@ pub async fn build_state(cfg: &Config, clock: SharedClock) -> Result<AppState, S
         }
     };
     let l = &cfg.limits;
+    let trust = &cfg.rotation.assertion;
+    let mut assertions = oneprotect_identity::AssertionVerifier::new(trust.audience.clone())
+        .with_issuer(trust.issuer.clone());
+    for k in &trust.keys {
+        if let Some(key) = k.key_bytes() {
+            assertions = assertions.add_key(k.kid.clone(), key);
+        }
+    }
+    if trust.keys.is_empty() {
+        tracing::warn!(
+            "no rotation.assertion.keys: the agent endpoints (certificate rotate/confirm) refuse \
+             every call with 401 identity_required until a gateway key is configured"
+        );
+    }
     Ok(AppState::new(Inner {
         store,
         ca: Arc::new(ca),
@@ -136,6 +150,11 @@ pub async fn build_state(cfg: &Config, clock: SharedClock) -> Result<AppState, S
         max_body_bytes: l.max_body_bytes,
         projection,
         relay: RelayWaker::new(),
+        assertions,
+        rotation_grace: time::Duration::seconds(
+            i64::try_from(cfg.rotation.grace_secs).unwrap_or(i64::MAX),
+        ),
+        metrics: crate::metrics::Metrics::new(),
     }))
 }
 
@@ -286,6 +305,14 @@ pub async fn start(cfg: &Config, state: AppState) -> Result<Running, StartError>
             rx.clone(),
         ));
     }
+    tasks.spawn(crate::sweep::run(
+        state.store.clone(),
+        state.clock.clone(),
+        state.relay.clone(),
+        state.metrics.clone(),
+        Duration::from_millis(cfg.rotation.sweep_interval_ms),
+        rx.clone(),
+    ));
     for a in https_addr.iter() {
         tracing::info!(addr = %a, "listening (HTTPS)");
     }

@@ -92,6 +92,9 @@ async fn secrets_never_reach_the_logs() {
         max_body_bytes: 64 * 1024,
         projection: None,
         relay: oneprotect_enroll_api::relay::RelayWaker::new(),
+        assertions: oneprotect_identity::AssertionVerifier::new("oneprotect-upstream"),
+        rotation_grace: time::Duration::hours(1),
+        metrics: oneprotect_enroll_api::metrics::Metrics::new(),
     });
     let tenant = Tenant {
         id: TenantId::random(),

@@ -21,6 +21,59 @@ struct Args {
     /// Validate the configuration and exit.
     #[arg(long)]
     check: bool,
+    /// Print the public half of the configured assertion signing key
+    /// (`assertion.key_file`) as the enroll-api's `[[rotation.assertion.keys]]`
+    /// entry, and exit.
+    #[arg(long)]
+    print_assertion_key: bool,
+    /// Write a new Ed25519 assertion signing key (PKCS#8 PEM, mode 0600) to
+    /// this file, print its public half as above, and exit. Refuses to
+    /// overwrite an existing file.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["check", "print_assertion_key"])]
+    generate_assertion_key: Option<PathBuf>,
+    /// The key id for --generate-assertion-key.
+    #[arg(long, default_value = "gateway-1", requires = "generate_assertion_key")]
+    kid: String,
+}
+
+/// The enroll-api configuration entry that trusts `signer`.
+fn trusted_key_toml(signer: &oneprotect_identity::AssertionSigner) -> String {
+    use base64::Engine as _;
+    let key = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signer.public_key());
+    format!(
+        "[[rotation.assertion.keys]]\nkid = \"{}\"\npublic_key = \"{key}\"",
+        signer.kid()
+    )
+}
+
+fn generate_key(path: &std::path::Path, kid: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let (signer, pkcs8) = oneprotect_identity::AssertionSigner::generate(kid)
+        .map_err(|_| anyhow::anyhow!("cannot generate an Ed25519 key"))?;
+    let pem = pem_encode("PRIVATE KEY", &pkcs8);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    f.write_all(pem.as_bytes())?;
+    f.sync_all()?;
+    println!("{}", trusted_key_toml(&signer));
+    Ok(())
+}
+
+fn pem_encode(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
 }
 
 fn main() {
@@ -39,7 +92,20 @@ fn run() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    if let Some(path) = &args.generate_assertion_key {
+        return generate_key(path, &args.kid);
+    }
     let cfg = oneprotect_gateway::Config::load(&args.config)?;
+    if args.print_assertion_key {
+        let Some(path) = &cfg.assertion.key_file else {
+            anyhow::bail!(
+                "assertion.key_file is not set: an ephemeral key has no public half to pin"
+            );
+        };
+        let signer = oneprotect_gateway::assertion::load_signer(path, &cfg.assertion.kid)?;
+        println!("{}", trusted_key_toml(&signer));
+        return Ok(());
+    }
     if args.check {
         println!("{}: ok", args.config.display());
         return Ok(());

@@ -29,6 +29,28 @@ pub enum Actor {
     System,
 }
 
+/// Why a certificate was superseded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SupersedeReason {
+    /// The agent authenticated with its successor: the rotation completed.
+    SuccessorSeen,
+    /// The successor was never seen and the rotation grace period ended.
+    GraceExpired,
+    /// A successor that was never used was replaced by a newer rotation.
+    ReplacedUnused,
+}
+
+/// An agent-authenticated operation of the enroll-api.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentOperation {
+    /// `POST /api/v1/agents/{agent_id}/certificate/rotate`.
+    Rotate,
+    /// `POST /api/v1/agents/{agent_id}/certificate/confirm`.
+    Confirm,
+}
+
 /// Why an enrollment attempt failed, as recorded for the tenant's audit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -116,6 +138,32 @@ pub enum Payload {
         #[serde(with = "time::serde::rfc3339")]
         not_after: OffsetDateTime,
     },
+    /// A certificate stopped being accepted because a newer one of the same
+    /// agent took its place (the second phase of a rotation).
+    #[serde(rename = "agent.certificate.superseded")]
+    CertificateSuperseded {
+        /// The agent.
+        agent_id: AgentId,
+        /// The certificate that is no longer accepted.
+        serial: SerialNumber,
+        /// The certificate that took its place.
+        superseded_by: SerialNumber,
+        /// Why now.
+        reason: SupersedeReason,
+    },
+    /// A superseded certificate was presented to authenticate a request:
+    /// its key may be in someone else's hands.
+    #[serde(rename = "agent.certificate.reuse_detected")]
+    CertificateReuseDetected {
+        /// The agent the certificate belongs to.
+        agent_id: AgentId,
+        /// The superseded certificate that was presented.
+        serial: SerialNumber,
+        /// The agent's current certificate.
+        current_serial: SerialNumber,
+        /// What the presenter tried to do.
+        operation: AgentOperation,
+    },
     /// An agent was revoked with all its certificates.
     #[serde(rename = "agent.revoked")]
     Revoked {
@@ -137,6 +185,8 @@ impl Payload {
             Payload::EnrollmentFailed { .. } => "agent.enrollment.failed",
             Payload::Enrolled { .. } => "agent.enrolled",
             Payload::CertificateRotated { .. } => "agent.certificate.rotated",
+            Payload::CertificateSuperseded { .. } => "agent.certificate.superseded",
+            Payload::CertificateReuseDetected { .. } => "agent.certificate.reuse_detected",
             Payload::Revoked { .. } => "agent.revoked",
         }
     }
@@ -144,12 +194,14 @@ impl Payload {
 
 /// Every event type name, in lifecycle order. Each has the schema file
 /// `specs/events/<name>.v1.schema.json`.
-pub const EVENT_TYPES: [&str; 6] = [
+pub const EVENT_TYPES: [&str; 8] = [
     "agent.enrollment_token.issued",
     "agent.enrollment_token.revoked",
     "agent.enrollment.failed",
     "agent.enrolled",
     "agent.certificate.rotated",
+    "agent.certificate.superseded",
+    "agent.certificate.reuse_detected",
     "agent.revoked",
 ];
 

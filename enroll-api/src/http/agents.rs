@@ -38,6 +38,9 @@ pub(crate) struct AgentView {
     current_serial: SerialNumber,
     #[serde(with = "time::serde::rfc3339")]
     certificate_not_after: OffsetDateTime,
+    previous_serial: Option<SerialNumber>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    previous_valid_until: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
     revoked_at: Option<OffsetDateTime>,
     revocation_reason: Option<String>,
@@ -56,6 +59,8 @@ impl From<AgentRecord> for AgentView {
             enrolled_at: a.enrolled_at,
             current_serial: a.current_serial,
             certificate_not_after: a.certificate_not_after,
+            previous_serial: a.previous_serial,
+            previous_valid_until: a.previous_valid_until,
             revoked_at: a.revoked_at,
             revocation_reason: a.revocation_reason,
         }

@@ -25,7 +25,7 @@ use oneprotect_identity::{
 };
 
 use super::{ApiError, ApiJson, AppState, PeerAddr};
-use crate::ca::{check_csr, CsrError};
+use crate::ca::{check_csr, CsrError, IssuedLeaf};
 use crate::secrets::TOKEN_PREFIX;
 use crate::store::{
     AgentRecord, EnrollOutcome, Enrollment, NewCertificate, Store, TokenRefusal, TokenStatus,
@@ -53,7 +53,7 @@ struct AgentInfo {
 
 /// `EnrollmentResult`.
 #[derive(Debug, Serialize)]
-pub(crate) struct EnrollmentResult {
+pub(super) struct EnrollmentResult {
     agent_id: AgentId,
     tenant_id: TenantId,
     spiffe_id: String,
@@ -69,6 +69,35 @@ pub(crate) struct EnrollmentResult {
     rotate_after: OffsetDateTime,
 }
 
+impl EnrollmentResult {
+    /// The answer for a freshly issued `leaf` (exchange and rotation).
+    pub(super) fn new(
+        state: &AppState,
+        tenant: TenantId,
+        agent_id: AgentId,
+        leaf: IssuedLeaf,
+    ) -> Result<Self, ApiError> {
+        let rotate = rotate_after(
+            leaf.not_before.unix_timestamp(),
+            leaf.not_after.unix_timestamp(),
+        );
+        let rotate_after = OffsetDateTime::from_unix_timestamp(rotate)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        Ok(Self {
+            agent_id,
+            tenant_id: tenant,
+            spiffe_id: leaf.uri.to_string(),
+            serial: leaf.serial,
+            certificate_pem: leaf.cert_pem,
+            chain_pem: leaf.chain_pem,
+            trust_bundle_pem: state.ca.trust_bundle_pem().to_owned(),
+            not_before: leaf.not_before,
+            not_after: leaf.not_after,
+            rotate_after,
+        })
+    }
+}
+
 fn check_text(name: &str, v: &str, max: usize) -> Result<(), ApiError> {
     let n = v.chars().count();
     if n == 0 || n > max || v.chars().any(char::is_control) {
@@ -79,7 +108,7 @@ fn check_text(name: &str, v: &str, max: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn csr_problem(e: &CsrError) -> ApiError {
+pub(super) fn csr_problem(e: &CsrError) -> ApiError {
     match e {
         CsrError::Malformed => ApiError::new(problem::INVALID_CSR),
         CsrError::SignatureInvalid => ApiError::new(problem::CSR_SIGNATURE_INVALID),
@@ -222,6 +251,8 @@ async fn exchange(
         certificate_not_after: leaf.not_after,
         revoked_at: None,
         revocation_reason: None,
+        previous_serial: None,
+        previous_valid_until: None,
     };
     let event = Event::new(
         tenant,
@@ -264,25 +295,8 @@ async fn exchange(
     }
     state.relay.wake();
     tracing::info!(%tenant, %token_id, agent = %agent_id, serial = %leaf.serial, "agent enrolled");
-    let rotate = rotate_after(
-        leaf.not_before.unix_timestamp(),
-        leaf.not_after.unix_timestamp(),
-    );
-    let rotate_after = OffsetDateTime::from_unix_timestamp(rotate)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok((
         StatusCode::CREATED,
-        Json(EnrollmentResult {
-            agent_id,
-            tenant_id: tenant,
-            spiffe_id: leaf.uri.to_string(),
-            serial: leaf.serial,
-            certificate_pem: leaf.cert_pem,
-            chain_pem: leaf.chain_pem,
-            trust_bundle_pem: state.ca.trust_bundle_pem().to_owned(),
-            not_before: leaf.not_before,
-            not_after: leaf.not_after,
-            rotate_after,
-        }),
+        Json(EnrollmentResult::new(&state, tenant, agent_id, leaf)?),
     ))
 }

@@ -1,17 +1,36 @@
-//! `/healthz` (the process answers) and `/readyz` (storage answers).
+//! `/healthz` (the process answers), `/readyz` (storage answers) and
+//! `/metrics` (Prometheus text; loopback peers only, 404 to anyone else).
 
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::{ApiError, AppState};
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use oneprotect_identity::problem;
+
+use super::{ApiError, AppState, PeerAddr};
 use crate::store::{Store, StoreError};
 
 pub(crate) fn router() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+async fn metrics(
+    State(state): State<AppState>,
+    PeerAddr(peer): PeerAddr,
+) -> Result<impl IntoResponse, ApiError> {
+    if !peer.is_some_and(|p| p.ip().is_loopback()) {
+        return Err(ApiError::new(problem::ROUTE_NOT_FOUND));
+    }
+    Ok((
+        [(CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    ))
 }
 
 async fn healthz() -> Json<Value> {

@@ -12,6 +12,7 @@ mod agents;
 mod ca;
 mod exchange;
 mod health;
+mod rotation;
 mod tokens;
 
 use std::net::SocketAddr;
@@ -63,6 +64,13 @@ pub struct Inner {
     pub projection: Option<crate::projection::Projection>,
     /// Wakes the outbox relay after a commit.
     pub relay: crate::relay::RelayWaker,
+    /// Verifies the gateway's identity assertions on the agent endpoints.
+    pub assertions: oneprotect_identity::AssertionVerifier,
+    /// How long a rotated-away-from certificate stays accepted when the new
+    /// one is not seen earlier.
+    pub rotation_grace: time::Duration,
+    /// The metrics.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl AppState {
@@ -85,6 +93,7 @@ impl std::ops::Deref for AppState {
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/healthz"),
     ("GET", "/readyz"),
+    ("GET", "/metrics"),
     ("POST", "/api/v1/agent-enrollment/tokens"),
     ("GET", "/api/v1/agent-enrollment/tokens"),
     ("GET", "/api/v1/agent-enrollment/tokens/{token_id}"),
@@ -94,15 +103,12 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/agents/{agent_id}"),
     ("POST", "/api/v1/agents/{agent_id}/revoke"),
     ("GET", "/api/v1/agents/{agent_id}/events"),
+    ("POST", "/api/v1/agents/{agent_id}/certificate/rotate"),
+    ("POST", "/api/v1/agents/{agent_id}/certificate/confirm"),
     ("GET", "/api/v1/ca"),
     ("GET", "/api/v1/trust-bundle"),
     ("GET", "/api/v1/tenants/{tenant_id}/crl"),
 ];
-
-/// Endpoints of the spec that belong to enroll-api part 2 (rotation) and
-/// are not served yet.
-pub const NOT_YET_SERVED: &[(&str, &str)] =
-    &[("POST", "/api/v1/agents/{agent_id}/certificate/rotate")];
 
 /// The whole API.
 pub fn router(state: AppState) -> Router {
@@ -112,6 +118,7 @@ pub fn router(state: AppState) -> Router {
         .merge(tokens::router())
         .merge(exchange::router())
         .merge(agents::router())
+        .merge(rotation::router())
         .merge(ca::router())
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use oneprotect_identity::events::{Actor, Event, Payload};
-use oneprotect_identity::{AgentId, AgentStatus, SerialNumber, TenantId, TokenId};
+use oneprotect_identity::{AgentId, AgentStatus, CertStatus, SerialNumber, TenantId, TokenId};
 
 use super::*;
 
@@ -113,6 +113,8 @@ pub fn enrollment(
             certificate_not_after: not_after,
             revoked_at: None,
             revocation_reason: None,
+            previous_serial: None,
+            previous_valid_until: None,
         },
         certificate: NewCertificate {
             serial,
@@ -156,6 +158,234 @@ pub async fn run_all<S: Store>(s: &S) {
     single_use_token_under_concurrency(s, 100).await;
     agents_list_and_revoke(s).await;
     relay_reads_pending_events_and_certificates(s).await;
+    rotation_lineage(s).await;
+    rotation_under_concurrency(s, 20).await;
+}
+
+fn random_serial() -> SerialNumber {
+    let mut serial = Uuid::new_v4().into_bytes();
+    serial[0] |= 1;
+    SerialNumber::from_bytes(serial).unwrap()
+}
+
+pub fn rotation(
+    tenant: TenantId,
+    agent: AgentId,
+    presented: SerialNumber,
+    at: OffsetDateTime,
+    grace: i64,
+) -> Rotation {
+    let serial = random_serial();
+    Rotation {
+        tenant,
+        agent,
+        presented,
+        certificate: NewCertificate {
+            serial,
+            fingerprint: format!("{:064x}", Uuid::new_v4().as_u128()),
+            not_before: at,
+            not_after: at + Duration::from_secs(3600),
+            cert_pem: "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n".into(),
+        },
+        previous_valid_until: at + time::Duration::seconds(grace),
+        now: at,
+    }
+}
+
+async fn statuses<S: Store>(s: &S, t: TenantId, a: AgentId) -> BTreeMap<SerialNumber, CertStatus> {
+    s.list_agent_certificates(t, a)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.serial, c.status))
+        .collect()
+}
+
+async fn types_of<S: Store>(s: &S, t: TenantId, a: AgentId) -> Vec<&'static str> {
+    s.list_agent_events(t, a, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.event.payload.event_type())
+        .collect()
+}
+
+/// The two-phase lineage: rotate, retry with the previous, confirm, sweep,
+/// refusals, and another tenant seeing nothing.
+pub async fn rotation_lineage<S: Store>(s: &S) {
+    use super::rotation::RotationRefusal as R;
+    let t = tenant(s).await;
+    let other = tenant(s).await;
+    let (id, h) = token(s, t, 1, 3600).await;
+    let e = enrollment(t, id, &h, now());
+    s.enroll(&e).await.unwrap();
+    let a = e.agent.id;
+    let s0 = e.certificate.serial;
+
+    // Phase one: s1 issued, s0 still active as previous.
+    let r1 = rotation(t, a, s0, now(), 60);
+    let s1 = r1.certificate.serial;
+    assert!(
+        matches!(s.rotate(&r1).await.unwrap(), RotateOutcome::Rotated(p) if p.previous == s0 && p.supersede.is_empty())
+    );
+    let ag = s.fetch_agent(t, a).await.unwrap().unwrap();
+    assert_eq!((ag.current_serial, ag.previous_serial), (s1, Some(s0)));
+    assert_eq!(
+        ag.previous_valid_until,
+        Some(now() + time::Duration::seconds(60))
+    );
+    assert_eq!(ag.certificate_not_after, r1.certificate.not_after);
+    let st = statuses(s, t, a).await;
+    assert_eq!((st[&s0], st[&s1]), (CertStatus::Active, CertStatus::Active));
+
+    // The answer was lost: retrying with s0 replaces the unused s1.
+    let r2 = rotation(t, a, s0, now(), 60);
+    let s2 = r2.certificate.serial;
+    assert!(
+        matches!(s.rotate(&r2).await.unwrap(), RotateOutcome::Rotated(p) if p.previous == s0 && p.supersede.len() == 1)
+    );
+    let st = statuses(s, t, a).await;
+    assert_eq!(
+        (st[&s0], st[&s1], st[&s2]),
+        (
+            CertStatus::Active,
+            CertStatus::Superseded,
+            CertStatus::Active
+        )
+    );
+
+    // Confirming with the previous is a conflict; with the newest completes.
+    assert_eq!(
+        s.confirm_certificate(t, a, s0, now()).await.unwrap(),
+        ConfirmOutcome::Refused(R::PreviousPresented)
+    );
+    let c = s.confirm_certificate(t, a, s2, now()).await.unwrap();
+    assert!(matches!(c, ConfirmOutcome::Confirmed(Some(sup)) if sup.serial == s0 && sup.by == s2));
+    assert_eq!(
+        s.confirm_certificate(t, a, s2, now()).await.unwrap(),
+        ConfirmOutcome::Confirmed(None),
+        "a second confirmation changes nothing"
+    );
+    let ag = s.fetch_agent(t, a).await.unwrap().unwrap();
+    assert_eq!((ag.current_serial, ag.previous_serial), (s2, None));
+    assert_eq!(statuses(s, t, a).await[&s0], CertStatus::Superseded);
+
+    // A superseded certificate can neither rotate nor confirm.
+    for presented in [s0, s1] {
+        assert_eq!(
+            s.rotate(&rotation(t, a, presented, now(), 60))
+                .await
+                .unwrap(),
+            RotateOutcome::Refused(R::CertificateSuperseded { current: s2 })
+        );
+    }
+    // Another agent's or tenant's view.
+    assert_eq!(
+        s.rotate(&rotation(t, a, random_serial(), now(), 60))
+            .await
+            .unwrap(),
+        RotateOutcome::Refused(R::NotThisAgents)
+    );
+    assert_eq!(
+        s.rotate(&rotation(other, a, s2, now(), 60)).await.unwrap(),
+        RotateOutcome::Refused(R::UnknownAgent)
+    );
+
+    // The sweep: only after the grace, only once.
+    let r3 = rotation(t, a, s2, now(), 30);
+    let s3 = r3.certificate.serial;
+    s.rotate(&r3).await.unwrap();
+    let early = now() + time::Duration::seconds(29);
+    assert!(!s
+        .list_rotations_due(early, 500)
+        .await
+        .unwrap()
+        .contains(&(t, a)));
+    assert_eq!(s.expire_rotation(t, a, early).await.unwrap(), None);
+    let late = now() + time::Duration::seconds(30);
+    assert!(s
+        .list_rotations_due(late, 500)
+        .await
+        .unwrap()
+        .contains(&(t, a)));
+    let swept = s.expire_rotation(t, a, late).await.unwrap().unwrap();
+    assert_eq!((swept.serial, swept.by), (s2, s3));
+    assert_eq!(s.expire_rotation(t, a, late).await.unwrap(), None);
+    assert!(!s
+        .list_rotations_due(late, 500)
+        .await
+        .unwrap()
+        .contains(&(t, a)));
+
+    // Revoked: every certificate revoked, no rotation, nothing pending.
+    s.rotate(&rotation(t, a, s3, now(), 60)).await.unwrap();
+    let revoked = s
+        .revoke_agent(t, a, "lost", now(), Actor::System)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(revoked.previous_serial, None);
+    assert!(statuses(s, t, a)
+        .await
+        .values()
+        .all(|c| *c == CertStatus::Revoked));
+    assert_eq!(
+        s.rotate(&rotation(t, a, revoked.current_serial, now(), 60))
+            .await
+            .unwrap(),
+        RotateOutcome::Refused(R::AgentRevoked)
+    );
+    assert_eq!(
+        types_of(s, t, a).await,
+        vec![
+            "agent.enrolled",
+            "agent.certificate.rotated",
+            "agent.certificate.superseded",
+            "agent.certificate.rotated",
+            "agent.certificate.superseded",
+            "agent.certificate.rotated",
+            "agent.certificate.superseded",
+            "agent.certificate.rotated",
+            "agent.revoked",
+        ]
+    );
+}
+
+/// Concurrent rotations of one agent with the same certificate: each
+/// commits in turn (the second replaces the first's unused certificate),
+/// and at most two certificates are ever active.
+pub async fn rotation_under_concurrency<S: Store>(s: &S, n: usize) {
+    let t = tenant(s).await;
+    let (id, h) = token(s, t, 1, 3600).await;
+    let e = enrollment(t, id, &h, now());
+    s.enroll(&e).await.unwrap();
+    let a = e.agent.id;
+    let s0 = e.certificate.serial;
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let s = s.clone();
+        set.spawn(async move { s.rotate(&rotation(t, a, s0, now(), 60)).await.unwrap() });
+    }
+    let mut rotated = 0;
+    while let Some(r) = set.join_next().await {
+        if matches!(r.unwrap(), RotateOutcome::Rotated(_)) {
+            rotated += 1;
+        }
+    }
+    assert_eq!(
+        rotated, n,
+        "every retry with the previous certificate rotates"
+    );
+    let st = statuses(s, t, a).await;
+    let active: Vec<_> = st
+        .iter()
+        .filter(|(_, c)| **c == CertStatus::Active)
+        .collect();
+    assert_eq!(active.len(), 2, "{st:?}");
+    let ag = s.fetch_agent(t, a).await.unwrap().unwrap();
+    assert_eq!(ag.previous_serial, Some(s0));
+    assert_eq!(st[&ag.current_serial], CertStatus::Active);
+    assert_eq!(st.len(), n + 1);
 }
 
 pub async fn tenants_and_admin_keys<S: Store>(s: &S) {

@@ -14,6 +14,7 @@
 //! transaction that writes the agent, its certificate and the outbox event.
 
 pub mod postgres;
+pub mod rotation;
 pub mod sqlite;
 
 #[cfg(any(test, feature = "test-util"))]
@@ -28,6 +29,11 @@ use uuid::Uuid;
 
 use oneprotect_identity::events::{Actor, Event};
 use oneprotect_identity::{AgentId, AgentStatus, CertStatus, SerialNumber, TenantId, TokenId};
+
+pub use rotation::{
+    ConfirmOutcome, RotateOutcome, Rotation, RotationPlan, RotationRefusal, RotationState,
+    Supersede,
+};
 
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +219,10 @@ pub struct AgentRecord {
     pub current_serial: SerialNumber,
     /// NotAfter of its current certificate.
     pub certificate_not_after: OffsetDateTime,
+    /// During a rotation's second phase, the certificate rotated away from.
+    pub previous_serial: Option<SerialNumber>,
+    /// When `previous_serial` stops being accepted at the latest.
+    pub previous_valid_until: Option<OffsetDateTime>,
     /// Revocation time.
     pub revoked_at: Option<OffsetDateTime>,
     /// Revocation reason.
@@ -434,6 +444,38 @@ pub trait Store: Send + Sync + Clone + 'static {
         now: OffsetDateTime,
         actor: Actor,
     ) -> impl Future<Output = Result<Option<AgentRecord>, StoreError>> + Send;
+    /// Applies a rotation in one transaction (supersedes per the plan,
+    /// inserts the new certificate, updates the agent, writes
+    /// `agent.certificate.superseded` and `agent.certificate.rotated`), or
+    /// writes nothing and says why.
+    fn rotate(
+        &self,
+        r: &Rotation,
+    ) -> impl Future<Output = Result<RotateOutcome, StoreError>> + Send;
+    /// Records that `agent` authenticated with `presented`: completes a
+    /// pending rotation when it is the newest certificate.
+    fn confirm_certificate(
+        &self,
+        tenant: TenantId,
+        agent: AgentId,
+        presented: SerialNumber,
+        now: OffsetDateTime,
+    ) -> impl Future<Output = Result<ConfirmOutcome, StoreError>> + Send;
+    /// Agents of every tenant whose rotation grace ended at or before `now`
+    /// (on PostgreSQL a narrow `SECURITY DEFINER` function), at most `limit`.
+    fn list_rotations_due(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<(TenantId, AgentId)>, StoreError>> + Send;
+    /// Supersedes `agent`'s previous certificate if its grace ended at or
+    /// before `now` (re-checked under the row lock); `Some` when it did.
+    fn expire_rotation(
+        &self,
+        tenant: TenantId,
+        agent: AgentId,
+        now: OffsetDateTime,
+    ) -> impl Future<Output = Result<Option<Supersede>, StoreError>> + Send;
 }
 
 /// Either backend, chosen by configuration.
@@ -575,6 +617,33 @@ impl Store for AnyStore {
         actor: Actor,
     ) -> Result<Option<AgentRecord>, StoreError> {
         dispatch!(self, s => s.revoke_agent(tenant, id, reason, now, actor))
+    }
+    async fn rotate(&self, r: &Rotation) -> Result<RotateOutcome, StoreError> {
+        dispatch!(self, s => s.rotate(r))
+    }
+    async fn confirm_certificate(
+        &self,
+        tenant: TenantId,
+        agent: AgentId,
+        presented: SerialNumber,
+        now: OffsetDateTime,
+    ) -> Result<ConfirmOutcome, StoreError> {
+        dispatch!(self, s => s.confirm_certificate(tenant, agent, presented, now))
+    }
+    async fn list_rotations_due(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<(TenantId, AgentId)>, StoreError> {
+        dispatch!(self, s => s.list_rotations_due(now, limit))
+    }
+    async fn expire_rotation(
+        &self,
+        tenant: TenantId,
+        agent: AgentId,
+        now: OffsetDateTime,
+    ) -> Result<Option<Supersede>, StoreError> {
+        dispatch!(self, s => s.expire_rotation(tenant, agent, now))
     }
 }
 

@@ -18,11 +18,15 @@ use uuid::Uuid;
 use oneprotect_identity::events::{Actor, Event, Payload};
 use oneprotect_identity::{AgentId, AgentStatus, SerialNumber, TenantId, TokenId};
 
+use super::rotation::{
+    plan_confirmation, plan_expiry, plan_rotation, rotated_event, superseded_event,
+};
 use super::{
     agent_event_pattern, event_json, labels_json, parse_cert_status, parse_event, parse_id,
     parse_labels, refusal, token_status_sql, ts, u32_of, AdminKeyRef, AgentRecord,
-    CertificateState, EnrollOutcome, Enrollment, NewAdminKey, NewToken, OutboxEvent, Page, Store,
-    StoreError, Tenant, TokenRecord, TokenStatus,
+    CertificateState, ConfirmOutcome, EnrollOutcome, Enrollment, NewAdminKey, NewToken,
+    OutboxEvent, Page, RotateOutcome, Rotation, RotationRefusal, RotationState, Store, StoreError,
+    Supersede, Tenant, TokenRecord, TokenStatus,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -53,7 +57,7 @@ pub struct PgStore {
 
 const TOKEN_COLS: &str =
     "id, tenant_id, max_uses, uses, expires_at, created_at, revoked_at, description, labels";
-const AGENT_COLS: &str = "id, tenant_id, spiffe_id, status, hostname, os, agent_version, token_id, enrolled_at, current_serial, certificate_not_after, revoked_at, revocation_reason";
+const AGENT_COLS: &str = "id, tenant_id, spiffe_id, status, hostname, os, agent_version, token_id, enrolled_at, current_serial, certificate_not_after, revoked_at, revocation_reason, previous_serial, previous_valid_until";
 
 fn opt_ts(v: Option<i64>) -> Result<Option<OffsetDateTime>, StoreError> {
     v.map(ts).transpose()
@@ -89,6 +93,11 @@ fn agent_from_row(r: &PgRow) -> Result<AgentRecord, StoreError> {
         certificate_not_after: ts(r.try_get("certificate_not_after")?)?,
         revoked_at: opt_ts(r.try_get("revoked_at")?)?,
         revocation_reason: r.try_get("revocation_reason")?,
+        previous_serial: r
+            .try_get::<Option<&str>, _>("previous_serial")?
+            .map(parse_id)
+            .transpose()?,
+        previous_valid_until: opt_ts(r.try_get("previous_valid_until")?)?,
     })
 }
 
@@ -203,6 +212,92 @@ impl PgStore {
         .fetch_optional(tx)
         .await?;
         row.as_ref().map(agent_from_row).transpose()
+    }
+}
+
+impl PgStore {
+    /// The agent's rotation state, taking its row lock (`FOR UPDATE`): a
+    /// concurrent rotation of the same agent waits and then decides on the
+    /// committed result.
+    async fn rotation_state(
+        conn: &mut PgConnection,
+        tenant: TenantId,
+        agent: AgentId,
+        presented: Option<SerialNumber>,
+    ) -> Result<Option<RotationState>, StoreError> {
+        let Some(row) = sqlx::query(
+            "SELECT status, current_serial, previous_serial, previous_valid_until FROM agents \
+             WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
+        )
+        .bind(tenant.as_uuid())
+        .bind(agent.as_uuid())
+        .fetch_optional(&mut *conn)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let presented = match presented {
+            None => None,
+            Some(serial) => sqlx::query_scalar::<_, String>(
+                "SELECT status FROM certificates WHERE tenant_id = $1 AND agent_id = $2 AND serial = $3",
+            )
+            .bind(tenant.as_uuid())
+            .bind(agent.as_uuid())
+            .bind(serial.to_string())
+            .fetch_optional(&mut *conn)
+            .await?
+            .map(|s| parse_cert_status(&s))
+            .transpose()?,
+        };
+        Ok(Some(RotationState {
+            status: AgentStatus::from_str(row.try_get("status")?)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            current: parse_id(row.try_get::<&str, _>("current_serial")?)?,
+            previous: row
+                .try_get::<Option<&str>, _>("previous_serial")?
+                .map(parse_id)
+                .transpose()?,
+            previous_valid_until: opt_ts(row.try_get("previous_valid_until")?)?,
+            presented,
+        }))
+    }
+
+    /// Marks `s.serial` superseded (only if active) and writes its event.
+    async fn apply_supersede(
+        conn: &mut PgConnection,
+        tenant: TenantId,
+        agent: AgentId,
+        s: &Supersede,
+        actor: Actor,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE certificates SET status = 'superseded', superseded_at = $4 \
+             WHERE tenant_id = $1 AND agent_id = $2 AND serial = $3 AND status = 'active'",
+        )
+        .bind(tenant.as_uuid())
+        .bind(agent.as_uuid())
+        .bind(s.serial.to_string())
+        .bind(now.unix_timestamp())
+        .execute(&mut *conn)
+        .await?;
+        Self::insert_event(conn, &superseded_event(tenant, agent, s, actor, now)).await
+    }
+
+    async fn clear_previous(
+        conn: &mut PgConnection,
+        tenant: TenantId,
+        agent: AgentId,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE agents SET previous_serial = NULL, previous_valid_until = NULL \
+             WHERE tenant_id = $1 AND id = $2",
+        )
+        .bind(tenant.as_uuid())
+        .bind(agent.as_uuid())
+        .execute(conn)
+        .await?;
+        Ok(())
     }
 }
 
@@ -415,7 +510,7 @@ impl Store for PgStore {
             return Ok(EnrollOutcome::Refused(refusal(t.as_ref(), e.now)));
         }
         sqlx::query(&format!(
-            "INSERT INTO agents ({AGENT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL, NULL)"
+            "INSERT INTO agents ({AGENT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL, NULL, NULL, NULL)"
         ))
         .bind(a.id.as_uuid())
         .bind(a.tenant_id.as_uuid())
@@ -635,7 +730,8 @@ impl Store for PgStore {
     ) -> Result<Option<AgentRecord>, StoreError> {
         let mut tx = self.begin(tenant).await?;
         let changed = sqlx::query(
-            "UPDATE agents SET status = 'revoked', revoked_at = $3, revocation_reason = $4 \
+            "UPDATE agents SET status = 'revoked', revoked_at = $3, revocation_reason = $4, \
+             previous_serial = NULL, previous_valid_until = NULL \
              WHERE tenant_id = $1 AND id = $2 AND status = 'active'",
         )
         .bind(tenant.as_uuid())
@@ -675,5 +771,114 @@ impl Store for PgStore {
         let agent = Self::fetch_agent_in(&mut tx, tenant, id).await?;
         tx.commit().await?;
         Ok(agent)
+    }
+
+    async fn rotate(&self, r: &Rotation) -> Result<RotateOutcome, StoreError> {
+        let mut tx = self.begin(r.tenant).await?;
+        let Some(st) = Self::rotation_state(&mut tx, r.tenant, r.agent, Some(r.presented)).await?
+        else {
+            return Ok(RotateOutcome::Refused(RotationRefusal::UnknownAgent));
+        };
+        let plan = match plan_rotation(&st, r.presented, r.certificate.serial) {
+            Ok(plan) => plan,
+            Err(refusal) => return Ok(RotateOutcome::Refused(refusal)),
+        };
+        let actor = Actor::Agent(r.agent);
+        for s in &plan.supersede {
+            Self::apply_supersede(&mut tx, r.tenant, r.agent, s, actor.clone(), r.now).await?;
+        }
+        let c = &r.certificate;
+        sqlx::query(
+            "INSERT INTO certificates (serial, tenant_id, agent_id, status, fingerprint, not_before, not_after, cert_pem, issued_at, predecessor_serial) \
+             VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(c.serial.to_string())
+        .bind(r.tenant.as_uuid())
+        .bind(r.agent.as_uuid())
+        .bind(&c.fingerprint)
+        .bind(c.not_before.unix_timestamp())
+        .bind(c.not_after.unix_timestamp())
+        .bind(&c.cert_pem)
+        .bind(r.now.unix_timestamp())
+        .bind(r.presented.to_string())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE agents SET current_serial = $3, certificate_not_after = $4, \
+             previous_serial = $5, previous_valid_until = $6 WHERE tenant_id = $1 AND id = $2",
+        )
+        .bind(r.tenant.as_uuid())
+        .bind(r.agent.as_uuid())
+        .bind(c.serial.to_string())
+        .bind(c.not_after.unix_timestamp())
+        .bind(plan.previous.to_string())
+        .bind(r.previous_valid_until.unix_timestamp())
+        .execute(&mut *tx)
+        .await?;
+        Self::insert_event(&mut tx, &rotated_event(r)).await?;
+        tx.commit().await?;
+        Ok(RotateOutcome::Rotated(plan))
+    }
+
+    async fn confirm_certificate(
+        &self,
+        tenant: TenantId,
+        agent: AgentId,
+        presented: SerialNumber,
+        now: OffsetDateTime,
+    ) -> Result<ConfirmOutcome, StoreError> {
+        let mut tx = self.begin(tenant).await?;
+        let Some(st) = Self::rotation_state(&mut tx, tenant, agent, Some(presented)).await? else {
+            return Ok(ConfirmOutcome::Refused(RotationRefusal::UnknownAgent));
+        };
+        let supersede = match plan_confirmation(&st, presented) {
+            Ok(s) => s,
+            Err(refusal) => return Ok(ConfirmOutcome::Refused(refusal)),
+        };
+        if let Some(s) = &supersede {
+            Self::apply_supersede(&mut tx, tenant, agent, s, Actor::Agent(agent), now).await?;
+            Self::clear_previous(&mut tx, tenant, agent).await?;
+        }
+        tx.commit().await?;
+        Ok(ConfirmOutcome::Confirmed(supersede))
+    }
+
+    async fn list_rotations_due(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<(TenantId, AgentId)>, StoreError> {
+        let rows = sqlx::query("SELECT tenant_id, agent_id FROM oneprotect_rotations_due($1, $2)")
+            .bind(now.unix_timestamp())
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    TenantId::from_uuid(r.try_get("tenant_id")?),
+                    AgentId::from_uuid(r.try_get("agent_id")?),
+                ))
+            })
+            .collect()
+    }
+
+    async fn expire_rotation(
+        &self,
+        tenant: TenantId,
+        agent: AgentId,
+        now: OffsetDateTime,
+    ) -> Result<Option<Supersede>, StoreError> {
+        let mut tx = self.begin(tenant).await?;
+        let Some(st) = Self::rotation_state(&mut tx, tenant, agent, None).await? else {
+            return Ok(None);
+        };
+        let Some(s) = plan_expiry(&st, now) else {
+            return Ok(None);
+        };
+        Self::apply_supersede(&mut tx, tenant, agent, &s, Actor::System, now).await?;
+        Self::clear_previous(&mut tx, tenant, agent).await?;
+        tx.commit().await?;
+        Ok(Some(s))
     }
 }

@@ -25,7 +25,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use jsonschema::{Registry, Validator};
-use oneprotect_identity::events::{Actor, EnrollmentFailure, Event, Payload, EVENT_TYPES, VERSION};
+use oneprotect_identity::events::{
+    Actor, AgentOperation, EnrollmentFailure, Event, Payload, SupersedeReason, EVENT_TYPES, VERSION,
+};
 use oneprotect_identity::problem::{self, Problem, ProblemKind};
 use oneprotect_identity::revocation::{
     AgentStatus, Announcement, CertStatus, Change, KeySchema, DEFAULT_PREFIX,
@@ -477,6 +479,61 @@ fn rust_events() -> Vec<Event> {
         ),
         Event::new(
             tenant,
+            Actor::Agent(agent),
+            at("2026-12-18T10:00:05Z"),
+            Payload::CertificateSuperseded {
+                agent_id: agent,
+                serial: s1,
+                superseded_by: s2,
+                reason: SupersedeReason::SuccessorSeen,
+            },
+        ),
+        Event::new(
+            tenant,
+            Actor::System,
+            at("2026-12-18T11:00:00Z"),
+            Payload::CertificateSuperseded {
+                agent_id: agent,
+                serial: s1,
+                superseded_by: s2,
+                reason: SupersedeReason::GraceExpired,
+            },
+        ),
+        Event::new(
+            tenant,
+            Actor::Agent(agent),
+            at("2026-12-18T10:00:01Z"),
+            Payload::CertificateSuperseded {
+                agent_id: agent,
+                serial: s2,
+                superseded_by: s1,
+                reason: SupersedeReason::ReplacedUnused,
+            },
+        ),
+        Event::new(
+            tenant,
+            Actor::Agent(agent),
+            at("2026-12-19T10:00:00Z"),
+            Payload::CertificateReuseDetected {
+                agent_id: agent,
+                serial: s1,
+                current_serial: s2,
+                operation: AgentOperation::Rotate,
+            },
+        ),
+        Event::new(
+            tenant,
+            Actor::Agent(agent),
+            at("2026-12-19T10:00:01Z"),
+            Payload::CertificateReuseDetected {
+                agent_id: agent,
+                serial: s1,
+                current_serial: s2,
+                operation: AgentOperation::Confirm,
+            },
+        ),
+        Event::new(
+            tenant,
             Actor::AdminKey(admin),
             at("2027-01-04T14:21:07Z"),
             Payload::Revoked {
@@ -542,6 +599,8 @@ fn events_built_with_the_rust_types_validate_against_their_schema_only() {
             Payload::EnrollmentFailed { .. } => "EnrollmentFailed",
             Payload::Enrolled { .. } => "Enrolled",
             Payload::CertificateRotated { .. } => "CertificateRotated",
+            Payload::CertificateSuperseded { .. } => "CertificateSuperseded",
+            Payload::CertificateReuseDetected { .. } => "CertificateReuseDetected",
             Payload::Revoked { .. } => "Revoked",
         });
         actors_seen.insert(match &event.actor {

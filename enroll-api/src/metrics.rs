@@ -1,0 +1,124 @@
+//! Prometheus metrics of one enroll-api instance, in their own registry (so
+//! several instances can run in one test process). Served on `GET /metrics`
+//! to loopback peers only.
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
+
+use oneprotect_identity::events::AgentOperation;
+use oneprotect_identity::AssertionError;
+
+/// Every metric the enroll-api exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    rotations: IntCounterVec,
+    confirmations: IntCounterVec,
+    superseded_use: IntCounterVec,
+    assertion_refusals: IntCounterVec,
+    grace_expired: IntCounter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("static metric");
+    r.register(Box::new(c.clone())).expect("registered once");
+    c
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("oneprotect_enroll".into()), None)
+            .expect("static registry prefix is valid");
+        let rotations = counter_vec(
+            &registry,
+            "rotations_total",
+            "Certificate rotations by outcome (rotated, refused)",
+            "outcome",
+        );
+        let confirmations = counter_vec(
+            &registry,
+            "confirmations_total",
+            "Certificate confirmations by outcome (completed, no_op, refused)",
+            "outcome",
+        );
+        let superseded_use = counter_vec(
+            &registry,
+            "superseded_certificate_use_total",
+            "Agent operations attempted with a superseded certificate (possible key theft)",
+            "operation",
+        );
+        let assertion_refusals = counter_vec(
+            &registry,
+            "assertion_refusals_total",
+            "Gateway identity assertions refused by the agent endpoints, by reason",
+            "reason",
+        );
+        let grace_expired = IntCounter::new(
+            "rotation_grace_expired_total",
+            "Previous certificates superseded because the rotation grace period ended",
+        )
+        .expect("static metric");
+        registry
+            .register(Box::new(grace_expired.clone()))
+            .expect("registered once");
+        Self {
+            registry,
+            rotations,
+            confirmations,
+            superseded_use,
+            assertion_refusals,
+            grace_expired,
+        }
+    }
+
+    /// Counts a rotation outcome.
+    pub fn rotation(&self, outcome: &str) {
+        self.rotations.with_label_values(&[outcome]).inc();
+    }
+
+    /// Counts a confirmation outcome.
+    pub fn confirmation(&self, outcome: &str) {
+        self.confirmations.with_label_values(&[outcome]).inc();
+    }
+
+    /// Counts an operation attempted with a superseded certificate.
+    pub fn superseded_use(&self, op: AgentOperation) {
+        let label = match op {
+            AgentOperation::Rotate => "rotate",
+            AgentOperation::Confirm => "confirm",
+        };
+        self.superseded_use.with_label_values(&[label]).inc();
+    }
+
+    /// Counts a refused assertion by reason.
+    pub fn assertion_refused(&self, e: &AssertionError) {
+        let reason = format!("{e:?}").to_ascii_lowercase();
+        let reason = reason.split(['(', ' ', '{']).next().unwrap_or("other");
+        self.assertion_refusals.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts previous certificates superseded by the grace sweep.
+    pub fn grace_expired(&self, n: u64) {
+        self.grace_expired.inc_by(n);
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec only fails on invalid metric names (static here).
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
