@@ -25,7 +25,9 @@ use time::OffsetDateTime;
 use oneprotect_identity::events::{Actor, AgentOperation, Event, Payload};
 use oneprotect_identity::headers::IDENTITY_ASSERTION;
 use oneprotect_identity::problem;
-use oneprotect_identity::{AgentId, CertFingerprint, SerialNumber, TenantId};
+use oneprotect_identity::{
+    AgentId, AgentStatus, CertFingerprint, CertStatus, SerialNumber, TenantId,
+};
 
 use super::exchange::{csr_problem, EnrollmentResult};
 use super::{path_id, ApiError, ApiJson, AppState};
@@ -182,22 +184,28 @@ async fn rotate(
     let Some(current) = state.store.fetch_agent(auth.tenant, auth.agent).await? else {
         return Err(ApiError::new(problem::NOT_FOUND));
     };
-    let previous_not_after = state
+    if current.status == AgentStatus::Revoked {
+        return Err(ApiError::new(problem::AGENT_REVOKED));
+    }
+    let presented = state
         .store
         .list_agent_certificates(auth.tenant, auth.agent)
         .await?
         .into_iter()
-        .find(|c| c.serial == auth.serial)
-        .map(|c| c.not_after);
-    let Some(previous_not_after) = previous_not_after else {
-        return Err(refused(
-            &state,
-            &auth,
-            RotationRefusal::NotThisAgents,
-            AgentOperation::Rotate,
-        )
-        .await);
+        .find(|c| c.serial == auth.serial);
+    let early = match presented.as_ref().map(|c| c.status) {
+        None => Some(RotationRefusal::NotThisAgents),
+        Some(CertStatus::Revoked) => Some(RotationRefusal::CertificateRevoked),
+        Some(CertStatus::Superseded) => Some(RotationRefusal::CertificateSuperseded {
+            current: current.current_serial,
+        }),
+        Some(CertStatus::Active) => None,
     };
+    if let Some(r) = early {
+        state.metrics.rotation("refused");
+        return Err(refused(&state, &auth, r, AgentOperation::Rotate).await);
+    }
+    let previous_not_after = presented.map_or(state.clock.now(), |c| c.not_after);
     let leaf = state
         .ca
         .issue_leaf(auth.tenant, auth.agent, &csr, lifetime)

@@ -9,3 +9,4 @@ mod contracts;
 mod enroll;
 mod gateway;
 mod lifecycle;
+mod rotation;

@@ -1,0 +1,675 @@
+//! Two-phase certificate rotation end to end, through the real parts: the
+//! enroll-api on PostgreSQL (own schema) writing the Redis projection (own
+//! prefix), the pingora gateway in front of it verifying client
+//! certificates and signing identity assertions, and the agent library
+//! acting as the device.
+//!
+//! `cargo test -p oneprotect-tests --test suite rotation::`
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Full};
+use redis::AsyncCommands;
+use serde_json::{json, Value};
+use sqlx::Connection;
+
+use crate::enroll::Client;
+use oneprotect_agent::client::Endpoint;
+use oneprotect_agent::enroll::{enroll, AgentMetadata, Enrolled};
+use oneprotect_agent::rotate::{confirm, rotate};
+use oneprotect_agent::state::{AgentConfig, StateDir};
+use oneprotect_agent::AgentError;
+use oneprotect_enroll_api::config::{Config, TrustedKey};
+use oneprotect_enroll_api::{cli, service};
+use oneprotect_identity::headers::IDENTITY_ASSERTION;
+use oneprotect_identity::{
+    AgentId, AssertionClaims, AssertionSigner, KeySchema, SerialNumber, TenantId, TokenSecret,
+};
+use oneprotect_testpki::TestPki;
+
+const TD: &str = "oneprotect.test";
+const KID: &str = "gw-rotation-test";
+/// Poll attempts (50 ms apart) before a wait gives up.
+const POLLS: usize = 600;
+
+struct Stack {
+    _dir: tempfile::TempDir,
+    _enroll: Option<service::Running>,
+    gateway: Option<oneprotect_gateway::RunningGateway>,
+    admin: Client,
+    http: SocketAddr,
+    gateway_url: String,
+    gateway_roots: PathBuf,
+    key: String,
+    tenant: TenantId,
+    keys: KeySchema,
+    redis_url: String,
+    schema: String,
+    /// The gateway's signing key, to forge what a gateway with a stale
+    /// cache would send.
+    signer: AssertionSigner,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if let Some(g) = self.gateway.take() {
+            g.stop();
+        }
+        let schema = self.schema.clone();
+        let url = oneprotect_tests::require_postgres();
+        let redis_url = self.redis_url.clone();
+        let pattern = self.keys.all_keys_pattern();
+        std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok(mut c) = sqlx::PgConnection::connect(&url).await {
+                    let _ = sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+                        .execute(&mut c)
+                        .await;
+                }
+                if let Ok(mut c) = redis_conn(&redis_url).await {
+                    let mut keys: Vec<String> = Vec::new();
+                    if let Ok(mut it) = c.scan_match::<_, String>(&pattern).await {
+                        while let Some(Ok(k)) = it.next().await {
+                            keys.push(k);
+                        }
+                    }
+                    if !keys.is_empty() {
+                        let _: Result<(), _> = c.del(&keys).await;
+                    }
+                }
+            });
+        })
+        .join()
+        .ok();
+    }
+}
+
+async fn redis_conn(url: &str) -> Result<redis::aio::MultiplexedConnection> {
+    Ok(redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await?)
+}
+
+fn write(dir: &Path, name: &str, data: &[u8]) -> Result<PathBuf> {
+    let p = dir.join(name);
+    std::fs::write(&p, data)?;
+    Ok(p)
+}
+
+async fn start(label: &str, grace_secs: u64) -> Result<Stack> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().to_owned();
+    let url = oneprotect_tests::require_postgres();
+    let redis_url = oneprotect_tests::require_redis();
+    let schema = oneprotect_tests::unique_name(label);
+    let mut conn = sqlx::PgConnection::connect(&url).await?;
+    sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
+        .execute(&mut conn)
+        .await?;
+    conn.close().await?;
+    let prefix = oneprotect_tests::unique_redis_prefix(label);
+
+    // The gateway's assertion key: its public half is what the enroll-api pins.
+    let (signer, pkcs8) =
+        AssertionSigner::generate(KID).map_err(|_| anyhow::anyhow!("generate key"))?;
+    let key_file = write(&dir, "assertion.pk8", &pkcs8)?;
+    use base64::Engine as _;
+    let public = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signer.public_key());
+
+    let mut cfg = Config {
+        trust_domain: TD.into(),
+        data_dir: dir.join("enroll"),
+        ..Config::default()
+    };
+    cfg.listen.https = "127.0.0.1:0".into();
+    cfg.listen.http = "127.0.0.1:0".into();
+    cfg.database.url = Some(url.clone());
+    cfg.database.schema = Some(schema.clone());
+    cfg.redis.url = Some(redis_url.clone());
+    cfg.redis.key_prefix = prefix.clone();
+    cfg.redis.relay_poll_interval_ms = 200;
+    cfg.rotation.grace_secs = grace_secs;
+    cfg.rotation.sweep_interval_ms = 200;
+    cfg.rotation.assertion.keys = vec![TrustedKey {
+        kid: KID.into(),
+        public_key: public,
+    }];
+    let cfg = cfg.validate()?;
+    let tenant = cli::tenant_create(&cfg, "acme", Some(3600)).await?;
+    let key = cli::admin_key_create(&cfg, tenant, "e2e").await?;
+    let state = service::build_state(&cfg, service::system_clock()).await?;
+    let running = service::start(&cfg, state).await?;
+    let https = running.https_addr.context("no https listener")?;
+    let http = running.http_addr.context("no http listener")?;
+    let admin = Client::new(https, &dir.join("enroll/tls/dev-cert.pem"))?;
+    let bundle = admin
+        .send("GET", "/api/v1/trust-bundle", None, None)
+        .await?;
+    let bundle = bundle.body.as_str().context("trust bundle")?.to_owned();
+
+    let pki = TestPki::new(TD);
+    let server = pki.server_cert(&["localhost", "127.0.0.1"]);
+    let cert = write(&dir, "server.pem", server.cert_pem.as_bytes())?;
+    let server_key = write(&dir, "server.key", server.key_pem.as_bytes())?;
+    let trust = write(&dir, "agents-bundle.pem", bundle.as_bytes())?;
+    let gateway_roots = write(&dir, "gateway-roots.pem", pki.root_pem().as_bytes())?;
+    let port = oneprotect_tests::free_port();
+    let admin_port = oneprotect_tests::free_port();
+    let toml = format!(
+        r#"
+[listener]
+listen = "127.0.0.1:{port}"
+cert = "{cert}"
+key = "{server_key}"
+trust_bundle = "{trust}"
+trust_domain = "{TD}"
+trust_bundle_poll_secs = 0
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
+
+[assertion]
+key_file = "{key_file}"
+kid = "{KID}"
+
+[revocation]
+redis_url = "{redis_url}"
+key_prefix = "{prefix}"
+
+[runtime]
+graceful_shutdown_secs = 0
+
+[[routes]]
+prefix = "/api/v1/agent-enrollment/exchange"
+upstreams = ["{http}"]
+require_identity = false
+
+[[routes]]
+prefix = "/api/v1/agents"
+upstreams = ["{http}"]
+
+[[routes]]
+prefix = "/healthz"
+upstreams = ["{http}"]
+"#,
+        cert = cert.display(),
+        server_key = server_key.display(),
+        trust = trust.display(),
+        key_file = key_file.display(),
+    );
+    let cfg_path = write(&dir, "gateway.toml", toml.as_bytes())?;
+    let gcfg = oneprotect_gateway::Config::from_toml(&toml, &cfg_path)?.validate()?;
+    let app = tokio::task::spawn_blocking(move || oneprotect_gateway::build(gcfg)).await??;
+    let gateway = app.spawn();
+    let stack = Stack {
+        _dir: tmp,
+        _enroll: Some(running),
+        gateway: Some(gateway),
+        admin,
+        http,
+        gateway_url: format!("https://127.0.0.1:{port}"),
+        gateway_roots,
+        key: key.expose_secret().to_owned(),
+        tenant,
+        keys: KeySchema::new(prefix),
+        redis_url,
+        schema,
+        signer,
+    };
+    for _ in 0..POLLS {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(stack);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("gateway did not start listening")
+}
+
+struct Device {
+    state: StateDir,
+    roots: rustls::RootCertStore,
+    url: String,
+}
+
+impl Stack {
+    async fn token(&self) -> Result<String> {
+        let r = self
+            .admin
+            .send(
+                "POST",
+                "/api/v1/agent-enrollment/tokens",
+                Some(&self.key),
+                Some(json!({"ttl_seconds": 600})),
+            )
+            .await?;
+        ensure!(r.status == 201, "token: {} {}", r.status, r.body);
+        Ok(r.body["token"].as_str().context("token")?.to_owned())
+    }
+
+    /// Enrolls a device through the gateway; stores its identity.
+    async fn device(&self, dir: &Path) -> Result<Device> {
+        let roots_pem = std::fs::read(&self.gateway_roots)?;
+        let roots = oneprotect_agent::tls::roots_from_pem(&roots_pem)?;
+        let server = Endpoint::new(
+            &self.gateway_url,
+            oneprotect_agent::tls::server_only(roots.clone())?,
+        )?;
+        let token = TokenSecret::new(self.token().await?);
+        let enrolled = enroll(&server, &token, &AgentMetadata::this_host()).await?;
+        let state = StateDir::open(dir)?;
+        state.store_config(
+            &AgentConfig {
+                enroll_url: self.gateway_url.clone(),
+                gateway_url: self.gateway_url.clone(),
+            },
+            &roots_pem,
+        )?;
+        state.store(&enrolled)?;
+        Ok(Device {
+            state,
+            roots,
+            url: self.gateway_url.clone(),
+        })
+    }
+
+    async fn redis_get(&self, key: &str) -> Result<Option<String>> {
+        Ok(redis_conn(&self.redis_url).await?.get(key).await?)
+    }
+
+    async fn wait_cert(&self, serial: SerialNumber, want: &str) -> Result<()> {
+        let key = self.keys.cert_status(&serial);
+        let mut last = None;
+        for _ in 0..POLLS {
+            last = self.redis_get(&key).await?;
+            if last.as_deref() == Some(want) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("{key}: wanted {want}, have {last:?}")
+    }
+
+    async fn agent(&self, agent: AgentId) -> Result<Value> {
+        let r = self
+            .admin
+            .send(
+                "GET",
+                &format!("/api/v1/agents/{agent}"),
+                Some(&self.key),
+                None,
+            )
+            .await?;
+        ensure!(r.status == 200, "agent: {} {}", r.status, r.body);
+        Ok(r.body)
+    }
+
+    async fn event_types(&self, agent: AgentId) -> Result<Vec<String>> {
+        let r = self
+            .admin
+            .send(
+                "GET",
+                &format!("/api/v1/agents/{agent}/events"),
+                Some(&self.key),
+                None,
+            )
+            .await?;
+        ensure!(r.status == 200, "events: {} {}", r.status, r.body);
+        Ok(r.body["items"]
+            .as_array()
+            .context("items")?
+            .iter()
+            .map(|e| e["type"].as_str().unwrap_or("").to_owned())
+            .collect())
+    }
+
+    /// What a gateway would assert for `serial` of `agent` (as one whose
+    /// cache still thought it active would).
+    fn assertion(&self, agent: AgentId, serial: SerialNumber) -> String {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        self.signer.sign(&AssertionClaims {
+            iss: "oneprotect-gateway".into(),
+            sub: format!("spiffe://{TD}/tenant/{}/agent/{agent}", self.tenant)
+                .parse()
+                .expect("uri"),
+            aud: "oneprotect-upstream".into(),
+            iat: now,
+            exp: now + 30,
+            tenant_id: self.tenant,
+            agent_id: agent,
+            serial,
+            cert_sha256: oneprotect_identity::CertFingerprint::of_der(b"not the certificate"),
+            cert_not_after: now + 3600,
+        })
+    }
+
+    /// A request straight to the enroll-api's loopback listener.
+    async fn direct(
+        &self,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Option<Value>,
+    ) -> Result<(u16, Value)> {
+        let tcp = tokio::net::TcpStream::connect(self.http).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        let mut req = http::Request::builder()
+            .method(if body.is_some() || path.ends_with("confirm") {
+                "POST"
+            } else {
+                "GET"
+            })
+            .uri(path)
+            .header("host", "localhost");
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let bytes = match body {
+            Some(v) => {
+                req = req.header("content-type", "application/json");
+                Bytes::from(v.to_string())
+            }
+            None => Bytes::new(),
+        };
+        let resp = sender.send_request(req.body(Full::new(bytes))?).await?;
+        let status = resp.status().as_u16();
+        let raw = resp.into_body().collect().await?.to_bytes();
+        let body = serde_json::from_slice(&raw)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into_owned()));
+        Ok((status, body))
+    }
+}
+
+impl Device {
+    fn identity(&self) -> Result<oneprotect_agent::state::Identity> {
+        Ok(self.state.load()?)
+    }
+
+    /// An endpoint presenting the stored identity.
+    fn endpoint(&self) -> Result<Endpoint> {
+        let id = self.identity()?;
+        Ok(Endpoint::new(
+            &self.url,
+            id.mtls_config(self.roots.clone())?,
+        )?)
+    }
+
+    fn endpoint_of(&self, id: &oneprotect_agent::state::Identity) -> Result<Endpoint> {
+        Ok(Endpoint::new(
+            &self.url,
+            id.mtls_config(self.roots.clone())?,
+        )?)
+    }
+}
+
+/// The status of `GET /healthz` through the gateway with `ep`'s certificate,
+/// waiting out 503s while the projection catches up with a new certificate.
+async fn health(ep: &Endpoint) -> Result<(u16, Value)> {
+    for _ in 0..POLLS {
+        let r = ep.request(http::Method::GET, "/healthz", &[], None).await?;
+        let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        if r.status.as_u16() != 503 {
+            return Ok((r.status.as_u16(), body));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("still 503")
+}
+
+/// Confirms through the gateway, waiting out 503s (projection catching up).
+async fn confirm_new(
+    ep: &Endpoint,
+    agent: AgentId,
+) -> Result<oneprotect_agent::rotate::Confirmation> {
+    for _ in 0..POLLS {
+        match confirm(ep, agent).await {
+            Err(AgentError::Api(p)) if p.status == 503 => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => return Ok(other?),
+        }
+    }
+    anyhow::bail!("confirm: still 503")
+}
+
+fn code(e: AgentError) -> String {
+    match e {
+        AgentError::Api(p) => p.code,
+        other => format!("not a problem answer: {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rotation_is_two_phase_through_the_gateway_and_flags_reuse() -> Result<()> {
+    let stack = start("rotation", 3600).await?;
+    let dir = tempfile::tempdir()?;
+    let dev = stack.device(dir.path()).await?;
+    let first = dev.identity()?;
+    let agent = first.issued.agent_id;
+    let s0 = first.issued.serial;
+    let old = dev.endpoint()?;
+    assert_eq!(health(&old).await?.0, 200);
+
+    // Phase one: a new certificate; the old one stays accepted.
+    let new: Enrolled = rotate(&old, agent).await?;
+    let s1 = new.issued.serial;
+    assert_ne!(s0, s1);
+    stack.wait_cert(s1, "active").await?;
+    assert_eq!(
+        stack
+            .redis_get(&stack.keys.cert_status(&s0))
+            .await?
+            .as_deref(),
+        Some("active")
+    );
+    let a = stack.agent(agent).await?;
+    assert_eq!(a["current_serial"], s1.to_string());
+    assert_eq!(a["previous_serial"], s0.to_string());
+    assert!(a["previous_valid_until"].is_string());
+    assert_eq!(
+        health(&old).await?.0,
+        200,
+        "the previous certificate is accepted until the new one is seen"
+    );
+
+    // Phase two: the agent stores and confirms with the new certificate.
+    dev.state.store(&new)?;
+    let fresh = dev.endpoint()?;
+    let c = confirm_new(&fresh, agent).await?;
+    assert_eq!((c.serial, c.superseded_serial), (s1, Some(s0)));
+    stack.wait_cert(s0, "superseded").await?;
+    let (status, body) = health(&old).await?;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (403, Some("certificate_superseded"))
+    );
+    assert_eq!(health(&fresh).await?.0, 200);
+    let a = stack.agent(agent).await?;
+    assert_eq!(
+        (a["current_serial"].clone(), a["previous_serial"].clone()),
+        (json!(s1.to_string()), Value::Null)
+    );
+
+    // The old key again: the gateway refuses it before the enroll-api sees it…
+    assert_eq!(
+        code(rotate(&old, agent).await.unwrap_err()),
+        "certificate_superseded"
+    );
+    // …and a gateway with a stale cache would be caught by the enroll-api,
+    // which records possible key theft.
+    let (status, body) = stack
+        .direct(
+            &format!("/api/v1/agents/{agent}/certificate/rotate"),
+            &[(IDENTITY_ASSERTION, stack.assertion(agent, s0))],
+            Some(json!({"csr_pem": crate::enroll::openssl_csr(dir.path(), "stolen")?})),
+        )
+        .await?;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (403, Some("certificate_superseded"))
+    );
+    let (status, metrics) = stack.direct("/metrics", &[], None).await?;
+    assert_eq!(status, 200);
+    assert!(
+        metrics
+            .as_str()
+            .unwrap_or("")
+            .contains("oneprotect_enroll_superseded_certificate_use_total{operation=\"rotate\"} 1"),
+        "{metrics}"
+    );
+
+    // Without an assertion, with a forged one, or for another agent's path.
+    let path = format!("/api/v1/agents/{agent}/certificate/confirm");
+    let (status, body) = stack
+        .direct(&path, &[("x-oneprotect-agent-id", agent.to_string())], None)
+        .await?;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (401, Some("identity_required"))
+    );
+    let (forger, _) = AssertionSigner::generate(KID).map_err(|_| anyhow::anyhow!("key"))?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let forged = forger.sign(&AssertionClaims {
+        iss: "oneprotect-gateway".into(),
+        sub: format!("spiffe://{TD}/tenant/{}/agent/{agent}", stack.tenant).parse()?,
+        aud: "oneprotect-upstream".into(),
+        iat: now,
+        exp: now + 30,
+        tenant_id: stack.tenant,
+        agent_id: agent,
+        serial: s1,
+        cert_sha256: oneprotect_identity::CertFingerprint::of_der(b"x"),
+        cert_not_after: now + 3600,
+    });
+    let (status, _) = stack
+        .direct(&path, &[(IDENTITY_ASSERTION, forged)], None)
+        .await?;
+    assert_eq!(
+        status, 401,
+        "an assertion signed by an unknown key is refused"
+    );
+    let other_agent = AgentId::random();
+    let (status, body) = stack
+        .direct(
+            &format!("/api/v1/agents/{other_agent}/certificate/confirm"),
+            &[(IDENTITY_ASSERTION, stack.assertion(agent, s1))],
+            None,
+        )
+        .await?;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (403, Some("identity_mismatch"))
+    );
+
+    // A lost answer: rotating twice with the same certificate replaces the
+    // unused one; the previous stays.
+    let lost = rotate(&fresh, agent).await?;
+    let kept = rotate(&fresh, agent).await?;
+    stack.wait_cert(lost.issued.serial, "superseded").await?;
+    stack.wait_cert(kept.issued.serial, "active").await?;
+    assert_eq!(stack.agent(agent).await?["previous_serial"], s1.to_string());
+    // Confirming with the previous certificate is a conflict.
+    assert_eq!(code(confirm(&fresh, agent).await.unwrap_err()), "conflict");
+
+    // Revoked: nothing rotates any more, by any path.
+    let r = stack
+        .admin
+        .send(
+            "POST",
+            &format!("/api/v1/agents/{agent}/revoke"),
+            Some(&stack.key),
+            Some(json!({"reason": "device lost"})),
+        )
+        .await?;
+    ensure!(r.status == 200, "revoke: {} {}", r.status, r.body);
+    stack.wait_cert(kept.issued.serial, "revoked").await?;
+    let after = dev.endpoint_of(&dev.identity()?)?;
+    let refused = code(rotate(&after, agent).await.unwrap_err());
+    assert!(
+        refused == "agent_revoked" || refused == "certificate_revoked",
+        "{refused}"
+    );
+    let (status, body) = stack
+        .direct(
+            &format!("/api/v1/agents/{agent}/certificate/rotate"),
+            &[(IDENTITY_ASSERTION, stack.assertion(agent, s1))],
+            Some(json!({"csr_pem": crate::enroll::openssl_csr(dir.path(), "late")?})),
+        )
+        .await?;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (403, Some("agent_revoked"))
+    );
+
+    assert_eq!(
+        stack.event_types(agent).await?,
+        vec![
+            "agent.enrolled",
+            "agent.certificate.rotated",
+            "agent.certificate.superseded",
+            "agent.certificate.reuse_detected",
+            "agent.certificate.rotated",
+            "agent.certificate.superseded",
+            "agent.certificate.rotated",
+            "agent.revoked",
+        ]
+    );
+    Ok(())
+}
+
+/// The grace period: an agent that never confirms loses its previous
+/// certificate when the grace ends (sweep), and the gateway refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_previous_certificate_is_superseded_when_the_grace_ends() -> Result<()> {
+    let stack = start("rotgrace", 10).await?;
+    let dir = tempfile::tempdir()?;
+    let dev = stack.device(dir.path()).await?;
+    let first = dev.identity()?;
+    let agent = first.issued.agent_id;
+    let old = dev.endpoint()?;
+    assert_eq!(health(&old).await?.0, 200);
+    let new = rotate(&old, agent).await?;
+    stack.wait_cert(new.issued.serial, "active").await?;
+    // Not confirmed: after the 10 s grace the sweep supersedes the old one.
+    stack.wait_cert(first.issued.serial, "superseded").await?;
+    let (status, body) = health(&old).await?;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (403, Some("certificate_superseded"))
+    );
+    dev.state.store(&new)?;
+    assert_eq!(health(&dev.endpoint()?).await?.0, 200);
+    let r = stack
+        .admin
+        .send(
+            "GET",
+            &format!("/api/v1/agents/{agent}/events"),
+            Some(&stack.key),
+            None,
+        )
+        .await?;
+    let superseded = r.body["items"]
+        .as_array()
+        .context("items")?
+        .iter()
+        .find(|e| e["type"] == "agent.certificate.superseded")
+        .context("no superseded event")?
+        .clone();
+    assert_eq!(superseded["payload"]["reason"], "grace_expired");
+    assert_eq!(superseded["actor"]["type"], "system");
+    Ok(())
+}
