@@ -25,6 +25,12 @@ cargo build -q -p oneprotect-enroll-api -p oneprotect-gateway -p oneprotect-agen
 
 mkdir -p "$DATA"
 DATA=$(cd "$DATA" && pwd)
+# The gateway's assertion signing key, and the enroll-api entry that trusts it
+# (the rotation endpoints accept only assertions signed by a pinned key).
+if [ ! -f "$DATA/gateway-assertion.pem" ]; then
+  $BIN/oneprotect-gateway --generate-assertion-key "$DATA/gateway-assertion.pem" --kid dev-gateway \
+    >"$DATA/gateway-assertion.toml"
+fi
 cat > "$DATA/enroll-api.toml" <<TOML
 trust_domain = "oneprotect.local"
 data_dir = "$DATA/enroll-api"
@@ -33,6 +39,7 @@ https = "127.0.0.1:7443"
 http = "127.0.0.1:7080"
 [redis]
 url = "$REDIS_URL"
+$(cat "$DATA/gateway-assertion.toml")
 TOML
 
 pids=()
@@ -77,6 +84,9 @@ trust_bundle = "$DATA/trust-bundle.pem"
 trust_domain = "oneprotect.local"
 [admin]
 listen = "127.0.0.1:9090"
+[assertion]
+key_file = "$DATA/gateway-assertion.pem"
+kid = "dev-gateway"
 [revocation]
 redis_url = "$REDIS_URL"
 [[routes]]
