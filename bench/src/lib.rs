@@ -23,6 +23,7 @@
 
 pub mod child;
 pub mod cpu;
+pub mod enroll;
 pub mod gateway;
 pub mod load;
 pub mod nginx;

@@ -46,6 +46,12 @@ enum Command {
         /// Skip the nginx baseline.
         #[arg(long)]
         no_nginx: bool,
+        /// How the revocation scenario revokes: through the real enroll-api's
+        /// admin API (agents enrolled through the real exchange; measures the
+        /// whole path), or by writing the Redis projection directly (the
+        /// gateway's propagation alone).
+        #[arg(long, value_enum, default_value = "enroll-api")]
+        revoke_via: scenarios::RevokeVia,
         /// Override: seconds per load run.
         #[arg(long)]
         duration: Option<f64>,
@@ -103,6 +109,7 @@ fn main() -> anyhow::Result<()> {
             redis_url,
             server_cpu,
             no_nginx,
+            revoke_via,
             duration,
             concurrency,
             agents,
@@ -131,6 +138,7 @@ fn main() -> anyhow::Result<()> {
                 redis_url,
                 server_cpu,
                 no_nginx,
+                revoke_via,
                 command: std::env::args().collect::<Vec<_>>().join(" "),
             };
             let rt = tokio::runtime::Builder::new_multi_thread()

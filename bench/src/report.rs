@@ -102,7 +102,8 @@ impl RunRecord {
 /// The revocation propagation scenario.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RevocationRecord {
-    /// How revocations were made (`redis`: projection write + announcement).
+    /// How revocations were made (`enroll-api`: the admin API; `redis`:
+    /// projection write + announcement).
     pub via: String,
     /// Agents revoked.
     pub revocations: usize,
@@ -120,6 +121,13 @@ pub struct RevocationRecord {
     pub accepted_after_bound: u64,
     /// The bound, ms.
     pub bound_ms: f64,
+    /// Via the enroll-api: time from the revoke API's 200 to the agent's
+    /// announcement on the revocation channel, p50 ms.
+    #[serde(default)]
+    pub announce_p50_ms: Option<f64>,
+    /// p99 of the same.
+    #[serde(default)]
+    pub announce_p99_ms: Option<f64>,
 }
 
 /// The idle-connection memory scenario.
@@ -263,6 +271,12 @@ impl Report {
                 "\n**Revocation** (via {}): {} revoked, {} refused; time to first refusal p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; requests accepted after the revocation was visible: {} ({} after the {:.0} ms bound).",
                 r.via, r.revocations, r.refused, r.p50_ms, r.p99_ms, r.max_ms, r.accepted_after_visible, r.accepted_after_bound, r.bound_ms
             );
+            if let (Some(p50), Some(p99)) = (r.announce_p50_ms, r.announce_p99_ms) {
+                let _ = writeln!(
+                    s,
+                    "Revoke API answer → announcement on the revocation channel: p50 {p50:.1} ms, p99 {p99:.1} ms (the refusal times above are measured from the API answer)."
+                );
+            }
         }
         for i in &self.idle {
             let _ = writeln!(

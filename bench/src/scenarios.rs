@@ -10,7 +10,8 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use oneprotect_identity::KeySchema;
+use oneprotect_identity::revocation::Change;
+use oneprotect_identity::{AgentId, KeySchema};
 use tokio::net::TcpStream;
 
 use crate::child::{free_port, Server};
@@ -18,6 +19,15 @@ use crate::cpu::{rss_kib, CpuMeter};
 use crate::load::{self, LoadSpec, Proto, Target};
 use crate::pki::BenchPki;
 use crate::report::{IdleRecord, Report, RevocationRecord, RunRecord};
+
+/// How the revocation scenario revokes agents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RevokeVia {
+    /// The enroll-api's admin API (agents enrolled through the real exchange).
+    EnrollApi,
+    /// A direct projection write + announcement, as the enroll-api's relay does.
+    Redis,
+}
 
 /// Sizes of a run.
 #[derive(Debug, Clone)]
@@ -104,6 +114,8 @@ pub struct Options {
     pub server_cpu: Option<usize>,
     /// Skip nginx even if installed.
     pub no_nginx: bool,
+    /// How the revocation scenario revokes.
+    pub revoke_via: RevokeVia,
     /// The command line, for the report.
     pub command: String,
 }
@@ -247,6 +259,22 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
     crate::gateway::publish_active(&mut redis, &keys, &ids).await?;
 
     let result = async {
+        let enroll_api = match opts.revoke_via {
+            RevokeVia::EnrollApi => {
+                let api = crate::enroll::EnrollApi::start(
+                    &opts.out.join("enroll-api"),
+                    &opts.redis_url,
+                    keys.prefix(),
+                )?;
+                // The gateway trusts the bench root and the enroll-api's root.
+                let mut bundle = std::fs::read_to_string(&files.client_roots)?;
+                bundle.push('\n');
+                bundle.push_str(&api.trust_bundle().await?);
+                std::fs::write(&files.client_roots, bundle)?;
+                Some(api)
+            }
+            RevokeVia::Redis => None,
+        };
         let gw = crate::gateway::start(
             &opts.out.join("gateway"),
             upstream_addr,
@@ -346,7 +374,20 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
         for (t, pid) in &targets {
             report.idle.push(idle(&env, t, *pid, s.idle).await?);
         }
-        report.revocation = Some(revocation(&env, &gateway, &ids, &keys, &mut redis, s).await?);
+        report.revocation = Some(
+            revocation(
+                &env,
+                &gateway,
+                &ids,
+                &keys,
+                &mut redis,
+                &opts.redis_url,
+                enroll_api.as_ref(),
+                s,
+            )
+            .await?,
+        );
+        drop(enroll_api);
         drop(nginx);
         drop(gw);
         anyhow::Ok(())
@@ -382,35 +423,132 @@ async fn idle(env: &Env, target: &Target, pid: u32, count: usize) -> anyhow::Res
     })
 }
 
-/// Revokes agents one by one (projection write + announcement, as the
-/// enroll-api does) while each keeps sending on its own keep-alive
-/// connection; measures the time to each agent's first refused request and
-/// counts requests accepted after the revocation was visible.
+/// The agents the revocation scenario revokes, with their client configs:
+/// enrolled through the enroll-api, or the first bench identities.
+async fn revocation_agents(
+    env: &Env,
+    ids: &[oneprotect_identity::AgentIdentity],
+    keys: &KeySchema,
+    redis: &mut redis::aio::MultiplexedConnection,
+    enroll: Option<&crate::enroll::EnrollApi>,
+    n: usize,
+) -> anyhow::Result<(Vec<AgentId>, Vec<Arc<rustls::ClientConfig>>)> {
+    let Some(api) = enroll else {
+        let configs = env.pki.client_configs(Proto::H1.alpn(), true)?;
+        return Ok((
+            ids.iter().take(n).map(|id| id.agent()).collect(),
+            configs.into_iter().take(n).collect(),
+        ));
+    };
+    let enrolled = api.enroll_agents(n).await?;
+    let roots = oneprotect_agent::tls::roots_from_pem(env.pki.root_pem.as_bytes())?;
+    let mut agents = Vec::with_capacity(n);
+    let mut configs = Vec::with_capacity(n);
+    for e in &enrolled {
+        let mut chain = oneprotect_agent::tls::certs_from_pem(e.issued.certificate_pem.as_bytes())?;
+        chain.extend(oneprotect_agent::tls::certs_from_pem(
+            e.issued.chain_pem.as_bytes(),
+        )?);
+        let key = oneprotect_agent::tls::key_from_pem(e.key_pem.as_bytes())?;
+        let mut cfg =
+            Arc::unwrap_or_clone(oneprotect_agent::tls::mutual(roots.clone(), chain, key)?);
+        cfg.alpn_protocols = vec![Proto::H1.alpn().to_vec()];
+        agents.push(e.issued.agent_id);
+        configs.push(Arc::new(cfg));
+    }
+    // The relay projects each enrolment; wait until every certificate is active.
+    let cert_keys: Vec<String> = enrolled
+        .iter()
+        .map(|e| keys.cert_status(&e.issued.serial))
+        .collect();
+    for _ in 0..400 {
+        let got: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&cert_keys)
+            .query_async(redis)
+            .await?;
+        if got.iter().all(|v| v.as_deref() == Some("active")) {
+            return Ok((agents, configs));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("the enroll-api did not project the enrolled agents to Redis within 20 s")
+}
+
+/// Revokes agents one by one while each keeps sending on its own keep-alive
+/// connection: through the enroll-api's admin API (measured from its 200
+/// answer) or by a direct projection write. Measures the time to each
+/// agent's first refused request, the time until the harness' own
+/// subscriber sees the announcement, and counts requests accepted after
+/// that announcement (the revocation being visible in Redis).
+#[allow(clippy::too_many_arguments)]
 async fn revocation(
     env: &Env,
     gateway: &Target,
     ids: &[oneprotect_identity::AgentIdentity],
     keys: &KeySchema,
     redis: &mut redis::aio::MultiplexedConnection,
+    redis_url: &str,
+    enroll: Option<&crate::enroll::EnrollApi>,
     s: &Sizes,
 ) -> anyhow::Result<RevocationRecord> {
     let n = s.revocations.min(ids.len());
-    let configs = env.pki.client_configs(Proto::H1.alpn(), true)?;
+    let (agents, configs) = revocation_agents(env, ids, keys, redis, enroll, n).await?;
     let start = Instant::now();
-    let nanos = || start.elapsed().as_nanos() as u64;
-    // 0 = not revoked yet; else nanos since start when the revocation became visible.
+    let nanos = move || start.elapsed().as_nanos() as u64;
+    // 0 = not yet; else nanos since start. `revoked_at`: the revoke call
+    // returned; `visible_at`: the announcement reached our subscriber.
     let revoked_at: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let visible_at: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
     let refused_at: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
     let accepted_after = Arc::new(AtomicU64::new(0));
     let accepted_after_bound = Arc::new(AtomicU64::new(0));
     let bound_ns = (s.revocation_bound_ms * 1e6) as u64;
     let deadline = start + Duration::from_secs(10 + n as u64 / 5);
+
+    let index: std::collections::HashMap<AgentId, usize> =
+        agents.iter().enumerate().map(|(i, a)| (*a, i)).collect();
+    let (mut sink, mut stream) = redis::Client::open(redis_url)?
+        .get_async_pubsub()
+        .await?
+        .split();
+    sink.subscribe(keys.revocation_channel()).await?;
+    let watcher = {
+        let visible_at = visible_at.clone();
+        tokio::spawn(async move {
+            use futures_util::StreamExt as _;
+            let _sink = sink;
+            while let Some(msg) = stream.next().await {
+                let Ok(text) = msg.get_payload::<String>() else {
+                    continue;
+                };
+                let Ok(a) = serde_json::from_str::<oneprotect_identity::Announcement>(&text) else {
+                    continue;
+                };
+                if let Change::Agent {
+                    agent_id,
+                    status: oneprotect_identity::AgentStatus::Revoked,
+                    ..
+                } = a.change
+                {
+                    if let Some(&i) = index.get(&agent_id) {
+                        let _ = visible_at[i].compare_exchange(
+                            0,
+                            nanos().max(1),
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        );
+                    }
+                }
+            }
+        })
+    };
+
     let mut tasks = Vec::new();
-    for i in 0..n {
-        let cfg = configs[i].clone();
+    for (i, cfg) in configs.into_iter().enumerate() {
         let target = gateway.clone();
-        let (revoked_at, refused_at, acc, acc_b) = (
+        let (revoked_at, visible_at, refused_at, acc, acc_b) = (
             revoked_at.clone(),
+            visible_at.clone(),
             refused_at.clone(),
             accepted_after.clone(),
             accepted_after_bound.clone(),
@@ -435,11 +573,12 @@ async fn revocation(
                 let sent = start.elapsed().as_nanos() as u64;
                 let status = conn.send(load::request(&target, Proto::H1, false)).await;
                 let rv = revoked_at[i].load(Ordering::Acquire);
+                let vis = visible_at[i].load(Ordering::Acquire);
                 match status {
                     Ok(st) if st.is_success() => {
-                        if rv != 0 && sent > rv {
+                        if vis != 0 && sent > vis {
                             acc.fetch_add(1, Ordering::Relaxed);
-                            if sent > rv + bound_ns {
+                            if sent > vis + bound_ns {
                                 acc_b.fetch_add(1, Ordering::Relaxed);
                             }
                         }
@@ -456,14 +595,26 @@ async fn revocation(
     }
     // Let every agent get going, then revoke them one by one.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for (i, id) in ids.iter().take(n).enumerate() {
-        crate::gateway::revoke(redis, keys, id).await?;
+    for i in 0..n {
+        match enroll {
+            Some(api) => api.revoke(agents[i]).await?,
+            None => crate::gateway::revoke(redis, keys, &ids[i]).await?,
+        }
         revoked_at[i].store(nanos().max(1), Ordering::Release);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     for t in tasks {
         let _ = t.await;
     }
+    watcher.abort();
+    let mut announce: Vec<f64> = (0..n)
+        .filter_map(|i| {
+            let rv = revoked_at[i].load(Ordering::Acquire);
+            let vis = visible_at[i].load(Ordering::Acquire);
+            (vis != 0).then(|| vis.saturating_sub(rv) as f64 / 1e6)
+        })
+        .collect();
+    announce.sort_by(f64::total_cmp);
     let mut lat: Vec<f64> = (0..n)
         .filter_map(|i| {
             let rv = revoked_at[i].load(Ordering::Acquire);
@@ -479,8 +630,16 @@ async fn revocation(
             lat[((lat.len() - 1) as f64 * p).round() as usize]
         }
     };
+    let apct = |p: f64| {
+        (!announce.is_empty()).then(|| announce[((announce.len() - 1) as f64 * p).round() as usize])
+    };
     Ok(RevocationRecord {
-        via: "redis".into(),
+        via: match enroll {
+            Some(_) => "enroll-api".into(),
+            None => "redis".into(),
+        },
+        announce_p50_ms: enroll.and(apct(0.5)),
+        announce_p99_ms: enroll.and(apct(0.99)),
         revocations: n,
         refused: lat.len(),
         p50_ms: pct(0.5),
