@@ -8,6 +8,8 @@ mod badinput;
 mod bench;
 mod contracts;
 mod enroll;
+mod faults;
 mod gateway;
 mod lifecycle;
 mod rotation;
+mod scaleout;
