@@ -1,6 +1,6 @@
 //! Faults under load, each test with its own `redis-server` on a free port,
-//! the in-process enroll-api on PostgreSQL and real pingora gateways in the
-//! test process (the [`Fleet`] fixture of `scaleout`).
+//! the in-process enroll-api on PostgreSQL and real `oneprotect-gateway`
+//! processes (the [`Fleet`] fixture of `scaleout`).
 //!
 //! `cargo test -p oneprotect-tests --test suite faults::`
 

@@ -1,6 +1,4 @@
-//! Several gateways on one Redis: real gateways (the binary's `build` +
-//! pingora server, each with its own runtime, listener, Redis connections
-//! and cache, run in the test process like the `gateway` tests), one
+//! Several gateways on one Redis: real `oneprotect-gateway` processes, one
 //! in-process enroll-api on PostgreSQL (own schema) writing the revocation
 //! projection to Redis (own key prefix), agents enrolled through the real
 //! exchange and sending bounded load through every gateway. A revocation
@@ -49,19 +47,18 @@ pub(crate) struct Agent {
     pub(crate) tls: Arc<rustls::ClientConfig>,
 }
 
-/// One gateway: the real `oneprotect_gateway::build` + pingora server, run
-/// in this process (each its own pingora runtime, listener, Redis
-/// connections and cache), as the `gateway` tests do.
+/// A gateway child process (the real `oneprotect-gateway` binary).
 pub(crate) struct GatewayProc {
     pub(crate) addr: SocketAddr,
     pub(crate) admin: SocketAddr,
-    running: Option<oneprotect_gateway::RunningGateway>,
+    child: Option<tokio::process::Child>,
 }
 
 impl Drop for GatewayProc {
     fn drop(&mut self) {
-        if let Some(r) = self.running.take() {
-            r.stop();
+        if let Some(mut c) = self.child.take() {
+            // Our own child, by its handle.
+            let _ = c.start_kill();
         }
     }
 }
@@ -199,9 +196,10 @@ impl Fleet {
         })
     }
 
-    /// Starts one more gateway and waits until it is ready (Redis
-    /// confirmed). Returns its index.
+    /// Starts one more `oneprotect-gateway` process and waits until it is
+    /// ready (Redis confirmed). Returns its index.
     pub(crate) async fn add_gateway(&mut self, t: GwTuning) -> Result<usize> {
+        let bin = oneprotect_tests::ensure_binary("oneprotect-gateway", "oneprotect-gateway");
         let n = self.n_gateways;
         self.n_gateways += 1;
         let port = oneprotect_tests::free_port();
@@ -241,12 +239,20 @@ upstreams = ["{echo}"]
             echo = self.echo,
         );
         let cfg_path = write(&self.dir, &format!("gateway-{n}.toml"), &toml);
-        let cfg = oneprotect_gateway::Config::from_toml(&toml, &cfg_path)?.validate()?;
-        let app = tokio::task::spawn_blocking(move || oneprotect_gateway::build(cfg)).await??;
+        let log = std::fs::File::create(self.dir.join(format!("gateway-{n}.log")))?;
+        let child = tokio::process::Command::new(bin)
+            .arg("--config")
+            .arg(&cfg_path)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawn oneprotect-gateway")?;
         let gw = GatewayProc {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
-            running: Some(app.spawn()),
+            child: Some(child),
         };
         self.gateways.push(gw);
         let i = self.gateways.len() - 1;
