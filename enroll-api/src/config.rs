@@ -159,8 +159,9 @@ pub struct RedisConfig {
     /// How often the outbox relay looks for pending rows besides the
     /// wake-up after each commit, milliseconds. Defaults to 1000; 10 ..= 60000.
     pub relay_poll_interval_ms: u64,
-    /// Rebuild the projection on start when `{prefix}projection:built_at`
-    /// is missing (new or flushed Redis). Defaults to true.
+    /// Rebuild the projection when `{prefix}projection:built_at` is missing
+    /// (new, flushed or restarted-empty Redis), checked on start and on every
+    /// relay pass. Defaults to true.
     pub rebuild_if_missing: bool,
 }
 

@@ -12,9 +12,11 @@
 //!
 //! Handlers wake the relay after each commit ([`RelayWaker::wake`]), so a
 //! revocation reaches Redis at once; a poll interval covers other replicas'
-//! rows and missed wake-ups. Before the first row, the relay rebuilds the
-//! projection when `{prefix}projection:built_at` is missing (a new or flushed
-//! Redis).
+//! rows and missed wake-ups. On every pass (so at start and within one poll
+//! interval of a Redis that restarted empty or was flushed), before any row,
+//! the relay rebuilds the projection when `{prefix}projection:built_at` is
+//! missing. That `EXISTS` also finds a dead connection when there are no rows
+//! to send, so the relay reconnects as soon as Redis is back.
 //!
 //! Several replicas may relay the same row concurrently; that is one more
 //! duplicate, not an inconsistency (statuses only move forward).
@@ -60,7 +62,8 @@ impl RelayWaker {
 pub struct RelaySettings {
     /// How often to look for pending rows without a wake-up.
     pub poll_interval: Duration,
-    /// Rebuild the projection on start when it has never been built.
+    /// Rebuild the projection whenever it is missing (never built, flushed,
+    /// or Redis restarted empty); checked on every pass.
     pub rebuild_if_missing: bool,
 }
 
@@ -74,7 +77,6 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut conn: Option<ProjectionConn> = None;
-    let mut checked_built = !settings.rebuild_if_missing;
     let mut backoff = MIN_BACKOFF;
     loop {
         if *stop.borrow() {
@@ -85,16 +87,17 @@ pub async fn run(
                 Some(c) => c,
                 None => conn.insert(projection.connect().await?),
             };
-            if !checked_built {
-                if !c.is_built().await? {
-                    tracing::warn!(
-                        prefix = projection.keys().prefix(),
-                        "revocation projection missing in Redis; rebuilding from the store"
-                    );
-                    let stats = c.rebuild(&store, clock.now()).await?;
-                    tracing::info!(?stats, "revocation projection rebuilt");
-                }
-                checked_built = true;
+            // Checked on every pass, not only at start: a Redis that restarted
+            // empty while this service runs would otherwise leave every gateway
+            // failing closed (missing keys) until someone ran `projection
+            // rebuild` or the next state change touched Redis.
+            if settings.rebuild_if_missing && !c.is_built().await? {
+                tracing::warn!(
+                    prefix = projection.keys().prefix(),
+                    "revocation projection missing in Redis; rebuilding from the store"
+                );
+                let stats = c.rebuild(&store, clock.now()).await?;
+                tracing::info!(?stats, "revocation projection rebuilt");
             }
             drain(&store, c, &clock).await
         };

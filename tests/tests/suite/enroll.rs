@@ -25,19 +25,19 @@ use oneprotect_enroll_api::{cli, service};
 use oneprotect_identity::TenantId;
 
 #[derive(Clone, Copy, Debug)]
-enum Db {
+pub(crate) enum Db {
     Sqlite,
     Postgres,
 }
 
-struct Env {
+pub(crate) struct Env {
     _dir: tempfile::TempDir,
-    dir: PathBuf,
-    cfg: Config,
-    running: Option<service::Running>,
-    client: Client,
-    tenant: TenantId,
-    key: String,
+    pub(crate) dir: PathBuf,
+    pub(crate) cfg: Config,
+    pub(crate) running: Option<service::Running>,
+    pub(crate) client: Client,
+    pub(crate) tenant: TenantId,
+    pub(crate) key: String,
     schema: Option<String>,
 }
 
@@ -77,7 +77,12 @@ async fn new_schema(label: &str) -> Result<(String, String)> {
     Ok((url, schema))
 }
 
-fn config(dir: &Path, db: Db, pg: Option<&(String, String)>) -> Result<Config> {
+fn config(
+    dir: &Path,
+    db: Db,
+    pg: Option<&(String, String)>,
+    tweak: impl FnOnce(&mut Config),
+) -> Result<Config> {
     let mut cfg = Config {
         trust_domain: "oneprotect.test".into(),
         data_dir: dir.to_owned(),
@@ -93,21 +98,32 @@ fn config(dir: &Path, db: Db, pg: Option<&(String, String)>) -> Result<Config> {
         cfg.database.url = Some(url.clone());
         cfg.database.schema = Some(schema.clone());
     }
+    tweak(&mut cfg);
     Ok(cfg.validate()?)
 }
 
 async fn start(db: Db) -> Result<Env> {
+    start_with(db, service::system_clock(), |_| {}).await
+}
+
+/// A service on `db` with `clock`, its config changed by `tweak` (after the
+/// test defaults: generous rate limits, HTTPS on a free port).
+pub(crate) async fn start_with(
+    db: Db,
+    clock: oneprotect_enroll_api::clock::SharedClock,
+    tweak: impl FnOnce(&mut Config),
+) -> Result<Env> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().to_owned();
     let pg = match db {
         Db::Postgres => Some(new_schema("enroll_e2e").await?),
         Db::Sqlite => None,
     };
-    let cfg = config(&dir, db, pg.as_ref())?;
+    let cfg = config(&dir, db, pg.as_ref(), tweak)?;
     // Tenant and admin key through the CLI's functions, as an operator would.
     let tenant = cli::tenant_create(&cfg, "acme", Some(3600)).await?;
     let key = cli::admin_key_create(&cfg, tenant, "e2e").await?;
-    let state = service::build_state(&cfg, service::system_clock()).await?;
+    let state = service::build_state(&cfg, clock).await?;
     let running = service::start(&cfg, state).await?;
     let addr = running.https_addr.context("no https listener")?;
     let client = Client::new(addr, &dir.join("tls/dev-cert.pem"))?;
@@ -162,6 +178,28 @@ impl Client {
         key: Option<&str>,
         body: Option<Value>,
     ) -> Result<Reply> {
+        let mut headers = Vec::new();
+        if let Some(k) = key {
+            headers.push(("authorization".to_owned(), format!("Bearer {k}")));
+        }
+        let bytes = match body {
+            Some(v) => {
+                headers.push(("content-type".to_owned(), "application/json".to_owned()));
+                Bytes::from(v.to_string())
+            }
+            None => Bytes::new(),
+        };
+        self.send_raw(method, path, &headers, bytes).await
+    }
+
+    /// Sends `body` as is, with exactly `headers` (plus `host`).
+    pub(crate) async fn send_raw(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(String, String)],
+        bytes: Bytes,
+    ) -> Result<Reply> {
         let tcp = TcpStream::connect(self.addr).await?;
         let name = rustls::pki_types::ServerName::try_from("localhost")?;
         let tls = self.tls.connect(name, tcp).await?;
@@ -172,16 +210,9 @@ impl Client {
             .method(method)
             .uri(path)
             .header("host", "localhost");
-        if let Some(k) = key {
-            req = req.header("authorization", format!("Bearer {k}"));
+        for (k, v) in headers {
+            req = req.header(k.as_str(), v.as_str());
         }
-        let bytes = match body {
-            Some(v) => {
-                req = req.header("content-type", "application/json");
-                Bytes::from(v.to_string())
-            }
-            None => Bytes::new(),
-        };
         let resp = sender.send_request(req.body(Full::new(bytes))?).await?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
@@ -196,7 +227,7 @@ impl Client {
     }
 }
 
-fn openssl(args: &[&str], dir: &Path) -> Result<String> {
+pub(crate) fn openssl(args: &[&str], dir: &Path) -> Result<String> {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(dir)
@@ -236,12 +267,12 @@ pub(crate) fn openssl_csr(dir: &Path, name: &str) -> Result<String> {
     Ok(std::fs::read_to_string(dir.join(csr))?)
 }
 
-fn exchange_body(token: &str, csr: &str) -> Value {
+pub(crate) fn exchange_body(token: &str, csr: &str) -> Value {
     json!({"token": token, "csr_pem": csr,
            "agent": {"hostname": "e2e-host", "os": "linux", "agent_version": "0.1.0"}})
 }
 
-async fn create_token(env: &Env, body: Value) -> Result<(String, String)> {
+pub(crate) async fn create_token(env: &Env, body: Value) -> Result<(String, String)> {
     let r = env
         .client
         .send(

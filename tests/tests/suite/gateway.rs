@@ -24,11 +24,18 @@ use redis::AsyncCommands;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::{TcpListener, TcpStream};
 
-const TD: &str = "oneprotect.test";
-const EXCHANGE: &str = "/api/v1/agent-enrollment/exchange";
+pub(crate) const TD: &str = "oneprotect.test";
+pub(crate) const EXCHANGE: &str = "/api/v1/agent-enrollment/exchange";
+
+/// Every path any echo upstream of this test process has served (tests put a
+/// unique id in a path they need to find or not find here).
+pub(crate) fn seen_paths() -> &'static std::sync::Mutex<Vec<String>> {
+    static SEEN: std::sync::OnceLock<std::sync::Mutex<Vec<String>>> = std::sync::OnceLock::new();
+    SEEN.get_or_init(|| std::sync::Mutex::new(Vec::new()))
+}
 
 /// An upstream that answers every request with its path and headers as JSON.
-async fn start_echo() -> SocketAddr {
+pub(crate) async fn start_echo() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -48,6 +55,10 @@ async fn start_echo() -> SocketAddr {
                                 a.push(v.to_str().unwrap_or("?").into());
                             }
                         }
+                        seen_paths()
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(req.uri().path().to_owned());
                         let body = serde_json::json!({"path": req.uri().path(), "headers": map});
                         Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
                             Bytes::from(body.to_string()),
@@ -63,16 +74,16 @@ async fn start_echo() -> SocketAddr {
     addr
 }
 
-struct Gw {
-    dir: tempfile::TempDir,
-    pki: TestPki,
-    ca: TenantCa,
-    leaf: Leaf,
-    id: AgentIdentity,
-    keys: KeySchema,
-    redis_url: String,
-    addr: SocketAddr,
-    admin: SocketAddr,
+pub(crate) struct Gw {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) pki: TestPki,
+    pub(crate) ca: TenantCa,
+    pub(crate) leaf: Leaf,
+    pub(crate) id: AgentIdentity,
+    pub(crate) keys: KeySchema,
+    pub(crate) redis_url: String,
+    pub(crate) addr: SocketAddr,
+    pub(crate) admin: SocketAddr,
     trust: Arc<oneprotect_gateway::tls::TrustStore>,
     verifier: AssertionVerifier,
     running: Option<oneprotect_gateway::RunningGateway>,
@@ -86,23 +97,23 @@ impl Drop for Gw {
     }
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+pub(crate) fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
     p
 }
 
-struct Opts {
-    redis_url: String,
-    max_staleness_ms: u64,
-    heartbeat_ms: u64,
-    require_client_cert: bool,
+pub(crate) struct Opts {
+    pub(crate) redis_url: String,
+    pub(crate) max_staleness_ms: u64,
+    pub(crate) heartbeat_ms: u64,
+    pub(crate) require_client_cert: bool,
     /// Redis is reachable: seed the agent's status and wait for readiness.
-    redis_up: bool,
+    pub(crate) redis_up: bool,
 }
 
 impl Opts {
-    fn shared_redis() -> Self {
+    pub(crate) fn shared_redis() -> Self {
         Self {
             redis_url: oneprotect_tests::require_redis(),
             max_staleness_ms: 5000,
@@ -113,7 +124,7 @@ impl Opts {
     }
 }
 
-async fn start_gateway(opts: Opts) -> Gw {
+pub(crate) async fn start_gateway(opts: Opts) -> Gw {
     let echo = start_echo().await;
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new(TD);
@@ -219,7 +230,7 @@ connect_timeout_ms = 500
 }
 
 impl Gw {
-    async fn redis(&self) -> redis::aio::MultiplexedConnection {
+    pub(crate) async fn redis(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.redis_url.as_str())
             .unwrap()
             .get_multiplexed_async_connection()
@@ -227,7 +238,7 @@ impl Gw {
             .unwrap()
     }
 
-    async fn set_active(&self, id: &AgentIdentity) {
+    pub(crate) async fn set_active(&self, id: &AgentIdentity) {
         let mut r = self.redis().await;
         let _: () = r
             .set(
@@ -284,7 +295,7 @@ impl Gw {
         .await;
     }
 
-    async fn cleanup(&self) {
+    pub(crate) async fn cleanup(&self) {
         if let Ok(c) = redis::Client::open(self.redis_url.as_str()) {
             if let Ok(mut r) = c.get_multiplexed_async_connection().await {
                 let keys: Vec<String> = r
@@ -298,7 +309,7 @@ impl Gw {
         }
     }
 
-    async fn admin_get(&self, path: &str) -> (u16, String) {
+    pub(crate) async fn admin_get(&self, path: &str) -> (u16, String) {
         let stream = TcpStream::connect(self.admin).await.unwrap();
         let (mut s, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
@@ -315,7 +326,7 @@ impl Gw {
         (status, String::from_utf8_lossy(&body).into_owned())
     }
 
-    async fn wait_ready(&self) {
+    pub(crate) async fn wait_ready(&self) {
         for _ in 0..200 {
             if TcpStream::connect(self.admin).await.is_ok()
                 && self.admin_get("/readyz").await.0 == 200
@@ -327,7 +338,11 @@ impl Gw {
         panic!("gateway not ready");
     }
 
-    fn client(&self, cert: Option<(&Leaf, &TenantCa)>, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
+    pub(crate) fn client(
+        &self,
+        cert: Option<(&Leaf, &TenantCa)>,
+        alpn: &[u8],
+    ) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(CertificateDer::from(self.pki.root_der()))
@@ -354,7 +369,7 @@ impl Gw {
         Arc::new(cfg)
     }
 
-    async fn tls(
+    pub(crate) async fn tls(
         &self,
         cfg: Arc<rustls::ClientConfig>,
     ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
@@ -365,7 +380,7 @@ impl Gw {
     }
 
     /// An HTTP/1.1 connection; the task handle ends when the connection does.
-    async fn h1(
+    pub(crate) async fn h1(
         &self,
         cert: Option<(&Leaf, &TenantCa)>,
     ) -> anyhow::Result<(
@@ -382,13 +397,13 @@ impl Gw {
     }
 }
 
-struct Resp {
-    status: u16,
-    headers: http::HeaderMap,
-    body: serde_json::Value,
+pub(crate) struct Resp {
+    pub(crate) status: u16,
+    pub(crate) headers: http::HeaderMap,
+    pub(crate) body: serde_json::Value,
 }
 
-fn request(path: &str, extra: &[(&str, &str)]) -> hyper::Request<Full<Bytes>> {
+pub(crate) fn request(path: &str, extra: &[(&str, &str)]) -> hyper::Request<Full<Bytes>> {
     let mut b = hyper::Request::get(path).header("host", "localhost");
     for (k, v) in extra {
         b = b.header(*k, *v);
@@ -396,7 +411,7 @@ fn request(path: &str, extra: &[(&str, &str)]) -> hyper::Request<Full<Bytes>> {
     b.body(Full::new(Bytes::new())).unwrap()
 }
 
-async fn h1_send(
+pub(crate) async fn h1_send(
     s: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     path: &str,
     extra: &[(&str, &str)],
@@ -406,7 +421,7 @@ async fn h1_send(
     read(resp).await
 }
 
-async fn read(resp: hyper::Response<hyper::body::Incoming>) -> anyhow::Result<Resp> {
+pub(crate) async fn read(resp: hyper::Response<hyper::body::Incoming>) -> anyhow::Result<Resp> {
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let bytes = resp.into_body().collect().await?.to_bytes();
@@ -418,11 +433,11 @@ async fn read(resp: hyper::Response<hyper::body::Incoming>) -> anyhow::Result<Re
     })
 }
 
-fn upstream_headers(r: &Resp) -> &serde_json::Map<String, serde_json::Value> {
+pub(crate) fn upstream_headers(r: &Resp) -> &serde_json::Map<String, serde_json::Value> {
     r.body["headers"].as_object().expect("echo body")
 }
 
-fn only(r: &Resp, name: &str) -> String {
+pub(crate) fn only(r: &Resp, name: &str) -> String {
     let v = upstream_headers(r)
         .get(name)
         .unwrap_or_else(|| panic!("upstream did not get {name}: {}", r.body));
@@ -431,7 +446,7 @@ fn only(r: &Resp, name: &str) -> String {
     a[0].as_str().unwrap().to_owned()
 }
 
-const SPOOFS: &[(&str, &str)] = &[
+pub(crate) const SPOOFS: &[(&str, &str)] = &[
     (
         "X-OneProtect-Tenant-Id",
         "00000000-0000-4000-8000-000000000000",
@@ -531,7 +546,7 @@ async fn routes_without_identity_and_requests_without_a_certificate() {
     gw.cleanup().await;
 }
 
-async fn refused(gw: &Gw, leaf: &Leaf, ca: &TenantCa) -> bool {
+pub(crate) async fn refused(gw: &Gw, leaf: &Leaf, ca: &TenantCa) -> bool {
     match gw.h1(Some((leaf, ca))).await {
         Err(_) => true,
         Ok((mut s, _t)) => h1_send(&mut s, "/api/x", &[]).await.is_err(),
@@ -665,13 +680,13 @@ async fn h2_streams_after_agent_revocation_are_refused() {
     gw.cleanup().await;
 }
 
-struct RedisChild {
+pub(crate) struct RedisChild {
     child: tokio::process::Child,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl RedisChild {
-    async fn start(port: u16) -> Self {
+    pub(crate) async fn start(port: u16) -> Self {
         let child = tokio::process::Command::new("redis-server")
             .args([
                 "--port",
@@ -696,7 +711,7 @@ impl RedisChild {
         panic!("redis-server on {port} did not start");
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         self.child.kill().await.unwrap();
         let _ = self.child.wait().await;
     }

@@ -4,9 +4,12 @@
 //! Run everything with `cargo test --workspace`; one area with e.g.
 //! `cargo test -p oneprotect-tests --test suite contracts::`.
 
+mod badinput;
 mod bench;
 mod contracts;
 mod enroll;
+mod faults;
 mod gateway;
 mod lifecycle;
 mod rotation;
+mod scaleout;
