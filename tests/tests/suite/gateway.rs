@@ -326,10 +326,14 @@ impl Gw {
         (status, String::from_utf8_lossy(&body).into_owned())
     }
 
+    /// Waits (bounded) until `/readyz` is 200 and the mTLS listener accepts:
+    /// pingora starts its services independently, so the admin listener can
+    /// be up before the proxy's on a loaded machine.
     pub(crate) async fn wait_ready(&self) {
-        for _ in 0..200 {
+        for _ in 0..400 {
             if TcpStream::connect(self.admin).await.is_ok()
                 && self.admin_get("/readyz").await.0 == 200
+                && TcpStream::connect(self.addr).await.is_ok()
             {
                 return;
             }
