@@ -988,7 +988,9 @@ async fn enroll_binary_logs_hold_no_secrets() -> Result<()> {
                 .0,
             401
         );
-        let wrong = format!("{}A", &key[..key.len() - 1]);
+        // Change the last character (to one that differs from it).
+        let last = if key.ends_with('A') { 'B' } else { 'A' };
+        let wrong = format!("{}{last}", &key[..key.len() - 1]);
         assert_eq!(
             send("GET", "/api/v1/agents".into(), Some(wrong), None)
                 .await?
