@@ -61,6 +61,9 @@ enum Command {
         /// Override: agent identities.
         #[arg(long)]
         agents: Option<usize>,
+        /// Override: agents revoked in the revocation scenario.
+        #[arg(long)]
+        revocations: Option<usize>,
     },
     /// Re-render results.md and results.svg from a results.json.
     Render {
@@ -113,6 +116,7 @@ fn main() -> anyhow::Result<()> {
             duration,
             concurrency,
             agents,
+            revocations,
         } => {
             let mut sizes = if tiny {
                 Sizes::tiny()
@@ -130,6 +134,9 @@ fn main() -> anyhow::Result<()> {
             if let Some(a) = agents {
                 sizes.agents = a.clamp(1, 100_000);
                 sizes.revocations = sizes.revocations.min(sizes.agents);
+            }
+            if let Some(r) = revocations {
+                sizes.revocations = r.clamp(1, sizes.agents);
             }
             let opts = Options {
                 sizes,
