@@ -56,6 +56,9 @@ pub struct RequestCtx {
     /// Identity checked and allowed for this request: inject it.
     inject: bool,
     upstream_sent: Option<Instant>,
+    /// Request body bytes seen so far (the limit also holds for chunked
+    /// bodies, which carry no Content-Length).
+    body_bytes: u64,
 }
 
 impl RequestCtx {
@@ -180,6 +183,26 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         }
         Ok(false)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        if let (Some(chunk), Some(route)) = (body.as_ref(), ctx.route.as_ref()) {
+            ctx.body_bytes += chunk.len() as u64;
+            if ctx.body_bytes > route.max_body_bytes {
+                // fail_to_proxy answers 413 `payload_too_large` and closes.
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(413),
+                    "request body over the route's limit",
+                ));
+            }
+        }
+        Ok(())
     }
 
     async fn upstream_peer(

@@ -995,6 +995,25 @@ async fn badinput_gateway_oversized_and_smuggled_requests() {
     );
     assert!(echoed["headers"].get("content-length").is_none(), "{body}");
 
+    // A chunked body (no Content-Length) over the route's 1 MiB limit:
+    // 413 problem, connection closed.
+    let mut chunked = format!(
+        "POST /api/chunked-{id} HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    let chunk = "b".repeat(64 * 1024);
+    for _ in 0..24 {
+        chunked.push_str(&format!("{:x}\r\n{chunk}\r\n", chunk.len()));
+    }
+    chunked.push_str("0\r\n\r\n");
+    let out = raw_exchange(&gw, chunked.as_bytes()).await;
+    assert_eq!(
+        statuses(&out),
+        vec![413],
+        "chunked_over_limit: {}",
+        &out[..out.len().min(300)]
+    );
+    assert!(out.contains("payload_too_large"), "{out}");
+
     // Two different Content-Lengths.
     let clcl = format!(
         "POST /api/clcl-{id} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nContent-Length: 40\r\nConnection: close\r\n\r\nhelloGET /api/smuggled-clcl-{id} HTTP/1.1\r\n\r\n"
@@ -1013,10 +1032,12 @@ async fn badinput_gateway_oversized_and_smuggled_requests() {
 
     let seen = seen_paths().lock().unwrap().clone();
     let reached: Vec<&String> = seen.iter().filter(|p| p.contains(&id)).collect();
+    // The over-limit chunked request's head reaches the upstream (bodies
+    // stream); its body is cut at the limit and never completes.
     assert_eq!(
         reached,
-        vec![&format!("/api/clte-{id}")],
-        "only the chunked CL.TE request reached the upstream"
+        vec![&format!("/api/clte-{id}"), &format!("/api/chunked-{id}")],
+        "only the chunked CL.TE request (and the over-limit one's head) reached the upstream"
     );
     let (mut s, _t) = gw.h1(Some((&gw.leaf, &gw.ca))).await.unwrap();
     assert_eq!(h1_send(&mut s, "/api/x", &[]).await.unwrap().status, 200);

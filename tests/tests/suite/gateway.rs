@@ -55,11 +55,19 @@ pub(crate) async fn start_echo() -> SocketAddr {
                                 a.push(v.to_str().unwrap_or("?").into());
                             }
                         }
+                        let path = req.uri().path().to_owned();
                         seen_paths()
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
-                            .push(req.uri().path().to_owned());
-                        let body = serde_json::json!({"path": req.uri().path(), "headers": map});
+                            .push(path.clone());
+                        // Read the whole body first, as a real API would.
+                        let body_len = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map_or(0, |b| b.to_bytes().len());
+                        let body =
+                            serde_json::json!({"path": path, "headers": map, "body_len": body_len});
                         Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
                             Bytes::from(body.to_string()),
                         )))
