@@ -1,10 +1,15 @@
 # Developer shortcuts over cargo.
 
-.PHONY: run test validate-contracts bench-quick ci
+.PHONY: run demo test validate-contracts bench-quick ci
 
-## run: start the local system (enroll-api on SQLite, gateway, demo upstream); needs Redis.
+## run: start the whole system in one process on embedded defaults (SQLite, dev CA,
+## in-process revocation bus, demo upstream); needs nothing installed. Ctrl-C stops it.
 run:
-	bash scripts/dev-up.sh
+	cargo run -p oneprotect-dev -- up
+
+## demo: the agent lifecycle, scripted, against a running `make run`.
+demo:
+	cargo run -q -p oneprotect-dev -- demo
 
 ## test: every test (needs PostgreSQL and Redis on loopback; see README).
 test:

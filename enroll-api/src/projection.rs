@@ -22,6 +22,13 @@
 //! What the relay applies per event is not a delta but the agent's current
 //! state re-read from the store ([`ProjectionConn::project_agent`]), so
 //! retries and duplicates are harmless (idempotent).
+//!
+//! The same projection can live on an in-process
+//! [`MemoryBus`](oneprotect_revocation_bus::MemoryBus) instead of Redis
+//! ([`Projection::memory`]): same keys, same forward-only writes, same
+//! numbered announcements; the event stream becomes the bus' bounded event
+//! log. Only the one-process dev stack (`oneprotect-dev up`) uses it; the
+//! service and its configuration always use Redis (ADR-0011).
 
 use std::time::Duration;
 
@@ -30,6 +37,7 @@ use time::OffsetDateTime;
 use oneprotect_identity::events::{Event, Payload};
 use oneprotect_identity::revocation::Change;
 use oneprotect_identity::{AgentId, AgentStatus, KeySchema, TenantId};
+use oneprotect_revocation_bus::{LoggedEvent, MemoryBus};
 
 use crate::store::{AnyStore, Page, Store, StoreError};
 
@@ -91,21 +99,36 @@ fn announcement_tail(change: &Change) -> Result<String, serde_json::Error> {
     Ok(json.strip_prefix('{').unwrap_or(&json).to_owned())
 }
 
-/// Where the projection lives: a Redis client (connects lazily) and the key
-/// schema. Cheap to clone.
+/// Where the projection lives: a Redis client (connects lazily) or an
+/// in-process bus, and the key schema. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Projection {
-    client: redis::Client,
+    backend: Backend,
     keys: KeySchema,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Redis(redis::Client),
+    Memory(MemoryBus),
 }
 
 impl Projection {
     /// A projection at `url` under `prefix`. Does not connect.
     pub fn new(url: &str, prefix: &str) -> Result<Self, ProjectionError> {
         Ok(Self {
-            client: redis::Client::open(url)?,
+            backend: Backend::Redis(redis::Client::open(url)?),
             keys: KeySchema::new(prefix),
         })
+    }
+
+    /// A projection on an in-process bus under `prefix` (the one-process dev
+    /// stack; gateways in the same process read the same bus).
+    pub fn memory(bus: MemoryBus, prefix: &str) -> Self {
+        Self {
+            backend: Backend::Memory(bus),
+            keys: KeySchema::new(prefix),
+        }
     }
 
     /// The key schema.
@@ -114,14 +137,21 @@ impl Projection {
     }
 
     /// Opens a connection (connect and response timeouts of 5 s).
+    /// (An in-process bus needs no connection.)
     pub async fn connect(&self) -> Result<ProjectionConn, ProjectionError> {
-        let cfg = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT));
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&cfg)
-            .await?;
+        let conn = match &self.backend {
+            Backend::Redis(client) => {
+                let cfg = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(REDIS_TIMEOUT))
+                    .set_response_timeout(Some(REDIS_TIMEOUT));
+                Conn::Redis(
+                    client
+                        .get_multiplexed_async_connection_with_config(&cfg)
+                        .await?,
+                )
+            }
+            Backend::Memory(bus) => Conn::Memory(bus.clone()),
+        };
         Ok(ProjectionConn {
             conn,
             keys: self.keys.clone(),
@@ -142,10 +172,15 @@ pub struct RebuildStats {
     pub seq: i64,
 }
 
-/// One connection to the projection's Redis.
+/// One connection to the projection's Redis (or a handle on the bus).
 pub struct ProjectionConn {
-    conn: redis::aio::MultiplexedConnection,
+    conn: Conn,
     keys: KeySchema,
+}
+
+enum Conn {
+    Redis(redis::aio::MultiplexedConnection),
+    Memory(MemoryBus),
 }
 
 impl std::fmt::Debug for ProjectionConn {
@@ -165,6 +200,15 @@ impl ProjectionConn {
         change: &Change,
         announce: bool,
     ) -> Result<i64, ProjectionError> {
+        let conn = match &mut self.conn {
+            Conn::Redis(c) => c,
+            Conn::Memory(bus) => {
+                let exat = expires_at.map(OffsetDateTime::unix_timestamp);
+                return Ok(bus
+                    .set_status(&key, status, exat, change, announce)
+                    .map_or(-1, |seq| i64::try_from(seq).unwrap_or(i64::MAX)));
+            }
+        };
         let exat = expires_at
             .map(|t| t.unix_timestamp().to_string())
             .unwrap_or_default();
@@ -180,7 +224,7 @@ impl ProjectionConn {
             .arg(self.keys.revocation_channel())
             .arg(announcement_tail(change)?)
             .arg(if announce { "1" } else { "0" })
-            .query_async(&mut self.conn)
+            .query_async(conn)
             .await?;
         Ok(seq)
     }
@@ -300,10 +344,18 @@ impl ProjectionConn {
                 }
             }
         }
+        let conn = match &mut self.conn {
+            Conn::Redis(c) => c,
+            Conn::Memory(bus) => {
+                bus.mark_built(now.unix_timestamp());
+                stats.seq = i64::try_from(bus.announce(&Change::Resync)).unwrap_or(i64::MAX);
+                return Ok(stats);
+            }
+        };
         redis::cmd("SET")
             .arg(self.keys.projection_built_at())
             .arg(now.unix_timestamp())
-            .query_async::<()>(&mut self.conn)
+            .query_async::<()>(conn)
             .await?;
         stats.seq = redis::cmd("EVAL")
             .arg(ANNOUNCE)
@@ -311,7 +363,7 @@ impl ProjectionConn {
             .arg(self.keys.revocation_seq())
             .arg(self.keys.revocation_channel())
             .arg(announcement_tail(&Change::Resync)?)
-            .query_async(&mut self.conn)
+            .query_async(conn)
             .await?;
         Ok(stats)
     }
@@ -319,17 +371,33 @@ impl ProjectionConn {
     /// Whether `{prefix}projection:built_at` exists (a flushed or new Redis
     /// has none, and must be rebuilt).
     pub async fn is_built(&mut self) -> Result<bool, ProjectionError> {
+        let conn = match &mut self.conn {
+            Conn::Redis(c) => c,
+            Conn::Memory(bus) => return Ok(bus.is_built()),
+        };
         let n: i64 = redis::cmd("EXISTS")
             .arg(self.keys.projection_built_at())
-            .query_async(&mut self.conn)
+            .query_async(conn)
             .await?;
         Ok(n > 0)
     }
 
     /// Appends `event` to the lifecycle stream: `XADD {prefix}events * event_id
-    /// <uuid> type <type> data <json>` (see `specs/asyncapi.yaml`).
+    /// <uuid> type <type> data <json>` (see `specs/asyncapi.yaml`); on the
+    /// in-process bus, to its bounded event log.
     pub async fn publish_event(&mut self, event: &Event) -> Result<(), ProjectionError> {
         let data = serde_json::to_string(event)?;
+        let conn = match &mut self.conn {
+            Conn::Redis(c) => c,
+            Conn::Memory(bus) => {
+                bus.append_event(LoggedEvent {
+                    event_id: event.event_id.to_string(),
+                    event_type: event.payload.event_type().to_owned(),
+                    data,
+                });
+                return Ok(());
+            }
+        };
         redis::cmd("XADD")
             .arg(self.keys.events_stream())
             .arg("*")
@@ -339,7 +407,7 @@ impl ProjectionConn {
             .arg(event.payload.event_type())
             .arg("data")
             .arg(data)
-            .query_async::<String>(&mut self.conn)
+            .query_async::<String>(conn)
             .await?;
         Ok(())
     }

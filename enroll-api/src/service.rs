@@ -94,13 +94,6 @@ pub fn open_ca(cfg: &Config, clock: SharedClock) -> Result<Ca, CaError> {
 
 /// Builds the shared state from configuration with the given clock.
 pub async fn build_state(cfg: &Config, clock: SharedClock) -> Result<AppState, StartError> {
-    let store = open_store(cfg).await?;
-    let pepper = Pepper::load(&cfg.pepper_file(), cfg.secrets.generate_pepper)?;
-    let ca_cfg = cfg.clone();
-    let ca_clock = clock.clone();
-    let ca = tokio::task::spawn_blocking(move || open_ca(&ca_cfg, ca_clock))
-        .await
-        .map_err(|e| StartError::Io("CA task".into(), std::io::Error::other(e)))??;
     let projection = match &cfg.redis.url {
         Some(url) => {
             let p = Projection::new(url, &cfg.redis.key_prefix)
@@ -117,6 +110,24 @@ pub async fn build_state(cfg: &Config, clock: SharedClock) -> Result<AppState, S
             None
         }
     };
+    build_state_with_projection(cfg, clock, projection).await
+}
+
+/// Builds the shared state with the given projection instead of the
+/// configured one (`redis.url` is ignored). The one-process dev stack passes
+/// [`Projection::memory`].
+pub async fn build_state_with_projection(
+    cfg: &Config,
+    clock: SharedClock,
+    projection: Option<Projection>,
+) -> Result<AppState, StartError> {
+    let store = open_store(cfg).await?;
+    let pepper = Pepper::load(&cfg.pepper_file(), cfg.secrets.generate_pepper)?;
+    let ca_cfg = cfg.clone();
+    let ca_clock = clock.clone();
+    let ca = tokio::task::spawn_blocking(move || open_ca(&ca_cfg, ca_clock))
+        .await
+        .map_err(|e| StartError::Io("CA task".into(), std::io::Error::other(e)))??;
     let l = &cfg.limits;
     let trust = &cfg.rotation.assertion;
     let mut assertions = oneprotect_identity::AssertionVerifier::new(trust.audience.clone())

@@ -30,4 +30,4 @@ pub mod server;
 pub mod tls;
 
 pub use config::Config;
-pub use server::{build, App, RunningGateway};
+pub use server::{build, build_with_memory_bus, App, RunningGateway};

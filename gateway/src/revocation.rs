@@ -21,6 +21,15 @@
 //!   every cached `active` answer must be confirmed again.
 //! - A lookup racing an announcement never overwrites the announced state:
 //!   the cache is filled only when no change arrived during the lookup.
+//!
+//! # Sources
+//!
+//! The production source is Redis ([`Revocation::new`]). The one-process
+//! dev stack reads an in-process [`MemoryBus`] instead
+//! ([`Revocation::with_memory_bus`]): the same keys, announcements and
+//! sequence, so every rule above applies unchanged. A subscriber that lags
+//! behind the bus is treated as a sequence gap; the bus being dropped is
+//! treated as a lost subscription (answers go stale, then fail closed).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -33,7 +42,9 @@ use oneprotect_identity::revocation::Change;
 use oneprotect_identity::{
     AgentId, AgentStatus, Announcement, CertStatus, KeySchema, SerialNumber, TenantId,
 };
+use oneprotect_revocation_bus::MemoryBus;
 use redis::aio::MultiplexedConnection;
+use tokio::sync::broadcast::error::RecvError;
 
 use crate::config::{redact_url, RevocationConfig};
 use crate::conn::ConnIdentity;
@@ -68,11 +79,19 @@ pub fn decide(cert: Option<CertStatus>, agent: Option<AgentStatus>) -> Decision 
     }
 }
 
+/// Where the revocation state is read from.
+enum Source {
+    /// The Redis projection (production).
+    Redis(redis::Client),
+    /// An in-process bus (the one-process dev stack).
+    Memory(MemoryBus),
+}
+
 /// The revocation checker shared by every request and the subscriber.
 pub struct Revocation {
     cfg: RevocationConfig,
     keys: KeySchema,
-    client: redis::Client,
+    source: Source,
     conn: ArcSwapOption<MultiplexedConnection>,
     certs: moka::sync::Cache<SerialNumber, Cached<CertStatus>>,
     agents: moka::sync::Cache<(TenantId, AgentId), Cached<AgentStatus>>,
@@ -90,8 +109,12 @@ pub struct Revocation {
 
 impl std::fmt::Debug for Revocation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let source = match &self.source {
+            Source::Redis(_) => redact_url(&self.cfg.redis_url),
+            Source::Memory(_) => "in-process bus".to_owned(),
+        };
         f.debug_struct("Revocation")
-            .field("redis", &redact_url(&self.cfg.redis_url))
+            .field("source", &source)
             .field("prefix", &self.keys.prefix())
             .finish_non_exhaustive()
     }
@@ -101,10 +124,20 @@ impl Revocation {
     /// A checker for `cfg`. Does not connect yet.
     pub fn new(cfg: &RevocationConfig, metrics: Metrics) -> Result<Self, redis::RedisError> {
         let client = redis::Client::open(cfg.redis_url.as_str())?;
+        Ok(Self::with_source(cfg, Source::Redis(client), metrics))
+    }
+
+    /// A checker reading `bus` instead of Redis (`cfg.redis_url` is not
+    /// used; every other setting is). For the one-process dev stack only.
+    pub fn with_memory_bus(cfg: &RevocationConfig, bus: MemoryBus, metrics: Metrics) -> Self {
+        Self::with_source(cfg, Source::Memory(bus), metrics)
+    }
+
+    fn with_source(cfg: &RevocationConfig, source: Source, metrics: Metrics) -> Self {
         let ttl = Duration::from_secs(cfg.cache_ttl_secs);
-        Ok(Self {
+        Self {
             keys: KeySchema::new(cfg.key_prefix.clone()),
-            client,
+            source,
             conn: ArcSwapOption::empty(),
             certs: moka::sync::Cache::builder()
                 .max_capacity(cfg.cache_capacity)
@@ -121,7 +154,7 @@ impl Revocation {
             redis_down: AtomicBool::new(false),
             metrics,
             cfg: cfg.clone(),
-        })
+        }
     }
 
     /// The key schema.
@@ -208,14 +241,16 @@ impl Revocation {
     }
 
     async fn connection(&self) -> Option<MultiplexedConnection> {
+        let Source::Redis(client) = &self.source else {
+            return None;
+        };
         if let Some(c) = self.conn.load_full() {
             return Some((*c).clone());
         }
         let cfg = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_millis(self.cfg.redis_timeout_ms)))
             .set_response_timeout(Some(Duration::from_millis(self.cfg.redis_timeout_ms)));
-        match self
-            .client
+        match client
             .get_multiplexed_async_connection_with_config(&cfg)
             .await
         {
@@ -232,6 +267,15 @@ impl Revocation {
 
     /// One `MGET` of the certificate and agent status keys.
     async fn lookup(&self, keys: [&str; 2]) -> Option<(Option<CertStatus>, Option<AgentStatus>)> {
+        if let Source::Memory(bus) = &self.source {
+            let mut values = bus.get(&keys).into_iter();
+            let mut next = || values.next().flatten();
+            let (c, a) = (next(), next());
+            return Some((
+                c.and_then(|s| s.parse().ok()),
+                a.and_then(|s| s.parse().ok()),
+            ));
+        }
         let timeout = Duration::from_millis(self.cfg.redis_timeout_ms);
         let mut conn = self.connection().await?;
         let res: Result<redis::RedisResult<(Option<String>, Option<String>)>, _> =
@@ -312,6 +356,9 @@ impl Revocation {
     /// `heartbeat_ms` to confirm the link, and reconnects (distrusting the
     /// cache) after any failure.
     pub async fn run_subscriber(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        if let Source::Memory(bus) = &self.source {
+            return self.run_bus_subscriber(bus, shutdown).await;
+        }
         let heartbeat = Duration::from_millis(self.cfg.heartbeat_ms);
         let timeout = Duration::from_millis(self.cfg.redis_timeout_ms);
         let channel = self.keys.revocation_channel();
@@ -379,6 +426,12 @@ impl Revocation {
     /// was lost (or its publisher died between `INCR` and `PUBLISH`), so the
     /// cache is distrusted and the cursor moves to the counter.
     async fn check_lag(&self, last_seq: &mut Option<u64>, lagging: &mut bool) {
+        if let Source::Memory(bus) = &self.source {
+            if let Some(current) = bus.seq() {
+                self.lag_seen(current, last_seq, lagging);
+            }
+            return;
+        }
         let Some(mut conn) = self.connection().await else {
             return;
         };
@@ -393,6 +446,10 @@ impl Revocation {
         let Ok(Ok(Some(current))) = res else {
             return;
         };
+        self.lag_seen(current, last_seq, lagging);
+    }
+
+    fn lag_seen(&self, current: u64, last_seq: &mut Option<u64>, lagging: &mut bool) {
         let lag = current.saturating_sub(last_seq.unwrap_or(0));
         self.metrics
             .revocation_seq_lag
@@ -410,6 +467,52 @@ impl Revocation {
         }
     }
 
+    /// The subscriber over an in-process bus: the same loop as over Redis,
+    /// where the heartbeat confirms the link (the bus cannot be unreachable
+    /// while it exists) and checks the sequence lag.
+    async fn run_bus_subscriber(
+        &self,
+        bus: &MemoryBus,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let (mut rx, baseline) = bus.subscribe();
+        self.redis_down.store(false, Ordering::Release);
+        self.reset("subscribed");
+        self.mark_ok();
+        self.metrics.redis_connected.set(1);
+        tracing::info!("revocation subscription up (in-process bus)");
+        let mut last_seq = baseline;
+        let mut lagging = false;
+        let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.heartbeat_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Ok(payload) => {
+                        self.apply(payload.as_bytes(), &mut last_seq);
+                        self.mark_ok();
+                    }
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "revocation announcements missed (subscriber lagged)");
+                        self.reset("announcement sequence gap");
+                        last_seq = bus.seq();
+                    }
+                    Err(RecvError::Closed) => break,
+                },
+                _ = tick.tick() => {
+                    self.mark_ok();
+                    self.check_lag(&mut last_seq, &mut lagging).await;
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+        // Unreachable while the bus lives (this checker holds a clone); kept
+        // fail-closed: stop confirming, so cached answers go stale.
+        self.metrics.redis_connected.set(0);
+        self.redis_down.store(true, Ordering::Release);
+        let _ = shutdown.wait_for(|s| *s).await;
+    }
+
     async fn subscribe(
         &self,
         channel: &str,
@@ -422,13 +525,16 @@ impl Revocation {
         ),
         String,
     > {
+        let Source::Redis(client) = &self.source else {
+            return Err("not a Redis source".into());
+        };
         let fut = async {
-            let pubsub = self.client.get_async_pubsub().await?;
+            let pubsub = client.get_async_pubsub().await?;
             let (mut sink, stream) = pubsub.split();
             sink.subscribe(channel).await?;
             // Announcements up to the counter's value are already reflected
             // in the keys we will read.
-            let mut conn = self.client.get_multiplexed_async_connection().await?;
+            let mut conn = client.get_multiplexed_async_connection().await?;
             let seq: Option<u64> = redis::cmd("GET")
                 .arg(self.keys.revocation_seq())
                 .query_async(&mut conn)
@@ -483,6 +589,82 @@ mod tests {
 
     fn checker() -> Revocation {
         Revocation::new(&RevocationConfig::default(), Metrics::new()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn memory_bus_source_reads_keys_and_follows_announcements() {
+        let bus = MemoryBus::new();
+        let r = Arc::new(Revocation::with_memory_bus(
+            &RevocationConfig::default(),
+            bus.clone(),
+            Metrics::new(),
+        ));
+        let keys = r.keys().clone();
+        let serial: SerialNumber = "0a".parse().unwrap();
+        let (t, a) = (TenantId::random(), AgentId::random());
+        let (ck, ak) = (keys.cert_status(&serial), keys.agent_status(&t, &a));
+        assert_eq!(r.lookup([&ck, &ak]).await, Some((None, None)));
+        assert!(!r.is_confirmed());
+        let agent_change = |status| Change::Agent {
+            tenant_id: t,
+            agent_id: a,
+            status,
+        };
+        bus.set_status(
+            &ck,
+            "active",
+            None,
+            &Change::Cert {
+                serial,
+                status: CertStatus::Active,
+            },
+            true,
+        );
+        bus.set_status(
+            &ak,
+            "active",
+            None,
+            &agent_change(AgentStatus::Active),
+            true,
+        );
+        assert_eq!(
+            r.lookup([&ck, &ak]).await,
+            Some((Some(CertStatus::Active), Some(AgentStatus::Active)))
+        );
+
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn({
+            let r = r.clone();
+            async move { r.run_subscriber(rx).await }
+        });
+        for _ in 0..500 {
+            if r.is_confirmed() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(r.is_confirmed(), "the bus subscriber confirms the link");
+        bus.set_status(
+            &ak,
+            "revoked",
+            None,
+            &agent_change(AgentStatus::Revoked),
+            true,
+        );
+        let mut seen = None;
+        for _ in 0..500 {
+            seen = r.agents.get(&(t, a)).map(|c| c.status);
+            if seen == Some(AgentStatus::Revoked) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(seen, Some(AgentStatus::Revoked), "announcement applied");
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("subscriber stops on shutdown")
+            .unwrap();
     }
 
     #[test]

@@ -139,6 +139,23 @@ impl BackgroundService for TrustReloader {
 
 /// Builds the gateway from a validated config.
 pub fn build(cfg: Config) -> Result<App, BuildError> {
+    build_inner(cfg, None)
+}
+
+/// Builds the gateway reading revocation state from an in-process bus
+/// instead of Redis (`revocation.redis_url` is not used). For the
+/// one-process dev stack, where the enroll-api writes the same bus.
+pub fn build_with_memory_bus(
+    cfg: Config,
+    bus: oneprotect_revocation_bus::MemoryBus,
+) -> Result<App, BuildError> {
+    build_inner(cfg, Some(bus))
+}
+
+fn build_inner(
+    cfg: Config,
+    bus: Option<oneprotect_revocation_bus::MemoryBus>,
+) -> Result<App, BuildError> {
     install_crypto_provider(cfg.listener.tls12);
     let metrics = Metrics::new();
 
@@ -165,7 +182,10 @@ pub fn build(cfg: Config) -> Result<App, BuildError> {
         }
     };
     let assertions = Arc::new(AssertionService::new(signer, &cfg.assertion));
-    let revocation = Arc::new(Revocation::new(&cfg.revocation, metrics.clone())?);
+    let revocation = Arc::new(match bus {
+        Some(bus) => Revocation::with_memory_bus(&cfg.revocation, bus, metrics.clone()),
+        None => Revocation::new(&cfg.revocation, metrics.clone())?,
+    });
     let trust = Arc::new(TrustStore::load(&cfg.listener.trust_bundle)?);
     let trust_domain = cfg
         .listener

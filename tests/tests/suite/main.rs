@@ -7,6 +7,7 @@
 mod badinput;
 mod bench;
 mod contracts;
+mod devstack;
 mod enroll;
 mod faults;
 mod gateway;
