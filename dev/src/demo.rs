@@ -42,6 +42,8 @@ struct Demo {
     step: usize,
     total: usize,
     started: Instant,
+    /// Steps reported as not available in this build.
+    unavailable: Vec<&'static str>,
 }
 
 fn mtls(roots_pem: &[u8], e: &Enrolled) -> anyhow::Result<Arc<rustls::ClientConfig>> {
@@ -187,6 +189,7 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
         step: 0,
         total: 7,
         started: Instant::now(),
+        unavailable: Vec::new(),
     };
 
     // 1. Token.
@@ -241,7 +244,7 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
 
     // 3. Call.
     let t = d.begin("call GET /hello through the gateway with mTLS");
-    let echo = echo_of(&d.call(&gw, &[]).await?)?;
+    let echo = echo_of(&call_when_projected(&gw).await?)?;
     print_echo(&echo);
     check_identity(&echo, &enrolled)?;
     d.ok(t, "200; identity headers injected, assertion verified");
@@ -290,7 +293,7 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
             );
             println!("      new serial {}  valid until {}", r.serial, r.not_after);
             let new_gw = d.gateway_anon.with_tls(mtls(&d.roots_pem, &rotated)?);
-            let echo = echo_of(&d.call(&new_gw, &[]).await?)?;
+            let echo = echo_of(&call_when_projected(&new_gw).await?)?;
             check_identity(&echo, &rotated)?;
             println!("      a call with the new certificate: 200, assertion verified");
             let old = wait_refused(&gw, Duration::from_secs(15)).await?;
@@ -310,6 +313,7 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
                 p.code
             );
             println!("      (rotation is being added to the enroll-api; the step is skipped, not passed)");
+            d.unavailable.push("rotation");
             gw
         }
         Err(e) => return Err(e).context("rotation"),
@@ -346,12 +350,52 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
     );
     d.ok(t, "the gateway refuses the revoked agent");
 
-    println!(
-        "\nAll {} steps passed in {}.",
-        d.total,
-        ms(d.started.elapsed())
-    );
+    if d.unavailable.is_empty() {
+        println!(
+            "\nAll {} steps passed in {}.",
+            d.total,
+            ms(d.started.elapsed())
+        );
+    } else {
+        println!(
+            "\n{} of {} steps passed, {} not available in this build ({}), in {}.",
+            d.total - d.unavailable.len(),
+            d.total,
+            d.unavailable.len(),
+            d.unavailable.join(", "),
+            ms(d.started.elapsed())
+        );
+    }
     Ok(())
+}
+
+/// Calls `GET /hello`, retrying while the gateway answers the retryable 503
+/// `revocation_unavailable`: right after an enrollment or a rotation the
+/// enroll-api's relay may not have written the new certificate's status
+/// yet, and an unknown status is never admitted. Gives up after
+/// [`REVOCATION_WAIT`].
+async fn call_when_projected(gw: &Endpoint) -> anyhow::Result<oneprotect_agent::client::Response> {
+    let start = Instant::now();
+    let mut retried = false;
+    loop {
+        let r = gw.request(Method::GET, "/hello", &[], None).await?;
+        let pending = r.status.as_u16() == 503
+            && r.problem()
+                .is_some_and(|p| p.code == "revocation_unavailable");
+        if !pending || start.elapsed() > REVOCATION_WAIT {
+            if pending {
+                println!("      (gave up waiting for the projection)");
+            } else if retried && r.status.is_success() {
+                println!(
+                    "      (the new certificate's status reached the gateway {} after issuance)",
+                    ms(start.elapsed())
+                );
+            }
+            return Ok(r);
+        }
+        retried = true;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Calls until the gateway refuses for good (403) or `limit` passes; returns

@@ -335,8 +335,10 @@ pub async fn start(opts: &UpOptions) -> anyhow::Result<Stack> {
     let admin_addr = SocketAddr::from(([127, 0, 0, 1], ports.gateway_admin));
     let started = Instant::now();
     loop {
+        // The proxy listener is up when its port can no longer be bound (a
+        // probe connection would be logged as a failed TLS handshake).
         if http_status(admin_addr, "/readyz").await == Some(200)
-            && tokio::net::TcpStream::connect(gw_addr).await.is_ok()
+            && StdListener::bind(gw_addr).is_err()
         {
             break;
         }
