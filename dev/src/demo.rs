@@ -5,13 +5,11 @@
 //! CSR through the gateway) → call through the gateway (the upstream shows
 //! the identity headers it saw and that the signed assertion verified) →
 //! send spoofed identity headers (the upstream shows them stripped) → rotate
-//! the certificate → revoke the agent (admin API) → the next call is refused
+//! the certificate (and confirm; the old one is then refused) → revoke the agent (admin API) → the next call is refused
 //! with 403, and how long that took.
 //!
 //! Every step checks its outcome; the first failure ends the demo with an
-//! error (exit status 1). Rotation is reported as *not available* (not as
-//! a failure) when the rotation endpoint answers 404: it is built in
-//! parallel and may not be in this build.
+//! error (exit status 1).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,7 +19,7 @@ use anyhow::{bail, ensure, Context as _};
 use http::Method;
 use oneprotect_agent::client::Endpoint;
 use oneprotect_agent::enroll::{self, AgentMetadata, Enrolled};
-use oneprotect_agent::{tls, AgentError};
+use oneprotect_agent::tls;
 use oneprotect_identity::headers as h;
 use oneprotect_identity::TokenSecret;
 use serde_json::json;
@@ -42,8 +40,6 @@ struct Demo {
     step: usize,
     total: usize,
     started: Instant,
-    /// Steps reported as not available in this build.
-    unavailable: Vec<&'static str>,
 }
 
 fn mtls(roots_pem: &[u8], e: &Enrolled) -> anyhow::Result<Arc<rustls::ClientConfig>> {
@@ -189,7 +185,6 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
         step: 0,
         total: 7,
         started: Instant::now(),
-        unavailable: Vec::new(),
     };
 
     // 1. Token.
@@ -281,43 +276,46 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
         "every client-sent identity header stripped; only the verified identity arrived",
     );
 
-    // 5. Rotate.
-    let t = d.begin("rotate the certificate (new key, authenticated by the current certificate)");
-    let gw = match oneprotect_agent::rotate::rotate(&gw, agent).await {
-        Ok(rotated) => {
-            let r = &rotated.issued;
-            ensure!(r.agent_id == agent, "rotation changed the agent id");
-            ensure!(
-                r.serial != enrolled.issued.serial,
-                "rotation kept the serial"
-            );
-            println!("      new serial {}  valid until {}", r.serial, r.not_after);
-            let new_gw = d.gateway_anon.with_tls(mtls(&d.roots_pem, &rotated)?);
-            let echo = echo_of(&call_when_projected(&new_gw).await?)?;
-            check_identity(&echo, &rotated)?;
-            println!("      a call with the new certificate: 200, assertion verified");
-            let old = wait_refused(&gw, Duration::from_secs(15)).await?;
-            println!(
-                "      a call with the old certificate: {} {} after {}",
-                old.0,
-                old.1,
-                ms(old.2)
-            );
-            d.ok(t, "rotated; the old certificate is refused");
-            new_gw
-        }
-        Err(AgentError::Api(p)) if p.status == 404 && p.code == "route_not_found" => {
-            println!(
-                "      NOT AVAILABLE in this build: POST {} answered 404 ({})",
-                oneprotect_agent::rotate::rotate_path(agent),
-                p.code
-            );
-            println!("      (rotation is being added to the enroll-api; the step is skipped, not passed)");
-            d.unavailable.push("rotation");
-            gw
-        }
-        Err(e) => return Err(e).context("rotation"),
-    };
+    // 5. Rotate (two phases: rotate with the current certificate, confirm
+    // with the new one; the old one is then superseded).
+    let t = d.begin(
+        "rotate the certificate: new key, authenticated by the current certificate, then confirmed",
+    );
+    let rotated = oneprotect_agent::rotate::rotate(&gw, agent)
+        .await
+        .context("rotation")?;
+    let r = &rotated.issued;
+    ensure!(r.agent_id == agent, "rotation changed the agent id");
+    ensure!(
+        r.serial != enrolled.issued.serial,
+        "rotation kept the serial"
+    );
+    println!("      new serial {}  valid until {}", r.serial, r.not_after);
+    let new_gw = d.gateway_anon.with_tls(mtls(&d.roots_pem, &rotated)?);
+    let echo = echo_of(&call_when_projected(&new_gw).await?)?;
+    check_identity(&echo, &rotated)?;
+    println!("      a call with the new certificate: 200, assertion verified");
+    let c = oneprotect_agent::rotate::confirm(&new_gw, agent)
+        .await
+        .context("rotation confirmation")?;
+    ensure!(
+        c.serial == r.serial && c.superseded_serial == Some(enrolled.issued.serial),
+        "confirmation answered serial {} superseding {:?}",
+        c.serial,
+        c.superseded_serial
+    );
+    println!("      confirmed; {} superseded", enrolled.issued.serial);
+    let (status, code, waited) = wait_refused(&gw, REVOCATION_WAIT).await?;
+    ensure!(
+        status == 403 && code == "certificate_superseded",
+        "the old certificate got {status} {code}, expected 403 certificate_superseded"
+    );
+    println!(
+        "      a call with the old certificate: {status} {code} ({} after confirming)",
+        ms(waited)
+    );
+    d.ok(t, "rotated; the old certificate is refused");
+    let gw = new_gw;
 
     // 6. Revoke.
     let t = d.begin("revoke the agent (admin API)");
@@ -350,22 +348,11 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
     );
     d.ok(t, "the gateway refuses the revoked agent");
 
-    if d.unavailable.is_empty() {
-        println!(
-            "\nAll {} steps passed in {}.",
-            d.total,
-            ms(d.started.elapsed())
-        );
-    } else {
-        println!(
-            "\n{} of {} steps passed, {} not available in this build ({}), in {}.",
-            d.total - d.unavailable.len(),
-            d.total,
-            d.unavailable.len(),
-            d.unavailable.join(", "),
-            ms(d.started.elapsed())
-        );
-    }
+    println!(
+        "\nAll {} steps passed in {}.",
+        d.total,
+        ms(d.started.elapsed())
+    );
     Ok(())
 }
 

@@ -385,8 +385,9 @@ fn demo(up: &Up) -> Result<()> {
     for must in [
         "assertion: verified with the gateway's key",
         "every client-sent identity header stripped",
+        "403 certificate_superseded",
         "403 agent_revoked",
-        "steps passed",
+        "All 7 steps passed",
     ] {
         ensure!(out.contains(must), "demo transcript lacks {must:?}:\n{out}");
     }
