@@ -19,7 +19,7 @@ use time::OffsetDateTime;
 
 use oneprotect_identity::events::{Actor, EnrollmentFailure, Event, Payload};
 use oneprotect_identity::problem;
-use oneprotect_identity::profile::rotate_after;
+use oneprotect_identity::profile::{rotate_after, NOT_BEFORE_CUSHION};
 use oneprotect_identity::{
     AgentId, AgentStatus, CertFingerprint, SerialNumber, TenantId, TokenId, TokenSecret,
 };
@@ -77,10 +77,10 @@ impl EnrollmentResult {
         agent_id: AgentId,
         leaf: IssuedLeaf,
     ) -> Result<Self, ApiError> {
-        let rotate = rotate_after(
-            leaf.not_before.unix_timestamp(),
-            leaf.not_after.unix_timestamp(),
-        );
+        // Two thirds from issuance, not from the backdated NotBefore: with a
+        // short lifetime the cushion would otherwise make rotation due at once.
+        let issued = leaf.not_before + NOT_BEFORE_CUSHION;
+        let rotate = rotate_after(issued.unix_timestamp(), leaf.not_after.unix_timestamp());
         let rotate_after = OffsetDateTime::from_unix_timestamp(rotate)
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         Ok(Self {

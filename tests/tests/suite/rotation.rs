@@ -44,6 +44,7 @@ struct Stack {
     admin: Client,
     http: SocketAddr,
     gateway_url: String,
+    gateway_admin: SocketAddr,
     gateway_roots: PathBuf,
     key: String,
     tenant: TenantId,
@@ -108,6 +109,10 @@ fn write(dir: &Path, name: &str, data: &[u8]) -> Result<PathBuf> {
 }
 
 async fn start(label: &str, grace_secs: u64) -> Result<Stack> {
+    start_with(label, grace_secs, 3600).await
+}
+
+async fn start_with(label: &str, grace_secs: u64, leaf_lifetime_secs: u64) -> Result<Stack> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().to_owned();
     let url = oneprotect_tests::require_postgres();
@@ -146,7 +151,7 @@ async fn start(label: &str, grace_secs: u64) -> Result<Stack> {
         public_key: public,
     }];
     let cfg = cfg.validate()?;
-    let tenant = cli::tenant_create(&cfg, "acme", Some(3600)).await?;
+    let tenant = cli::tenant_create(&cfg, "acme", Some(leaf_lifetime_secs)).await?;
     let key = cli::admin_key_create(&cfg, tenant, "e2e").await?;
     let state = service::build_state(&cfg, service::system_clock()).await?;
     let running = service::start(&cfg, state).await?;
@@ -219,6 +224,7 @@ upstreams = ["{http}"]
         admin,
         http,
         gateway_url: format!("https://127.0.0.1:{port}"),
+        gateway_admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
         gateway_roots,
         key: key.expose_secret().to_owned(),
         tenant,
@@ -363,7 +369,18 @@ impl Stack {
         headers: &[(&str, String)],
         body: Option<Value>,
     ) -> Result<(u16, Value)> {
-        let tcp = tokio::net::TcpStream::connect(self.http).await?;
+        self.plain(self.http, path, headers, body).await
+    }
+
+    /// A plain-HTTP request to a loopback listener (`/metrics` etc.).
+    async fn plain(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Option<Value>,
+    ) -> Result<(u16, Value)> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
         tokio::spawn(conn);
@@ -671,5 +688,78 @@ async fn the_previous_certificate_is_superseded_when_the_grace_ends() -> Result<
         .clone();
     assert_eq!(superseded["payload"]["reason"], "grace_expired");
     assert_eq!(superseded["actor"]["type"], "system");
+    Ok(())
+}
+
+/// The agent's own `run` loop keeps a short-lived identity fresh: with a
+/// 60 s lifetime it rotates twice (each time confirming the new
+/// certificate) while heartbeating through the gateway every 500 ms, and
+/// not one heartbeat is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn run_rotates_a_short_lived_certificate_twice_without_a_failed_request() -> Result<()> {
+    use oneprotect_agent::run::{run, RunExit, RunPolicy};
+    let stack = start_with("rotrun", 3600, 60).await?;
+    let dir = tempfile::tempdir()?;
+    let dev = stack.device(dir.path()).await?;
+    let first = dev.identity()?.issued;
+    let due = first.rotate_after - time::OffsetDateTime::now_utc();
+    assert!(
+        due > time::Duration::seconds(20),
+        "a 60 s certificate is not due at once: {due}"
+    );
+    let policy = RunPolicy {
+        jitter: 0.0,
+        backoff_initial: Duration::from_millis(200),
+        backoff_max: Duration::from_secs(2),
+        max_rotations: Some(2),
+        heartbeat_path: Some("/healthz".into()),
+        heartbeat_interval: Duration::from_millis(500),
+    };
+    let exit = tokio::time::timeout(
+        Duration::from_secs(240),
+        run(&dev.state, &policy, std::future::pending()),
+    )
+    .await
+    .context("run did not rotate twice within 240 s")??;
+    assert!(matches!(exit, RunExit::RotationsDone(2)), "{exit:?}");
+    let last = dev.identity()?.issued;
+    assert_ne!(last.serial, first.serial);
+    let a = stack.agent(first.agent_id).await?;
+    assert_eq!(a["current_serial"], last.serial.to_string());
+    assert_eq!(
+        a["previous_serial"],
+        Value::Null,
+        "both rotations were confirmed"
+    );
+    let types = stack.event_types(first.agent_id).await?;
+    assert_eq!(
+        types
+            .iter()
+            .filter(|t| *t == "agent.certificate.rotated")
+            .count(),
+        2
+    );
+    // The gateway's own count of the heartbeats: many, all 200.
+    let (status, metrics) = stack
+        .plain(stack.gateway_admin, "/metrics", &[], None)
+        .await?;
+    assert_eq!(status, 200);
+    let text = metrics.as_str().unwrap_or("");
+    let healthz: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("oneprotect_gateway_requests_total") && l.contains("route=\"/healthz\"")
+        })
+        .collect();
+    let ok: u64 = healthz
+        .iter()
+        .filter(|l| l.contains("status=\"200\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(ok >= 60, "heartbeats answered 200: {ok}\n{healthz:?}");
+    assert!(
+        healthz.iter().all(|l| l.contains("status=\"200\"")),
+        "a heartbeat was refused: {healthz:?}"
+    );
     Ok(())
 }
