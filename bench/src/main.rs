@@ -138,6 +138,12 @@ fn main() -> anyhow::Result<()> {
             if let Some(r) = revocations {
                 sizes.revocations = r.clamp(1, sizes.agents);
             }
+            // Absolute paths: nginx resolves a relative config path against
+            // its own prefix.
+            std::fs::create_dir_all(&out).context("create the output directory")?;
+            let out = std::fs::canonicalize(&out).context("output directory")?;
+            std::fs::create_dir_all(&cache).context("create the cache directory")?;
+            let cache = std::fs::canonicalize(&cache).context("cache directory")?;
             let opts = Options {
                 sizes,
                 out: out.clone(),
