@@ -3,7 +3,8 @@
 //! installed) nginx, and writes its JSON, Markdown and SVG. Figures are not
 //! asserted — speed is measured by benchmarks, not tests — but every
 //! scenario must have produced successful requests and the revocation
-//! scenario must have refused every revoked agent.
+//! scenario (through the real enroll-api) must have refused every revoked
+//! agent.
 
 use std::process::Command;
 
@@ -11,9 +12,12 @@ use std::process::Command;
 fn bench_all_tiny_runs_every_scenario_and_writes_reports() {
     let redis = oneprotect_tests::require_redis();
     let gateway = oneprotect_tests::ensure_binary("oneprotect-gateway", "oneprotect-gateway");
+    let enroll_api =
+        oneprotect_tests::ensure_binary("oneprotect-enroll-api", "oneprotect-enroll-api");
     let bench = oneprotect_tests::ensure_binary("oneprotect-bench", "oneprotect-bench");
-    // The harness finds the gateway next to itself.
+    // The harness finds the gateway and the enroll-api next to itself.
     assert_eq!(gateway.parent(), bench.parent());
+    assert_eq!(enroll_api.parent(), bench.parent());
     let out = tempfile::tempdir().unwrap();
     let output = Command::new(&bench)
         .args(["all", "--tiny", "--out"])
@@ -45,6 +49,9 @@ fn bench_all_tiny_runs_every_scenario_and_writes_reports() {
     }
     let rev = &json["revocation"];
     assert_eq!(rev["revocations"], rev["refused"], "{rev}");
+    // By default through the real enroll-api's admin API.
+    assert_eq!(rev["via"], "enroll-api", "{rev}");
+    assert_eq!(rev["accepted_after_bound"], 0, "{rev}");
     let md = std::fs::read_to_string(out.path().join("results.md")).unwrap();
     assert!(md.contains("| keepalive | gateway | h1 |"), "{md}");
     let svg = std::fs::read_to_string(out.path().join("results.svg")).unwrap();
