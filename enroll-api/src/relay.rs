@@ -94,7 +94,7 @@ pub async fn run(
             if settings.rebuild_if_missing && !c.is_built().await? {
                 tracing::warn!(
                     prefix = projection.keys().prefix(),
-                    "revocation projection missing in Redis; rebuilding from the store"
+                    "revocation projection missing (new or flushed Redis, or a fresh in-process bus); rebuilding from the store"
                 );
                 let stats = c.rebuild(&store, clock.now()).await?;
                 tracing::info!(?stats, "revocation projection rebuilt");
