@@ -144,21 +144,38 @@ impl BenchPki {
         self.agents
             .iter()
             .map(|a| {
-                let mut chain = oneprotect_agent::tls::certs_from_pem(a.cert_pem.as_bytes())?;
-                chain.extend(oneprotect_agent::tls::certs_from_pem(
-                    a.chain_pem.as_bytes(),
-                )?);
-                let key = oneprotect_agent::tls::key_from_pem(a.key_pem.as_bytes())?;
-                let cfg = oneprotect_agent::tls::mutual(roots.clone(), chain, key)?;
-                let mut cfg = Arc::unwrap_or_clone(cfg);
-                cfg.alpn_protocols = vec![alpn.to_vec()];
-                if !resumption {
-                    cfg.resumption = rustls::client::Resumption::disabled();
-                }
-                Ok(Arc::new(cfg))
+                client_config(
+                    &roots,
+                    &a.cert_pem,
+                    &a.chain_pem,
+                    &a.key_pem,
+                    alpn,
+                    resumption,
+                )
             })
             .collect()
     }
+}
+
+/// One agent's mTLS client configuration: leaf + chain + key, trusting
+/// `roots` for the server, offering `alpn`, resuming sessions or not.
+pub fn client_config(
+    roots: &rustls::RootCertStore,
+    cert_pem: &str,
+    chain_pem: &str,
+    key_pem: &str,
+    alpn: &[u8],
+    resumption: bool,
+) -> anyhow::Result<Arc<ClientConfig>> {
+    let mut chain = oneprotect_agent::tls::certs_from_pem(cert_pem.as_bytes())?;
+    chain.extend(oneprotect_agent::tls::certs_from_pem(chain_pem.as_bytes())?);
+    let key = oneprotect_agent::tls::key_from_pem(key_pem.as_bytes())?;
+    let mut cfg = Arc::unwrap_or_clone(oneprotect_agent::tls::mutual(roots.clone(), chain, key)?);
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    if !resumption {
+        cfg.resumption = rustls::client::Resumption::disabled();
+    }
+    Ok(Arc::new(cfg))
 }
 
 /// PEM files for the servers under test.

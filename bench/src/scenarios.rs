@@ -445,16 +445,15 @@ async fn revocation_agents(
     let mut agents = Vec::with_capacity(n);
     let mut configs = Vec::with_capacity(n);
     for e in &enrolled {
-        let mut chain = oneprotect_agent::tls::certs_from_pem(e.issued.certificate_pem.as_bytes())?;
-        chain.extend(oneprotect_agent::tls::certs_from_pem(
-            e.issued.chain_pem.as_bytes(),
-        )?);
-        let key = oneprotect_agent::tls::key_from_pem(e.key_pem.as_bytes())?;
-        let mut cfg =
-            Arc::unwrap_or_clone(oneprotect_agent::tls::mutual(roots.clone(), chain, key)?);
-        cfg.alpn_protocols = vec![Proto::H1.alpn().to_vec()];
         agents.push(e.issued.agent_id);
-        configs.push(Arc::new(cfg));
+        configs.push(crate::pki::client_config(
+            &roots,
+            &e.issued.certificate_pem,
+            &e.issued.chain_pem,
+            &e.key_pem,
+            Proto::H1.alpn(),
+            true,
+        )?);
     }
     // The relay projects each enrolment; wait until every certificate is active.
     let cert_keys: Vec<String> = enrolled

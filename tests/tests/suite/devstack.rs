@@ -475,7 +475,7 @@ async fn postgres_and_redis() -> Result<()> {
             .get_multiplexed_async_connection()
             .await?;
         let seq: Option<u64> = redis::cmd("GET")
-            .arg(format!("{prefix}revocation:seq"))
+            .arg(oneprotect_identity::KeySchema::new(prefix.clone()).revocation_seq())
             .query_async(&mut r)
             .await?;
         ensure!(
