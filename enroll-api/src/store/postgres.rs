@@ -245,21 +245,15 @@ impl PgStore {
             .bind(agent.as_uuid())
             .bind(serial.to_string())
             .fetch_optional(&mut *conn)
-            .await?
-            .map(|s| parse_cert_status(&s))
-            .transpose()?,
+            .await?,
         };
-        Ok(Some(RotationState {
-            status: AgentStatus::from_str(row.try_get("status")?)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-            current: parse_id(row.try_get::<&str, _>("current_serial")?)?,
-            previous: row
-                .try_get::<Option<&str>, _>("previous_serial")?
-                .map(parse_id)
-                .transpose()?,
-            previous_valid_until: opt_ts(row.try_get("previous_valid_until")?)?,
-            presented,
-        }))
+        Ok(Some(RotationState::from_columns(
+            row.try_get("status")?,
+            row.try_get("current_serial")?,
+            row.try_get("previous_serial")?,
+            row.try_get("previous_valid_until")?,
+            presented.as_deref(),
+        )?))
     }
 
     /// Marks `s.serial` superseded (only if active) and writes its event.

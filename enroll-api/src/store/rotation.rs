@@ -29,6 +29,31 @@ pub struct RotationState {
     pub presented: Option<CertStatus>,
 }
 
+impl RotationState {
+    /// Decodes the stored columns (`status`, `current_serial`,
+    /// `previous_serial`, `previous_valid_until`) and the presented
+    /// certificate's status, as both backends read them.
+    pub(crate) fn from_columns(
+        status: &str,
+        current: &str,
+        previous: Option<&str>,
+        previous_valid_until: Option<i64>,
+        presented: Option<&str>,
+    ) -> Result<Self, super::StoreError> {
+        Ok(Self {
+            status: status.parse().map_err(
+                |e: oneprotect_identity::revocation::UnknownStatus| {
+                    super::StoreError::Corrupt(e.to_string())
+                },
+            )?,
+            current: super::parse_id(current)?,
+            previous: previous.map(super::parse_id).transpose()?,
+            previous_valid_until: previous_valid_until.map(super::ts).transpose()?,
+            presented: presented.map(super::parse_cert_status).transpose()?,
+        })
+    }
+}
+
 /// Why an agent-authenticated rotation or confirmation was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RotationRefusal {

@@ -160,21 +160,32 @@ impl SqliteStore {
             .bind(agent.to_string())
             .bind(serial.to_string())
             .fetch_optional(&mut *conn)
-            .await?
-            .map(|s| parse_cert_status(&s))
-            .transpose()?,
+            .await?,
         };
-        Ok(Some(RotationState {
-            status: AgentStatus::from_str(row.try_get("status")?)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-            current: parse_id(row.try_get::<&str, _>("current_serial")?)?,
-            previous: row
-                .try_get::<Option<&str>, _>("previous_serial")?
-                .map(parse_id)
-                .transpose()?,
-            previous_valid_until: opt_ts(row.try_get("previous_valid_until")?)?,
-            presented,
-        }))
+        Ok(Some(RotationState::from_columns(
+            row.try_get("status")?,
+            row.try_get("current_serial")?,
+            row.try_get("previous_serial")?,
+            row.try_get("previous_valid_until")?,
+            presented.as_deref(),
+        )?))
+    }
+
+    /// Ends the agent's pending rotation (no previous certificate).
+    async fn clear_previous(
+        conn: &mut sqlx::SqliteConnection,
+        tenant: TenantId,
+        agent: AgentId,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE agents SET previous_serial = NULL, previous_valid_until = NULL \
+             WHERE tenant_id = ?1 AND id = ?2",
+        )
+        .bind(tenant.to_string())
+        .bind(agent.to_string())
+        .execute(conn)
+        .await?;
+        Ok(())
     }
 
     /// Marks `s.serial` superseded (only if active) and writes its event.
@@ -741,14 +752,7 @@ impl Store for SqliteStore {
         };
         if let Some(s) = &supersede {
             Self::apply_supersede(&mut tx, tenant, agent, s, Actor::Agent(agent), now).await?;
-            sqlx::query(
-                "UPDATE agents SET previous_serial = NULL, previous_valid_until = NULL \
-                 WHERE tenant_id = ?1 AND id = ?2",
-            )
-            .bind(tenant.to_string())
-            .bind(agent.to_string())
-            .execute(&mut *tx)
-            .await?;
+            Self::clear_previous(&mut tx, tenant, agent).await?;
         }
         tx.commit().await?;
         Ok(ConfirmOutcome::Confirmed(supersede))
@@ -792,14 +796,7 @@ impl Store for SqliteStore {
             return Ok(None);
         };
         Self::apply_supersede(&mut tx, tenant, agent, &s, Actor::System, now).await?;
-        sqlx::query(
-            "UPDATE agents SET previous_serial = NULL, previous_valid_until = NULL \
-             WHERE tenant_id = ?1 AND id = ?2",
-        )
-        .bind(tenant.to_string())
-        .bind(agent.to_string())
-        .execute(&mut *tx)
-        .await?;
+        Self::clear_previous(&mut tx, tenant, agent).await?;
         tx.commit().await?;
         Ok(Some(s))
     }
