@@ -166,6 +166,53 @@ pub fn ensure_binary(package: &str, bin: &str) -> PathBuf {
     path
 }
 
+/// Best-effort cleanup for a test's `Drop`: drops PostgreSQL `schema`
+/// (CASCADE) and deletes the Redis keys matching `pattern`. Runs on its own
+/// thread and runtime, so it works from inside an async test's drop; errors
+/// are ignored (the names are unique, leftovers harm nothing).
+pub fn drop_schema_and_keys(schema: &str, redis_url: &str, pattern: &str) {
+    use sqlx::Connection as _;
+    let url = require_postgres();
+    let (schema, redis_url, pattern) =
+        (schema.to_owned(), redis_url.to_owned(), pattern.to_owned());
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            if let Ok(mut c) = sqlx::PgConnection::connect(&url).await {
+                let _ = sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+                    .execute(&mut c)
+                    .await;
+            }
+            let Ok(client) = redis::Client::open(redis_url.as_str()) else {
+                return;
+            };
+            let Ok(Ok(mut c)) = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                client.get_multiplexed_async_connection(),
+            )
+            .await
+            else {
+                return;
+            };
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(&pattern)
+                .query_async(&mut c)
+                .await
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut c).await;
+            }
+        });
+    })
+    .join()
+    .ok();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,27 +44,11 @@ struct Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        let schema = self.schema.clone();
-        let url = oneprotect_tests::require_postgres();
-        let redis_url = self.redis_url.clone();
-        let pattern = self.keys.all_keys_pattern();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
-            if let Ok(rt) = rt {
-                rt.block_on(async {
-                    if let Ok(mut c) = sqlx::PgConnection::connect(&url).await {
-                        let _ = sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-                            .execute(&mut c)
-                            .await;
-                    }
-                    let _ = delete_keys(&redis_url, &pattern).await;
-                });
-            }
-        })
-        .join()
-        .ok();
+        oneprotect_tests::drop_schema_and_keys(
+            &self.schema,
+            &self.redis_url,
+            &self.keys.all_keys_pattern(),
+        );
     }
 }
 

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
-use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full};
 use redis::AsyncCommands;
 use serde_json::{json, Value};
@@ -61,38 +60,11 @@ impl Drop for Stack {
         if let Some(g) = self.gateway.take() {
             g.stop();
         }
-        let schema = self.schema.clone();
-        let url = oneprotect_tests::require_postgres();
-        let redis_url = self.redis_url.clone();
-        let pattern = self.keys.all_keys_pattern();
-        std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                if let Ok(mut c) = sqlx::PgConnection::connect(&url).await {
-                    let _ = sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-                        .execute(&mut c)
-                        .await;
-                }
-                if let Ok(mut c) = redis_conn(&redis_url).await {
-                    let mut keys: Vec<String> = Vec::new();
-                    if let Ok(mut it) = c.scan_match::<_, String>(&pattern).await {
-                        while let Some(Ok(k)) = it.next().await {
-                            keys.push(k);
-                        }
-                    }
-                    if !keys.is_empty() {
-                        let _: Result<(), _> = c.del(&keys).await;
-                    }
-                }
-            });
-        })
-        .join()
-        .ok();
+        oneprotect_tests::drop_schema_and_keys(
+            &self.schema,
+            &self.redis_url,
+            &self.keys.all_keys_pattern(),
+        );
     }
 }
 

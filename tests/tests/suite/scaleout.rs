@@ -83,40 +83,11 @@ pub(crate) struct Fleet {
 impl Drop for Fleet {
     fn drop(&mut self) {
         self.gateways.clear();
-        let schema = self.schema.clone();
-        let url = oneprotect_tests::require_postgres();
-        let redis_url = self.redis_url.clone();
-        let pattern = self.keys.all_keys_pattern();
-        std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                if let Ok(mut c) = sqlx::PgConnection::connect(&url).await {
-                    let _ = sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-                        .execute(&mut c)
-                        .await;
-                }
-                if let Ok(c) = redis::Client::open(redis_url.as_str()) {
-                    if let Ok(Ok(mut c)) = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        c.get_multiplexed_async_connection(),
-                    )
-                    .await
-                    {
-                        let keys: Vec<String> = c.keys(pattern).await.unwrap_or_default();
-                        if !keys.is_empty() {
-                            let _: Result<(), _> = c.del(keys).await;
-                        }
-                    }
-                }
-            });
-        })
-        .join()
-        .ok();
+        oneprotect_tests::drop_schema_and_keys(
+            &self.schema,
+            &self.redis_url,
+            &self.keys.all_keys_pattern(),
+        );
     }
 }
 
