@@ -25,15 +25,14 @@ use time::OffsetDateTime;
 use oneprotect_identity::events::{Actor, AgentOperation, Event, Payload};
 use oneprotect_identity::headers::IDENTITY_ASSERTION;
 use oneprotect_identity::problem;
-use oneprotect_identity::{
-    AgentId, AgentStatus, CertFingerprint, CertStatus, SerialNumber, TenantId,
-};
+use oneprotect_identity::{AgentId, CertFingerprint, SerialNumber, TenantId};
 
 use super::exchange::{csr_problem, EnrollmentResult};
 use super::{path_id, ApiError, ApiJson, AppState};
 use crate::ca::check_csr;
+use crate::store::rotation::check_presented;
 use crate::store::{
-    ConfirmOutcome, NewCertificate, RotateOutcome, Rotation, RotationRefusal, Store,
+    ConfirmOutcome, NewCertificate, RotateOutcome, Rotation, RotationRefusal, RotationState, Store,
 };
 
 pub(crate) fn router() -> Router<AppState> {
@@ -184,24 +183,22 @@ async fn rotate(
     let Some(current) = state.store.fetch_agent(auth.tenant, auth.agent).await? else {
         return Err(ApiError::new(problem::NOT_FOUND));
     };
-    if current.status == AgentStatus::Revoked {
-        return Err(ApiError::new(problem::AGENT_REVOKED));
-    }
     let presented = state
         .store
         .list_agent_certificates(auth.tenant, auth.agent)
         .await?
         .into_iter()
         .find(|c| c.serial == auth.serial);
-    let early = match presented.as_ref().map(|c| c.status) {
-        None => Some(RotationRefusal::NotThisAgents),
-        Some(CertStatus::Revoked) => Some(RotationRefusal::CertificateRevoked),
-        Some(CertStatus::Superseded) => Some(RotationRefusal::CertificateSuperseded {
-            current: current.current_serial,
-        }),
-        Some(CertStatus::Active) => None,
+    // The planner's own refusal rules on what was just read; the
+    // transaction decides again under the row lock.
+    let pre = RotationState {
+        status: current.status,
+        current: current.current_serial,
+        previous: current.previous_serial,
+        previous_valid_until: current.previous_valid_until,
+        presented: presented.as_ref().map(|c| c.status),
     };
-    if let Some(r) = early {
+    if let Err(r) = check_presented(&pre) {
         state.metrics.rotation("refused");
         return Err(refused(&state, &auth, r, AgentOperation::Rotate).await);
     }

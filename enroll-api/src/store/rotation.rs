@@ -95,7 +95,10 @@ pub struct RotationPlan {
     pub previous: SerialNumber,
 }
 
-fn presented_usable(st: &RotationState) -> Result<(), RotationRefusal> {
+/// The refusals that depend only on the agent's and the presented
+/// certificate's status: revoked agent, foreign, revoked or superseded
+/// certificate. Also the handler's pre-check before any signing.
+pub fn check_presented(st: &RotationState) -> Result<(), RotationRefusal> {
     if st.status == AgentStatus::Revoked {
         return Err(RotationRefusal::AgentRevoked);
     }
@@ -120,7 +123,7 @@ pub fn plan_rotation(
     presented: SerialNumber,
     new: SerialNumber,
 ) -> Result<RotationPlan, RotationRefusal> {
-    presented_usable(st)?;
+    check_presented(st)?;
     if presented == st.current {
         let supersede = st
             .previous
@@ -159,7 +162,7 @@ pub fn plan_confirmation(
     st: &RotationState,
     presented: SerialNumber,
 ) -> Result<Option<Supersede>, RotationRefusal> {
-    presented_usable(st)?;
+    check_presented(st)?;
     if presented == st.current {
         Ok(st.previous.map(|p| Supersede {
             serial: p,
