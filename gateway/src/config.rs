@@ -111,6 +111,16 @@ pub struct ListenerConfig {
     /// (0 disables polling; SIGHUP still reloads). Defaults to 10.
     #[serde(default = "default_bundle_poll")]
     pub trust_bundle_poll_secs: u64,
+    /// Read buffer between the socket and TLS, per connection, bytes.
+    /// rustls keeps its own record buffer above it, so a large one mostly
+    /// costs memory on every idle connection. Defaults to 65536 (pingora's
+    /// default); `bench/RESULTS.md` measures the alternatives.
+    #[serde(default = "default_read_buffer")]
+    pub read_buffer_bytes: usize,
+    /// Write buffer between TLS and the socket, per connection, bytes.
+    /// Defaults to 1460 (pingora's default, one TCP segment).
+    #[serde(default = "default_write_buffer")]
+    pub write_buffer_bytes: usize,
 }
 
 /// The admin listener.
@@ -260,9 +270,23 @@ pub struct RouteConfig {
     /// Connect to the upstreams over TLS. Defaults to `false`.
     #[serde(default)]
     pub tls: bool,
-    /// SNI (and verified name) for upstream TLS. Defaults to empty.
+    /// SNI (and verified name) for upstream TLS. Defaults to empty; required
+    /// with `tls` (pingora skips upstream certificate verification
+    /// altogether when the SNI is empty, so the gateway refuses that).
     #[serde(default)]
     pub sni: String,
+    /// PEM file of the CA certificates that verify the upstreams'
+    /// certificates (with `tls`). Defaults to none: the platform's roots.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM certificate chain (leaf first) the gateway presents to the
+    /// upstreams (mutual TLS, with `tls` and `tls_client_key`). Defaults to
+    /// none.
+    #[serde(default)]
+    pub tls_client_cert: Option<PathBuf>,
+    /// PEM private key of `tls_client_cert`. Defaults to none.
+    #[serde(default)]
+    pub tls_client_key: Option<PathBuf>,
     /// Upstream connect timeout, milliseconds. Defaults to 2000.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_ms: u64,
@@ -305,6 +329,12 @@ fn default_listen() -> SocketAddr {
 }
 fn default_admin_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+fn default_read_buffer() -> usize {
+    65536
+}
+fn default_write_buffer() -> usize {
+    1460
 }
 fn default_bundle_poll() -> u64 {
     10
@@ -501,8 +531,34 @@ impl Config {
                 ));
             }
             if route.tls && route.sni.is_empty() {
-                return inv(format!("route {:?}: tls needs an sni", route.prefix));
+                return inv(format!(
+                    "route {:?}: tls needs an sni (without one the upstream's certificate \
+                     would not be verified)",
+                    route.prefix
+                ));
             }
+            let upstream_tls = [
+                &route.tls_ca_file,
+                &route.tls_client_cert,
+                &route.tls_client_key,
+            ];
+            if !route.tls && upstream_tls.iter().any(|f| f.is_some()) {
+                return inv(format!(
+                    "route {:?}: tls_ca_file, tls_client_cert and tls_client_key need tls = true",
+                    route.prefix
+                ));
+            }
+            crate::tls::load_upstream_tls(
+                route.tls_ca_file.as_deref(),
+                route.tls_client_cert.as_deref(),
+                route.tls_client_key.as_deref(),
+            )
+            .map_err(|e| match e {
+                ConfigError::Invalid(m) => {
+                    ConfigError::Invalid(format!("route {:?}: {m}", route.prefix))
+                }
+                other => other,
+            })?;
         }
         if self.listener.require_client_cert && self.routes.iter().any(|r| !r.require_identity) {
             return inv(

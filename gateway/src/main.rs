@@ -6,6 +6,14 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+/// mimalloc instead of the system allocator: pingora allocates and frees
+/// header maps, buffers and futures on every request (bench/RESULTS.md has
+/// the measured difference). Build with `--no-default-features` for the
+/// system allocator.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// OneProtect mTLS gateway.
 #[derive(Parser, Debug)]
 #[command(version, about)]

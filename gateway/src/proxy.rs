@@ -222,6 +222,12 @@ impl ProxyHttp for Gateway {
         peer.options.connection_timeout = Some(route.connect_timeout);
         peer.options.read_timeout = Some(route.timeout);
         peer.options.write_timeout = Some(route.timeout);
+        // Arc clones: the material was loaded and checked at start.
+        peer.options.ca = route.upstream_tls.ca.clone();
+        peer.client_cert_key = route.upstream_tls.client.clone();
+        // Keeps connections verified against different CA sets apart in the
+        // pool (pingora's pool key leaves the CA list out).
+        peer.group_key = route.upstream_tls.pool_group;
         Ok(Box::new(peer))
     }
 

@@ -18,6 +18,8 @@ pub struct Route {
     pub tls: bool,
     /// Upstream SNI.
     pub sni: String,
+    /// Upstream CA roots and client certificate.
+    pub upstream_tls: crate::tls::UpstreamTls,
     /// Connect timeout.
     pub connect_timeout: Duration,
     /// Read/write timeout.
@@ -39,9 +41,20 @@ impl std::fmt::Debug for Route {
 
 impl Route {
     /// Builds the route and its pool (not yet health-checked).
-    pub fn new(cfg: &RouteConfig) -> std::io::Result<Self> {
+    pub fn new(cfg: &RouteConfig) -> Result<Self, crate::config::ConfigError> {
+        let upstream_tls = crate::tls::load_upstream_tls(
+            cfg.tls_ca_file.as_deref(),
+            cfg.tls_client_cert.as_deref(),
+            cfg.tls_client_key.as_deref(),
+        )?;
         let mut pool =
-            LoadBalancer::<RoundRobin>::try_from_iter(cfg.upstreams.iter().map(String::as_str))?;
+            LoadBalancer::<RoundRobin>::try_from_iter(cfg.upstreams.iter().map(String::as_str))
+                .map_err(|e| {
+                    crate::config::ConfigError::Invalid(format!(
+                        "route {:?}: upstreams: {e}",
+                        cfg.prefix
+                    ))
+                })?;
         if cfg.health_check_secs > 0 {
             let mut hc = if cfg.tls {
                 pingora::lb::health_check::TcpHealthCheck::new_tls(&cfg.sni)
@@ -58,6 +71,7 @@ impl Route {
             require_identity: cfg.require_identity,
             tls: cfg.tls,
             sni: cfg.sni.clone(),
+            upstream_tls,
             connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
             timeout: Duration::from_millis(cfg.timeout_ms),
             max_body_bytes: cfg.max_body_bytes,
@@ -111,6 +125,9 @@ mod tests {
                 require_identity: true,
                 tls: false,
                 sni: String::new(),
+                tls_ca_file: None,
+                tls_client_cert: None,
+                tls_client_key: None,
                 connect_timeout_ms: 100,
                 timeout_ms: 100,
                 max_body_bytes: 10,

@@ -244,7 +244,14 @@ fn build_inner(
     tls.set_private_key_file(&cfg.listener.key.to_string_lossy())?;
     tls.enable_h2();
     tls.set_client_cert_verifier(verifier);
-    proxy.add_tls_with_settings(&cfg.listener.listen.to_string(), None, tls);
+    proxy.add_listener(
+        pingora::listeners::ListenerConfig::tcp(cfg.listener.listen.to_string())
+            .tls(tls)
+            .l4_buffer(pingora::protocols::l4::stream::L4BufferSettings::new(
+                cfg.listener.read_buffer_bytes,
+                cfg.listener.write_buffer_bytes,
+            )),
+    );
     server.add_service(proxy);
 
     server.add_service(background_service(

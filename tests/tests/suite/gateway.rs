@@ -118,6 +118,8 @@ pub(crate) struct Opts {
     pub(crate) require_client_cert: bool,
     /// Redis is reachable: seed the agent's status and wait for readiness.
     pub(crate) redis_up: bool,
+    /// More `[[routes]]` tables, appended to the config.
+    pub(crate) extra_routes: String,
 }
 
 impl Opts {
@@ -128,6 +130,7 @@ impl Opts {
             heartbeat_ms: 1000,
             require_client_cert: false,
             redis_up: true,
+            extra_routes: String::new(),
         }
     }
 }
@@ -186,7 +189,10 @@ prefix = "/dead"
 upstreams = ["127.0.0.1:{dead}"]
 health_check_secs = 0
 connect_timeout_ms = 500
+
+{extra}
 "#,
+        extra = opts.extra_routes,
         mandatory = opts.require_client_cert,
         cert = cert.display(),
         key = key.display(),
@@ -739,6 +745,7 @@ async fn redis_outage_serves_until_max_staleness_then_fails_closed_and_recovers(
         heartbeat_ms: 200,
         require_client_cert: false,
         redis_up: true,
+        extra_routes: String::new(),
     })
     .await;
     let (mut s, _t) = gw.h1(Some((&gw.leaf, &gw.ca))).await.unwrap();
@@ -1014,4 +1021,175 @@ async fn without_redis_from_the_start_identity_routes_fail_closed() {
     // The enrollment exchange needs no revocation check.
     let (mut s, _t) = gw.h1(None).await.unwrap();
     assert_eq!(h1_send(&mut s, EXCHANGE, &[]).await.unwrap().status, 200);
+}
+
+/// A TLS upstream answering like [`start_echo`] (path and headers as JSON)
+/// with `server`'s certificate; with `client_root` it requires a client
+/// certificate chaining to that root and records each one it saw.
+async fn start_tls_echo(
+    server: &oneprotect_testpki::Leaf,
+    client_root: Option<Vec<u8>>,
+) -> (SocketAddr, Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_root {
+        Some(root) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(CertificateDer::from(root)).unwrap();
+            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(v)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let cfg = builder
+        .with_single_cert(
+            vec![CertificateDer::from(server.cert_der.clone())],
+            PrivateKeyDer::try_from(server.key_der.clone()).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, seen) = (acceptor.clone(), seen2.clone());
+            tokio::spawn(async move {
+                // A refused client certificate ends here.
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if let Some(c) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                    seen.lock().unwrap().push(c.to_vec());
+                }
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let mut map = serde_json::Map::new();
+                        for (k, v) in req.headers() {
+                            let e = map
+                                .entry(k.as_str().to_owned())
+                                .or_insert_with(|| serde_json::Value::Array(vec![]));
+                            if let serde_json::Value::Array(a) = e {
+                                a.push(v.to_str().unwrap_or("?").into());
+                            }
+                        }
+                        let body = serde_json::json!({"path": req.uri().path(), "headers": map});
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from(body.to_string()),
+                        )))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Upstream TLS per route: a private CA (`tls_ca_file`) verifies the
+/// upstream's certificate, and the gateway presents its own client
+/// certificate (`tls_client_cert`/`tls_client_key`) to an upstream that
+/// requires one. Without the CA file the upstream's certificate is not
+/// trusted — even though another route to the same upstream address and SNI
+/// has just left a verified connection in pingora's pool (whose key leaves
+/// the CA list out; the gateway keeps CA sets apart) — and without the
+/// client certificate the upstream refuses the gateway: both are 502
+/// `bad_gateway` problem documents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_upstreams_with_a_private_ca_and_a_gateway_client_certificate() {
+    let files = tempfile::tempdir().unwrap();
+    let upstream_pki = TestPki::new("upstream.test");
+    let upstream_cert = upstream_pki.server_cert(&["localhost"]);
+    let client_pki = TestPki::new("gateway-client.test");
+    let client_ca = client_pki.tenant_ca(&uuid::Uuid::new_v4().to_string());
+    let client = client_ca.agent(&uuid::Uuid::new_v4().to_string());
+    let (mtls, seen) = start_tls_echo(&upstream_cert, Some(client_pki.root_der())).await;
+    let (tls_only, _) = start_tls_echo(&upstream_cert, None).await;
+    let ca = write(files.path(), "upstream-ca.pem", &upstream_pki.root_pem());
+    let chain = write(
+        files.path(),
+        "client.pem",
+        &format!("{}{}", client.cert_pem, client_ca.cert_pem),
+    );
+    let key = write(files.path(), "client.key", &client.key_pem);
+    let (ca, chain, key) = (ca.display(), chain.display(), key.display());
+    let mut opts = Opts::shared_redis();
+    opts.extra_routes = format!(
+        r#"
+[[routes]]
+prefix = "/mtls"
+upstreams = ["{mtls}"]
+tls = true
+sni = "localhost"
+tls_ca_file = "{ca}"
+tls_client_cert = "{chain}"
+tls_client_key = "{key}"
+health_check_secs = 0
+
+[[routes]]
+prefix = "/no-client-cert"
+upstreams = ["{mtls}"]
+tls = true
+sni = "localhost"
+tls_ca_file = "{ca}"
+health_check_secs = 0
+
+[[routes]]
+prefix = "/tls"
+upstreams = ["{tls_only}"]
+tls = true
+sni = "localhost"
+tls_ca_file = "{ca}"
+health_check_secs = 0
+
+[[routes]]
+prefix = "/untrusted"
+upstreams = ["{tls_only}"]
+tls = true
+sni = "localhost"
+health_check_secs = 0
+"#
+    );
+    let gw = start_gateway(opts).await;
+    let agent = Some((&gw.leaf, &gw.ca));
+
+    let (mut s, _t) = gw.h1(agent).await.unwrap();
+    let r = h1_send(&mut s, "/mtls/x", SPOOFS).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["path"], "/mtls/x");
+    assert_eq!(
+        only(&r, oneprotect_identity::headers::AGENT_ID),
+        gw.id.agent().to_string()
+    );
+    assert_eq!(
+        seen.lock().unwrap().first(),
+        Some(&client.cert_der),
+        "the upstream saw the gateway's client certificate"
+    );
+    let (mut s, _t) = gw.h1(agent).await.unwrap();
+    let r = h1_send(&mut s, "/tls/x", &[]).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    for path in ["/no-client-cert/x", "/untrusted/x"] {
+        let (mut s, _t) = gw.h1(agent).await.unwrap();
+        let r = h1_send(&mut s, path, &[]).await.unwrap();
+        assert_eq!(r.status, 502, "{path}: {}", r.body);
+        assert_eq!(r.body["code"], "bad_gateway", "{path}");
+    }
+    // Only the one route with a client certificate got through to it.
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    gw.cleanup().await;
 }
