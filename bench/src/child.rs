@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-/// A running child process, killed (with its process group's leader) on drop.
+/// A running child process, stopped on drop (SIGTERM, then SIGKILL after a
+/// bounded wait).
 pub struct Server {
     /// Name in reports.
     pub name: String,
@@ -77,10 +78,35 @@ impl Server {
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
+impl Server {
+    /// Stops the process: SIGTERM, then SIGKILL if it has not exited within
+    /// `grace`. SIGTERM first lets a master process stop its own workers —
+    /// a SIGKILLed nginx master leaves its workers running as orphans.
+    pub fn stop(&mut self, grace: Duration) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < grace {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(5));
     }
 }
 
@@ -98,6 +124,34 @@ pub fn which(name: &str) -> Option<std::path::PathBuf> {
         .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(std::path::PathBuf::from))
         .map(|d| d.join(name))
         .find(|p| p.is_file())
+}
+
+/// The words of environment variable `var` (e.g. `valgrind
+/// --tool=callgrind --callgrind-out-file=/tmp/cg.%p`): a command the server
+/// under test is run under, for profiling. Empty when unset.
+pub fn wrapper(var: &str) -> Vec<String> {
+    std::env::var(var)
+        .map(|v| v.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+/// The command that runs `bin`: under `wrapper` when one is given (its
+/// figures are then the profiler's, not the machine's), else pinned to CPU
+/// `cpu` with `taskset` when both are available.
+pub fn command(bin: &Path, cpu: Option<usize>, wrapper: &[String]) -> Command {
+    if let Some((first, rest)) = wrapper.split_first() {
+        let mut cmd = Command::new(first);
+        cmd.args(rest).arg(bin);
+        return cmd;
+    }
+    match (cpu, which("taskset")) {
+        (Some(c), Some(taskset)) => {
+            let mut cmd = Command::new(taskset);
+            cmd.arg("-c").arg(c.to_string()).arg(bin);
+            cmd
+        }
+        _ => Command::new(bin),
+    }
 }
 
 /// A sibling binary of the running one (e.g. `oneprotect-gateway` next to

@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -13,7 +12,7 @@ use oneprotect_identity::revocation::{Announcement, Change};
 use oneprotect_identity::{AgentIdentity, AgentStatus, CertStatus, KeySchema};
 use redis::AsyncCommands as _;
 
-use crate::child::{sibling_binary, which, Server};
+use crate::child::{sibling_binary, Server};
 use crate::pki::{BenchPki, ServerFiles};
 
 /// Addresses of a started gateway.
@@ -34,14 +33,16 @@ pub fn config(
     files: &ServerFiles,
     redis_url: &str,
     prefix: &str,
+    read_buffer: Option<usize>,
 ) -> String {
+    let read_buffer = read_buffer.map_or(String::new(), |b| format!("read_buffer_bytes = {b}\n"));
     format!(
         r#"[listener]
 listen = "{listen}"
 cert = "{cert}"
 key = "{key}"
 trust_bundle = "{bundle}"
-
+{read_buffer}
 [admin]
 listen = "{admin}"
 
@@ -51,6 +52,7 @@ key_prefix = "{prefix}"
 
 [runtime]
 threads = 1
+graceful_shutdown_secs = 0
 
 [[routes]]
 prefix = "/"
@@ -71,6 +73,7 @@ pub fn start(
     redis_url: &str,
     prefix: &str,
     cpu: Option<usize>,
+    read_buffer: Option<usize>,
 ) -> anyhow::Result<Gateway> {
     let bin = sibling_binary("oneprotect-gateway")?;
     let listen: SocketAddr = format!("127.0.0.1:{}", crate::child::free_port()?).parse()?;
@@ -79,20 +82,24 @@ pub fn start(
     let conf = dir.join("gateway.toml");
     std::fs::write(
         &conf,
-        config(listen, admin, upstream, files, redis_url, prefix),
+        config(
+            listen,
+            admin,
+            upstream,
+            files,
+            redis_url,
+            prefix,
+            read_buffer,
+        ),
     )?;
-    let mut cmd = match (cpu, which("taskset")) {
-        (Some(c), Some(taskset)) => {
-            let mut cmd = Command::new(taskset);
-            cmd.arg("-c").arg(c.to_string()).arg(&bin);
-            cmd
-        }
-        _ => Command::new(&bin),
-    };
+    let wrapper = crate::child::wrapper("ONEPROTECT_BENCH_GATEWAY_WRAPPER");
+    let mut cmd = crate::child::command(&bin, cpu, &wrapper);
     cmd.arg("--config").arg(&conf).env("RUST_LOG", "warn");
     let log = dir.join("gateway.log");
     let mut server = Server::spawn("gateway", cmd, &log)?;
-    server.wait_ready(listen, Duration::from_secs(20), &log)?;
+    // A profiler (valgrind) starts the binary many times slower.
+    let ready = if wrapper.is_empty() { 20 } else { 180 };
+    server.wait_ready(listen, Duration::from_secs(ready), &log)?;
     Ok(Gateway {
         server,
         listen,

@@ -64,6 +64,14 @@ enum Command {
         /// Override: agents revoked in the revocation scenario.
         #[arg(long)]
         revocations: Option<usize>,
+        /// Run only these scenarios (comma-separated): keepalive, latency,
+        /// handshake, handshake-resumed, idle, revocation. Default: all.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// The gateway's per-connection read buffer under TLS
+        /// (`listener.read_buffer_bytes`); default: the gateway's default.
+        #[arg(long, value_name = "BYTES")]
+        gateway_read_buffer: Option<usize>,
     },
     /// Re-render results.md and results.svg from a results.json.
     Render {
@@ -117,7 +125,18 @@ fn main() -> anyhow::Result<()> {
             concurrency,
             agents,
             revocations,
+            only,
+            gateway_read_buffer,
         } => {
+            if let Some(bad) = only
+                .iter()
+                .find(|o| !scenarios::SCENARIOS.contains(&o.as_str()))
+            {
+                anyhow::bail!(
+                    "--only: unknown scenario {bad:?} (known: {})",
+                    scenarios::SCENARIOS.join(", ")
+                );
+            }
             let mut sizes = if tiny {
                 Sizes::tiny()
             } else if quick {
@@ -153,6 +172,8 @@ fn main() -> anyhow::Result<()> {
                 no_nginx,
                 revoke_via,
                 command: std::env::args().collect::<Vec<_>>().join(" "),
+                only,
+                gateway_read_buffer,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

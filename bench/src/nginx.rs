@@ -9,7 +9,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use crate::child::{which, Server};
@@ -86,17 +85,12 @@ pub fn start(
     std::fs::create_dir_all(dir.join("tmp"))?;
     let conf = dir.join("nginx.conf");
     std::fs::write(&conf, config(dir, listen, upstream, files))?;
-    let mut cmd = match (cpu, which("taskset")) {
-        (Some(c), Some(taskset)) => {
-            let mut cmd = Command::new(taskset);
-            cmd.arg("-c").arg(c.to_string()).arg(&nginx);
-            cmd
-        }
-        _ => Command::new(&nginx),
-    };
+    let wrapper = crate::child::wrapper("ONEPROTECT_BENCH_NGINX_WRAPPER");
+    let mut cmd = crate::child::command(&nginx, cpu, &wrapper);
     cmd.arg("-p").arg(dir).arg("-c").arg(&conf);
     let log = dir.join("stdout.log");
     let mut s = Server::spawn("nginx", cmd, &log)?;
-    s.wait_ready(listen, Duration::from_secs(10), &dir.join("error.log"))?;
+    let ready = if wrapper.is_empty() { 10 } else { 180 };
+    s.wait_ready(listen, Duration::from_secs(ready), &dir.join("error.log"))?;
     Ok(Some(s))
 }

@@ -118,6 +118,28 @@ pub struct Options {
     pub revoke_via: RevokeVia,
     /// The command line, for the report.
     pub command: String,
+    /// Run only these scenarios (`keepalive`, `latency`, `handshake`,
+    /// `handshake-resumed`, `idle`, `revocation`); empty: all of them.
+    pub only: Vec<String>,
+    /// The gateway's `listener.read_buffer_bytes` (its default when `None`).
+    pub gateway_read_buffer: Option<usize>,
+}
+
+/// Every scenario name `--only` accepts.
+pub const SCENARIOS: &[&str] = &[
+    "keepalive",
+    "latency",
+    "handshake",
+    "handshake-resumed",
+    "idle",
+    "revocation",
+];
+
+impl Options {
+    /// Whether scenario `name` runs.
+    pub fn wanted(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o == name)
+    }
 }
 
 async fn upstream_stats(addr: SocketAddr) -> Option<(u64, u64)> {
@@ -260,7 +282,7 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
 
     let result = async {
         let enroll_api = match opts.revoke_via {
-            RevokeVia::EnrollApi => {
+            RevokeVia::EnrollApi if opts.wanted("revocation") => {
                 let api = crate::enroll::EnrollApi::start(
                     &opts.out.join("enroll-api"),
                     &opts.redis_url,
@@ -273,7 +295,7 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
                 std::fs::write(&files.client_roots, bundle)?;
                 Some(api)
             }
-            RevokeVia::Redis => None,
+            _ => None,
         };
         let gw = crate::gateway::start(
             &opts.out.join("gateway"),
@@ -282,6 +304,7 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
             &opts.redis_url,
             keys.prefix(),
             opts.server_cpu,
+            opts.gateway_read_buffer,
         )?;
         let nginx_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let nginx = if opts.no_nginx {
@@ -338,26 +361,12 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
             ..closed(Proto::H1)
         };
 
-        measure(
-            &mut report,
-            &env,
-            "keepalive",
-            &direct,
-            env.upstream.pid(),
-            &closed(Proto::H1),
-            true,
-        )
-        .await?;
-        measure(
-            &mut report,
-            &env,
-            "latency",
-            &direct,
-            env.upstream.pid(),
-            &fixed,
-            true,
-        )
-        .await?;
+        for (scenario, spec) in [("keepalive", closed(Proto::H1)), ("latency", fixed.clone())] {
+            if opts.wanted(scenario) {
+                let pid = env.upstream.pid();
+                measure(&mut report, &env, scenario, &direct, pid, &spec, true).await?;
+            }
+        }
         // (scenario, load, whether the client may resume TLS sessions)
         let plan = [
             ("keepalive", closed(Proto::H1), true),
@@ -368,25 +377,31 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
         ];
         for (t, pid) in &targets {
             for (scenario, spec, resumption) in &plan {
-                measure(&mut report, &env, scenario, t, *pid, spec, *resumption).await?;
+                if opts.wanted(scenario) {
+                    measure(&mut report, &env, scenario, t, *pid, spec, *resumption).await?;
+                }
             }
         }
         for (t, pid) in &targets {
-            report.idle.push(idle(&env, t, *pid, s.idle).await?);
+            if opts.wanted("idle") {
+                report.idle.push(idle(&env, t, *pid, s.idle).await?);
+            }
         }
-        report.revocation = Some(
-            revocation(
-                &env,
-                &gateway,
-                &ids,
-                &keys,
-                &mut redis,
-                &opts.redis_url,
-                enroll_api.as_ref(),
-                s,
-            )
-            .await?,
-        );
+        if opts.wanted("revocation") {
+            report.revocation = Some(
+                revocation(
+                    &env,
+                    &gateway,
+                    &ids,
+                    &keys,
+                    &mut redis,
+                    &opts.redis_url,
+                    enroll_api.as_ref(),
+                    s,
+                )
+                .await?,
+            );
+        }
         drop(enroll_api);
         drop(nginx);
         drop(gw);
