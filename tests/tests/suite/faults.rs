@@ -11,7 +11,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::gateway::RedisChild;
 use crate::scaleout::{admin_status, Fleet, GwTuning, Load, Sample, Sender, POLLS};
@@ -429,4 +429,451 @@ async fn faults_postgres_backends_terminated_mid_exchange() -> Result<()> {
     );
     assert_eq!(missing, 0, "an outbox event never reached the stream");
     Ok(())
+}
+
+/// The real `oneprotect-enroll-api` process on PostgreSQL (own schema) and
+/// Redis (own prefix): killed with SIGKILL and started again on the same
+/// port, data dir and database.
+struct EnrollProc {
+    bin: std::path::PathBuf,
+    conf: std::path::PathBuf,
+    log: std::path::PathBuf,
+    https: SocketAddr,
+    child: Option<tokio::process::Child>,
+}
+
+impl EnrollProc {
+    fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = std::process::Command::new(&self.bin)
+            .arg("-c")
+            .arg(&self.conf)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "oneprotect-enroll-api {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Starts `serve` and waits (bounded) until the HTTPS listener accepts.
+    async fn start(&mut self) -> Result<Duration> {
+        let t0 = Instant::now();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        self.child = Some(
+            tokio::process::Command::new(&self.bin)
+                .arg("-c")
+                .arg(&self.conf)
+                .arg("serve")
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .kill_on_drop(true)
+                .spawn()?,
+        );
+        for _ in 0..POLLS {
+            if tokio::net::TcpStream::connect(self.https).await.is_ok() {
+                return Ok(t0.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        anyhow::bail!("enroll-api did not listen on {}:\n{log}", self.https)
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.start_kill().unwrap();
+            c.wait().await.unwrap();
+        }
+    }
+}
+
+/// What became of one exchange or revocation that was in flight while the
+/// service was killed.
+#[derive(Debug, Default)]
+struct Outcome {
+    /// 201 / 200 on some attempt.
+    done: bool,
+    /// The token was spent by an attempt whose answer was lost with the
+    /// process (a retry got 401 `invalid_token` after a connection error).
+    lost_answer: bool,
+    /// Attempts that ended without an HTTP answer (the process was gone).
+    broken: u32,
+    /// 503 answers (e.g. while the restarted service reconnects).
+    unavailable: u32,
+    agent_id: Option<String>,
+}
+
+/// The enroll-api process is killed (SIGKILL) twice while exchanges and
+/// revocations are in flight, and started again. Clients retry what got no
+/// answer. Afterwards store, Redis and the event stream agree: every token
+/// is spent exactly once and every spent token made exactly one agent with a
+/// certificate; every revocation is in the store and in Redis; the outbox
+/// holds one `agent.enrolled` per agent and one `agent.revoked` per revoked
+/// agent, all published, and the stream carries nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_enroll_api_killed_and_restarted() -> Result<()> {
+    use crate::enroll::{exchange_body, Client};
+    use oneprotect_enroll_api::store::Store;
+    use serde_json::json;
+    use sqlx::Connection;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    const EXCHANGES: usize = 48;
+    const REVOCATIONS: usize = 16;
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().to_owned();
+    let pg = oneprotect_tests::require_postgres();
+    let redis_url = oneprotect_tests::require_redis();
+    let schema = oneprotect_tests::unique_name("faults_kill");
+    let prefix = oneprotect_tests::unique_redis_prefix("faults_kill");
+    let keys = oneprotect_identity::KeySchema::new(prefix.clone());
+    let _cleanup = Cleanup {
+        schema: schema.clone(),
+        redis_url: redis_url.clone(),
+        pattern: keys.all_keys_pattern(),
+    };
+    let mut c = sqlx::PgConnection::connect(&pg).await?;
+    sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
+        .execute(&mut c)
+        .await?;
+    c.close().await?;
+    let https = SocketAddr::from(([127, 0, 0, 1], oneprotect_tests::free_port()));
+    let conf = dir.join("enroll-api.toml");
+    let toml = format!(
+        r#"trust_domain = "{td}"
+data_dir = "{data}"
+[listen]
+https = "{https}"
+http = ""
+[database]
+url = "{pg}"
+schema = "{schema}"
+max_connections = 8
+[limits]
+exchange_per_address_per_minute = 1000000
+exchange_per_address_burst = 100000
+exchange_per_token_per_minute = 1000000
+exchange_per_token_burst = 100000
+[redis]
+url = "{redis_url}"
+key_prefix = "{prefix}"
+relay_poll_interval_ms = 100
+"#,
+        td = crate::gateway::TD,
+        data = dir.join("data").display(),
+    );
+    std::fs::write(&conf, &toml)?;
+    let mut proc = EnrollProc {
+        bin: oneprotect_tests::ensure_binary("oneprotect-enroll-api", "oneprotect-enroll-api"),
+        conf: conf.clone(),
+        log: dir.join("enroll-api.log"),
+        https,
+        child: None,
+    };
+    let out = proc.cli(&["tenant", "create", "--name", "kill"])?;
+    let tenant: oneprotect_identity::TenantId = out
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .context("tenant create printed no id")?;
+    let tenant_s = tenant.to_string();
+    let out = proc.cli(&[
+        "admin-key",
+        "create",
+        "--tenant",
+        &tenant_s,
+        "--name",
+        "kill",
+    ])?;
+    let key = out
+        .split_whitespace()
+        .find(|w| w.starts_with("opak_"))
+        .context("admin-key create printed no key")?
+        .to_owned();
+    proc.start().await?;
+    let client = Arc::new(Client::new(https, &dir.join("data/tls/dev-cert.pem"))?);
+    let csr = crate::enroll::openssl_csr(&dir, "agent")?;
+
+    let new_token = || async {
+        let r = client
+            .send(
+                "POST",
+                "/api/v1/agent-enrollment/tokens",
+                Some(&key),
+                Some(json!({"max_uses": 1})),
+            )
+            .await?;
+        anyhow::ensure!(r.status == 201, "token: {} {}", r.status, r.body);
+        anyhow::Ok((
+            r.body["token_id"].as_str().context("token_id")?.to_owned(),
+            r.body["token"].as_str().context("token")?.to_owned(),
+        ))
+    };
+    // Agents to revoke during the kills, enrolled beforehand.
+    let mut victims = Vec::new();
+    for i in 0..REVOCATIONS {
+        let (_, token) = new_token().await?;
+        let mut body = exchange_body(&token, &csr);
+        body["agent"]["hostname"] = json!(format!("victim-{i}"));
+        let r = client
+            .send(
+                "POST",
+                "/api/v1/agent-enrollment/exchange",
+                None,
+                Some(body),
+            )
+            .await?;
+        anyhow::ensure!(r.status == 201, "exchange: {} {}", r.status, r.body);
+        victims.push(r.body["agent_id"].as_str().context("agent_id")?.to_owned());
+    }
+    let mut tokens = Vec::new();
+    for _ in 0..EXCHANGES {
+        tokens.push(new_token().await?);
+    }
+
+    // Retrying clients: an attempt without an HTTP answer (connection
+    // refused or reset) or with a 503 is tried again, 50 ms apart, bounded.
+    let finished = Arc::new(AtomicUsize::new(0));
+    let sem = Arc::new(tokio::sync::Semaphore::new(4));
+    let mut set = tokio::task::JoinSet::new();
+    for (i, (_, token)) in tokens.iter().enumerate() {
+        let (client, finished, sem) = (client.clone(), finished.clone(), sem.clone());
+        let mut body = exchange_body(token, &csr);
+        body["agent"]["hostname"] = json!(format!("kill-{i}"));
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await.unwrap();
+            let mut o = Outcome::default();
+            for _ in 0..600 {
+                let r = client
+                    .send(
+                        "POST",
+                        "/api/v1/agent-enrollment/exchange",
+                        None,
+                        Some(body.clone()),
+                    )
+                    .await;
+                match r {
+                    Err(_) => o.broken += 1,
+                    Ok(r) if r.status == 201 => {
+                        o.done = true;
+                        o.agent_id = r.body["agent_id"].as_str().map(str::to_owned);
+                        break;
+                    }
+                    Ok(r) if r.status == 503 => o.unavailable += 1,
+                    Ok(r) if r.status == 401 && o.broken > 0 => {
+                        assert_eq!(r.body["code"], "invalid_token", "{}", r.body);
+                        o.lost_answer = true;
+                        break;
+                    }
+                    Ok(r) => panic!("exchange {i}: {} {}", r.status, r.body),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            finished.fetch_add(1, Ordering::Relaxed);
+            (false, i, o)
+        });
+    }
+    for (i, agent) in victims.iter().enumerate() {
+        let (client, finished, sem) = (client.clone(), finished.clone(), sem.clone());
+        let path = format!("/api/v1/agents/{agent}/revoke");
+        let key = key.clone();
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await.unwrap();
+            let mut o = Outcome::default();
+            for _ in 0..600 {
+                let body = json!({"reason": "killed mid-revocation"});
+                match client.send("POST", &path, Some(&key), Some(body)).await {
+                    Err(_) => o.broken += 1,
+                    Ok(r) if r.status == 200 => {
+                        assert_eq!(r.body["status"], "revoked", "{}", r.body);
+                        o.done = true;
+                        break;
+                    }
+                    Ok(r) if r.status == 503 => o.unavailable += 1,
+                    Ok(r) => panic!("revoke {i}: {} {}", r.status, r.body),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            finished.fetch_add(1, Ordering::Relaxed);
+            (true, i, o)
+        });
+    }
+
+    // Kill twice: once a quarter and once two thirds of the work is done,
+    // so requests of both kinds are in flight each time.
+    let total = EXCHANGES + REVOCATIONS;
+    let mut restarts = Vec::new();
+    for at in [total / 4, total * 2 / 3] {
+        for _ in 0..POLLS * 4 {
+            if finished.load(Ordering::Relaxed) >= at {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        proc.kill().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        restarts.push(proc.start().await?);
+    }
+    let mut exchanges = Vec::new();
+    let mut revocations = Vec::new();
+    while let Some(j) = set.join_next().await {
+        let (is_revocation, i, o) = j?;
+        assert!(
+            o.done || o.lost_answer,
+            "request {i} never completed: {o:?}"
+        );
+        if is_revocation {
+            revocations.push(o);
+        } else {
+            exchanges.push((i, o));
+        }
+    }
+    let broken: u32 = exchanges
+        .iter()
+        .map(|(_, o)| o.broken)
+        .chain(revocations.iter().map(|o| o.broken))
+        .sum();
+    assert!(
+        broken > 0,
+        "no request was cut by the kills; the test proved nothing"
+    );
+
+    // The store, read through the service's own store code.
+    let cfg = oneprotect_enroll_api::config::Config::load(Some(conf.as_path()))?.validate()?;
+    let store = oneprotect_enroll_api::service::open_store(&cfg).await?;
+    // The relay of the restarted process drains the outbox.
+    let drained_from = Instant::now();
+    let mut pending = usize::MAX;
+    for _ in 0..POLLS {
+        pending = store.list_pending_events(1000).await?.len();
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(pending, 0, "the outbox was not drained after the restart");
+    let drained = drained_from.elapsed();
+
+    let agents = client
+        .send("GET", "/api/v1/agents?limit=500", Some(&key), None)
+        .await?;
+    assert_eq!(agents.status, 200, "{}", agents.body);
+    let agents = agents.body["items"].as_array().context("items")?.clone();
+    assert_eq!(
+        agents.len(),
+        REVOCATIONS + EXCHANGES,
+        "one agent per spent token, none half-written"
+    );
+    // Every token spent once, by exactly one agent (matched by hostname).
+    for (i, o) in &exchanges {
+        let host = format!("kill-{i}");
+        let made: Vec<&serde_json::Value> =
+            agents.iter().filter(|a| a["hostname"] == host).collect();
+        assert_eq!(made.len(), 1, "token {i}: {o:?}");
+        if let Some(id) = &o.agent_id {
+            assert_eq!(made[0]["agent_id"], id.as_str());
+        }
+        let t = client
+            .send(
+                "GET",
+                &format!("/api/v1/agent-enrollment/tokens/{}", tokens[*i].0),
+                Some(&key),
+                None,
+            )
+            .await?;
+        assert_eq!(t.body["uses"], 1, "{}", t.body);
+    }
+    // Every agent has its certificate, and Redis agrees with the store.
+    let mut c = redis::Client::open(redis_url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    for a in &agents {
+        let status = a["status"].as_str().context("status")?;
+        let want = if victims.iter().any(|v| a["agent_id"] == v.as_str()) {
+            "revoked"
+        } else {
+            "active"
+        };
+        assert_eq!(status, want, "{a}");
+        let agent: oneprotect_identity::AgentId = a["agent_id"].as_str().context("id")?.parse()?;
+        let serial: oneprotect_identity::SerialNumber =
+            a["current_serial"].as_str().context("serial")?.parse()?;
+        let certs = store.list_agent_certificates(tenant, agent).await?;
+        assert_eq!(certs.len(), 1, "{a}");
+        for key in [
+            keys.agent_status(&tenant, &agent),
+            keys.cert_status(&serial),
+        ] {
+            let v: Option<String> = redis::AsyncCommands::get(&mut c, &key).await?;
+            assert_eq!(v.as_deref(), Some(want), "{key} disagrees with the store");
+        }
+    }
+    // The outbox: one event per fact, no duplicate; the stream: all of them
+    // (at least once) and nothing else.
+    let events = store.list_events(tenant, 10_000).await?;
+    let count = |t: &str| {
+        events
+            .iter()
+            .filter(|e| e.event.payload.event_type() == t)
+            .count()
+    };
+    assert_eq!(count("agent.enrolled"), REVOCATIONS + EXCHANGES);
+    assert_eq!(count("agent.revoked"), REVOCATIONS);
+    let mut ids: Vec<String> = events
+        .iter()
+        .map(|e| e.event.event_id.to_string())
+        .collect();
+    ids.sort();
+    let n = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "duplicate event in the outbox");
+    let reply: redis::streams::StreamRangeReply =
+        redis::AsyncCommands::xrange_all(&mut c, keys.events_stream()).await?;
+    let mut streamed: Vec<String> = reply
+        .ids
+        .iter()
+        .filter_map(|e| e.get::<String>("event_id"))
+        .collect();
+    let entries = streamed.len();
+    streamed.sort();
+    streamed.dedup();
+    assert_eq!(streamed, ids, "the stream and the outbox disagree");
+    let lost = exchanges.iter().filter(|(_, o)| o.lost_answer).count();
+    println!(
+        "faults enroll-api kill: 2 SIGKILLs during {EXCHANGES} exchanges and {REVOCATIONS} \
+         revocations; {broken} attempts cut, {} answered 503, {lost} exchange answers lost with \
+         the process (token spent, agent made); restart to listening {restarts:?}; outbox drained \
+         {drained:?} after the last request; {} events, {} stream entries ({} redelivered)",
+        exchanges
+            .iter()
+            .map(|(_, o)| o.unavailable)
+            .chain(revocations.iter().map(|o| o.unavailable))
+            .sum::<u32>(),
+        ids.len(),
+        entries,
+        entries - ids.len(),
+    );
+    proc.kill().await;
+    Ok(())
+}
+
+/// Drops the test's schema and Redis keys at the end, pass or fail.
+struct Cleanup {
+    schema: String,
+    redis_url: String,
+    pattern: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        oneprotect_tests::drop_schema_and_keys(&self.schema, &self.redis_url, &self.pattern);
+    }
 }

@@ -14,3 +14,4 @@ mod gateway;
 mod lifecycle;
 mod rotation;
 mod scaleout;
+mod soak;

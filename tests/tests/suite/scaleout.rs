@@ -54,6 +54,13 @@ pub(crate) struct GatewayProc {
     child: Option<tokio::process::Child>,
 }
 
+impl GatewayProc {
+    /// The process id, while it runs.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+}
+
 impl Drop for GatewayProc {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -78,7 +85,13 @@ pub(crate) struct Fleet {
     echo: SocketAddr,
     pub(crate) gateways: Vec<GatewayProc>,
     n_gateways: usize,
+    /// With rotation: the gateway's assertion key file and the enroll-api's
+    /// plain loopback listener the gateways route `/api/v1/agents` to.
+    rotation: Option<(PathBuf, SocketAddr)>,
 }
+
+/// The kid of a rotation fleet's gateway assertion key.
+const FLEET_KID: &str = "gw-fleet";
 
 impl Drop for Fleet {
     fn drop(&mut self) {
@@ -107,6 +120,27 @@ impl Fleet {
     /// [`Fleet::start`] with the PostgreSQL URL `url` (e.g. with an
     /// `application_name` to find the service's backends by).
     pub(crate) async fn start_with_db(label: &str, redis_url: &str, url: &str) -> Result<Self> {
+        Self::start_inner(label, redis_url, url, None).await
+    }
+
+    /// [`Fleet::start`] with rotation through the gateways: the enroll-api
+    /// pins the gateways' assertion key and supersedes a rotated
+    /// certificate after `grace_secs` unless the agent confirms sooner.
+    pub(crate) async fn start_with_rotation(
+        label: &str,
+        redis_url: &str,
+        grace_secs: u64,
+    ) -> Result<Self> {
+        let url = oneprotect_tests::require_postgres();
+        Self::start_inner(label, redis_url, &url, Some(grace_secs)).await
+    }
+
+    async fn start_inner(
+        label: &str,
+        redis_url: &str,
+        url: &str,
+        rotation_grace_secs: Option<u64>,
+    ) -> Result<Self> {
         let url = url.to_owned();
         let tmp = tempfile::tempdir()?;
         let dir = tmp.path().to_owned();
@@ -133,12 +167,32 @@ impl Fleet {
         cfg.redis.url = Some(redis_url.to_owned());
         cfg.redis.key_prefix = prefix.clone();
         cfg.redis.relay_poll_interval_ms = 200;
+        let mut assertion_key = None;
+        if let Some(grace) = rotation_grace_secs {
+            use base64::Engine as _;
+            let (signer, pkcs8) = oneprotect_identity::AssertionSigner::generate(FLEET_KID)
+                .map_err(|_| anyhow::anyhow!("generate assertion key"))?;
+            std::fs::write(dir.join("assertion.pk8"), pkcs8)?;
+            assertion_key = Some(dir.join("assertion.pk8"));
+            cfg.listen.http = "127.0.0.1:0".into();
+            cfg.rotation.grace_secs = grace;
+            cfg.rotation.sweep_interval_ms = 200;
+            cfg.rotation.assertion.keys = vec![oneprotect_enroll_api::config::TrustedKey {
+                kid: FLEET_KID.into(),
+                public_key: base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .encode(signer.public_key()),
+            }];
+        }
         let cfg = cfg.validate()?;
         let tenant = cli::tenant_create(&cfg, "acme", Some(3600)).await?;
         let key = cli::admin_key_create(&cfg, tenant, "fleet").await?;
         let state = service::build_state(&cfg, service::system_clock()).await?;
         let running = service::start(&cfg, state).await?;
         let addr = running.https_addr.context("no https listener")?;
+        let rotation = match assertion_key {
+            Some(k) => Some((k, running.http_addr.context("no http listener")?)),
+            None => None,
+        };
         let client = Client::new(addr, &dir.join("tls/dev-cert.pem"))?;
         let bundle = client
             .send("GET", "/api/v1/trust-bundle", None, None)
@@ -164,6 +218,7 @@ impl Fleet {
             echo,
             gateways: Vec::new(),
             n_gateways: 0,
+            rotation,
         })
     }
 
@@ -176,6 +231,21 @@ impl Fleet {
         let port = oneprotect_tests::free_port();
         let admin_port = oneprotect_tests::free_port();
         let d = self.dir.display();
+        let rotation = match &self.rotation {
+            Some((key, http)) => format!(
+                r#"
+[assertion]
+key_file = "{key}"
+kid = "{FLEET_KID}"
+
+[[routes]]
+prefix = "/api/v1/agents"
+upstreams = ["{http}"]
+"#,
+                key = key.display()
+            ),
+            None => String::new(),
+        };
         let toml = format!(
             r#"
 [listener]
@@ -202,7 +272,7 @@ threads = 1
 [[routes]]
 prefix = "/api"
 upstreams = ["{echo}"]
-"#,
+{rotation}"#,
             redis = self.redis_url,
             prefix = self.keys.prefix(),
             stale = t.max_staleness_ms,
@@ -274,9 +344,24 @@ upstreams = ["{echo}"]
             r.body["certificate_pem"].as_str().context("cert")?,
             r.body["chain_pem"].as_str().context("chain")?
         );
+        let key = std::fs::read_to_string(self.dir.join(format!("{name}.key")))?;
+        Ok(Agent {
+            id: r.body["agent_id"].as_str().context("agent_id")?.to_owned(),
+            serial: r.body["serial"].as_str().context("serial")?.to_owned(),
+            tls: self.agent_tls(&pem, &key)?,
+        })
+    }
+
+    /// A client config presenting `chain_pem` (leaf first) with `key_pem`,
+    /// trusting the gateways' server certificate.
+    pub(crate) fn agent_tls(
+        &self,
+        chain_pem: &str,
+        key_pem: &str,
+    ) -> Result<Arc<rustls::ClientConfig>> {
         let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<_, _>>()?;
-        let key = PrivateKeyDer::from_pem_file(self.dir.join(format!("{name}.key")))?;
+            CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<_, _>>()?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
         let mut roots = rustls::RootCertStore::empty();
         roots.add(CertificateDer::from(self.server_pki.root_der()))?;
         let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -286,11 +371,7 @@ upstreams = ["{echo}"]
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)?;
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Agent {
-            id: r.body["agent_id"].as_str().context("agent_id")?.to_owned(),
-            serial: r.body["serial"].as_str().context("serial")?.to_owned(),
-            tls: Arc::new(tls),
-        })
+        Ok(Arc::new(tls))
     }
 
     pub(crate) fn agent_key(&self, a: &Agent) -> String {
