@@ -152,6 +152,19 @@ pub fn ensure_binary(package: &str, bin: &str) -> PathBuf {
     cmd.current_dir(workspace_root())
         .args(["build", "--quiet", "-p", package, "--bin", bin])
         .env("CARGO_TARGET_DIR", &target_dir);
+    // `cargo test` gives this process CARGO_MANIFEST_DIR, CARGO_PKG_* and
+    // the like. Passed on, they reach the nested build's build scripts:
+    // ring's tracks CARGO_MANIFEST_DIR, so its fingerprint flipped between
+    // this build and the next `cargo test`, and ring, rustls, pingora and
+    // everything above them were rebuilt on every run.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if (key.starts_with("CARGO_") && key != "CARGO_HOME" && key != "CARGO_TARGET_DIR")
+            || key == "OUT_DIR"
+        {
+            cmd.env_remove(key.as_ref());
+        }
+    }
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }

@@ -527,34 +527,10 @@ async fn enroll_postgres_rls_raw_query_sees_nothing() -> Result<()> {
 }
 
 fn enroll_binary() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let profile = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test binary in target/<profile>/deps")?
-        .to_path_buf();
-    let bin = profile.join("oneprotect-enroll-api");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(oneprotect_tests::workspace_root())
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "oneprotect-enroll-api",
-            "--bin",
-            "oneprotect-enroll-api",
-        ])
-        .env("CARGO_TARGET_DIR", profile.parent().context("target dir")?);
-    if profile.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    ensure!(
-        cmd.status()?.success(),
-        "building oneprotect-enroll-api failed"
-    );
-    ensure!(bin.is_file(), "{} missing", bin.display());
-    Ok(bin)
+    Ok(oneprotect_tests::ensure_binary(
+        "oneprotect-enroll-api",
+        "oneprotect-enroll-api",
+    ))
 }
 
 /// The operator path with the real binary: `tenant create` prints an id,
