@@ -14,6 +14,8 @@ pub struct Server {
     /// Name in reports.
     pub name: String,
     child: Child,
+    /// How long [`Server::stop`] waits after SIGTERM on drop.
+    stop_grace: Duration,
 }
 
 impl Server {
@@ -31,7 +33,14 @@ impl Server {
         Ok(Self {
             name: name.to_owned(),
             child,
+            stop_grace: Duration::from_secs(5),
         })
+    }
+
+    /// Waits up to `grace` after SIGTERM on drop (a profiler writing its
+    /// output needs longer than the default 5 s).
+    pub fn set_stop_grace(&mut self, grace: Duration) {
+        self.stop_grace = grace;
     }
 
     /// The process id.
@@ -106,7 +115,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.stop(Duration::from_secs(5));
+        self.stop(self.stop_grace);
     }
 }
 

@@ -99,6 +99,9 @@ pub fn start(
     let mut server = Server::spawn("gateway", cmd, &log)?;
     // A profiler (valgrind) starts the binary many times slower.
     let ready = if wrapper.is_empty() { 20 } else { 180 };
+    if !wrapper.is_empty() {
+        server.set_stop_grace(Duration::from_secs(120));
+    }
     server.wait_ready(listen, Duration::from_secs(ready), &log)?;
     Ok(Gateway {
         server,

@@ -72,6 +72,9 @@ enum Command {
         /// (`listener.read_buffer_bytes`); default: the gateway's default.
         #[arg(long, value_name = "BYTES")]
         gateway_read_buffer: Option<usize>,
+        /// Only this protocol for the load runs (default: both).
+        #[arg(long, value_enum)]
+        proto: Option<oneprotect_bench::load::Proto>,
     },
     /// Re-render results.md and results.svg from a results.json.
     Render {
@@ -127,6 +130,7 @@ fn main() -> anyhow::Result<()> {
             revocations,
             only,
             gateway_read_buffer,
+            proto,
         } => {
             if let Some(bad) = only
                 .iter()
@@ -174,6 +178,7 @@ fn main() -> anyhow::Result<()> {
                 command: std::env::args().collect::<Vec<_>>().join(" "),
                 only,
                 gateway_read_buffer,
+                proto,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

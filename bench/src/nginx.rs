@@ -20,11 +20,21 @@ pub fn find() -> Option<PathBuf> {
 }
 
 /// The nginx configuration text.
-pub fn config(dir: &Path, listen: SocketAddr, upstream: SocketAddr, files: &ServerFiles) -> String {
+/// With `single_process` nginx serves from its master process (no fork):
+/// under a profiler, so the process that does the work is the one it follows
+/// and writes out on exit.
+pub fn config(
+    dir: &Path,
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    files: &ServerFiles,
+    single_process: bool,
+) -> String {
+    let master = if single_process { "off" } else { "on" };
     format!(
         r#"worker_processes 1;
 daemon off;
-master_process on;
+master_process {master};
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections 16384; }}
@@ -84,13 +94,19 @@ pub fn start(
     };
     std::fs::create_dir_all(dir.join("tmp"))?;
     let conf = dir.join("nginx.conf");
-    std::fs::write(&conf, config(dir, listen, upstream, files))?;
     let wrapper = crate::child::wrapper("ONEPROTECT_BENCH_NGINX_WRAPPER");
+    std::fs::write(
+        &conf,
+        config(dir, listen, upstream, files, !wrapper.is_empty()),
+    )?;
     let mut cmd = crate::child::command(&nginx, cpu, &wrapper);
     cmd.arg("-p").arg(dir).arg("-c").arg(&conf);
     let log = dir.join("stdout.log");
     let mut s = Server::spawn("nginx", cmd, &log)?;
     let ready = if wrapper.is_empty() { 10 } else { 180 };
+    if !wrapper.is_empty() {
+        s.set_stop_grace(Duration::from_secs(120));
+    }
     s.wait_ready(listen, Duration::from_secs(ready), &dir.join("error.log"))?;
     Ok(Some(s))
 }

@@ -123,6 +123,8 @@ pub struct Options {
     pub only: Vec<String>,
     /// The gateway's `listener.read_buffer_bytes` (its default when `None`).
     pub gateway_read_buffer: Option<usize>,
+    /// Keep-alive runs only over this protocol (`None`: HTTP/1.1 and h2).
+    pub proto: Option<Proto>,
 }
 
 /// Every scenario name `--only` accepts.
@@ -377,7 +379,7 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
         ];
         for (t, pid) in &targets {
             for (scenario, spec, resumption) in &plan {
-                if opts.wanted(scenario) {
+                if opts.wanted(scenario) && opts.proto.is_none_or(|p| p == spec.proto) {
                     measure(&mut report, &env, scenario, t, *pid, spec, *resumption).await?;
                 }
             }
