@@ -627,10 +627,17 @@ mod tests {
             c.validate().map(|_| ()).map_err(|e| e.to_string())
         };
         with("redis://127.0.0.1:6379/2", "op:").unwrap();
-        with("redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster", "op:").unwrap();
+        with(
+            "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster",
+            "op:",
+        )
+        .unwrap();
         with("redis+cluster://10.0.0.1:7000,10.0.0.2:7000", "{op}:").unwrap();
         let e = with("redis+cluster://10.0.0.1:7000", "op:").unwrap_err();
-        assert!(e.contains("redis.key_prefix") && e.contains("hash tag"), "{e}");
+        assert!(
+            e.contains("redis.key_prefix") && e.contains("hash tag"),
+            "{e}"
+        );
         let e = with("redis+sentinel://:s3cret@10.0.0.1:26379/", "op:").unwrap_err();
         assert!(e.contains("master name") && !e.contains("s3cret"), "{e}");
         let e = with("redis+cluster://10.0.0.1", "{op}:").unwrap_err();

@@ -624,13 +624,19 @@ mod tests {
                 .to_string()
         };
         // Valid Redis settings: validation gets as far as the files.
-        let e = check("redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster", "op:");
+        let e = check(
+            "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster",
+            "op:",
+        );
         assert!(e.contains("/nonexistent/"), "{e}");
         let e = check("redis+cluster://10.0.0.1:7000,10.0.0.2:7000", "{op}:");
         assert!(e.contains("/nonexistent/"), "{e}");
         // A Cluster without a hash tag in the prefix.
         let e = check("redis+cluster://10.0.0.1:7000", "op:");
-        assert!(e.contains("revocation.key_prefix") && e.contains("hash tag"), "{e}");
+        assert!(
+            e.contains("revocation.key_prefix") && e.contains("hash tag"),
+            "{e}"
+        );
         // Malformed: the message names the problem, never the password.
         let e = check("redis+sentinel://:s3cret@10.0.0.1:26379", "op:");
         assert!(e.contains("master name") && !e.contains("s3cret"), "{e}");

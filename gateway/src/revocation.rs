@@ -50,8 +50,8 @@ use oneprotect_identity::revocation::Change;
 use oneprotect_identity::{
     AgentId, AgentStatus, Announcement, CertStatus, KeySchema, SerialNumber, TenantId,
 };
-use oneprotect_revocation_bus::MemoryBus;
 use oneprotect_redis::{OpenError, RedisClient, RedisConnection};
+use oneprotect_revocation_bus::MemoryBus;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::config::{redact_url, RevocationConfig};
@@ -131,10 +131,8 @@ impl std::fmt::Debug for Revocation {
 impl Revocation {
     /// A checker for `cfg`. Does not connect yet.
     pub fn new(cfg: &RevocationConfig, metrics: Metrics) -> Result<Self, OpenError> {
-        let client = RedisClient::open(
-            &cfg.redis_url,
-            Duration::from_millis(cfg.redis_timeout_ms),
-        )?;
+        let client =
+            RedisClient::open(&cfg.redis_url, Duration::from_millis(cfg.redis_timeout_ms))?;
         Ok(Self::with_source(cfg, Source::Redis(client), metrics))
     }
 

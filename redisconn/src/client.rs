@@ -8,7 +8,9 @@ use redis::aio::{ConnectionLike, MultiplexedConnection, PubSub};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
-use redis::{Cmd, ConnectionInfo, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Value};
+use redis::{
+    Cmd, ConnectionInfo, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Value,
+};
 
 use crate::target::{Kind, RedisTarget, Topology, UrlError};
 
@@ -43,7 +45,9 @@ pub enum OpenError {
 ///   to the next seed node on each call, so a subscriber whose node went
 ///   away resubscribes elsewhere.
 pub struct RedisClient {
-    inner: Inner,
+    // Boxed: the Sentinel and Cluster clients are large, and callers keep a
+    // `RedisClient` next to small alternatives in their own enums.
+    inner: Box<Inner>,
     timeout: Duration,
 }
 
@@ -63,7 +67,7 @@ enum Inner {
 impl fmt::Debug for RedisClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("RedisClient");
-        match &self.inner {
+        match &*self.inner {
             Inner::Single(c) => d.field("addr", &c.get_connection_info().addr().to_string()),
             Inner::Sentinel { master, .. } => d.field("sentinel_master", master),
             Inner::Cluster { nodes, .. } => d.field(
@@ -113,12 +117,15 @@ impl RedisClient {
                 next: AtomicUsize::new(0),
             },
         };
-        Ok(Self { inner, timeout })
+        Ok(Self {
+            inner: Box::new(inner),
+            timeout,
+        })
     }
 
     /// The topology behind this client.
     pub fn topology(&self) -> Topology {
-        match self.inner {
+        match *self.inner {
             Inner::Single(_) => Topology::Single,
             Inner::Sentinel { .. } => Topology::Sentinel,
             Inner::Cluster { .. } => Topology::Cluster,
@@ -151,10 +158,11 @@ impl RedisClient {
 
     /// Opens a command connection (multiplexed; cheap to clone).
     pub async fn connect(&self) -> RedisResult<RedisConnection> {
-        let conn = match &self.inner {
-            Inner::Single(c) => {
-                Conn::Single(c.get_multiplexed_async_connection_with_config(&self.config()).await?)
-            }
+        let conn = match &*self.inner {
+            Inner::Single(c) => Conn::Single(
+                c.get_multiplexed_async_connection_with_config(&self.config())
+                    .await?,
+            ),
             Inner::Sentinel { client, .. } => Conn::Single(
                 self.sentinel_master(client)
                     .await?
@@ -180,7 +188,7 @@ impl RedisClient {
                 ))),
             }
         };
-        match &self.inner {
+        match &*self.inner {
             Inner::Single(c) => bounded(c.clone()).await,
             Inner::Sentinel { client, .. } => bounded(self.sentinel_master(client).await?).await,
             Inner::Cluster { nodes, next, .. } => {

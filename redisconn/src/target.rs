@@ -231,9 +231,9 @@ fn nodes(
     let mut out = Vec::new();
     for host in hosts.split(',') {
         let host = host.trim();
-        let has_port = host
-            .rsplit_once(':')
-            .is_some_and(|(h, p)| !h.is_empty() && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        let has_port = host.rsplit_once(':').is_some_and(|(h, p)| {
+            !h.is_empty() && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())
+        });
         if !has_port {
             return Err(UrlError::MissingPort {
                 scheme,
@@ -330,7 +330,11 @@ mod tests {
 
     #[test]
     fn single_node_urls_parse_as_before() {
-        for url in ["redis://127.0.0.1:6379", "redis://:pw@h:6380/2", "redis://h"] {
+        for url in [
+            "redis://127.0.0.1:6379",
+            "redis://:pw@h:6380/2",
+            "redis://h",
+        ] {
             let t = RedisTarget::parse(url).unwrap();
             assert_eq!(t.topology(), Topology::Single, "{url}");
         }
@@ -340,8 +344,9 @@ mod tests {
 
     #[test]
     fn sentinel_urls() {
-        let t = RedisTarget::parse("redis+sentinel://u:p%40ss@10.0.0.1:26379,[::1]:26380/mymaster/3")
-            .unwrap();
+        let t =
+            RedisTarget::parse("redis+sentinel://u:p%40ss@10.0.0.1:26379,[::1]:26380/mymaster/3")
+                .unwrap();
         assert_eq!(t.topology(), Topology::Sentinel);
         let Kind::Sentinel {
             sentinels,
@@ -357,7 +362,9 @@ mod tests {
         assert_eq!(node.username(), Some("u"));
         assert_eq!(node.password(), Some("p@ss"));
         // The Sentinels get no credentials.
-        assert!(sentinels.iter().all(|s| s.redis_settings().password().is_none()));
+        assert!(sentinels
+            .iter()
+            .all(|s| s.redis_settings().password().is_none()));
         // Credentials never reach Debug.
         assert!(!format!("{t:?}").contains("p@ss"));
         assert!(!format!("{t:?}").contains("p%40ss"));
