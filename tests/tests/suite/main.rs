@@ -12,5 +12,6 @@ mod enroll;
 mod faults;
 mod gateway;
 mod lifecycle;
+mod redis_ha;
 mod rotation;
 mod scaleout;
