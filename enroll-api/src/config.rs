@@ -149,12 +149,17 @@ impl TrustedKey {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://host:port[/db]` or `rediss://…`. Defaults to unset: no
-    /// projection, no event relay (outbox rows stay pending until a replica
-    /// with Redis publishes them).
+    /// One node (`redis://[user:pass@]host:port[/db]`), a Sentinel-managed
+    /// master (`redis+sentinel://[user:pass@]host:port[,host:port…]/master[/db]`,
+    /// credentials and db for the master) or a Redis Cluster
+    /// (`redis+cluster://[user:pass@]host:port[,host:port…]`, needs a hash
+    /// tag in `key_prefix`). Defaults to unset: no projection, no event
+    /// relay (outbox rows stay pending until a replica with Redis publishes
+    /// them).
     pub url: Option<String>,
     /// Prefix of every key and channel; must match the gateways'. Defaults
-    /// to `oneprotect:`.
+    /// to `oneprotect:`. With a Redis Cluster it must contain a hash tag,
+    /// e.g. `{oneprotect}:`, so every key is in one slot.
     pub key_prefix: String,
     /// How often the outbox relay looks for pending rows besides the
     /// wake-up after each commit, milliseconds. Defaults to 1000; 10 ..= 60000.
@@ -482,13 +487,17 @@ impl Config {
             ));
         }
         self.database.url = Some(url);
-        if let Some(u) = &self.redis.url {
-            if redis::Client::open(u.as_str()).is_err() {
-                return Err(invalid("redis.url is not a redis:// or rediss:// URL"));
-            }
-        }
         if self.redis.key_prefix.is_empty() || self.redis.key_prefix.len() > 128 {
             return Err(invalid("redis.key_prefix must be 1..=128 bytes"));
+        }
+        if let Some(u) = &self.redis.url {
+            // The error names what is wrong, never the URL (it may carry a
+            // password).
+            let target = oneprotect_redis::RedisTarget::parse(u)
+                .map_err(|e| invalid(format!("redis.url: {e}")))?;
+            target
+                .check_key_prefix(&self.redis.key_prefix)
+                .map_err(|e| invalid(format!("redis.key_prefix: {e}")))?;
         }
         if !(10..=60_000).contains(&self.redis.relay_poll_interval_ms) {
             return Err(invalid("redis.relay_poll_interval_ms must be 10..=60000"));
@@ -607,6 +616,34 @@ mod tests {
         c.listen.https = String::new();
         assert!(c.validate().is_err(), "no listener");
         assert!(toml::from_str::<Config>("nope = 1").is_err(), "unknown key");
+    }
+
+    #[test]
+    fn redis_topologies_are_validated() {
+        let with = |url: &str, prefix: &str| {
+            let mut c = Config::default();
+            c.redis.url = Some(url.into());
+            c.redis.key_prefix = prefix.into();
+            c.validate().map(|_| ()).map_err(|e| e.to_string())
+        };
+        with("redis://127.0.0.1:6379/2", "op:").unwrap();
+        with(
+            "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster",
+            "op:",
+        )
+        .unwrap();
+        with("redis+cluster://10.0.0.1:7000,10.0.0.2:7000", "{op}:").unwrap();
+        let e = with("redis+cluster://10.0.0.1:7000", "op:").unwrap_err();
+        assert!(
+            e.contains("redis.key_prefix") && e.contains("hash tag"),
+            "{e}"
+        );
+        let e = with("redis+sentinel://:s3cret@10.0.0.1:26379/", "op:").unwrap_err();
+        assert!(e.contains("master name") && !e.contains("s3cret"), "{e}");
+        let e = with("redis+cluster://10.0.0.1", "{op}:").unwrap_err();
+        assert!(e.contains("no port"), "{e}");
+        let e = with("mysql://10.0.0.1", "op:").unwrap_err();
+        assert!(e.contains("not a Redis URL"), "{e}");
     }
 
     #[test]

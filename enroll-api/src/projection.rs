@@ -16,8 +16,14 @@
 //! a status *forward* (certificate: active → superseded → revoked; agent:
 //! active → revoked), as the store does: two relays racing on stale reads, or
 //! a rebuild overlapping the relay, cannot turn a revoked key active again.
-//! (For Redis Cluster, put a hash tag in the prefix, e.g. `{oneprotect}:`, so
-//! the key and the counter share a slot.)
+//! Redis is one node, a Sentinel-managed master or a Cluster, as `redis.url`
+//! says ([`oneprotect_redis`]). With Sentinel, every (re)connect asks the
+//! Sentinels for the master, so the relay follows a failover on its next
+//! reconnect (a write to a demoted master fails, the relay reconnects). On a
+//! Cluster the prefix must carry a hash tag, e.g. `{oneprotect}:`
+//! (validated at startup), so the status key and the counter share a slot
+//! and the scripts run on one node; `PUBLISH` from a script reaches every
+//! node of the cluster.
 //!
 //! What the relay applies per event is not a delta but the agent's current
 //! state re-read from the store ([`ProjectionConn::project_agent`]), so
@@ -30,6 +36,7 @@
 //! log. Only the one-process dev stack (`oneprotect-dev up`) uses it; the
 //! service and its configuration always use Redis (ADR-0011).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use time::OffsetDateTime;
@@ -37,6 +44,7 @@ use time::OffsetDateTime;
 use oneprotect_identity::events::{Event, Payload};
 use oneprotect_identity::revocation::Change;
 use oneprotect_identity::{AgentId, AgentStatus, KeySchema, TenantId};
+use oneprotect_redis::{OpenError, RedisClient, RedisConnection};
 use oneprotect_revocation_bus::{LoggedEvent, MemoryBus};
 
 use crate::store::{AnyStore, Page, Store, StoreError};
@@ -46,9 +54,13 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 /// Agents read per page during a rebuild.
 const REBUILD_PAGE: u32 = 500;
 
-/// Why a projection step failed. Every variant is retried by the relay.
+/// Why a projection step failed. Every variant but [`ProjectionError::Url`]
+/// is retried by the relay.
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
+    /// `redis.url` is unusable (refused at startup).
+    #[error("redis.url: {0}")]
+    Url(#[from] OpenError),
     /// Redis refused, timed out or is unreachable.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
@@ -109,15 +121,16 @@ pub struct Projection {
 
 #[derive(Debug, Clone)]
 enum Backend {
-    Redis(redis::Client),
+    Redis(Arc<RedisClient>),
     Memory(MemoryBus),
 }
 
 impl Projection {
-    /// A projection at `url` under `prefix`. Does not connect.
+    /// A projection at `url` (one node, `redis+sentinel://` or
+    /// `redis+cluster://`) under `prefix`. Does not connect.
     pub fn new(url: &str, prefix: &str) -> Result<Self, ProjectionError> {
         Ok(Self {
-            backend: Backend::Redis(redis::Client::open(url)?),
+            backend: Backend::Redis(Arc::new(RedisClient::open(url, REDIS_TIMEOUT)?)),
             keys: KeySchema::new(prefix),
         })
     }
@@ -140,16 +153,7 @@ impl Projection {
     /// (An in-process bus needs no connection.)
     pub async fn connect(&self) -> Result<ProjectionConn, ProjectionError> {
         let conn = match &self.backend {
-            Backend::Redis(client) => {
-                let cfg = redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(REDIS_TIMEOUT))
-                    .set_response_timeout(Some(REDIS_TIMEOUT));
-                Conn::Redis(
-                    client
-                        .get_multiplexed_async_connection_with_config(&cfg)
-                        .await?,
-                )
-            }
+            Backend::Redis(client) => Conn::Redis(client.connect().await?),
             Backend::Memory(bus) => Conn::Memory(bus.clone()),
         };
         Ok(ProjectionConn {
@@ -179,7 +183,7 @@ pub struct ProjectionConn {
 }
 
 enum Conn {
-    Redis(redis::aio::MultiplexedConnection),
+    Redis(RedisConnection),
     Memory(MemoryBus),
 }
 

@@ -200,10 +200,15 @@ pub struct HeadersConfig {
 #[serde(deny_unknown_fields)]
 pub struct RevocationConfig {
     /// The Redis holding the revocation projection. Defaults to
-    /// `redis://127.0.0.1:6379`.
+    /// `redis://127.0.0.1:6379`. One node (`redis://host:port[/db]`), a
+    /// Sentinel-managed master
+    /// (`redis+sentinel://host:port[,host:port…]/master[/db]`) or a Redis
+    /// Cluster (`redis+cluster://host:port[,host:port…]`, which needs a hash
+    /// tag in `key_prefix`); see [`oneprotect_redis`].
     #[serde(default = "default_redis_url")]
     pub redis_url: String,
-    /// The key prefix of the projection. Defaults to `oneprotect:`.
+    /// The key prefix of the projection. Defaults to `oneprotect:`. With a
+    /// Redis Cluster it must contain a hash tag, e.g. `{oneprotect}:`.
     #[serde(default = "default_prefix")]
     pub key_prefix: String,
     /// How long cached answers stay trusted after Redis was last confirmed
@@ -479,11 +484,18 @@ impl Config {
         if r.cache_capacity == 0 || r.cache_ttl_secs == 0 {
             return inv("revocation.cache_capacity and cache_ttl_secs must be positive".into());
         }
-        if redis::Client::open(r.redis_url.as_str()).is_err() {
-            return inv(format!(
-                "revocation.redis_url is not a Redis URL: {}",
-                redact_url(&r.redis_url)
-            ));
+        match oneprotect_redis::RedisTarget::parse(&r.redis_url) {
+            Err(e) => {
+                return inv(format!(
+                    "revocation.redis_url {}: {e}",
+                    redact_url(&r.redis_url)
+                ))
+            }
+            Ok(target) => {
+                if let Err(e) = target.check_key_prefix(&r.key_prefix) {
+                    return inv(format!("revocation.key_prefix: {e}"));
+                }
+            }
         }
         let a = &self.assertion;
         let max = oneprotect_identity::assertion::MAX_LIFETIME_SECS as u64;
@@ -654,6 +666,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("require_client_cert"), "{e}");
+    }
+
+    #[test]
+    fn sentinel_and_cluster_urls_are_validated_at_startup() {
+        let check = |url: &str, prefix: &str| {
+            let text = format!(
+                "{MINIMAL}\n[revocation]\nredis_url = \"{url}\"\nkey_prefix = \"{prefix}\"\n"
+            );
+            Config::from_toml(&text, Path::new("t"))
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string()
+        };
+        // Valid Redis settings: validation gets as far as the files.
+        let e = check(
+            "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster",
+            "op:",
+        );
+        assert!(e.contains("/nonexistent/"), "{e}");
+        let e = check("redis+cluster://10.0.0.1:7000,10.0.0.2:7000", "{op}:");
+        assert!(e.contains("/nonexistent/"), "{e}");
+        // A Cluster without a hash tag in the prefix.
+        let e = check("redis+cluster://10.0.0.1:7000", "op:");
+        assert!(
+            e.contains("revocation.key_prefix") && e.contains("hash tag"),
+            "{e}"
+        );
+        // Malformed: the message names the problem, never the password.
+        let e = check("redis+sentinel://:s3cret@10.0.0.1:26379", "op:");
+        assert!(e.contains("master name") && !e.contains("s3cret"), "{e}");
+        let e = check("redis+cluster://10.0.0.1", "{op}:");
+        assert!(e.contains("no port"), "{e}");
+        let e = check("http://10.0.0.1", "op:");
+        assert!(e.contains("not a Redis URL"), "{e}");
     }
 
     #[test]

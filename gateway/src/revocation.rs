@@ -24,7 +24,15 @@
 //!
 //! # Sources
 //!
-//! The production source is Redis ([`Revocation::new`]). The one-process
+//! The production source is Redis ([`Revocation::new`]): one node, a
+//! Sentinel-managed master or a Cluster, as `revocation.redis_url` says
+//! ([`oneprotect_redis`]). With Sentinel, every (re)connect asks the
+//! Sentinels for the master, so a failover is followed on the next
+//! reconnect. With a Cluster, lookups go through a cluster connection (every
+//! key is in the prefix's hash-tag slot) and the subscription sits on one
+//! node — a cluster broadcasts `PUBLISH` to every node — moving to the next
+//! seed node when it fails; that reconnect distrusts the cache like any
+//! other. The one-process
 //! dev stack reads an in-process [`MemoryBus`] instead
 //! ([`Revocation::with_memory_bus`]): the same keys, announcements and
 //! sequence, so every rule above applies unchanged. A subscriber that lags
@@ -42,8 +50,8 @@ use oneprotect_identity::revocation::Change;
 use oneprotect_identity::{
     AgentId, AgentStatus, Announcement, CertStatus, KeySchema, SerialNumber, TenantId,
 };
+use oneprotect_redis::{OpenError, RedisClient, RedisConnection};
 use oneprotect_revocation_bus::MemoryBus;
-use redis::aio::MultiplexedConnection;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::config::{redact_url, RevocationConfig};
@@ -82,7 +90,7 @@ pub fn decide(cert: Option<CertStatus>, agent: Option<AgentStatus>) -> Decision 
 /// Where the revocation state is read from.
 enum Source {
     /// The Redis projection (production).
-    Redis(redis::Client),
+    Redis(RedisClient),
     /// An in-process bus (the one-process dev stack).
     Memory(MemoryBus),
 }
@@ -92,7 +100,7 @@ pub struct Revocation {
     cfg: RevocationConfig,
     keys: KeySchema,
     source: Source,
-    conn: ArcSwapOption<MultiplexedConnection>,
+    conn: ArcSwapOption<RedisConnection>,
     certs: moka::sync::Cache<SerialNumber, Cached<CertStatus>>,
     agents: moka::sync::Cache<(TenantId, AgentId), Cached<AgentStatus>>,
     /// Bumped when the whole cache is distrusted.
@@ -122,8 +130,9 @@ impl std::fmt::Debug for Revocation {
 
 impl Revocation {
     /// A checker for `cfg`. Does not connect yet.
-    pub fn new(cfg: &RevocationConfig, metrics: Metrics) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(cfg.redis_url.as_str())?;
+    pub fn new(cfg: &RevocationConfig, metrics: Metrics) -> Result<Self, OpenError> {
+        let client =
+            RedisClient::open(&cfg.redis_url, Duration::from_millis(cfg.redis_timeout_ms))?;
         Ok(Self::with_source(cfg, Source::Redis(client), metrics))
     }
 
@@ -240,20 +249,14 @@ impl Revocation {
         decision
     }
 
-    async fn connection(&self) -> Option<MultiplexedConnection> {
+    async fn connection(&self) -> Option<RedisConnection> {
         let Source::Redis(client) = &self.source else {
             return None;
         };
         if let Some(c) = self.conn.load_full() {
             return Some((*c).clone());
         }
-        let cfg = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(self.cfg.redis_timeout_ms)))
-            .set_response_timeout(Some(Duration::from_millis(self.cfg.redis_timeout_ms)));
-        match client
-            .get_multiplexed_async_connection_with_config(&cfg)
-            .await
-        {
+        match client.connect().await {
             Ok(c) => {
                 self.conn.store(Some(Arc::new(c.clone())));
                 Some(c)
@@ -368,7 +371,7 @@ impl Revocation {
                 return;
             }
             match self.subscribe(&channel, timeout).await {
-                Ok((mut sink, mut stream, baseline)) => {
+                Ok((mut sink, mut stream, baseline, node)) => {
                     failures = 0;
                     self.redis_down.store(false, Ordering::Release);
                     // The command connection may be dead too.
@@ -376,7 +379,7 @@ impl Revocation {
                     self.reset("subscribed");
                     self.mark_ok();
                     self.metrics.redis_connected.set(1);
-                    tracing::info!(channel = %channel, "revocation subscription up");
+                    tracing::info!(channel = %channel, %node, "revocation subscription up");
                     let mut last_seq = baseline;
                     let mut lagging = false;
                     let mut tick = tokio::time::interval(heartbeat);
@@ -522,6 +525,7 @@ impl Revocation {
             redis::aio::PubSubSink,
             redis::aio::PubSubStream,
             Option<u64>,
+            String,
         ),
         String,
     > {
@@ -529,17 +533,17 @@ impl Revocation {
             return Err("not a Redis source".into());
         };
         let fut = async {
-            let pubsub = client.get_async_pubsub().await?;
+            let (pubsub, node) = client.pubsub().await?;
             let (mut sink, stream) = pubsub.split();
             sink.subscribe(channel).await?;
             // Announcements up to the counter's value are already reflected
             // in the keys we will read.
-            let mut conn = client.get_multiplexed_async_connection().await?;
+            let mut conn = client.connect().await?;
             let seq: Option<u64> = redis::cmd("GET")
                 .arg(self.keys.revocation_seq())
                 .query_async(&mut conn)
                 .await?;
-            Ok::<_, redis::RedisError>((sink, stream, seq))
+            Ok::<_, redis::RedisError>((sink, stream, seq, node))
         };
         match tokio::time::timeout(timeout * 4, fut).await {
             Ok(Ok(v)) => Ok(v),

@@ -30,7 +30,7 @@ pub enum BuildError {
     Config(#[from] ConfigError),
     /// The Redis URL was refused by the client.
     #[error("redis client: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(#[from] oneprotect_redis::OpenError),
     /// An upstream address did not resolve.
     #[error("upstream pool: {0}")]
     Upstream(#[from] std::io::Error),

@@ -12,6 +12,7 @@ mod enroll;
 mod faults;
 mod gateway;
 mod lifecycle;
+mod redis_ha;
 mod rotation;
 mod scaleout;
 mod soak;

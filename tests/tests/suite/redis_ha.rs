@@ -1,0 +1,895 @@
+//! Redis Sentinel and Redis Cluster end to end: the real enroll-api (in
+//! process, on PostgreSQL) and real `oneprotect-gateway` processes, both
+//! configured with one `redis+sentinel://` or `redis+cluster://` URL, over
+//! Redis servers this module starts from the machine's `redis-server` on
+//! free loopback ports in a temporary directory.
+//!
+//! - **Cluster**: three masters (`redis-cli --cluster create`), a key
+//!   prefix with a hash tag. An agent enrolled through the enroll-api is
+//!   served (200), revoked through the admin API, refused (403
+//!   `agent_revoked`). Then the node holding the gateway's subscription is
+//!   killed: the gateway resubscribes on another node (distrusting its
+//!   cache), keeps serving, and a revocation made after the loss still
+//!   reaches it.
+//! - **Sentinel**: one master, one replica, one Sentinel. The same
+//!   enroll/serve/revoke round; then a Sentinel failover: gateway and
+//!   enroll-api follow the new master on their reconnect, and a new agent is
+//!   enrolled, served and revoked through it.
+//!
+//! `cargo test -p oneprotect-tests --test suite redis_ha:: -- --nocapture`
+
+// Helpers run only inside tests, where a panic with its message is the
+// failure report.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::json;
+use sqlx::Connection;
+use tokio::net::TcpStream;
+
+use crate::enroll::{openssl_csr, Client};
+use crate::gateway::{start_echo, write, TD};
+use crate::scaleout::{admin_status, Agent, Sender, POLLS};
+use oneprotect_enroll_api::config::Config;
+use oneprotect_enroll_api::{cli, service};
+use oneprotect_identity::{KeySchema, TenantId};
+use oneprotect_testpki::TestPki;
+
+/// The gateways' staleness bound in these tests, and their heartbeat.
+const MAX_STALENESS_MS: u64 = 2000;
+const HEARTBEAT_MS: u64 = 200;
+
+/// Progress on stderr, with the time since the test started (for reading a
+/// slow or failed run; nothing is asserted on it).
+fn step(t0: Instant, what: &str) {
+    eprintln!("[redis_ha {:>6} ms] {what}", t0.elapsed().as_millis());
+}
+
+/// Fails with instructions when the Redis tools are missing.
+fn require_redis_tools() {
+    for tool in ["redis-server", "redis-cli"] {
+        let ok = std::process::Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            ok,
+            "`{tool}` is not on PATH: these tests start their own Redis Cluster and Sentinel. \
+             Install it (Debian/Ubuntu: `apt-get install redis-server`, which brings redis-cli)."
+        );
+    }
+}
+
+/// A `redis-server` child (data node, cluster node or Sentinel) on
+/// 127.0.0.1, killed on drop.
+struct RedisProc {
+    port: u16,
+    child: Option<tokio::process::Child>,
+}
+
+impl RedisProc {
+    /// Starts `redis-server [conf] --port P --bind 127.0.0.1 … extra` in
+    /// `dir` and waits (bounded) until it accepts connections.
+    async fn start(dir: &Path, conf: Option<&Path>, extra: &[&str]) -> Result<Self> {
+        let port = oneprotect_tests::free_port();
+        let mut cmd = tokio::process::Command::new("redis-server");
+        if let Some(c) = conf {
+            cmd.arg(c);
+        }
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .args(extra)
+            .stdout(std::fs::File::create(
+                dir.join(format!("redis-{port}.log")),
+            )?)
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let child = cmd.spawn().context("spawn redis-server")?;
+        let p = Self {
+            port,
+            child: Some(child),
+        };
+        for _ in 0..POLLS {
+            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return Ok(p);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        bail!(
+            "redis-server on port {port} did not start (log: {})",
+            dir.display()
+        )
+    }
+
+    /// Kills the server and waits for it to exit.
+    async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+}
+
+impl Drop for RedisProc {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            // Our own child, by its handle.
+            let _ = c.start_kill();
+        }
+    }
+}
+
+/// One command on a plain connection to the node on `port` (bounded).
+async fn node_cmd<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> Result<T> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+    let fut = async {
+        let mut c = client.get_multiplexed_async_connection().await?;
+        cmd.query_async::<T>(&mut c).await
+    };
+    Ok(tokio::time::timeout(Duration::from_secs(2), fut)
+        .await
+        .with_context(|| format!("redis on {port} timed out"))??)
+}
+
+/// The number of pub/sub clients connected to the node on `port`, not
+/// counting Sentinel's own (0 when the node does not answer).
+async fn pubsub_clients(port: u16) -> usize {
+    node_cmd::<String>(
+        port,
+        redis::cmd("CLIENT").arg("LIST").arg("TYPE").arg("pubsub"),
+    )
+    .await
+    .map(|s| {
+        s.lines()
+            .filter(|l| !l.trim().is_empty() && !l.contains(" name=sentinel-"))
+            .count()
+    })
+    .unwrap_or(0)
+}
+
+/// Waits (bounded) until the node on `port` has a pub/sub client.
+async fn wait_subscriber_on(port: u16) -> Result<()> {
+    for _ in 0..POLLS {
+        if pubsub_clients(port).await > 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    bail!("no subscriber ever showed up on redis {port}")
+}
+
+/// A gateway process, killed on drop.
+struct Gw {
+    addr: SocketAddr,
+    admin: SocketAddr,
+    _child: tokio::process::Child,
+}
+
+/// enroll-api (in process) + gateways + echo upstream around one Redis URL
+/// and key prefix.
+struct Stack {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    running: Option<service::Running>,
+    client: Client,
+    tenant: TenantId,
+    key: String,
+    keys: KeySchema,
+    redis_url: String,
+    redis: oneprotect_redis::RedisClient,
+    schema: String,
+    server_pki: TestPki,
+    echo: SocketAddr,
+    gateways: Vec<Gw>,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.gateways.clear();
+        // Dropping it aborts the enroll-api's tasks (its JoinSet).
+        drop(self.running.take());
+        // The Redis servers are this test's own and die with it; only the
+        // schema needs dropping (the URL given is never reachable as a
+        // single node, so no key is touched elsewhere).
+        oneprotect_tests::drop_schema_and_keys(&self.schema, "redis://127.0.0.1:1", "-");
+    }
+}
+
+impl Stack {
+    /// Starts the enroll-api on PostgreSQL (own schema) with `redis_url`
+    /// and `prefix`.
+    async fn start(label: &str, redis_url: &str, prefix: &str) -> Result<Self> {
+        let db = oneprotect_tests::require_postgres();
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().to_owned();
+        let schema = oneprotect_tests::unique_name(label);
+        let mut conn = sqlx::PgConnection::connect(&db).await?;
+        sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
+            .execute(&mut conn)
+            .await?;
+        conn.close().await?;
+        let mut cfg = Config {
+            trust_domain: TD.into(),
+            data_dir: dir.clone(),
+            ..Config::default()
+        };
+        cfg.listen.https = "127.0.0.1:0".into();
+        cfg.database.max_connections = 4;
+        cfg.database.url = Some(db);
+        cfg.database.schema = Some(schema.clone());
+        cfg.redis.url = Some(redis_url.to_owned());
+        cfg.redis.key_prefix = prefix.to_owned();
+        cfg.redis.relay_poll_interval_ms = 200;
+        let cfg = cfg.validate()?;
+        let tenant = cli::tenant_create(&cfg, "acme", Some(3600)).await?;
+        let key = cli::admin_key_create(&cfg, tenant, "ha").await?;
+        let state = service::build_state(&cfg, service::system_clock()).await?;
+        let running = service::start(&cfg, state).await?;
+        let addr = running.https_addr.context("no https listener")?;
+        let client = Client::new(addr, &dir.join("tls/dev-cert.pem"))?;
+        let bundle = client
+            .send("GET", "/api/v1/trust-bundle", None, None)
+            .await?;
+        ensure!(bundle.status == 200, "trust bundle: {}", bundle.status);
+        write(&dir, "bundle.pem", bundle.body.as_str().context("PEM")?);
+        let server_pki = TestPki::new(TD);
+        let server = server_pki.server_cert(&["localhost", "127.0.0.1"]);
+        write(&dir, "server.pem", &server.cert_pem);
+        write(&dir, "server.key", &server.key_pem);
+        let echo = start_echo().await;
+        Ok(Self {
+            _tmp: tmp,
+            dir,
+            running: Some(running),
+            client,
+            tenant,
+            key: key.expose_secret().to_owned(),
+            keys: KeySchema::new(prefix),
+            redis_url: redis_url.to_owned(),
+            redis: oneprotect_redis::RedisClient::open(redis_url, Duration::from_secs(1))?,
+            schema,
+            server_pki,
+            echo,
+            gateways: Vec::new(),
+        })
+    }
+
+    /// Starts a `oneprotect-gateway` process on the same URL and prefix and
+    /// waits until it is ready (Redis confirmed).
+    async fn add_gateway(&mut self) -> Result<usize> {
+        let bin = oneprotect_tests::ensure_binary("oneprotect-gateway", "oneprotect-gateway");
+        let n = self.gateways.len();
+        let port = oneprotect_tests::free_port();
+        let admin_port = oneprotect_tests::free_port();
+        let d = self.dir.display();
+        let toml = format!(
+            r#"
+[listener]
+listen = "127.0.0.1:{port}"
+cert = "{d}/server.pem"
+key = "{d}/server.key"
+trust_bundle = "{d}/bundle.pem"
+trust_domain = "{TD}"
+trust_bundle_poll_secs = 0
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
+
+[revocation]
+redis_url = "{redis}"
+key_prefix = "{prefix}"
+max_staleness_ms = {MAX_STALENESS_MS}
+heartbeat_ms = {HEARTBEAT_MS}
+
+[runtime]
+graceful_shutdown_secs = 0
+threads = 1
+
+[[routes]]
+prefix = "/api"
+upstreams = ["{echo}"]
+"#,
+            redis = self.redis_url,
+            prefix = self.keys.prefix(),
+            echo = self.echo,
+        );
+        let cfg_path = write(&self.dir, &format!("gateway-{n}.toml"), &toml);
+        let log = std::fs::File::create(self.dir.join(format!("gateway-{n}.log")))?;
+        let child = tokio::process::Command::new(bin)
+            .arg("--config")
+            .arg(&cfg_path)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawn oneprotect-gateway")?;
+        self.gateways.push(Gw {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            _child: child,
+        });
+        self.wait_ready(n).await?;
+        Ok(n)
+    }
+
+    fn gateway_log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.join(format!("gateway-{i}.log"))).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until gateway `i` answers `/readyz` with 200.
+    async fn wait_ready(&self, i: usize) -> Result<()> {
+        for _ in 0..POLLS {
+            if admin_status(self.gateways[i].admin, "/readyz").await == Some(200) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        bail!("gateway {i} not ready:\n{}", self.gateway_log(i))
+    }
+
+    /// Enrolls one agent through the real exchange (openssl key and CSR).
+    async fn enroll(&self, name: &str) -> Result<Agent> {
+        let r = self
+            .client
+            .send(
+                "POST",
+                "/api/v1/agent-enrollment/tokens",
+                Some(&self.key),
+                Some(json!({"ttl_seconds": 600})),
+            )
+            .await?;
+        ensure!(r.status == 201, "token create: {} {}", r.status, r.body);
+        let token = r.body["token"].as_str().context("token")?.to_owned();
+        let csr = openssl_csr(&self.dir, name)?;
+        let r = self
+            .client
+            .send(
+                "POST",
+                "/api/v1/agent-enrollment/exchange",
+                None,
+                Some(json!({"token": token, "csr_pem": csr,
+                    "agent": {"hostname": name, "os": "linux", "agent_version": "0.1.0"}})),
+            )
+            .await?;
+        ensure!(r.status == 201, "exchange: {} {}", r.status, r.body);
+        let pem = format!(
+            "{}{}",
+            r.body["certificate_pem"].as_str().context("cert")?,
+            r.body["chain_pem"].as_str().context("chain")?
+        );
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<_, _>>()?;
+        let key = PrivateKeyDer::from_pem_file(self.dir.join(format!("{name}.key")))?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from(self.server_pki.root_der()))?;
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let agent = Agent {
+            id: r.body["agent_id"].as_str().context("agent_id")?.to_owned(),
+            serial: r.body["serial"].as_str().context("serial")?.to_owned(),
+            tls: Arc::new(tls),
+        };
+        self.wait_projection(&agent, "active").await?;
+        Ok(agent)
+    }
+
+    /// A key's value read through the same topology (None when missing or
+    /// unreachable).
+    async fn redis_get(&self, key: &str) -> Option<String> {
+        let fut = async {
+            let mut c = self.redis.connect().await.ok()?;
+            redis::cmd("GET")
+                .arg(key)
+                .query_async::<Option<String>>(&mut c)
+                .await
+                .ok()?
+        };
+        tokio::time::timeout(Duration::from_secs(2), fut)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Waits (bounded) until the agent's and its certificate's keys hold
+    /// `want`; returns the instant it was first seen.
+    async fn wait_projection(&self, a: &Agent, want: &str) -> Result<Instant> {
+        let ak = self
+            .keys
+            .agent_status(&self.tenant, &a.id.parse().context("agent id")?);
+        let ck = self.keys.cert_status(&a.serial.parse().context("serial")?);
+        for _ in 0..POLLS * 2 {
+            if self.redis_get(&ak).await.as_deref() == Some(want)
+                && self.redis_get(&ck).await.as_deref() == Some(want)
+            {
+                return Ok(Instant::now());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        bail!("agent {} never became {want} in Redis", a.id)
+    }
+
+    /// The gateway's `oneprotect_gateway_revocation_cache_resets_total`.
+    async fn cache_resets(&self, i: usize) -> Result<u64> {
+        let text = admin_get(self.gateways[i].admin, "/metrics").await?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("oneprotect_gateway_revocation_cache_resets_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+            .context("no cache resets metric")
+    }
+}
+
+/// GET on an admin listener, returning the body (bounded).
+async fn admin_get(admin: SocketAddr, path: &str) -> Result<String> {
+    let fut = async {
+        let stream = TcpStream::connect(admin).await?;
+        let (mut s, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = hyper::Request::get(path)
+            .header("host", "admin")
+            .body(Full::new(Bytes::new()))?;
+        let body = s.send_request(req).await?.into_body().collect().await?;
+        anyhow::Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .context("admin request timed out")?
+}
+
+/// Waits (bounded) until `agent` gets a 200 through `gw`; returns how many
+/// requests were answered otherwise first (e.g. 503 while the gateway
+/// reconnects).
+async fn wait_served(gw: SocketAddr, agent: &Agent) -> Result<usize> {
+    let mut s = Sender::new(agent, gw);
+    for refused in 0..POLLS {
+        if s.send("/api/wait").await.0 == 200 {
+            return Ok(refused);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    bail!("agent {} never served through {gw}", agent.id)
+}
+
+/// What one revocation round measured.
+struct Round {
+    /// Requests the victim sent after the admin API answered.
+    requests: usize,
+    /// Admin API answer → first 403 `agent_revoked`.
+    to_first_403: Duration,
+}
+
+/// Revokes `victim` through the admin API while it keeps sending through
+/// `gw` (one keep-alive connection); checks it is refused with 403
+/// `agent_revoked` — no request sent later than the staleness bound after
+/// Redis showed the revocation is accepted, and every request after the
+/// first refusal is refused — and that `bystander` is still served.
+async fn revoke_round(
+    stack: &Stack,
+    gw: SocketAddr,
+    victim: &Agent,
+    bystander: &Agent,
+) -> Result<Round> {
+    let mut s = Sender::new(victim, gw);
+    ensure!(
+        s.send("/api/before").await.0 == 200,
+        "victim not served before the revocation"
+    );
+    let r = stack
+        .client
+        .send(
+            "POST",
+            &format!("/api/v1/agents/{}/revoke", victim.id),
+            Some(&stack.key),
+            Some(json!({"reason": "device lost"})),
+        )
+        .await?;
+    ensure!(r.status == 200, "revoke: {} {}", r.status, r.body);
+    let answered = Instant::now();
+    let poll = async {
+        let mut samples = Vec::new();
+        for _ in 0..POLLS * 4 {
+            let sent = Instant::now();
+            let (status, code) = s.send("/api/after").await;
+            let refused = status == 403 && code == "agent_revoked";
+            samples.push((sent, status, code));
+            if refused {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        samples
+    };
+    let (visible, mut samples) = tokio::join!(stack.wait_projection(victim, "revoked"), poll);
+    let visible = visible?;
+    let Some(first) = samples
+        .iter()
+        .find(|(_, st, code)| *st == 403 && code == "agent_revoked")
+        .map(|(sent, _, _)| *sent)
+    else {
+        bail!(
+            "the gateway never refused the revoked agent: {:?}",
+            samples.last()
+        );
+    };
+    // Refused for good: a revoked answer is terminal.
+    for _ in 0..20 {
+        let sent = Instant::now();
+        let (status, code) = s.send("/api/again").await;
+        samples.push((sent, status, code));
+    }
+    let bound = visible + Duration::from_millis(MAX_STALENESS_MS);
+    let late_accepts = samples
+        .iter()
+        .filter(|(sent, st, _)| *sent > bound && *st == 200)
+        .count();
+    ensure!(
+        late_accepts == 0,
+        "{late_accepts} requests accepted after the bound"
+    );
+    // After the first refusal: refused, or the connection the gateway
+    // closed after refusing (status 0, the sender reconnects) — never served.
+    let mut refused_again = 0;
+    for (sent, st, code) in &samples {
+        if *sent > first {
+            ensure!(
+                *st == 0 || (*st, code.as_str()) == (403, "agent_revoked"),
+                "after the first refusal: {st} {code}"
+            );
+            refused_again += usize::from(*st == 403);
+        }
+    }
+    ensure!(refused_again > 0, "refused only once");
+    ensure!(
+        Sender::new(bystander, gw).send("/api/other").await.0 == 200,
+        "the other agent is still served"
+    );
+    Ok(Round {
+        requests: samples.len(),
+        to_first_403: first.saturating_duration_since(answered),
+    })
+}
+
+/// Starts `n` cluster-enabled masters and joins them with `redis-cli
+/// --cluster create` (no replicas); waits (bounded) for `cluster_state:ok`
+/// on every node. Losing a master keeps the others serving their slots
+/// (`cluster-require-full-coverage no`).
+async fn start_cluster(dir: &Path, n: usize) -> Result<Vec<RedisProc>> {
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let conf = format!("nodes-{i}.conf");
+        nodes.push(
+            RedisProc::start(
+                dir,
+                None,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &conf,
+                    "--cluster-node-timeout",
+                    "1000",
+                    "--cluster-require-full-coverage",
+                    "no",
+                ],
+            )
+            .await?,
+        );
+    }
+    let mut cmd = tokio::process::Command::new("redis-cli");
+    cmd.arg("--cluster").arg("create");
+    for p in &nodes {
+        cmd.arg(format!("127.0.0.1:{}", p.port));
+    }
+    cmd.args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .context("redis-cli --cluster create timed out")??;
+    ensure!(
+        out.status.success(),
+        "redis-cli --cluster create failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for p in &nodes {
+        let mut ok = false;
+        for _ in 0..POLLS {
+            let info: String = node_cmd(p.port, redis::cmd("CLUSTER").arg("INFO"))
+                .await
+                .unwrap_or_default();
+            if info.contains("cluster_state:ok") {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        ensure!(ok, "cluster node {} never reached cluster_state:ok", p.port);
+    }
+    Ok(nodes)
+}
+
+/// The port of the master serving `slot`, from `CLUSTER NODES`.
+async fn slot_owner(any: u16, slot: u16) -> Result<u16> {
+    let text: String = node_cmd(any, redis::cmd("CLUSTER").arg("NODES")).await?;
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // id addr flags master ping pong epoch link slot...
+        let Some(addr) = f.get(1) else { continue };
+        for range in f.iter().skip(8) {
+            let range: &str = range;
+            let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+            let (Ok(lo), Ok(hi)) = (lo.parse::<u16>(), hi.parse::<u16>()) else {
+                continue;
+            };
+            if (lo..=hi).contains(&slot) {
+                let port = addr
+                    .split('@')
+                    .next()
+                    .and_then(|a| a.rsplit_once(':'))
+                    .and_then(|(_, p)| p.parse().ok())
+                    .context("node address")?;
+                return Ok(port);
+            }
+        }
+    }
+    bail!("no node serves slot {slot}:\n{text}")
+}
+
+/// Redis Cluster: enroll, serve, revoke through one `redis+cluster://` URL;
+/// then the node holding the gateway's subscription dies, the gateway
+/// resubscribes on another node (a reconnect: the cache is distrusted),
+/// keeps serving, and a later revocation still reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_enroll_serve_revoke_and_survive_losing_the_subscribed_node() -> Result<()> {
+    require_redis_tools();
+    let t0 = Instant::now();
+    let tmp = tempfile::tempdir()?;
+    let mut nodes = start_cluster(tmp.path(), 3).await?;
+    step(t0, "cluster up");
+    let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+
+    // Every key of the test is in the slot of this hash tag.
+    let prefix = format!("{{{}}}:", oneprotect_tests::unique_name("redis_ha_cluster"));
+    let slot: u16 = node_cmd(
+        ports[0],
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(format!("{prefix}x")),
+    )
+    .await?;
+    let owner = slot_owner(ports[0], slot).await?;
+    let others: Vec<u16> = ports.iter().copied().filter(|p| *p != owner).collect();
+    // Seed order: the subscription starts on the first seed, a node that
+    // does not hold our slot, so it can die without taking the data along
+    // (these masters have no replicas).
+    let url = format!(
+        "redis+cluster://127.0.0.1:{},127.0.0.1:{},127.0.0.1:{owner}",
+        others[0], others[1]
+    );
+    let mut stack = Stack::start("redis_ha_cluster", &url, &prefix).await?;
+    step(t0, "enroll-api up");
+    let g = stack.add_gateway().await?;
+    step(t0, "gateway ready");
+    let gw = stack.gateways[g].addr;
+    let a0 = stack.enroll("c0").await?;
+    let a1 = stack.enroll("c1").await?;
+    step(t0, "agents enrolled");
+    ensure!(
+        wait_served(gw, &a0).await? == 0,
+        "a0 refused before being served"
+    );
+    ensure!(
+        wait_served(gw, &a1).await? == 0,
+        "a1 refused before being served"
+    );
+
+    wait_subscriber_on(others[0]).await?;
+    ensure!(
+        pubsub_clients(owner).await == 0 && pubsub_clients(others[1]).await == 0,
+        "the gateway subscribed somewhere else than the first seed"
+    );
+    step(t0, "serving; revoking");
+    let first = revoke_round(&stack, gw, &a0, &a1).await?;
+    println!(
+        "redis_ha cluster: slot {slot} on node {owner}, subscription on node {}; revoked agent: \
+         {} requests, revoke answer -> first 403 in {} ms",
+        others[0],
+        first.requests,
+        first.to_first_403.as_millis()
+    );
+
+    // Kill the node the subscription is on.
+    let resets_before = stack.cache_resets(g).await?;
+    let victim_node = nodes
+        .iter_mut()
+        .find(|n| n.port == others[0])
+        .context("node")?;
+    victim_node.kill().await;
+    step(t0, "subscribed node killed");
+    let killed = Instant::now();
+    wait_subscriber_on(others[1])
+        .await
+        .with_context(|| stack.gateway_log(g))?;
+    let resubscribed = killed.elapsed();
+    let refused_meanwhile = wait_served(gw, &a1).await?;
+    stack.wait_ready(g).await?;
+    let resets_after = stack.cache_resets(g).await?;
+    ensure!(
+        resets_after > resets_before,
+        "the resubscription did not distrust the cache ({resets_before} -> {resets_after})"
+    );
+    // The enroll-api still writes (its slot's node is alive), the gateway
+    // still hears about it.
+    step(t0, "resubscribed and serving");
+    let a2 = stack.enroll("c2").await?;
+    ensure!(
+        wait_served(gw, &a2).await? == 0,
+        "a2 refused before being served"
+    );
+    let second = revoke_round(&stack, gw, &a2, &a1).await?;
+    println!(
+        "redis_ha cluster: node {} killed; subscription moved to node {} after {} ms \
+         ({refused_meanwhile} requests of a live agent refused meanwhile, cache resets \
+         {resets_before} -> {resets_after}); new agent revoked after the loss: {} requests, \
+         revoke answer -> first 403 in {} ms",
+        others[0],
+        others[1],
+        resubscribed.as_millis(),
+        second.requests,
+        second.to_first_403.as_millis()
+    );
+    if let Some(r) = stack.running.take() {
+        r.shutdown().await;
+    }
+    drop(stack);
+    drop(nodes);
+    Ok(())
+}
+
+/// Redis Sentinel: enroll, serve, revoke through one `redis+sentinel://`
+/// URL; then a Sentinel failover to the replica: the gateway and the
+/// enroll-api follow the new master on their reconnect (Sentinel
+/// disconnects the demoted master's clients), and an agent enrolled
+/// afterwards is served and revoked through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_enroll_serve_revoke_and_follow_a_failover() -> Result<()> {
+    require_redis_tools();
+    let t0 = Instant::now();
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let master = RedisProc::start(dir, None, &[]).await?;
+    let replica_of = master.port.to_string();
+    let replica = RedisProc::start(dir, None, &["--replicaof", "127.0.0.1", &replica_of]).await?;
+    // Sentinel rewrites its configuration file: give it its own.
+    let conf = write(
+        dir,
+        "sentinel.conf",
+        &format!(
+            "sentinel monitor ha 127.0.0.1 {} 1\n\
+             sentinel down-after-milliseconds ha 30000\n\
+             sentinel failover-timeout ha 10000\n",
+            master.port
+        ),
+    );
+    let sentinel = RedisProc::start(dir, Some(&conf), &["--sentinel"]).await?;
+    let master_port = |sentinel: u16| async move {
+        node_cmd::<Vec<String>>(
+            sentinel,
+            redis::cmd("SENTINEL")
+                .arg("GET-MASTER-ADDR-BY-NAME")
+                .arg("ha"),
+        )
+        .await
+        .ok()
+        .and_then(|v| v.get(1).and_then(|p| p.parse::<u16>().ok()))
+    };
+    ensure!(
+        master_port(sentinel.port).await == Some(master.port),
+        "sentinel does not know the master"
+    );
+
+    let url = format!("redis+sentinel://127.0.0.1:{}/ha", sentinel.port);
+    let prefix = oneprotect_tests::unique_redis_prefix("redis_ha_sentinel");
+    let mut stack = Stack::start("redis_ha_sentinel", &url, &prefix).await?;
+    step(t0, "sentinel set and enroll-api up");
+    let g = stack.add_gateway().await?;
+    step(t0, "gateway ready");
+    let gw = stack.gateways[g].addr;
+    let a0 = stack.enroll("s0").await?;
+    let a1 = stack.enroll("s1").await?;
+    ensure!(
+        wait_served(gw, &a0).await? == 0,
+        "a0 refused before being served"
+    );
+    ensure!(
+        wait_served(gw, &a1).await? == 0,
+        "a1 refused before being served"
+    );
+    wait_subscriber_on(master.port).await?;
+    let first = revoke_round(&stack, gw, &a0, &a1).await?;
+    println!(
+        "redis_ha sentinel: master {}; revoked agent: {} requests, revoke answer -> first 403 \
+         in {} ms",
+        master.port,
+        first.requests,
+        first.to_first_403.as_millis()
+    );
+
+    step(t0, "failing over");
+    // Failover. Sentinel learns of the replica from the master's INFO (every
+    // 10 s), so the command is retried until it has a candidate.
+    let mut started = false;
+    for _ in 0..POLLS * 2 {
+        let r = node_cmd::<String>(
+            sentinel.port,
+            redis::cmd("SENTINEL").arg("FAILOVER").arg("ha"),
+        )
+        .await;
+        if r.is_ok() {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    ensure!(started, "SENTINEL FAILOVER never accepted");
+    let failover = Instant::now();
+    let mut promoted = false;
+    for _ in 0..POLLS * 2 {
+        if master_port(sentinel.port).await == Some(replica.port) {
+            promoted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    ensure!(promoted, "the replica never became master");
+    // The old master is demoted (its clients disconnected); the gateway
+    // resubscribes through the Sentinel, on the new master.
+    wait_subscriber_on(replica.port)
+        .await
+        .with_context(|| stack.gateway_log(g))?;
+    let followed = failover.elapsed();
+    let refused_meanwhile = wait_served(gw, &a1).await?;
+    stack.wait_ready(g).await?;
+    step(t0, "following the new master");
+    let a2 = stack.enroll("s2").await?;
+    ensure!(
+        wait_served(gw, &a2).await? == 0,
+        "a2 refused before being served"
+    );
+    let second = revoke_round(&stack, gw, &a2, &a1).await?;
+    println!(
+        "redis_ha sentinel: failover {} -> {}; gateway subscribed on the new master {} ms after \
+         SENTINEL FAILOVER ({refused_meanwhile} requests of a live agent refused meanwhile); new \
+         agent revoked after the failover: {} requests, revoke answer -> first 403 in {} ms",
+        master.port,
+        replica.port,
+        followed.as_millis(),
+        second.requests,
+        second.to_first_403.as_millis()
+    );
+    if let Some(r) = stack.running.take() {
+        r.shutdown().await;
+    }
+    drop(stack);
+    drop((sentinel, replica, master));
+    Ok(())
+}
