@@ -434,16 +434,18 @@ async fn faults_postgres_backends_terminated_mid_exchange() -> Result<()> {
 /// The real `oneprotect-enroll-api` process on PostgreSQL (own schema) and
 /// Redis (own prefix): killed with SIGKILL and started again on the same
 /// port, data dir and database.
-struct EnrollProc {
-    bin: std::path::PathBuf,
-    conf: std::path::PathBuf,
-    log: std::path::PathBuf,
-    https: SocketAddr,
-    child: Option<tokio::process::Child>,
+pub(crate) struct EnrollProc {
+    pub(crate) bin: std::path::PathBuf,
+    pub(crate) conf: std::path::PathBuf,
+    pub(crate) log: std::path::PathBuf,
+    pub(crate) https: SocketAddr,
+    pub(crate) child: Option<tokio::process::Child>,
+    /// `RUST_LOG` of the service.
+    pub(crate) rust_log: &'static str,
 }
 
 impl EnrollProc {
-    fn cli(&self, args: &[&str]) -> Result<String> {
+    pub(crate) fn cli(&self, args: &[&str]) -> Result<String> {
         let out = std::process::Command::new(&self.bin)
             .arg("-c")
             .arg(&self.conf)
@@ -459,7 +461,7 @@ impl EnrollProc {
     }
 
     /// Starts `serve` and waits (bounded) until the HTTPS listener accepts.
-    async fn start(&mut self) -> Result<Duration> {
+    pub(crate) async fn start(&mut self) -> Result<Duration> {
         let t0 = Instant::now();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -470,7 +472,7 @@ impl EnrollProc {
                 .arg("-c")
                 .arg(&self.conf)
                 .arg("serve")
-                .env("RUST_LOG", "warn")
+                .env("RUST_LOG", self.rust_log)
                 .stdout(std::process::Stdio::null())
                 .stderr(log)
                 .kill_on_drop(true)
@@ -487,7 +489,7 @@ impl EnrollProc {
     }
 
     /// SIGKILL: no shutdown path runs.
-    async fn kill(&mut self) {
+    pub(crate) async fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.start_kill().unwrap();
             c.wait().await.unwrap();
@@ -578,6 +580,7 @@ relay_poll_interval_ms = 100
         log: dir.join("enroll-api.log"),
         https,
         child: None,
+        rust_log: "warn",
     };
     let out = proc.cli(&["tenant", "create", "--name", "kill"])?;
     let tenant: oneprotect_identity::TenantId = out
@@ -866,10 +869,10 @@ relay_poll_interval_ms = 100
 }
 
 /// Drops the test's schema and Redis keys at the end, pass or fail.
-struct Cleanup {
-    schema: String,
-    redis_url: String,
-    pattern: String,
+pub(crate) struct Cleanup {
+    pub(crate) schema: String,
+    pub(crate) redis_url: String,
+    pub(crate) pattern: String,
 }
 
 impl Drop for Cleanup {

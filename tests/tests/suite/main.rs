@@ -15,4 +15,5 @@ mod lifecycle;
 mod redis_ha;
 mod rotation;
 mod scaleout;
+mod secrets;
 mod soak;
