@@ -522,87 +522,20 @@ struct Outcome {
 /// agent, all published, and the stream carries nothing else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_enroll_api_killed_and_restarted() -> Result<()> {
-    use crate::enroll::{exchange_body, Client};
+    use crate::enroll::exchange_body;
     use oneprotect_enroll_api::store::Store;
     use serde_json::json;
-    use sqlx::Connection;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
     const EXCHANGES: usize = 48;
     const REVOCATIONS: usize = 16;
-    let tmp = tempfile::tempdir()?;
-    let dir = tmp.path().to_owned();
-    let pg = oneprotect_tests::require_postgres();
-    let redis_url = oneprotect_tests::require_redis();
-    let schema = oneprotect_tests::unique_name("faults_kill");
-    let prefix = oneprotect_tests::unique_redis_prefix("faults_kill");
-    let keys = oneprotect_identity::KeySchema::new(prefix.clone());
-    let _cleanup = Cleanup {
-        schema: schema.clone(),
-        redis_url: redis_url.clone(),
-        pattern: keys.all_keys_pattern(),
-    };
-    let mut c = sqlx::PgConnection::connect(&pg).await?;
-    sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
-        .execute(&mut c)
-        .await?;
-    c.close().await?;
-    let https = SocketAddr::from(([127, 0, 0, 1], oneprotect_tests::free_port()));
-    let conf = dir.join("enroll-api.toml");
-    let toml = format!(
-        r#"trust_domain = "{td}"
-data_dir = "{data}"
-[listen]
-https = "{https}"
-http = ""
-[database]
-url = "{pg}"
-schema = "{schema}"
-max_connections = 8
-[limits]
-exchange_per_address_per_minute = 1000000
-exchange_per_address_burst = 100000
-exchange_per_token_per_minute = 1000000
-exchange_per_token_burst = 100000
-[redis]
-url = "{redis_url}"
-key_prefix = "{prefix}"
-relay_poll_interval_ms = 100
-"#,
-        td = crate::gateway::TD,
-        data = dir.join("data").display(),
-    );
-    std::fs::write(&conf, &toml)?;
-    let mut proc = EnrollProc {
-        bin: oneprotect_tests::ensure_binary("oneprotect-enroll-api", "oneprotect-enroll-api"),
-        conf: conf.clone(),
-        log: dir.join("enroll-api.log"),
-        https,
-        child: None,
-        rust_log: "warn",
-    };
-    let out = proc.cli(&["tenant", "create", "--name", "kill"])?;
-    let tenant: oneprotect_identity::TenantId = out
-        .split_whitespace()
-        .find_map(|w| w.parse().ok())
-        .context("tenant create printed no id")?;
-    let tenant_s = tenant.to_string();
-    let out = proc.cli(&[
-        "admin-key",
-        "create",
-        "--tenant",
-        &tenant_s,
-        "--name",
-        "kill",
-    ])?;
-    let key = out
-        .split_whitespace()
-        .find(|w| w.starts_with("opak_"))
-        .context("admin-key create printed no key")?
-        .to_owned();
-    proc.start().await?;
-    let client = Arc::new(Client::new(https, &dir.join("data/tls/dev-cert.pem"))?);
+    let mut fx = EnrollFixture::new("faults_kill", "", "", "warn").await?;
+    let (tenant, keys, redis_url) = (fx.tenant, fx.keys.clone(), fx.redis_url.clone());
+    let key = fx.admin_key.clone();
+    let dir = fx.dir.clone();
+    fx.proc.start().await?;
+    let client = Arc::new(fx.client()?);
     let csr = crate::enroll::openssl_csr(&dir, "agent")?;
 
     let new_token = || async {
@@ -721,9 +654,9 @@ relay_poll_interval_ms = 100
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        proc.kill().await;
+        fx.proc.kill().await;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        restarts.push(proc.start().await?);
+        restarts.push(fx.proc.start().await?);
     }
     let mut exchanges = Vec::new();
     let mut revocations = Vec::new();
@@ -750,7 +683,8 @@ relay_poll_interval_ms = 100
     );
 
     // The store, read through the service's own store code.
-    let cfg = oneprotect_enroll_api::config::Config::load(Some(conf.as_path()))?.validate()?;
+    let cfg =
+        oneprotect_enroll_api::config::Config::load(Some(fx.proc.conf.as_path()))?.validate()?;
     let store = oneprotect_enroll_api::service::open_store(&cfg).await?;
     // The relay of the restarted process drains the outbox.
     let drained_from = Instant::now();
@@ -864,7 +798,7 @@ relay_poll_interval_ms = 100
         entries,
         entries - ids.len(),
     );
-    proc.kill().await;
+    fx.proc.kill().await;
     Ok(())
 }
 
@@ -878,5 +812,120 @@ pub(crate) struct Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         oneprotect_tests::drop_schema_and_keys(&self.schema, &self.redis_url, &self.pattern);
+    }
+}
+
+/// An enroll-api binary set up on a fresh PostgreSQL schema and Redis key
+/// prefix, with one tenant and admin key made through its CLI; not started.
+/// The schema and keys are dropped with it.
+pub(crate) struct EnrollFixture {
+    pub(crate) proc: EnrollProc,
+    pub(crate) dir: std::path::PathBuf,
+    pub(crate) tenant: oneprotect_identity::TenantId,
+    pub(crate) admin_key: String,
+    pub(crate) keys: oneprotect_identity::KeySchema,
+    pub(crate) redis_url: String,
+    _cleanup: Cleanup,
+    _tmp: tempfile::TempDir,
+}
+
+impl EnrollFixture {
+    /// `http`: the plain listener's address (`""` for none); `extra`: more
+    /// TOML appended to the configuration; `rust_log`: the service's level.
+    pub(crate) async fn new(
+        label: &str,
+        http: &str,
+        extra: &str,
+        rust_log: &'static str,
+    ) -> Result<Self> {
+        use sqlx::Connection;
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().to_owned();
+        let pg = oneprotect_tests::require_postgres();
+        let redis_url = oneprotect_tests::require_redis();
+        let schema = oneprotect_tests::unique_name(label);
+        let keys =
+            oneprotect_identity::KeySchema::new(oneprotect_tests::unique_redis_prefix(label));
+        let cleanup = Cleanup {
+            schema: schema.clone(),
+            redis_url: redis_url.clone(),
+            pattern: keys.all_keys_pattern(),
+        };
+        let mut c = sqlx::PgConnection::connect(&pg).await?;
+        sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
+            .execute(&mut c)
+            .await?;
+        c.close().await?;
+        let https = SocketAddr::from(([127, 0, 0, 1], oneprotect_tests::free_port()));
+        let conf = dir.join("enroll-api.toml");
+        std::fs::write(
+            &conf,
+            format!(
+                r#"trust_domain = "{td}"
+data_dir = "{data}"
+[listen]
+https = "{https}"
+http = "{http}"
+[database]
+url = "{pg}"
+schema = "{schema}"
+max_connections = 8
+[limits]
+exchange_per_address_per_minute = 1000000
+exchange_per_address_burst = 100000
+exchange_per_token_per_minute = 1000000
+exchange_per_token_burst = 100000
+[redis]
+url = "{redis_url}"
+key_prefix = "{prefix}"
+relay_poll_interval_ms = 100
+{extra}"#,
+                td = crate::gateway::TD,
+                data = dir.join("data").display(),
+                prefix = keys.prefix(),
+            ),
+        )?;
+        let proc = EnrollProc {
+            bin: oneprotect_tests::ensure_binary("oneprotect-enroll-api", "oneprotect-enroll-api"),
+            conf,
+            log: dir.join("enroll-api.log"),
+            https,
+            child: None,
+            rust_log,
+        };
+        let out = proc.cli(&["tenant", "create", "--name", label])?;
+        let tenant: oneprotect_identity::TenantId = out
+            .split_whitespace()
+            .find_map(|w| w.parse().ok())
+            .context("tenant create printed no id")?;
+        let tenant_s = tenant.to_string();
+        let out = proc.cli(&[
+            "admin-key",
+            "create",
+            "--tenant",
+            &tenant_s,
+            "--name",
+            label,
+        ])?;
+        let admin_key = out
+            .split_whitespace()
+            .find(|w| w.starts_with("opak_"))
+            .context("admin-key create printed no key")?
+            .to_owned();
+        Ok(Self {
+            proc,
+            dir,
+            tenant,
+            admin_key,
+            keys,
+            redis_url,
+            _cleanup: cleanup,
+            _tmp: tmp,
+        })
+    }
+
+    /// An admin client for the HTTPS listener (trusting the dev certificate).
+    pub(crate) fn client(&self) -> Result<crate::enroll::Client> {
+        crate::enroll::Client::new(self.proc.https, &self.dir.join("data/tls/dev-cert.pem"))
     }
 }

@@ -16,33 +16,23 @@
 //!   enroll-api follow the new master on their reconnect, and a new agent is
 //!   enrolled, served and revoked through it.
 //!
-//! `cargo test -p oneprotect-tests --test suite redis_ha:: -- --nocapture`
+//! `cargo test --workspace --test suite -- redis_ha:: --nocapture`
 
 // Helpers run only inside tests, where a panic with its message is the
 // failure report.
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use serde_json::json;
-use sqlx::Connection;
 use tokio::net::TcpStream;
 
-use crate::enroll::{openssl_csr, Client};
-use crate::gateway::{start_echo, write, TD};
-use crate::scaleout::{admin_status, Agent, Sender, POLLS};
-use oneprotect_enroll_api::config::Config;
-use oneprotect_enroll_api::{cli, service};
-use oneprotect_identity::{KeySchema, TenantId};
-use oneprotect_testpki::TestPki;
+use crate::gateway::write;
+use crate::scaleout::{Agent, Fleet, GwTuning, Sender, POLLS};
 
 /// The gateways' staleness bound in these tests, and their heartbeat.
 const MAX_STALENESS_MS: u64 = 2000;
@@ -168,271 +158,28 @@ async fn wait_subscriber_on(port: u16) -> Result<()> {
     bail!("no subscriber ever showed up on redis {port}")
 }
 
-/// A gateway process, killed on drop.
-struct Gw {
-    addr: SocketAddr,
-    admin: SocketAddr,
-    _child: tokio::process::Child,
+/// The gateways' settings in these tests.
+const TUNING: GwTuning = GwTuning {
+    max_staleness_ms: MAX_STALENESS_MS,
+    heartbeat_ms: HEARTBEAT_MS,
+};
+
+/// Enrolls `name` through the fleet and waits until Redis (through the
+/// topology under test) shows it active.
+async fn enroll_active(fleet: &Fleet, name: &str) -> Result<Agent> {
+    let agent = fleet.enroll(name).await?;
+    fleet.wait_projection(&agent, "active").await?;
+    Ok(agent)
 }
 
-/// enroll-api (in process) + gateways + echo upstream around one Redis URL
-/// and key prefix.
-struct Stack {
-    _tmp: tempfile::TempDir,
-    dir: PathBuf,
-    running: Option<service::Running>,
-    client: Client,
-    tenant: TenantId,
-    key: String,
-    keys: KeySchema,
-    redis_url: String,
-    redis: oneprotect_redis::RedisClient,
-    schema: String,
-    server_pki: TestPki,
-    echo: SocketAddr,
-    gateways: Vec<Gw>,
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        self.gateways.clear();
-        // Dropping it aborts the enroll-api's tasks (its JoinSet).
-        drop(self.running.take());
-        // The Redis servers are this test's own and die with it; only the
-        // schema needs dropping (the URL given is never reachable as a
-        // single node, so no key is touched elsewhere).
-        oneprotect_tests::drop_schema_and_keys(&self.schema, "redis://127.0.0.1:1", "-");
-    }
-}
-
-impl Stack {
-    /// Starts the enroll-api on PostgreSQL (own schema) with `redis_url`
-    /// and `prefix`.
-    async fn start(label: &str, redis_url: &str, prefix: &str) -> Result<Self> {
-        let db = oneprotect_tests::require_postgres();
-        let tmp = tempfile::tempdir()?;
-        let dir = tmp.path().to_owned();
-        let schema = oneprotect_tests::unique_name(label);
-        let mut conn = sqlx::PgConnection::connect(&db).await?;
-        sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
-            .execute(&mut conn)
-            .await?;
-        conn.close().await?;
-        let mut cfg = Config {
-            trust_domain: TD.into(),
-            data_dir: dir.clone(),
-            ..Config::default()
-        };
-        cfg.listen.https = "127.0.0.1:0".into();
-        cfg.database.max_connections = 4;
-        cfg.database.url = Some(db);
-        cfg.database.schema = Some(schema.clone());
-        cfg.redis.url = Some(redis_url.to_owned());
-        cfg.redis.key_prefix = prefix.to_owned();
-        cfg.redis.relay_poll_interval_ms = 200;
-        let cfg = cfg.validate()?;
-        let tenant = cli::tenant_create(&cfg, "acme", Some(3600)).await?;
-        let key = cli::admin_key_create(&cfg, tenant, "ha").await?;
-        let state = service::build_state(&cfg, service::system_clock()).await?;
-        let running = service::start(&cfg, state).await?;
-        let addr = running.https_addr.context("no https listener")?;
-        let client = Client::new(addr, &dir.join("tls/dev-cert.pem"))?;
-        let bundle = client
-            .send("GET", "/api/v1/trust-bundle", None, None)
-            .await?;
-        ensure!(bundle.status == 200, "trust bundle: {}", bundle.status);
-        write(&dir, "bundle.pem", bundle.body.as_str().context("PEM")?);
-        let server_pki = TestPki::new(TD);
-        let server = server_pki.server_cert(&["localhost", "127.0.0.1"]);
-        write(&dir, "server.pem", &server.cert_pem);
-        write(&dir, "server.key", &server.key_pem);
-        let echo = start_echo().await;
-        Ok(Self {
-            _tmp: tmp,
-            dir,
-            running: Some(running),
-            client,
-            tenant,
-            key: key.expose_secret().to_owned(),
-            keys: KeySchema::new(prefix),
-            redis_url: redis_url.to_owned(),
-            redis: oneprotect_redis::RedisClient::open(redis_url, Duration::from_secs(1))?,
-            schema,
-            server_pki,
-            echo,
-            gateways: Vec::new(),
-        })
-    }
-
-    /// Starts a `oneprotect-gateway` process on the same URL and prefix and
-    /// waits until it is ready (Redis confirmed).
-    async fn add_gateway(&mut self) -> Result<usize> {
-        let bin = oneprotect_tests::ensure_binary("oneprotect-gateway", "oneprotect-gateway");
-        let n = self.gateways.len();
-        let port = oneprotect_tests::free_port();
-        let admin_port = oneprotect_tests::free_port();
-        let d = self.dir.display();
-        let toml = format!(
-            r#"
-[listener]
-listen = "127.0.0.1:{port}"
-cert = "{d}/server.pem"
-key = "{d}/server.key"
-trust_bundle = "{d}/bundle.pem"
-trust_domain = "{TD}"
-trust_bundle_poll_secs = 0
-
-[admin]
-listen = "127.0.0.1:{admin_port}"
-
-[revocation]
-redis_url = "{redis}"
-key_prefix = "{prefix}"
-max_staleness_ms = {MAX_STALENESS_MS}
-heartbeat_ms = {HEARTBEAT_MS}
-
-[runtime]
-graceful_shutdown_secs = 0
-threads = 1
-
-[[routes]]
-prefix = "/api"
-upstreams = ["{echo}"]
-"#,
-            redis = self.redis_url,
-            prefix = self.keys.prefix(),
-            echo = self.echo,
-        );
-        let cfg_path = write(&self.dir, &format!("gateway-{n}.toml"), &toml);
-        let log = std::fs::File::create(self.dir.join(format!("gateway-{n}.log")))?;
-        let child = tokio::process::Command::new(bin)
-            .arg("--config")
-            .arg(&cfg_path)
-            .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawn oneprotect-gateway")?;
-        self.gateways.push(Gw {
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
-            _child: child,
-        });
-        self.wait_ready(n).await?;
-        Ok(n)
-    }
-
-    fn gateway_log(&self, i: usize) -> String {
-        std::fs::read_to_string(self.dir.join(format!("gateway-{i}.log"))).unwrap_or_default()
-    }
-
-    /// Waits (bounded) until gateway `i` answers `/readyz` with 200.
-    async fn wait_ready(&self, i: usize) -> Result<()> {
-        for _ in 0..POLLS {
-            if admin_status(self.gateways[i].admin, "/readyz").await == Some(200) {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        bail!("gateway {i} not ready:\n{}", self.gateway_log(i))
-    }
-
-    /// Enrolls one agent through the real exchange (openssl key and CSR).
-    async fn enroll(&self, name: &str) -> Result<Agent> {
-        let r = self
-            .client
-            .send(
-                "POST",
-                "/api/v1/agent-enrollment/tokens",
-                Some(&self.key),
-                Some(json!({"ttl_seconds": 600})),
-            )
-            .await?;
-        ensure!(r.status == 201, "token create: {} {}", r.status, r.body);
-        let token = r.body["token"].as_str().context("token")?.to_owned();
-        let csr = openssl_csr(&self.dir, name)?;
-        let r = self
-            .client
-            .send(
-                "POST",
-                "/api/v1/agent-enrollment/exchange",
-                None,
-                Some(json!({"token": token, "csr_pem": csr,
-                    "agent": {"hostname": name, "os": "linux", "agent_version": "0.1.0"}})),
-            )
-            .await?;
-        ensure!(r.status == 201, "exchange: {} {}", r.status, r.body);
-        let pem = format!(
-            "{}{}",
-            r.body["certificate_pem"].as_str().context("cert")?,
-            r.body["chain_pem"].as_str().context("chain")?
-        );
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<_, _>>()?;
-        let key = PrivateKeyDer::from_pem_file(self.dir.join(format!("{name}.key")))?;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from(self.server_pki.root_der()))?;
-        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)?;
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let agent = Agent {
-            id: r.body["agent_id"].as_str().context("agent_id")?.to_owned(),
-            serial: r.body["serial"].as_str().context("serial")?.to_owned(),
-            tls: Arc::new(tls),
-        };
-        self.wait_projection(&agent, "active").await?;
-        Ok(agent)
-    }
-
-    /// A key's value read through the same topology (None when missing or
-    /// unreachable).
-    async fn redis_get(&self, key: &str) -> Option<String> {
-        let fut = async {
-            let mut c = self.redis.connect().await.ok()?;
-            redis::cmd("GET")
-                .arg(key)
-                .query_async::<Option<String>>(&mut c)
-                .await
-                .ok()?
-        };
-        tokio::time::timeout(Duration::from_secs(2), fut)
-            .await
-            .ok()
-            .flatten()
-    }
-
-    /// Waits (bounded) until the agent's and its certificate's keys hold
-    /// `want`; returns the instant it was first seen.
-    async fn wait_projection(&self, a: &Agent, want: &str) -> Result<Instant> {
-        let ak = self
-            .keys
-            .agent_status(&self.tenant, &a.id.parse().context("agent id")?);
-        let ck = self.keys.cert_status(&a.serial.parse().context("serial")?);
-        for _ in 0..POLLS * 2 {
-            if self.redis_get(&ak).await.as_deref() == Some(want)
-                && self.redis_get(&ck).await.as_deref() == Some(want)
-            {
-                return Ok(Instant::now());
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        bail!("agent {} never became {want} in Redis", a.id)
-    }
-
-    /// The gateway's `oneprotect_gateway_revocation_cache_resets_total`.
-    async fn cache_resets(&self, i: usize) -> Result<u64> {
-        let text = admin_get(self.gateways[i].admin, "/metrics").await?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("oneprotect_gateway_revocation_cache_resets_total "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .map(|v| v as u64)
-            .context("no cache resets metric")
-    }
+/// Gateway `i`'s `oneprotect_gateway_revocation_cache_resets_total`.
+async fn cache_resets(fleet: &Fleet, i: usize) -> Result<u64> {
+    let text = admin_get(fleet.gateways[i].admin, "/metrics").await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("oneprotect_gateway_revocation_cache_resets_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .context("no cache resets metric")
 }
 
 /// GET on an admin listener, returning the body (bounded).
@@ -481,7 +228,7 @@ struct Round {
 /// Redis showed the revocation is accepted, and every request after the
 /// first refusal is refused — and that `bystander` is still served.
 async fn revoke_round(
-    stack: &Stack,
+    fleet: &Fleet,
     gw: SocketAddr,
     victim: &Agent,
     bystander: &Agent,
@@ -491,15 +238,7 @@ async fn revoke_round(
         s.send("/api/before").await.0 == 200,
         "victim not served before the revocation"
     );
-    let r = stack
-        .client
-        .send(
-            "POST",
-            &format!("/api/v1/agents/{}/revoke", victim.id),
-            Some(&stack.key),
-            Some(json!({"reason": "device lost"})),
-        )
-        .await?;
+    let r = fleet.revoke(victim).await?;
     ensure!(r.status == 200, "revoke: {} {}", r.status, r.body);
     let answered = Instant::now();
     let poll = async {
@@ -516,7 +255,7 @@ async fn revoke_round(
         }
         samples
     };
-    let (visible, mut samples) = tokio::join!(stack.wait_projection(victim, "revoked"), poll);
+    let (visible, mut samples) = tokio::join!(fleet.wait_projection(victim, "revoked"), poll);
     let visible = visible?;
     let Some(first) = samples
         .iter()
@@ -685,13 +424,13 @@ async fn cluster_enroll_serve_revoke_and_survive_losing_the_subscribed_node() ->
         "redis+cluster://127.0.0.1:{},127.0.0.1:{},127.0.0.1:{owner}",
         others[0], others[1]
     );
-    let mut stack = Stack::start("redis_ha_cluster", &url, &prefix).await?;
+    let mut fleet = Fleet::start_with_prefix("redis_ha_cluster", &url, &prefix).await?;
     step(t0, "enroll-api up");
-    let g = stack.add_gateway().await?;
+    let g = fleet.add_gateway(TUNING).await?;
     step(t0, "gateway ready");
-    let gw = stack.gateways[g].addr;
-    let a0 = stack.enroll("c0").await?;
-    let a1 = stack.enroll("c1").await?;
+    let gw = fleet.gateways[g].addr;
+    let a0 = enroll_active(&fleet, "c0").await?;
+    let a1 = enroll_active(&fleet, "c1").await?;
     step(t0, "agents enrolled");
     ensure!(
         wait_served(gw, &a0).await? == 0,
@@ -708,7 +447,7 @@ async fn cluster_enroll_serve_revoke_and_survive_losing_the_subscribed_node() ->
         "the gateway subscribed somewhere else than the first seed"
     );
     step(t0, "serving; revoking");
-    let first = revoke_round(&stack, gw, &a0, &a1).await?;
+    let first = revoke_round(&fleet, gw, &a0, &a1).await?;
     println!(
         "redis_ha cluster: slot {slot} on node {owner}, subscription on node {}; revoked agent: \
          {} requests, revoke answer -> first 403 in {} ms",
@@ -718,7 +457,7 @@ async fn cluster_enroll_serve_revoke_and_survive_losing_the_subscribed_node() ->
     );
 
     // Kill the node the subscription is on.
-    let resets_before = stack.cache_resets(g).await?;
+    let resets_before = cache_resets(&fleet, g).await?;
     let victim_node = nodes
         .iter_mut()
         .find(|n| n.port == others[0])
@@ -728,11 +467,11 @@ async fn cluster_enroll_serve_revoke_and_survive_losing_the_subscribed_node() ->
     let killed = Instant::now();
     wait_subscriber_on(others[1])
         .await
-        .with_context(|| stack.gateway_log(g))?;
+        .with_context(|| fleet.gateway_log(g))?;
     let resubscribed = killed.elapsed();
     let refused_meanwhile = wait_served(gw, &a1).await?;
-    stack.wait_ready(g).await?;
-    let resets_after = stack.cache_resets(g).await?;
+    fleet.wait_ready(g).await?;
+    let resets_after = cache_resets(&fleet, g).await?;
     ensure!(
         resets_after > resets_before,
         "the resubscription did not distrust the cache ({resets_before} -> {resets_after})"
@@ -740,12 +479,12 @@ async fn cluster_enroll_serve_revoke_and_survive_losing_the_subscribed_node() ->
     // The enroll-api still writes (its slot's node is alive), the gateway
     // still hears about it.
     step(t0, "resubscribed and serving");
-    let a2 = stack.enroll("c2").await?;
+    let a2 = enroll_active(&fleet, "c2").await?;
     ensure!(
         wait_served(gw, &a2).await? == 0,
         "a2 refused before being served"
     );
-    let second = revoke_round(&stack, gw, &a2, &a1).await?;
+    let second = revoke_round(&fleet, gw, &a2, &a1).await?;
     println!(
         "redis_ha cluster: node {} killed; subscription moved to node {} after {} ms \
          ({refused_meanwhile} requests of a live agent refused meanwhile, cache resets \
@@ -757,10 +496,10 @@ async fn cluster_enroll_serve_revoke_and_survive_losing_the_subscribed_node() ->
         second.requests,
         second.to_first_403.as_millis()
     );
-    if let Some(r) = stack.running.take() {
+    if let Some(r) = fleet.running.take() {
         r.shutdown().await;
     }
-    drop(stack);
+    drop(fleet);
     drop(nodes);
     Ok(())
 }
@@ -809,13 +548,13 @@ async fn sentinel_enroll_serve_revoke_and_follow_a_failover() -> Result<()> {
 
     let url = format!("redis+sentinel://127.0.0.1:{}/ha", sentinel.port);
     let prefix = oneprotect_tests::unique_redis_prefix("redis_ha_sentinel");
-    let mut stack = Stack::start("redis_ha_sentinel", &url, &prefix).await?;
+    let mut fleet = Fleet::start_with_prefix("redis_ha_sentinel", &url, &prefix).await?;
     step(t0, "sentinel set and enroll-api up");
-    let g = stack.add_gateway().await?;
+    let g = fleet.add_gateway(TUNING).await?;
     step(t0, "gateway ready");
-    let gw = stack.gateways[g].addr;
-    let a0 = stack.enroll("s0").await?;
-    let a1 = stack.enroll("s1").await?;
+    let gw = fleet.gateways[g].addr;
+    let a0 = enroll_active(&fleet, "s0").await?;
+    let a1 = enroll_active(&fleet, "s1").await?;
     ensure!(
         wait_served(gw, &a0).await? == 0,
         "a0 refused before being served"
@@ -825,7 +564,7 @@ async fn sentinel_enroll_serve_revoke_and_follow_a_failover() -> Result<()> {
         "a1 refused before being served"
     );
     wait_subscriber_on(master.port).await?;
-    let first = revoke_round(&stack, gw, &a0, &a1).await?;
+    let first = revoke_round(&fleet, gw, &a0, &a1).await?;
     println!(
         "redis_ha sentinel: master {}; revoked agent: {} requests, revoke answer -> first 403 \
          in {} ms",
@@ -865,17 +604,17 @@ async fn sentinel_enroll_serve_revoke_and_follow_a_failover() -> Result<()> {
     // resubscribes through the Sentinel, on the new master.
     wait_subscriber_on(replica.port)
         .await
-        .with_context(|| stack.gateway_log(g))?;
+        .with_context(|| fleet.gateway_log(g))?;
     let followed = failover.elapsed();
     let refused_meanwhile = wait_served(gw, &a1).await?;
-    stack.wait_ready(g).await?;
+    fleet.wait_ready(g).await?;
     step(t0, "following the new master");
-    let a2 = stack.enroll("s2").await?;
+    let a2 = enroll_active(&fleet, "s2").await?;
     ensure!(
         wait_served(gw, &a2).await? == 0,
         "a2 refused before being served"
     );
-    let second = revoke_round(&stack, gw, &a2, &a1).await?;
+    let second = revoke_round(&fleet, gw, &a2, &a1).await?;
     println!(
         "redis_ha sentinel: failover {} -> {}; gateway subscribed on the new master {} ms after \
          SENTINEL FAILOVER ({refused_meanwhile} requests of a live agent refused meanwhile); new \
@@ -886,10 +625,10 @@ async fn sentinel_enroll_serve_revoke_and_follow_a_failover() -> Result<()> {
         second.requests,
         second.to_first_403.as_millis()
     );
-    if let Some(r) = stack.running.take() {
+    if let Some(r) = fleet.running.take() {
         r.shutdown().await;
     }
-    drop(stack);
+    drop(fleet);
     drop((sentinel, replica, master));
     Ok(())
 }

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
 use http_body_util::Full;
-use redis::AsyncCommands;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::json;
@@ -80,6 +79,8 @@ pub(crate) struct Fleet {
     pub(crate) key: String,
     pub(crate) keys: KeySchema,
     pub(crate) redis_url: String,
+    /// Reads keys through whatever topology `redis_url` names.
+    redis: oneprotect_redis::RedisClient,
     schema: String,
     server_pki: TestPki,
     echo: SocketAddr,
@@ -120,7 +121,18 @@ impl Fleet {
     /// [`Fleet::start`] with the PostgreSQL URL `url` (e.g. with an
     /// `application_name` to find the service's backends by).
     pub(crate) async fn start_with_db(label: &str, redis_url: &str, url: &str) -> Result<Self> {
-        Self::start_inner(label, redis_url, url, None).await
+        Self::start_inner(label, redis_url, url, None, None).await
+    }
+
+    /// [`Fleet::start`] with the key prefix `prefix` (e.g. one with a hash
+    /// tag, which a Redis Cluster requires).
+    pub(crate) async fn start_with_prefix(
+        label: &str,
+        redis_url: &str,
+        prefix: &str,
+    ) -> Result<Self> {
+        let url = oneprotect_tests::require_postgres();
+        Self::start_inner(label, redis_url, &url, Some(prefix), None).await
     }
 
     /// [`Fleet::start`] with rotation through the gateways: the enroll-api
@@ -132,13 +144,14 @@ impl Fleet {
         grace_secs: u64,
     ) -> Result<Self> {
         let url = oneprotect_tests::require_postgres();
-        Self::start_inner(label, redis_url, &url, Some(grace_secs)).await
+        Self::start_inner(label, redis_url, &url, None, Some(grace_secs)).await
     }
 
     async fn start_inner(
         label: &str,
         redis_url: &str,
         url: &str,
+        prefix: Option<&str>,
         rotation_grace_secs: Option<u64>,
     ) -> Result<Self> {
         let url = url.to_owned();
@@ -150,7 +163,10 @@ impl Fleet {
             .execute(&mut conn)
             .await?;
         conn.close().await?;
-        let prefix = oneprotect_tests::unique_redis_prefix(label);
+        let prefix = prefix.map_or_else(
+            || oneprotect_tests::unique_redis_prefix(label),
+            str::to_owned,
+        );
         let mut cfg = Config {
             trust_domain: TD.into(),
             data_dir: dir.clone(),
@@ -213,6 +229,7 @@ impl Fleet {
             key: key.expose_secret().to_owned(),
             keys: KeySchema::new(prefix),
             redis_url: redis_url.to_owned(),
+            redis: oneprotect_redis::RedisClient::open(redis_url, Duration::from_secs(1))?,
             schema,
             server_pki,
             echo,
@@ -284,7 +301,7 @@ upstreams = ["{echo}"]
         let child = tokio::process::Command::new(bin)
             .arg("--config")
             .arg(&cfg_path)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
@@ -309,9 +326,12 @@ upstreams = ["{echo}"]
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        let log =
-            std::fs::read_to_string(self.dir.join(format!("gateway-{i}.log"))).unwrap_or_default();
-        anyhow::bail!("gateway {i} not ready:\n{log}")
+        anyhow::bail!("gateway {i} not ready:\n{}", self.gateway_log(i))
+    }
+
+    /// What gateway `i` has logged so far.
+    pub(crate) fn gateway_log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.join(format!("gateway-{i}.log"))).unwrap_or_default()
     }
 
     /// Enrolls one agent through the real exchange (openssl key and CSR).
@@ -383,18 +403,21 @@ upstreams = ["{echo}"]
         self.keys.cert_status(&a.serial.parse().expect("serial"))
     }
 
-    /// The agent's status key in Redis (None when missing or unreachable).
+    /// A key's value, read through the same topology (None when missing or
+    /// unreachable).
     pub(crate) async fn redis_get(&self, key: &str) -> Option<String> {
-        let c = redis::Client::open(self.redis_url.as_str()).ok()?;
-        let mut c =
-            tokio::time::timeout(Duration::from_secs(1), c.get_multiplexed_async_connection())
+        let fut = async {
+            let mut c = self.redis.connect().await.ok()?;
+            redis::cmd("GET")
+                .arg(key)
+                .query_async::<Option<String>>(&mut c)
                 .await
                 .ok()?
-                .ok()?;
-        tokio::time::timeout(Duration::from_secs(1), c.get(key))
+        };
+        tokio::time::timeout(Duration::from_secs(2), fut)
             .await
-            .ok()?
-            .ok()?
+            .ok()
+            .flatten()
     }
 
     /// Waits (bounded) until both of the agent's keys hold `want`; returns

@@ -19,13 +19,12 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use oneprotect_agent::client::Endpoint;
 use oneprotect_agent::enroll::{enroll, AgentMetadata, Enrolled};
-use oneprotect_identity::{AgentId, AssertionSigner, KeySchema, TokenSecret};
+use oneprotect_identity::{AgentId, AssertionSigner, TokenSecret};
 use oneprotect_testpki::TestPki;
 use serde_json::json;
-use sqlx::Connection;
 
-use crate::enroll::{Client, Reply};
-use crate::faults::{Cleanup, EnrollProc};
+use crate::enroll::Reply;
+use crate::faults::EnrollFixture;
 use crate::gateway::{start_echo, write, TD};
 use crate::scaleout::{admin_status, POLLS};
 
@@ -62,89 +61,36 @@ fn reply_text(r: &Reply) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_appear_in_logs_answers_redis_or_events() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let dir = tmp.path().to_owned();
-    let pg = oneprotect_tests::require_postgres();
-    let redis_url = oneprotect_tests::require_redis();
-    let schema = oneprotect_tests::unique_name("secrets");
-    let prefix = oneprotect_tests::unique_redis_prefix("secrets");
-    let keys = KeySchema::new(prefix.clone());
-    let _cleanup = Cleanup {
-        schema: schema.clone(),
-        redis_url: redis_url.clone(),
-        pattern: keys.all_keys_pattern(),
-    };
-    let mut c = sqlx::PgConnection::connect(&pg).await?;
-    sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
-        .execute(&mut c)
-        .await?;
-    c.close().await?;
-
     // The gateway's assertion key, pinned by the enroll-api.
     let (signer, pkcs8) =
         AssertionSigner::generate("gw-secrets").map_err(|_| anyhow::anyhow!("generate key"))?;
-    let key_file = dir.join("assertion.pk8");
-    std::fs::write(&key_file, &pkcs8)?;
     let public = {
         use base64::Engine as _;
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signer.public_key())
     };
-    let https = SocketAddr::from(([127, 0, 0, 1], oneprotect_tests::free_port()));
     let http = SocketAddr::from(([127, 0, 0, 1], oneprotect_tests::free_port()));
-    let conf = dir.join("enroll-api.toml");
-    std::fs::write(
-        &conf,
-        format!(
-            r#"trust_domain = "{TD}"
-data_dir = "{data}"
-[listen]
-https = "{https}"
-http = "{http}"
-[database]
-url = "{pg}"
-schema = "{schema}"
-[redis]
-url = "{redis_url}"
-key_prefix = "{prefix}"
-relay_poll_interval_ms = 100
-[rotation]
+    let mut fx = EnrollFixture::new(
+        "secrets",
+        &http.to_string(),
+        &format!(
+            r#"[rotation]
 grace_secs = 3600
 [[rotation.assertion.keys]]
 kid = "gw-secrets"
 public_key = "{public}"
-"#,
-            data = dir.join("data").display(),
+"#
         ),
-    )?;
-    let mut api = EnrollProc {
-        bin: oneprotect_tests::ensure_binary("oneprotect-enroll-api", "oneprotect-enroll-api"),
-        conf,
-        log: dir.join("enroll-api.log"),
-        https,
-        child: None,
-        rust_log: "debug",
-    };
-    let out = api.cli(&["tenant", "create", "--name", "secrets"])?;
-    let tenant = out
-        .split_whitespace()
-        .find(|w| uuid::Uuid::parse_str(w).is_ok())
-        .context("tenant id")?
-        .to_owned();
-    let out = api.cli(&[
-        "admin-key",
-        "create",
-        "--tenant",
-        &tenant,
-        "--name",
-        "secrets",
-    ])?;
-    let admin_key = out
-        .split_whitespace()
-        .find(|w| w.starts_with("opak_"))
-        .context("admin key")?
-        .to_owned();
-    api.start().await?;
-    let client = Client::new(https, &dir.join("data/tls/dev-cert.pem"))?;
+        "debug",
+    )
+    .await?;
+    let dir = fx.dir.clone();
+    let key_file = dir.join("assertion.pk8");
+    std::fs::write(&key_file, &pkcs8)?;
+    let (keys, redis_url, admin_key) =
+        (fx.keys.clone(), fx.redis_url.clone(), fx.admin_key.clone());
+    let prefix = keys.prefix().to_owned();
+    fx.proc.start().await?;
+    let client = fx.client()?;
     let mut answers: Vec<String> = Vec::new();
 
     // The gateway process, at debug level, in front of the enroll-api.
@@ -367,8 +313,8 @@ upstreams = ["{echo}"]
     }
     // Let the last log lines reach the files.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    api.kill().await;
-    let api_log = std::fs::read_to_string(&api.log)?;
+    fx.proc.kill().await;
+    let api_log = std::fs::read_to_string(&fx.proc.log)?;
     let gateway_log = std::fs::read_to_string(&gw_log)?;
 
     // The haystacks must hold the lifecycle, or the search proves nothing.
