@@ -34,6 +34,37 @@ pub(crate) fn seen_paths() -> &'static std::sync::Mutex<Vec<String>> {
     SEEN.get_or_init(|| std::sync::Mutex::new(Vec::new()))
 }
 
+/// The echo upstreams' answer: the request's path, headers (every copy)
+/// and body length as JSON; it reads the whole body first, as a real API
+/// would, and records the path in [`seen_paths`].
+async fn echo(
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<Full<Bytes>>, std::convert::Infallible> {
+    let mut map = serde_json::Map::new();
+    for (k, v) in req.headers() {
+        let e = map
+            .entry(k.as_str().to_owned())
+            .or_insert_with(|| serde_json::Value::Array(vec![]));
+        if let serde_json::Value::Array(a) = e {
+            a.push(v.to_str().unwrap_or("?").into());
+        }
+    }
+    let path = req.uri().path().to_owned();
+    seen_paths()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(path.clone());
+    let body_len = req
+        .into_body()
+        .collect()
+        .await
+        .map_or(0, |b| b.to_bytes().len());
+    let body = serde_json::json!({"path": path, "headers": map, "body_len": body_len});
+    Ok(hyper::Response::new(Full::new(Bytes::from(
+        body.to_string(),
+    ))))
+}
+
 /// An upstream that answers every request with its path and headers as JSON.
 pub(crate) async fn start_echo() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -44,35 +75,7 @@ pub(crate) async fn start_echo() -> SocketAddr {
                 return;
             };
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    |req: hyper::Request<hyper::body::Incoming>| async move {
-                        let mut map = serde_json::Map::new();
-                        for (k, v) in req.headers() {
-                            let e = map
-                                .entry(k.as_str().to_owned())
-                                .or_insert_with(|| serde_json::Value::Array(vec![]));
-                            if let serde_json::Value::Array(a) = e {
-                                a.push(v.to_str().unwrap_or("?").into());
-                            }
-                        }
-                        let path = req.uri().path().to_owned();
-                        seen_paths()
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push(path.clone());
-                        // Read the whole body first, as a real API would.
-                        let body_len = req
-                            .into_body()
-                            .collect()
-                            .await
-                            .map_or(0, |b| b.to_bytes().len());
-                        let body =
-                            serde_json::json!({"path": path, "headers": map, "body_len": body_len});
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                            Bytes::from(body.to_string()),
-                        )))
-                    },
-                );
+                let svc = hyper::service::service_fn(echo);
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                     .await;
@@ -1023,7 +1026,7 @@ async fn without_redis_from_the_start_identity_routes_fail_closed() {
     assert_eq!(h1_send(&mut s, EXCHANGE, &[]).await.unwrap().status, 200);
 }
 
-/// A TLS upstream answering like [`start_echo`] (path and headers as JSON)
+/// A TLS upstream answering like [`start_echo`] ([`echo`])
 /// with `server`'s certificate; with `client_root` it requires a client
 /// certificate chaining to that root and records each one it saw.
 async fn start_tls_echo(
@@ -1073,23 +1076,7 @@ async fn start_tls_echo(
                 if let Some(c) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
                     seen.lock().unwrap().push(c.to_vec());
                 }
-                let svc = hyper::service::service_fn(
-                    |req: hyper::Request<hyper::body::Incoming>| async move {
-                        let mut map = serde_json::Map::new();
-                        for (k, v) in req.headers() {
-                            let e = map
-                                .entry(k.as_str().to_owned())
-                                .or_insert_with(|| serde_json::Value::Array(vec![]));
-                            if let serde_json::Value::Array(a) = e {
-                                a.push(v.to_str().unwrap_or("?").into());
-                            }
-                        }
-                        let body = serde_json::json!({"path": req.uri().path(), "headers": map});
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                            Bytes::from(body.to_string()),
-                        )))
-                    },
-                );
+                let svc = hyper::service::service_fn(echo);
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
                     .await;
