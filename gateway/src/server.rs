@@ -31,9 +31,6 @@ pub enum BuildError {
     /// The Redis URL was refused by the client.
     #[error("redis client: {0}")]
     Redis(#[from] oneprotect_redis::OpenError),
-    /// An upstream address did not resolve.
-    #[error("upstream pool: {0}")]
-    Upstream(#[from] std::io::Error),
     /// pingora refused a setting.
     #[error("pingora: {0}")]
     Pingora(#[from] Box<pingora::Error>),
