@@ -122,6 +122,28 @@ pub struct ListenerConfig {
     /// Defaults to 1460 (pingora's default, one TCP segment).
     #[serde(default = "default_write_buffer")]
     pub write_buffer_bytes: usize,
+    /// How long a TLS handshake may take from the TCP accept, milliseconds
+    /// (1 to 60000; pingora's own fixed bound is 60 s). The socket is shut
+    /// down then. Defaults to 10000.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout_ms: u64,
+    /// How long an HTTP/1.1 connection may wait for its next request (and
+    /// for its first one after the handshake), seconds. The connection is
+    /// closed without an answer then. Defaults to 60.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+    /// How long an HTTP/1.1 request head (request line and headers) may take
+    /// from its first byte to its end, milliseconds: a whole-head deadline,
+    /// so a client trickling bytes cannot hold a connection (slowloris).
+    /// Too slow: 408 `request_header_timeout`, connection closed. Defaults
+    /// to 10000.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_ms: u64,
+    /// The largest HTTP/1.1 request head accepted, bytes (1024 to 1048575).
+    /// Larger: 431 `request_header_too_large`, connection closed. Defaults
+    /// to 32768.
+    #[serde(default = "default_max_header")]
+    pub max_header_bytes: usize,
 }
 
 /// The admin listener.
@@ -342,6 +364,18 @@ fn default_read_buffer() -> usize {
 fn default_write_buffer() -> usize {
     1460
 }
+fn default_handshake_timeout() -> u64 {
+    10_000
+}
+fn default_idle_timeout() -> u64 {
+    60
+}
+fn default_header_timeout() -> u64 {
+    10_000
+}
+fn default_max_header() -> usize {
+    32 * 1024
+}
 fn default_bundle_poll() -> u64 {
     10
 }
@@ -514,6 +548,19 @@ impl Config {
                     "listener.trust_domain {td:?} is not a trust domain"
                 ));
             }
+        }
+        let l = &self.listener;
+        if l.handshake_timeout_ms == 0 || l.handshake_timeout_ms > 60_000 {
+            return inv("listener.handshake_timeout_ms must be 1..=60000".into());
+        }
+        if l.idle_timeout_secs == 0 || l.idle_timeout_secs > 3600 {
+            return inv("listener.idle_timeout_secs must be 1..=3600".into());
+        }
+        if l.header_timeout_ms == 0 || l.header_timeout_ms > 300_000 {
+            return inv("listener.header_timeout_ms must be 1..=300000".into());
+        }
+        if !(1024..=1_048_575).contains(&l.max_header_bytes) {
+            return inv("listener.max_header_bytes must be 1024..=1048575".into());
         }
         if self.runtime.threads == 0 || self.runtime.threads > 256 {
             return inv("runtime.threads must be 1..=256".into());

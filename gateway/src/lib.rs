@@ -12,6 +12,8 @@
 //! - [`revocation`]: the cached, pub/sub-invalidated revocation check.
 //! - [`routes`]: path-prefix routing to round-robin upstream pools.
 //! - [`proxy`]: the `ProxyHttp` implementation.
+//! - [`handshake`]: the configurable TLS handshake deadline.
+//! - [`serve`]: the HTTP/1.1 connection loop (idle wait, whole-head deadline).
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`server`]: assembling and running it.
 //!
@@ -21,11 +23,13 @@ pub mod admin;
 pub mod assertion;
 pub mod config;
 pub mod conn;
+pub mod handshake;
 pub mod headers;
 pub mod metrics;
 pub mod proxy;
 pub mod revocation;
 pub mod routes;
+pub mod serve;
 pub mod server;
 pub mod tls;
 

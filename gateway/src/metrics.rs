@@ -34,6 +34,9 @@ pub struct Metrics {
     pub trust_bundle_reloads: IntCounterVec,
     /// Upstream response latency (request sent to response header), seconds.
     pub upstream_latency: HistogramVec,
+    /// HTTP/1.1 connections the gateway closed, by reason (`idle_timeout`,
+    /// `header_timeout`, `header_too_large`).
+    pub connections_closed: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -117,6 +120,14 @@ impl Metrics {
             &["route"],
         )
         .expect("static metric");
+        let connections_closed = IntCounterVec::new(
+            Opts::new(
+                "connections_closed_total",
+                "HTTP/1.1 connections closed by the gateway's limits",
+            ),
+            &["reason"],
+        )
+        .expect("static metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(handshake_failures.clone()),
@@ -130,6 +141,7 @@ impl Metrics {
             Box::new(revocation_cache_resets.clone()),
             Box::new(trust_bundle_reloads.clone()),
             Box::new(upstream_latency.clone()),
+            Box::new(connections_closed.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -147,6 +159,7 @@ impl Metrics {
             revocation_cache_resets,
             trust_bundle_reloads,
             upstream_latency,
+            connections_closed,
         }
     }
 

@@ -16,10 +16,12 @@ use crate::admin::AdminApp;
 use crate::assertion::{load_signer, AssertionService};
 use crate::config::{Config, ConfigError};
 use crate::conn::IdentityContext;
+use crate::handshake::{HandshakeDeadline, Reaper, RegisterHandshake};
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::revocation::Revocation;
 use crate::routes::{Route, Router};
+use crate::serve::{ConnLimits, GatewayApp};
 use crate::tls::{AgentCertVerifier, ChainValidator, IdentityCallback, TrustStore};
 
 /// Why the gateway could not be built.
@@ -228,11 +230,31 @@ fn build_inner(
         assertions.clone(),
         metrics.clone(),
     );
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        gateway,
-        "oneprotect-gateway",
+    let handshakes = HandshakeDeadline::new(
+        Duration::from_millis(cfg.listener.handshake_timeout_ms),
+        metrics.clone(),
     );
+    server.add_service(background_service(
+        "handshake deadline",
+        Reaper(handshakes.clone()),
+    ));
+    let limits = ConnLimits {
+        idle: Duration::from_secs(cfg.listener.idle_timeout_secs),
+        header: Duration::from_millis(cfg.listener.header_timeout_ms),
+        max_header_bytes: cfg.listener.max_header_bytes,
+    };
+    let mut proxy = Service::new(
+        "oneprotect-gateway".to_string(),
+        GatewayApp::new(
+            pingora::proxy::http_proxy(&server.configuration, gateway),
+            limits,
+            handshakes.clone(),
+            metrics.clone(),
+        ),
+    );
+    proxy
+        .endpoints()
+        .set_pre_tls_callback(Arc::new(RegisterHandshake(handshakes)));
     let mut tls =
         TlsSettings::with_callbacks(Box::new(IdentityCallback::new(verifier.clone(), id_ctx)))?;
     // Checked by Config::validate; checked again so build() cannot panic.

@@ -40,6 +40,11 @@ kinds! {
     UNSUPPORTED_MEDIA_TYPE = ("unsupported_media_type", 415, "Content-Type must be application/json");
     /// The body exceeds the configured limit.
     PAYLOAD_TOO_LARGE = ("payload_too_large", 413, "Request body is too large");
+    /// The request head (request line and headers) did not arrive in time
+    /// (the gateway's `listener.header_timeout_ms`, counted from its first byte).
+    REQUEST_HEADER_TIMEOUT = ("request_header_timeout", 408, "Request header was not received in time");
+    /// The request head is larger than the gateway accepts (`listener.max_header_bytes`).
+    REQUEST_HEADER_TOO_LARGE = ("request_header_too_large", 431, "Request header is too large");
     /// The CSR is not a PEM-encoded PKCS#10 request.
     INVALID_CSR = ("invalid_csr", 400, "CSR is not a valid PEM-encoded PKCS#10 request");
     /// The CSR's self-signature does not verify (no proof of possession).

@@ -954,13 +954,8 @@ async fn badinput_gateway_oversized_and_smuggled_requests() {
         "a".repeat(1 << 20)
     );
     let out = raw_exchange(&gw, big.as_bytes()).await;
-    assert_eq!(
-        statuses(&out),
-        vec![400],
-        "header_oversized: {}",
-        &out[..out.len().min(300)]
-    );
-    assert!(out.contains("Connection: close"), "{out}");
+    // Refused by the gateway's head limit (listener.max_header_bytes).
+    assert_raw_problem(&out, 431, "request_header_too_large");
 
     // Many headers.
     let mut many = format!("GET /api/many-{id} HTTP/1.1\r\nHost: localhost\r\n");
@@ -1063,16 +1058,66 @@ async fn closed_within(tcp: &mut TcpStream, bound: Duration) -> (bool, Vec<u8>) 
     }
 }
 
+/// Reads from a TLS stream until the peer closes, at most `bound`; true when
+/// it closed. Returns what was read too.
+async fn tls_closed_within<S: tokio::io::AsyncRead + Unpin>(
+    tls: &mut S,
+    bound: Duration,
+) -> (bool, String) {
+    let deadline = tokio::time::Instant::now() + bound;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match tokio::time::timeout_at(deadline, tls.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break false,
+        }
+    };
+    (closed, String::from_utf8_lossy(&out).into_owned())
+}
+
+/// One problem+json answer with `status` and `code`, closing the connection.
+fn assert_raw_problem(out: &str, status: u16, code: &str) {
+    assert_eq!(statuses(out), vec![status], "{out}");
+    let (head, body) = out.split_once("\r\n\r\n").expect("a whole answer");
+    let head = head.to_ascii_lowercase();
+    assert!(
+        head.contains("content-type: application/problem+json"),
+        "{out}"
+    );
+    assert!(head.contains("connection: close"), "{out}");
+    let problem: Value = serde_json::from_str(body).expect("a JSON body");
+    assert_eq!(problem["code"], code, "{out}");
+    assert_eq!(problem["status"], status, "{out}");
+}
+
+/// The sample lines of one metric family.
+fn metric_lines(metrics: &str, name: &str) -> String {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Garbage instead of TLS and plain HTTP on the TLS port are closed at
-/// once; a client that never finishes the handshake and a slowloris that
-/// stops mid-header are closed by the gateway's timeouts (pingora: 60 s
-/// handshake, 60 s header read); the gateway serves good clients throughout.
+/// once; a client that never finishes the handshake is cut by
+/// `listener.handshake_timeout_ms`, a request head that stalls or trickles
+/// by `listener.header_timeout_ms` (408, counted over the whole head, not
+/// per read), a connection that sends nothing after its request by
+/// `listener.idle_timeout_secs`; the gateway serves good clients throughout.
+/// pingora's own bounds are 60 s per handshake and 60 s per header read, so
+/// every bound below (20 s) can only hold through the gateway's deadlines.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn badinput_gateway_connections_garbage_stalled_and_slowloris() {
-    let gw = start_gateway(Opts::shared_redis()).await;
-    // Well above pingora's 60 s timeouts; a hang fails the test.
-    let bound = Duration::from_secs(120);
-
+    let gw = start_gateway(Opts {
+        listener_extra:
+            "handshake_timeout_ms = 1500\nheader_timeout_ms = 1500\nidle_timeout_secs = 2".into(),
+        ..Opts::shared_redis()
+    })
+    .await;
+    let bound = Duration::from_secs(20);
     let garbage = async {
         let mut tcp = TcpStream::connect(gw.addr).await.unwrap();
         let junk: Vec<u8> = (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect();
@@ -1123,21 +1168,52 @@ async fn badinput_gateway_connections_garbage_stalled_and_slowloris() {
             .await
             .unwrap();
         tls.flush().await.unwrap();
-        let deadline = tokio::time::Instant::now() + bound;
-        let mut buf = [0u8; 1024];
-        let mut out = Vec::new();
-        let closed = loop {
-            match tokio::time::timeout_at(deadline, tls.read(&mut buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => break true,
-                Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-                Err(_) => break false,
-            }
-        };
+        let (closed, out) = tls_closed_within(&mut tls, bound).await;
         assert!(
             closed,
             "conn_slowloris_stalled_header: not closed within {bound:?}"
         );
-        assert!(!String::from_utf8_lossy(&out).contains("HTTP/1.1 200"));
+        assert_raw_problem(&out, 408, "request_header_timeout");
+    };
+    let trickle = async {
+        let mut tls = gw
+            .tls(gw.client(Some((&gw.leaf, &gw.ca)), b"http/1.1"))
+            .await
+            .unwrap();
+        // One byte every 100 ms: each read comes quickly, the head never ends
+        // within the deadline.
+        let head = b"GET /api/trickle HTTP/1.1\r\nHost: localhost\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+        for b in head {
+            if tls.write_all(&[*b]).await.is_err() || tls.flush().await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (closed, out) = tls_closed_within(&mut tls, bound).await;
+        assert!(
+            closed,
+            "conn_slowloris_trickle: not closed within {bound:?}"
+        );
+        assert_raw_problem(&out, 408, "request_header_timeout");
+    };
+    let idle = async {
+        let mut tls = gw
+            .tls(gw.client(Some((&gw.leaf, &gw.ca)), b"http/1.1"))
+            .await
+            .unwrap();
+        tls.write_all(b"GET /api/idle HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        tls.flush().await.unwrap();
+        // The answer, then nothing until the idle timeout closes the
+        // connection without another word.
+        let (closed, out) = tls_closed_within(&mut tls, bound).await;
+        assert!(closed, "conn_idle_keepalive: not closed within {bound:?}");
+        assert_eq!(statuses(&out), vec![200], "conn_idle_keepalive: {out}");
+        assert!(
+            !out.to_ascii_lowercase().contains("connection: close"),
+            "{out}"
+        );
     };
     let served = async {
         // Good clients are served while the bad ones hang on.
@@ -1147,7 +1223,22 @@ async fn badinput_gateway_connections_garbage_stalled_and_slowloris() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     };
-    tokio::join!(garbage, plain, silent, partial_hello, slowloris, served);
+    tokio::join!(
+        garbage,
+        plain,
+        silent,
+        partial_hello,
+        slowloris,
+        trickle,
+        idle,
+        served
+    );
+    let metrics = gw.admin_get("/metrics").await.1;
+    let closes = metric_lines(&metrics, "oneprotect_gateway_connections_closed_total");
+    assert!(closes.contains("reason=\"header_timeout\"} 2"), "{closes}");
+    assert!(closes.contains("reason=\"idle_timeout\"}"), "{closes}");
+    let failures = metric_lines(&metrics, "oneprotect_gateway_handshake_failures_total");
+    assert!(failures.contains("reason=\"timeout\"} 2"), "{failures}");
     let (mut s, _t) = gw.h1(Some((&gw.leaf, &gw.ca))).await.unwrap();
     assert_eq!(h1_send(&mut s, "/api/x", &[]).await.unwrap().status, 200);
     gw.cleanup().await;

@@ -123,6 +123,8 @@ pub(crate) struct Opts {
     pub(crate) redis_up: bool,
     /// More `[[routes]]` tables, appended to the config.
     pub(crate) extra_routes: String,
+    /// More `[listener]` keys.
+    pub(crate) listener_extra: String,
 }
 
 impl Opts {
@@ -134,6 +136,7 @@ impl Opts {
             require_client_cert: false,
             redis_up: true,
             extra_routes: String::new(),
+            listener_extra: String::new(),
         }
     }
 }
@@ -169,6 +172,7 @@ trust_bundle = "{bundle}"
 trust_domain = "{TD}"
 trust_bundle_poll_secs = 0
 require_client_cert = {mandatory}
+{listener_extra}
 
 [admin]
 listen = "127.0.0.1:{admin_port}"
@@ -196,6 +200,7 @@ connect_timeout_ms = 500
 {extra}
 "#,
         extra = opts.extra_routes,
+        listener_extra = opts.listener_extra,
         mandatory = opts.require_client_cert,
         cert = cert.display(),
         key = key.display(),
@@ -749,6 +754,7 @@ async fn redis_outage_serves_until_max_staleness_then_fails_closed_and_recovers(
         require_client_cert: false,
         redis_up: true,
         extra_routes: String::new(),
+        listener_extra: String::new(),
     })
     .await;
     let (mut s, _t) = gw.h1(Some((&gw.leaf, &gw.ca))).await.unwrap();
