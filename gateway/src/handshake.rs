@@ -8,8 +8,9 @@
 //! - [`crate::serve::GatewayApp`] deregisters it when the connection arrives
 //!   handshaken;
 //! - a reaper task shuts down (`shutdown(2)`, both directions) each socket
-//!   still registered at its deadline, which makes the pending handshake read
-//!   end and pingora drop the connection.
+//!   still registered at its deadline (within 100 ms: it wakes at most ten
+//!   times a second, whatever the accept rate), which makes the pending
+//!   handshake read end and pingora drop the connection.
 //!
 //! The address check makes the reaper touch only the socket it registered: a
 //! descriptor closed after a failed handshake and reused by another socket
@@ -156,6 +157,9 @@ impl PreTlsProcess for RegisterHandshake {
     }
 }
 
+/// How often the reaper may wake up at most.
+const REAP_EVERY: Duration = Duration::from_millis(100);
+
 /// The reaper, as a pingora background service.
 pub struct Reaper(pub Arc<HandshakeDeadline>);
 
@@ -164,10 +168,13 @@ impl BackgroundService for Reaper {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let idle_poll = self.0.timeout.max(Duration::from_millis(100));
         loop {
+            // At most one wake-up per `REAP_EVERY`, whatever the accept rate:
+            // a deadline is kept within that much.
+            let soonest = Instant::now() + REAP_EVERY;
             let wake = self
                 .0
                 .next_deadline()
-                .unwrap_or_else(|| Instant::now() + idle_poll);
+                .map_or(Instant::now() + idle_poll, |d| d.max(soonest));
             tokio::select! {
                 () = tokio::time::sleep_until(wake) => {}
                 _ = shutdown.changed() => return,
