@@ -1043,9 +1043,12 @@ async fn badinput_gateway_oversized_and_smuggled_requests() {
 // gateway: connections
 // ---------------------------------------------------------------------------------------------
 
-/// Reads from `tcp` until the peer closes, at most `bound`; true when it
-/// closed. Returns what was read too.
-async fn closed_within(tcp: &mut TcpStream, bound: Duration) -> (bool, Vec<u8>) {
+/// Reads from `tcp` (or a TLS stream) until the peer closes, at most
+/// `bound`; true when it closed. Returns what was read too.
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
+    tcp: &mut S,
+    bound: Duration,
+) -> (bool, Vec<u8>) {
     let deadline = tokio::time::Instant::now() + bound;
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
@@ -1058,23 +1061,29 @@ async fn closed_within(tcp: &mut TcpStream, bound: Duration) -> (bool, Vec<u8>) 
     }
 }
 
-/// Reads from a TLS stream until the peer closes, at most `bound`; true when
-/// it closed. Returns what was read too.
-async fn tls_closed_within<S: tokio::io::AsyncRead + Unpin>(
-    tls: &mut S,
+/// Opens an mTLS HTTP/1.1 connection, sends `chunks` with `pause` before
+/// each, and reads until the gateway closes it (at most `bound`, else the
+/// test fails). Returns what the gateway sent.
+async fn sent_then_closed(
+    gw: &Gw,
+    chunks: &[&[u8]],
+    pause: Duration,
     bound: Duration,
-) -> (bool, String) {
-    let deadline = tokio::time::Instant::now() + bound;
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    let closed = loop {
-        match tokio::time::timeout_at(deadline, tls.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break true,
-            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-            Err(_) => break false,
+    case: &str,
+) -> String {
+    let mut tls = gw
+        .tls(gw.client(Some((&gw.leaf, &gw.ca)), b"http/1.1"))
+        .await
+        .unwrap();
+    for chunk in chunks {
+        tokio::time::sleep(pause).await;
+        if tls.write_all(chunk).await.is_err() || tls.flush().await.is_err() {
+            break;
         }
-    };
-    (closed, String::from_utf8_lossy(&out).into_owned())
+    }
+    let (closed, out) = closed_within(&mut tls, bound).await;
+    assert!(closed, "{case}: not closed within {bound:?}");
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// One problem+json answer with `status` and `code`, closing the connection.
@@ -1160,55 +1169,44 @@ async fn badinput_gateway_connections_garbage_stalled_and_slowloris() {
         );
     };
     let slowloris = async {
-        let mut tls = gw
-            .tls(gw.client(Some((&gw.leaf, &gw.ca)), b"http/1.1"))
-            .await
-            .unwrap();
-        tls.write_all(b"GET /api/slow HTTP/1.1\r\nHost: localhost\r\nX-A: 1\r\n")
-            .await
-            .unwrap();
-        tls.flush().await.unwrap();
-        let (closed, out) = tls_closed_within(&mut tls, bound).await;
-        assert!(
-            closed,
-            "conn_slowloris_stalled_header: not closed within {bound:?}"
-        );
+        let half: &[u8] = b"GET /api/slow HTTP/1.1\r\nHost: localhost\r\nX-A: 1\r\n";
+        let out = sent_then_closed(
+            &gw,
+            &[half],
+            Duration::ZERO,
+            bound,
+            "conn_slowloris_stalled_header",
+        )
+        .await;
         assert_raw_problem(&out, 408, "request_header_timeout");
     };
     let trickle = async {
-        let mut tls = gw
-            .tls(gw.client(Some((&gw.leaf, &gw.ca)), b"http/1.1"))
-            .await
-            .unwrap();
         // One byte every 100 ms: each read comes quickly, the head never ends
         // within the deadline.
         let head = b"GET /api/trickle HTTP/1.1\r\nHost: localhost\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
-        for b in head {
-            if tls.write_all(&[*b]).await.is_err() || tls.flush().await.is_err() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let (closed, out) = tls_closed_within(&mut tls, bound).await;
-        assert!(
-            closed,
-            "conn_slowloris_trickle: not closed within {bound:?}"
-        );
+        let bytes: Vec<&[u8]> = head.chunks(1).collect();
+        let out = sent_then_closed(
+            &gw,
+            &bytes,
+            Duration::from_millis(100),
+            bound,
+            "conn_slowloris_trickle",
+        )
+        .await;
         assert_raw_problem(&out, 408, "request_header_timeout");
     };
     let idle = async {
-        let mut tls = gw
-            .tls(gw.client(Some((&gw.leaf, &gw.ca)), b"http/1.1"))
-            .await
-            .unwrap();
-        tls.write_all(b"GET /api/idle HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            .await
-            .unwrap();
-        tls.flush().await.unwrap();
         // The answer, then nothing until the idle timeout closes the
         // connection without another word.
-        let (closed, out) = tls_closed_within(&mut tls, bound).await;
-        assert!(closed, "conn_idle_keepalive: not closed within {bound:?}");
+        let request: &[u8] = b"GET /api/idle HTTP/1.1\r\nHost: localhost\r\n\r\n";
+        let out = sent_then_closed(
+            &gw,
+            &[request],
+            Duration::ZERO,
+            bound,
+            "conn_idle_keepalive",
+        )
+        .await;
         assert_eq!(statuses(&out), vec![200], "conn_idle_keepalive: {out}");
         assert!(
             !out.to_ascii_lowercase().contains("connection: close"),
