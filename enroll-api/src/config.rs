@@ -168,6 +168,16 @@ pub struct RedisConfig {
     /// (new, flushed or restarted-empty Redis), checked on start and on every
     /// relay pass. Defaults to true.
     pub rebuild_if_missing: bool,
+    /// After writing each outbox event to Redis, the relay waits until this
+    /// many replicas have it (`WAIT`) before marking the event sent; fewer
+    /// within `wait_timeout_ms` and the event stays pending and is retried.
+    /// A master that fails over before replicating then cannot lose a
+    /// revocation the relay has marked sent: the new master gets it again.
+    /// Defaults to 0 (off). Not with `redis+cluster://`.
+    pub wait_replicas: u32,
+    /// How long one `WAIT` may take, milliseconds. Defaults to 1000;
+    /// 1 ..= 60000.
+    pub wait_timeout_ms: u64,
 }
 
 impl Default for RedisConfig {
@@ -177,6 +187,8 @@ impl Default for RedisConfig {
             key_prefix: oneprotect_identity::revocation::DEFAULT_PREFIX.into(),
             relay_poll_interval_ms: 1000,
             rebuild_if_missing: true,
+            wait_replicas: 0,
+            wait_timeout_ms: 1000,
         }
     }
 }
@@ -498,6 +510,17 @@ impl Config {
             target
                 .check_key_prefix(&self.redis.key_prefix)
                 .map_err(|e| invalid(format!("redis.key_prefix: {e}")))?;
+            if self.redis.wait_replicas > 0
+                && target.topology() == oneprotect_redis::Topology::Cluster
+            {
+                return Err(invalid(
+                    "redis.wait_replicas is not supported with redis+cluster:// \
+                     (WAIT covers one node's replicas)",
+                ));
+            }
+        }
+        if !(1..=60_000).contains(&self.redis.wait_timeout_ms) {
+            return Err(invalid("redis.wait_timeout_ms must be 1..=60000"));
         }
         if !(10..=60_000).contains(&self.redis.relay_poll_interval_ms) {
             return Err(invalid("redis.relay_poll_interval_ms must be 10..=60000"));
@@ -644,6 +667,25 @@ mod tests {
         assert!(e.contains("no port"), "{e}");
         let e = with("mysql://10.0.0.1", "op:").unwrap_err();
         assert!(e.contains("not a Redis URL"), "{e}");
+    }
+
+    #[test]
+    fn replica_wait_is_bounded_and_not_for_a_cluster() {
+        let with = |url: &str, replicas: u32, timeout_ms: u64| {
+            let mut c = Config::default();
+            c.redis.url = Some(url.into());
+            c.redis.key_prefix = "{op}:".into();
+            c.redis.wait_replicas = replicas;
+            c.redis.wait_timeout_ms = timeout_ms;
+            c.validate().map(|_| ()).map_err(|e| e.to_string())
+        };
+        with("redis://127.0.0.1:6379", 1, 1000).unwrap();
+        with("redis+sentinel://10.0.0.1:26379/m", 2, 500).unwrap();
+        let e = with("redis+cluster://10.0.0.1:7000", 1, 1000).unwrap_err();
+        assert!(e.contains("wait_replicas"), "{e}");
+        with("redis+cluster://10.0.0.1:7000", 0, 1000).unwrap();
+        let e = with("redis://127.0.0.1:6379", 1, 0).unwrap_err();
+        assert!(e.contains("wait_timeout_ms"), "{e}");
     }
 
     #[test]

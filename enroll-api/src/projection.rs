@@ -70,6 +70,14 @@ pub enum ProjectionError {
     /// An announcement did not serialise (a bug).
     #[error("announcement: {0}")]
     Encode(#[from] serde_json::Error),
+    /// Fewer replicas than `redis.wait_replicas` confirmed a write in time.
+    #[error("redis: {acked} of {wanted} replicas confirmed the write within the wait timeout")]
+    NotReplicated {
+        /// Replicas that confirmed.
+        acked: u32,
+        /// Replicas asked for.
+        wanted: u32,
+    },
 }
 
 // KEYS[1] status key, KEYS[2] sequence counter. ARGV[1] new status,
@@ -413,6 +421,34 @@ impl ProjectionConn {
             .arg(data)
             .query_async::<String>(conn)
             .await?;
+        Ok(())
+    }
+}
+
+impl ProjectionConn {
+    /// Waits until `replicas` replicas have every write made on this
+    /// connection so far (Redis `WAIT`), at most `timeout`. The in-process
+    /// bus has no replicas and passes at once.
+    pub async fn wait_replicated(
+        &mut self,
+        replicas: u32,
+        timeout: std::time::Duration,
+    ) -> Result<(), ProjectionError> {
+        let Conn::Redis(conn) = &mut self.conn else {
+            return Ok(());
+        };
+        let acked: i64 = redis::cmd("WAIT")
+            .arg(replicas)
+            .arg(timeout.as_millis().max(1) as u64)
+            .query_async(conn)
+            .await?;
+        let acked = u32::try_from(acked).unwrap_or(0);
+        if acked < replicas {
+            return Err(ProjectionError::NotReplicated {
+                acked,
+                wanted: replicas,
+            });
+        }
         Ok(())
     }
 }

@@ -65,6 +65,11 @@ pub struct RelaySettings {
     /// Rebuild the projection whenever it is missing (never built, flushed,
     /// or Redis restarted empty); checked on every pass.
     pub rebuild_if_missing: bool,
+    /// Replicas that must confirm each event's writes before it is marked
+    /// sent (`redis.wait_replicas`, 0: none), and how long to wait.
+    pub wait_replicas: u32,
+    /// The longest one wait may take.
+    pub wait_timeout: Duration,
 }
 
 /// Runs the relay until `stop` turns true.
@@ -99,7 +104,7 @@ pub async fn run(
                 let stats = c.rebuild(&store, clock.now()).await?;
                 tracing::info!(?stats, "revocation projection rebuilt");
             }
-            drain(&store, c, &clock).await
+            drain(&store, c, &clock, &settings).await
         };
         let wait = match pass.await {
             Ok(()) => {
@@ -127,6 +132,7 @@ pub async fn drain(
     store: &AnyStore,
     conn: &mut ProjectionConn,
     clock: &SharedClock,
+    settings: &RelaySettings,
 ) -> Result<(), ProjectionError> {
     loop {
         let rows = store.list_pending_events(BATCH).await?;
@@ -140,8 +146,21 @@ pub async fn drain(
                     .await?;
             }
             conn.publish_event(e).await?;
-            store.mark_event_sent(row.seq, clock.now()).await?;
+            if settings.wait_replicas == 0 {
+                store.mark_event_sent(row.seq, clock.now()).await?;
+            }
             tracing::debug!(seq = row.seq, event_id = %e.event_id, r#type = e.payload.event_type(), "event relayed");
+        }
+        if settings.wait_replicas > 0 {
+            // The whole batch is on the master, so gateways see it now; it is
+            // marked sent only once the replicas have it too. Without them it
+            // stays pending and is written again on the next pass (delivery is
+            // at least once), so a failover cannot lose a row marked sent.
+            conn.wait_replicated(settings.wait_replicas, settings.wait_timeout)
+                .await?;
+            for row in &rows {
+                store.mark_event_sent(row.seq, clock.now()).await?;
+            }
         }
         if rows.len() < BATCH as usize {
             return Ok(());

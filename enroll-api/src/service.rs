@@ -312,6 +312,8 @@ pub async fn start(cfg: &Config, state: AppState) -> Result<Running, StartError>
             RelaySettings {
                 poll_interval: Duration::from_millis(cfg.redis.relay_poll_interval_ms),
                 rebuild_if_missing: cfg.redis.rebuild_if_missing,
+                wait_replicas: cfg.redis.wait_replicas,
+                wait_timeout: Duration::from_millis(cfg.redis.wait_timeout_ms),
             },
             rx.clone(),
         ));

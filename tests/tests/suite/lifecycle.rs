@@ -74,7 +74,14 @@ async fn redis_conn(url: &str) -> Result<redis::aio::MultiplexedConnection> {
         .await?)
 }
 
-fn config(dir: &Path, url: &str, schema: &str, redis_url: &str, prefix: &str) -> Result<Config> {
+fn config(
+    dir: &Path,
+    url: &str,
+    schema: &str,
+    redis_url: &str,
+    prefix: &str,
+    tweak: impl FnOnce(&mut Config),
+) -> Result<Config> {
     let mut cfg = Config {
         trust_domain: "oneprotect.test".into(),
         data_dir: dir.to_owned(),
@@ -91,16 +98,36 @@ fn config(dir: &Path, url: &str, schema: &str, redis_url: &str, prefix: &str) ->
     cfg.redis.url = Some(redis_url.to_owned());
     cfg.redis.key_prefix = prefix.to_owned();
     cfg.redis.relay_poll_interval_ms = 200;
+    tweak(&mut cfg);
     Ok(cfg.validate()?)
 }
 
 /// A service on PostgreSQL (own schema) and Redis (own prefix). With
 /// `redis_down`, the service is pointed at a closed loopback port instead.
 async fn start(label: &str, redis_down: bool) -> Result<Env> {
+    let dead = format!("redis://127.0.0.1:{}", oneprotect_tests::free_port());
+    start_with(label, None, move |c| {
+        if redis_down {
+            c.redis.url = Some(dead);
+        }
+    })
+    .await
+}
+
+/// A service like [`start`]'s on the Redis at `redis_url` (default: the
+/// shared one), with `tweak` applied to its configuration.
+async fn start_with(
+    label: &str,
+    redis_url: Option<&str>,
+    tweak: impl FnOnce(&mut Config),
+) -> Result<Env> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().to_owned();
     let url = oneprotect_tests::require_postgres();
-    let redis_url = oneprotect_tests::require_redis();
+    let redis_url = match redis_url {
+        Some(u) => u.to_owned(),
+        None => oneprotect_tests::require_redis(),
+    };
     let schema = oneprotect_tests::unique_name(label);
     let mut conn = sqlx::PgConnection::connect(&url).await?;
     sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
@@ -108,14 +135,7 @@ async fn start(label: &str, redis_down: bool) -> Result<Env> {
         .await?;
     conn.close().await?;
     let prefix = oneprotect_tests::unique_redis_prefix(label);
-    let dead = format!("redis://127.0.0.1:{}", oneprotect_tests::free_port());
-    let cfg = config(
-        &dir,
-        &url,
-        &schema,
-        if redis_down { &dead } else { &redis_url },
-        &prefix,
-    )?;
+    let cfg = config(&dir, &url, &schema, &redis_url, &prefix, tweak)?;
     let tenant = cli::tenant_create(&cfg, "acme", Some(3600)).await?;
     let key = cli::admin_key_create(&cfg, tenant, "e2e").await?;
     let state = service::build_state(&cfg, service::system_clock()).await?;
@@ -578,6 +598,60 @@ async fn lifecycle_startup_rebuilds_a_flushed_projection_postgres() -> Result<()
     env.restart(&url).await?;
     env.wait_for(&env.cert_key(&s1)?, "active").await?;
     env.wait_for(&env.agent_key(&a1)?, "active").await?;
+    if let Some(r) = env.running.take() {
+        r.shutdown().await;
+    }
+    Ok(())
+}
+
+/// With `redis.wait_replicas = 1` the relay marks an event sent only once a
+/// replica has its writes: on a master without replicas the projection is
+/// written but the events stay pending (retried); once a replica attaches,
+/// they are marked sent. So a failover cannot lose an event already marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_relay_waits_for_a_replica_before_marking_events_sent_postgres() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let master = crate::redis_ha::RedisProc::start(tmp.path(), None, &[]).await?;
+    let master_url = format!("redis://127.0.0.1:{}", master.port);
+    let mut env = start_with("lc_wait", Some(&master_url), |c| {
+        c.redis.wait_replicas = 1;
+        c.redis.wait_timeout_ms = 100;
+    })
+    .await?;
+    let csr = openssl_csr(&env.dir, "agent")?;
+    let (a1, _, _) = env.enroll(&csr).await?;
+    // The master has the projection...
+    env.wait_for(&env.agent_key(&a1)?, "active").await?;
+    // ... but with no replica to confirm it, nothing is marked sent.
+    let store = env.running.as_ref().context("running")?.state.store.clone();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pending: Vec<String> = store
+        .list_pending_events(100)
+        .await?
+        .iter()
+        .map(|p| p.event.payload.event_type().to_owned())
+        .collect();
+    assert!(
+        pending.iter().any(|t| t == "agent.enrolled"),
+        "events must stay pending without a replica: {pending:?}"
+    );
+
+    let replica_of = master.port.to_string();
+    let _replica = crate::redis_ha::RedisProc::start(
+        tmp.path(),
+        None,
+        &["--replicaof", "127.0.0.1", &replica_of],
+    )
+    .await?;
+    let mut left = usize::MAX;
+    for _ in 0..POLLS {
+        left = store.list_pending_events(100).await?.len();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(left, 0, "events are marked sent once a replica confirms");
     if let Some(r) = env.running.take() {
         r.shutdown().await;
     }

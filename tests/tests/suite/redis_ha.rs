@@ -61,15 +61,15 @@ fn require_redis_tools() {
 
 /// A `redis-server` child (data node, cluster node or Sentinel) on
 /// 127.0.0.1, killed on drop.
-struct RedisProc {
-    port: u16,
+pub(crate) struct RedisProc {
+    pub(crate) port: u16,
     child: Option<tokio::process::Child>,
 }
 
 impl RedisProc {
     /// Starts `redis-server [conf] --port P --bind 127.0.0.1 … extra` in
     /// `dir` and waits (bounded) until it accepts connections.
-    async fn start(dir: &Path, conf: Option<&Path>, extra: &[&str]) -> Result<Self> {
+    pub(crate) async fn start(dir: &Path, conf: Option<&Path>, extra: &[&str]) -> Result<Self> {
         let port = oneprotect_tests::free_port();
         let mut cmd = tokio::process::Command::new("redis-server");
         if let Some(c) = conf {
