@@ -688,14 +688,7 @@ async fn faults_enroll_api_killed_and_restarted() -> Result<()> {
     let store = oneprotect_enroll_api::service::open_store(&cfg).await?;
     // The relay of the restarted process drains the outbox.
     let drained_from = Instant::now();
-    let mut pending = usize::MAX;
-    for _ in 0..POLLS {
-        pending = store.list_pending_events(1000).await?.len();
-        if pending == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let pending = crate::lifecycle::outbox_pending_after_drain(&store).await?;
     assert_eq!(pending, 0, "the outbox was not drained after the restart");
     let drained = drained_from.elapsed();
 

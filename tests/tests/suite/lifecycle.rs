@@ -102,6 +102,22 @@ fn config(
     Ok(cfg.validate()?)
 }
 
+/// Polls the outbox (bounded: `POLLS` × 50 ms) until no row is pending;
+/// returns how many still are.
+pub(crate) async fn outbox_pending_after_drain(
+    store: &oneprotect_enroll_api::store::AnyStore,
+) -> Result<usize> {
+    let mut pending = usize::MAX;
+    for _ in 0..POLLS {
+        pending = store.list_pending_events(1000).await?.len();
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(pending)
+}
+
 /// A service on PostgreSQL (own schema) and Redis (own prefix). With
 /// `redis_down`, the service is pointed at a closed loopback port instead.
 async fn start(label: &str, redis_down: bool) -> Result<Env> {
@@ -643,15 +659,11 @@ async fn lifecycle_relay_waits_for_a_replica_before_marking_events_sent_postgres
         &["--replicaof", "127.0.0.1", &replica_of],
     )
     .await?;
-    let mut left = usize::MAX;
-    for _ in 0..POLLS {
-        left = store.list_pending_events(100).await?.len();
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(left, 0, "events are marked sent once a replica confirms");
+    assert_eq!(
+        outbox_pending_after_drain(&store).await?,
+        0,
+        "events are marked sent once a replica confirms"
+    );
     if let Some(r) = env.running.take() {
         r.shutdown().await;
     }
@@ -709,13 +721,7 @@ async fn lifecycle_outbox_survives_crash_between_commit_and_publish_postgres() -
     }
     assert_stream_valid(&entries);
     let store = &env.running.as_ref().context("running")?.state.store;
-    for _ in 0..POLLS {
-        if store.list_pending_events(10).await?.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(store.list_pending_events(10).await?.is_empty());
+    assert_eq!(outbox_pending_after_drain(store).await?, 0);
     if let Some(r) = env.running.take() {
         r.shutdown().await;
     }

@@ -222,6 +222,23 @@ struct Round {
     to_first_403: Duration,
 }
 
+/// After a topology change: enrolls a new agent named `name`, checks it is
+/// served through `gw` without a refusal, then runs a [`revoke_round`] on it
+/// with `bystander` still served.
+async fn enroll_serve_and_revoke(
+    fleet: &Fleet,
+    gw: SocketAddr,
+    name: &str,
+    bystander: &Agent,
+) -> Result<Round> {
+    let fresh = enroll_active(fleet, name).await?;
+    ensure!(
+        wait_served(gw, &fresh).await? == 0,
+        "{name} refused before being served"
+    );
+    revoke_round(fleet, gw, &fresh, bystander).await
+}
+
 /// Revokes `victim` through the admin API while it keeps sending through
 /// `gw` (one keep-alive connection); checks it is refused with 403
 /// `agent_revoked` — no request sent later than the staleness bound after
@@ -479,12 +496,7 @@ async fn cluster_enroll_serve_revoke_and_survive_losing_the_subscribed_node() ->
     // The enroll-api still writes (its slot's node is alive), the gateway
     // still hears about it.
     step(t0, "resubscribed and serving");
-    let a2 = enroll_active(&fleet, "c2").await?;
-    ensure!(
-        wait_served(gw, &a2).await? == 0,
-        "a2 refused before being served"
-    );
-    let second = revoke_round(&fleet, gw, &a2, &a1).await?;
+    let second = enroll_serve_and_revoke(&fleet, gw, "c2", &a1).await?;
     println!(
         "redis_ha cluster: node {} killed; subscription moved to node {} after {} ms \
          ({refused_meanwhile} requests of a live agent refused meanwhile, cache resets \
@@ -609,12 +621,7 @@ async fn sentinel_enroll_serve_revoke_and_follow_a_failover() -> Result<()> {
     let refused_meanwhile = wait_served(gw, &a1).await?;
     fleet.wait_ready(g).await?;
     step(t0, "following the new master");
-    let a2 = enroll_active(&fleet, "s2").await?;
-    ensure!(
-        wait_served(gw, &a2).await? == 0,
-        "a2 refused before being served"
-    );
-    let second = revoke_round(&fleet, gw, &a2, &a1).await?;
+    let second = enroll_serve_and_revoke(&fleet, gw, "s2", &a1).await?;
     println!(
         "redis_ha sentinel: failover {} -> {}; gateway subscribed on the new master {} ms after \
          SENTINEL FAILOVER ({refused_meanwhile} requests of a live agent refused meanwhile); new \
