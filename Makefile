@@ -3,17 +3,19 @@
 .PHONY: run demo test validate-contracts bench-quick ci
 
 ## run: start the whole system in one process on embedded defaults (SQLite, dev CA,
-## in-process revocation bus, demo upstream); needs nothing installed. Ctrl-C stops it.
+## in-process revocation bus, demo upstream); installs cmake/make/cc first when missing.
+## Ctrl-C stops it.
 run:
-	cargo run -p oneprotect-dev -- up
+	scripts/run.sh
 
 ## demo: the agent lifecycle, scripted, against a running `make run`.
 demo:
 	cargo run -q -p oneprotect-dev -- demo
 
-## test: every test (needs PostgreSQL and Redis on loopback; see README).
+## test: every test; installs what is missing and starts private PostgreSQL and Redis
+## unless ONEPROTECT_TEST_DATABASE_URL / ONEPROTECT_TEST_REDIS_URL answer.
 test:
-	cargo test --workspace
+	scripts/test.sh
 
 ## validate-contracts: check specs/ (OpenAPI, AsyncAPI, event schemas and examples) against
 ## their meta-schemas, each other and the Rust types in identity/.

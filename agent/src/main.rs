@@ -40,6 +40,8 @@ struct Cli {
         default_value = "/var/lib/oneprotect-agent"
     )]
     state_dir: PathBuf,
+    #[command(flatten)]
+    log: oneprotect_logging::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -114,13 +116,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ONEPROTECT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    oneprotect_logging::init(
+        cli.log.log_format,
+        oneprotect_logging::Stream::Stderr,
+        "ONEPROTECT_LOG",
+        "info",
+    );
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

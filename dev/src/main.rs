@@ -24,6 +24,8 @@ struct Cli {
     /// Where the stack keeps its state (CA, SQLite file, keys, stack.json).
     #[arg(long, global = true, env = "ONEPROTECT_DEV_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
+    #[command(flatten)]
+    log: oneprotect_logging::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -55,13 +57,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    oneprotect_logging::init(
+        cli.log.log_format,
+        oneprotect_logging::Stream::Stderr,
+        "RUST_LOG",
+        "warn",
+    );
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

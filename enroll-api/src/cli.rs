@@ -22,6 +22,9 @@ pub struct Cli {
     /// Configuration file (TOML). Without it, defaults plus environment.
     #[arg(long, short, env = "ONEPROTECT_ENROLL_CONFIG", global = true)]
     pub config: Option<PathBuf>,
+    /// Log format.
+    #[command(flatten)]
+    pub log: oneprotect_logging::LogArgs,
     /// What to do; `serve` when omitted.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -253,13 +256,12 @@ async fn run_command(cli: Cli) -> anyhow::Result<()> {
 /// `RUST_LOG`, default `info`), runs the command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    oneprotect_logging::init(
+        cli.log.log_format,
+        oneprotect_logging::Stream::Stderr,
+        "RUST_LOG",
+        "info",
+    );
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

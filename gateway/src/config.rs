@@ -334,7 +334,9 @@ pub struct RouteConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
-    /// Worker threads of the proxy service. Defaults to 1.
+    /// Worker threads of the proxy service. Defaults to the number of CPUs
+    /// available to the process (like nginx's `worker_processes auto`),
+    /// at most 256.
     #[serde(default = "default_threads")]
     pub threads: usize,
     /// Seconds to wait for in-flight requests on graceful shutdown.
@@ -434,7 +436,7 @@ fn default_health_check() -> u64 {
     5
 }
 fn default_threads() -> usize {
-    1
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(256))
 }
 fn default_grace() -> u64 {
     10
@@ -670,6 +672,19 @@ mod tests {
         assert_eq!(c.revocation.max_staleness_ms, 5000);
         assert_eq!(c.assertion.lifetime_secs, 60);
         assert!(!c.headers.xfcc);
+    }
+
+    #[test]
+    fn threads_default_to_the_cpus_available() {
+        let c = Config::from_toml(MINIMAL, Path::new("t")).unwrap();
+        let cpus = std::thread::available_parallelism().unwrap().get().min(256);
+        assert_eq!(c.runtime.threads, cpus);
+        let c = Config::from_toml(
+            &format!("{MINIMAL}\n[runtime]\nthreads = 1\n"),
+            Path::new("t"),
+        )
+        .unwrap();
+        assert_eq!(c.runtime.threads, 1);
     }
 
     #[test]

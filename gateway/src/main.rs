@@ -42,6 +42,8 @@ struct Args {
     /// The key id for --generate-assertion-key.
     #[arg(long, default_value = "gateway-1", requires = "generate_assertion_key")]
     kid: String,
+    #[command(flatten)]
+    log: oneprotect_logging::LogArgs,
 }
 
 /// The enroll-api configuration entry that trusts `signer`.
@@ -93,13 +95,13 @@ fn main() {
 }
 
 fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let args = Args::parse();
+    oneprotect_logging::init(
+        args.log.log_format,
+        oneprotect_logging::Stream::Stdout,
+        "RUST_LOG",
+        "info",
+    );
     if let Some(path) = &args.generate_assertion_key {
         return generate_key(path, &args.kid);
     }

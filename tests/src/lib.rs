@@ -1,7 +1,8 @@
 //! Shared helpers for OneProtect's end-to-end and contract tests.
 //!
 //! Tests run against the real services: PostgreSQL and Redis on loopback
-//! (see README.md, "Running the tests"). The helpers here find them, fail
+//! (see README.md, "Running the tests"; `scripts/test.sh` starts private
+//! instances and sets the two variables below). The helpers here find them, fail
 //! with a clear message when they are missing (never hang), and hand each test
 //! its own Redis key prefix, database schema and free ports so tests can run
 //! in parallel on a machine shared with others.
@@ -63,7 +64,7 @@ pub fn require_redis() -> String {
         "Redis",
         &url,
         6379,
-        "Start one with `redis-server --port 6379 --save '' --appendonly no --daemonize yes`, \
+        "Run the tests with `scripts/test.sh` (it starts a private Redis), \
          or point ONEPROTECT_TEST_REDIS_URL at one.",
     );
     url
@@ -78,7 +79,7 @@ pub fn require_postgres() -> String {
         "PostgreSQL",
         &url,
         5432,
-        "Start PostgreSQL with trust auth for 127.0.0.1 and a database `test`, \
+        "Run the tests with `scripts/test.sh` (it starts a private PostgreSQL), \
          or point ONEPROTECT_TEST_DATABASE_URL at one.",
     );
     url

@@ -125,7 +125,7 @@ impl Up {
             .arg("up")
             .args(["--port-base", &base.to_string()])
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)
             .stderr(logf)
@@ -424,7 +424,12 @@ async fn embedded_defaults_sqlite_and_in_process_bus() -> Result<()> {
     let (tenant, key) = (up.s("tenant_id"), up.s("admin_key"));
     let agent_id = scenario(&up, tmp.path()).await?;
     let state = tmp.path().join("agent-a");
+    let log = up.log.clone();
     up.stop()?;
+    // `up`'s log went to a file: lines, but no ANSI colour escapes (issue 14).
+    let log = std::fs::read_to_string(&log)?;
+    ensure!(log.contains(" INFO "), "no INFO lines in up's log:\n{log}");
+    ensure!(!log.contains('\u{1b}'), "ANSI escapes in up's log file");
 
     // Restart on the same data dir: same bootstrap tenant and key, and the
     // projection rebuilt from SQLite into a fresh bus still refuses the

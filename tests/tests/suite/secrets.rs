@@ -156,6 +156,9 @@ upstreams = ["{echo}"]
     ))
     .arg("--config")
     .arg(&gw_conf)
+    // The gateway logs JSON here (the log shippers' format); the enroll-api
+    // logs text. Both go to files, so neither may carry ANSI colour.
+    .args(["--log-format", "json"])
     .env("RUST_LOG", "debug")
     .stdout({
         let f = std::fs::File::create(&gw_log)?;
@@ -327,6 +330,24 @@ upstreams = ["{echo}"]
         gateway_log.contains("DEBUG"),
         "gateway log has no debug lines"
     );
+    // Logs written to a file carry no colour escapes (issue 14), and the
+    // JSON format is one object per line.
+    ensure!(
+        !api_log.contains('\u{1b}'),
+        "ANSI escape in the enroll-api log file"
+    );
+    ensure!(
+        !gateway_log.contains('\u{1b}'),
+        "ANSI escape in the gateway log file"
+    );
+    for line in gateway_log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("gateway --log-format json wrote a non-JSON line: {line}"))?;
+        ensure!(
+            v.get("level").is_some() && v.get("timestamp").is_some(),
+            "{line}"
+        );
+    }
     ensure!(
         values.iter().any(|v| v.contains(&agent_s)),
         "no Redis value names the agent"
