@@ -167,5 +167,9 @@ else
   start_private_redis
 fi
 
-say "cargo test --workspace --locked $* (the first build takes 25-30 minutes on 2 cores)"
+# The end-to-end tests run the workspace's binaries (gateway, enroll-api, dev stack,
+# agent, bench); build them all in one go first (tests/src/lib.rs ensure_binary).
+say "cargo build --workspace --bins --locked (the first build takes 25-30 minutes on 2 cores)"
+cargo build --workspace --bins --locked
+say "cargo test --workspace --locked $*"
 cargo test --workspace --locked "$@"

@@ -126,20 +126,23 @@ pub fn free_port() -> u16 {
 
 /// The path of a workspace binary, building it first (debug profile, the
 /// target directory this test runs from) so `cargo test --workspace` alone is
-/// enough. Builds each binary at most once per test process.
+/// enough.
+///
+/// The first call builds every binary of the workspace at once
+/// (`cargo build --workspace --bins`, what `scripts/test.sh` runs before the
+/// tests, so there it is a no-op). One workspace-wide build resolves
+/// features once: building package by package (`-p X --bin Y`) resolved
+/// them per package and rebuilt hyper, redis, sqlx and pingora in another
+/// feature set for each, which was most of the suite's wall time.
 ///
 /// Cargo does not hold its build lock while tests run, so the nested
-/// `cargo build` here does not deadlock; when the binary is up to date it
-/// costs one no-op cargo invocation.
+/// `cargo build` here does not deadlock; when the binaries are up to date it
+/// costs one no-op cargo invocation per test process.
 pub fn ensure_binary(package: &str, bin: &str) -> PathBuf {
-    use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
-    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
-    let built = BUILT.get_or_init(|| Mutex::new(HashMap::new()));
+    static BUILT: OnceLock<Mutex<bool>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| Mutex::new(false));
     let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = built.get(bin) {
-        return p.clone();
-    }
     // target/debug/deps/suite-<hash> → target/debug
     let exe = std::env::current_exe().expect("current test executable");
     let profile_dir = exe
@@ -149,9 +152,18 @@ pub fn ensure_binary(package: &str, bin: &str) -> PathBuf {
         .to_path_buf();
     let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let path = profile_dir.join(bin);
+    if *built {
+        assert!(
+            path.is_file(),
+            "{} ({package}) is not a workspace binary",
+            path.display()
+        );
+        return path;
+    }
     let mut cmd = std::process::Command::new(cargo);
     cmd.current_dir(workspace_root())
-        .args(["build", "--quiet", "-p", package, "--bin", bin])
+        .args(["build", "--quiet", "--workspace", "--bins"])
         .env("CARGO_TARGET_DIR", &target_dir);
     // `cargo test` gives this process CARGO_MANIFEST_DIR, CARGO_PKG_* and
     // the like. Passed on, they reach the nested build's build scripts:
@@ -170,13 +182,13 @@ pub fn ensure_binary(package: &str, bin: &str) -> PathBuf {
         cmd.arg("--release");
     }
     let status = cmd.status().expect("run cargo build");
+    assert!(status.success(), "cargo build --workspace --bins failed");
+    *built = true;
     assert!(
-        status.success(),
-        "cargo build -p {package} --bin {bin} failed"
+        path.is_file(),
+        "{} ({package}) missing after build",
+        path.display()
     );
-    let path = profile_dir.join(bin);
-    assert!(path.is_file(), "{} missing after build", path.display());
-    built.insert(bin.to_owned(), path.clone());
     path
 }
 
