@@ -43,6 +43,9 @@ kinds! {
     /// The request head (request line and headers) did not arrive in time
     /// (the gateway's `listener.header_timeout_ms`, counted from its first byte).
     REQUEST_HEADER_TIMEOUT = ("request_header_timeout", 408, "Request header was not received in time");
+    /// The request body did not arrive in time (the enroll-api's
+    /// `limits.body_read_timeout_ms`, counted from the end of the head).
+    REQUEST_BODY_TIMEOUT = ("request_body_timeout", 408, "Request body was not received in time");
     /// The request head is larger than the gateway accepts (`listener.max_header_bytes`).
     REQUEST_HEADER_TOO_LARGE = ("request_header_too_large", 431, "Request header is too large");
     /// The CSR is not a PEM-encoded PKCS#10 request.
