@@ -11,6 +11,7 @@ mod devstack;
 mod enroll;
 mod faults;
 mod gateway;
+mod hardening_gateway;
 mod lifecycle;
 mod redis_ha;
 mod rotation;
