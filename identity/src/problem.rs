@@ -34,6 +34,10 @@ macro_rules! kinds {
 kinds! {
     /// The body is not syntactically valid JSON.
     INVALID_JSON = ("invalid_json", 400, "Request body is not valid JSON");
+    /// The request is not valid HTTP (RFC 9112 framing: no or several
+    /// `Host` headers, a malformed chunk, a request line or header the
+    /// gateway's parser refuses). The gateway's answer; never forwarded.
+    BAD_REQUEST = ("bad_request", 400, "Request is not valid HTTP");
     /// The body is JSON but a field is missing, unknown or out of range.
     INVALID_REQUEST = ("invalid_request", 422, "Request fields are missing or invalid");
     /// The request's Content-Type is not `application/json`.

@@ -12,6 +12,7 @@ mod enroll;
 mod faults;
 mod gateway;
 mod hardening_api;
+mod hardening_gateway;
 mod lifecycle;
 mod redis_ha;
 mod rotation;
