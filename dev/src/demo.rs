@@ -253,6 +253,8 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
             &gw,
             &[
                 (h::TENANT_ID, other.as_str()),
+                // CGI/WSGI/PHP/Rack applications read `_` as `-`.
+                ("x_oneprotect_tenant_id", other.as_str()),
                 ("x-oneprotect-role", "admin"),
                 (h::XFCC, "By=spiffe://evil;URI=spiffe://evil/agent"),
                 (h::IDENTITY_ASSERTION, "forged.assertion.value"),
@@ -260,7 +262,7 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
         )
         .await?,
     )?;
-    println!("      sent: {}: {other}, x-oneprotect-role: admin, x-forwarded-client-cert: By=spiffe://evil…, a forged assertion", h::TENANT_ID);
+    println!("      sent: {}: {other}, x_oneprotect_tenant_id: {other}, x-oneprotect-role: admin, x-forwarded-client-cert: By=spiffe://evil…, a forged assertion", h::TENANT_ID);
     print_echo(&echo);
     ensure!(
         !echo.identity_headers.contains_key("x-oneprotect-role"),
@@ -269,6 +271,10 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
     ensure!(
         !echo.identity_headers.contains_key(h::XFCC),
         "a client-sent x-forwarded-client-cert reached the upstream"
+    );
+    ensure!(
+        !echo.identity_headers.contains_key("x_oneprotect_tenant_id"),
+        "a client-sent x_oneprotect_tenant_id (underscore spelling) reached the upstream"
     );
     check_identity(&echo, &enrolled)?;
     d.ok(

@@ -146,6 +146,13 @@ fn enroll_toml(
     if let Some(r) = &opts.redis {
         t.push_str(&format!("url = {}\n", q(r)));
     }
+    // The gateway reaches the enroll-api over loopback from 127.0.0.1 and
+    // sets X-Forwarded-For to its client's address (removing client
+    // copies): the exchange's per-address rate limit then sees each agent,
+    // not the gateway. Every process of the dev stack is local, so trusting
+    // 127.0.0.1 also trusts a local client talking to the HTTPS listener
+    // directly; production lists only its gateways' addresses.
+    t.push_str("\n[forwarded]\ntrusted_proxies = [\"127.0.0.1\"]\n");
     // The rotation endpoints trust only assertions signed by a pinned key:
     // the dev gateway's.
     t.push_str(&format!(
@@ -495,6 +502,10 @@ mod tests {
         let cfg: EnrollConfig = toml::from_str(&enroll_toml(&o, dir, &ports, &key)).unwrap();
         let cfg = cfg.validate().unwrap();
         assert_eq!(cfg.rotation.assertion.keys.len(), 1);
+        assert!(
+            cfg.forwarded.trusted().trusts("127.0.0.1".parse().unwrap()),
+            "the dev gateway's address is a trusted proxy"
+        );
         assert!(cfg.redis.url.is_none());
         assert_eq!(cfg.https_addr().unwrap().port(), 9001);
         assert!(cfg.database_url().starts_with("sqlite:"));

@@ -3,7 +3,12 @@
 //!
 //! It echoes, as JSON, every identity-bearing header it received (the
 //! gateway's `x-oneprotect-*` set and the other conventions the gateway
-//! strips from clients), and verifies the signed identity assertion
+//! strips from clients) the way a CGI, WSGI, PHP or Rack application would
+//! see it: a name counts when, lower-cased with `_` read as `-`, it is one
+//! of those, so `x_oneprotect_tenant_id` shows (under its received name) if
+//! a gateway ever let it through. The rule is written out here on purpose,
+//! not borrowed from the gateway, so the echo can reveal a gateway miss. It
+//! also verifies the signed identity assertion
 //! (`x-oneprotect-identity-assertion`) with the gateway's public key the way
 //! a real upstream should: signature, issuer, audience, expiry, and that its
 //! claims match the plain headers. The assertion itself is not echoed (it is
@@ -51,8 +56,9 @@ pub struct Echo {
     pub method: String,
     /// The request path and query.
     pub path: String,
-    /// Every identity-bearing header received, lower-case name → value
-    /// (the assertion's value replaced by its length).
+    /// Every identity-bearing header received (see the module
+    /// documentation), lower-case received name → value (the assertion's
+    /// value replaced by its length; several copies joined with `, `).
     pub identity_headers: BTreeMap<String, String>,
     /// The assertion check.
     pub assertion: AssertionReport,
@@ -64,12 +70,26 @@ fn now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
+/// Whether a header of this name carries an identity to an application
+/// that reads header names CGI-style (`HTTP_X_ONEPROTECT_TENANT_ID`):
+/// lower-cased, `_` as `-`.
+pub fn identity_bearing(name: &str) -> bool {
+    let cgi = name.to_ascii_lowercase().replace('_', "-");
+    cgi.starts_with("x-oneprotect-")
+        || [
+            "x-forwarded-client-cert",
+            "client-cert",
+            "client-cert-chain",
+        ]
+        .contains(&cgi.as_str())
+}
+
 /// Builds the answer for one request.
 pub fn echo(verifier: &AssertionVerifier, method: &Method, uri: &Uri, headers: &HeaderMap) -> Echo {
-    let mut identity_headers = BTreeMap::new();
+    let mut identity_headers: BTreeMap<String, String> = BTreeMap::new();
     for (name, value) in headers {
         let n = name.as_str();
-        if !h::is_client_identity_header(n) {
+        if !identity_bearing(n) {
             continue;
         }
         let v = if n == h::IDENTITY_ASSERTION {
@@ -77,7 +97,13 @@ pub fn echo(verifier: &AssertionVerifier, method: &Method, uri: &Uri, headers: &
         } else {
             String::from_utf8_lossy(value.as_bytes()).into_owned()
         };
-        identity_headers.insert(n.to_owned(), v);
+        identity_headers
+            .entry(n.to_owned())
+            .and_modify(|e| {
+                e.push_str(", ");
+                e.push_str(&v);
+            })
+            .or_insert(v);
     }
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
     let assertion = match header(h::IDENTITY_ASSERTION) {
@@ -158,6 +184,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(h::TENANT_ID, "t".parse().unwrap());
         headers.insert("x-other", "o".parse().unwrap());
+        headers.insert("x_other", "o".parse().unwrap());
         let e = echo(
             &verifier,
             &Method::GET,
@@ -175,5 +202,29 @@ mod tests {
             e.identity_headers[h::IDENTITY_ASSERTION],
             "<signed assertion, 5 bytes>"
         );
+    }
+
+    #[test]
+    fn shows_identity_headers_in_every_spelling_an_application_folds() {
+        let verifier = AssertionVerifier::new("aud");
+        let mut headers = HeaderMap::new();
+        for n in [
+            "x_oneprotect_tenant_id",
+            "x-oneprotect_spiffe_id",
+            "x_forwarded_client_cert",
+            "client_cert",
+            "client-cert-chain",
+        ] {
+            headers.append(
+                http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                "spoof".parse().unwrap(),
+            );
+        }
+        headers.append("client_cert", "again".parse().unwrap());
+        headers.insert("x_other", "o".parse().unwrap());
+        let e = echo(&verifier, &Method::GET, &"/".parse().unwrap(), &headers);
+        assert_eq!(e.identity_headers.len(), 5, "{:?}", e.identity_headers);
+        assert_eq!(e.identity_headers["client_cert"], "spoof, again");
+        assert!(!e.identity_headers.contains_key("x_other"));
     }
 }

@@ -73,6 +73,33 @@ pub struct Config {
     pub redis: RedisConfig,
     /// Certificate rotation through the gateway.
     pub rotation: RotationConfig,
+    /// Which peers may name the client's address (`X-Forwarded-For`).
+    pub forwarded: ForwardedConfig,
+}
+
+/// The client address behind a gateway (see [`crate::forwarded`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForwardedConfig {
+    /// Addresses or CIDR ranges of the gateways in front of this service.
+    /// Only a request whose TCP peer is in this list has its client address
+    /// (the exchange's per-address rate limit, the request log, `/metrics`'
+    /// loopback check) taken from the right-most `X-Forwarded-For` entry;
+    /// from any other peer the header is ignored. Defaults to empty: nobody
+    /// is trusted and the TCP peer is always the client.
+    pub trusted_proxies: Vec<String>,
+}
+
+impl ForwardedConfig {
+    /// The parsed list (after [`Config::validate`]).
+    pub fn trusted(&self) -> crate::forwarded::TrustedProxies {
+        crate::forwarded::TrustedProxies::new(
+            self.trusted_proxies
+                .iter()
+                .filter_map(|s| s.trim().parse().ok())
+                .collect(),
+        )
+    }
 }
 
 /// Certificate rotation: who may call the agent endpoints and how long a
@@ -265,6 +292,11 @@ pub struct SecretsConfig {
 pub struct LimitsConfig {
     /// Largest request body, bytes. Defaults to 65536; 1024 ..= 1048576.
     pub max_body_bytes: usize,
+    /// How long a request body may take to arrive in full, counted from the
+    /// end of the request head, milliseconds; then 408
+    /// `request_body_timeout` and the connection is closed. Defaults to
+    /// 10000; 100 ..= 300000.
+    pub body_read_timeout_ms: u64,
     /// Exchanges per minute per source address (per replica). Defaults to 60.
     pub exchange_per_address_per_minute: u32,
     /// Burst per source address. Defaults to 20.
@@ -288,6 +320,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             redis: RedisConfig::default(),
             rotation: RotationConfig::default(),
+            forwarded: ForwardedConfig::default(),
         }
     }
 }
@@ -335,6 +368,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: 64 * 1024,
+            body_read_timeout_ms: 10_000,
             exchange_per_address_per_minute: 60,
             exchange_per_address_burst: 20,
             exchange_per_token_per_minute: 30,
@@ -377,7 +411,8 @@ impl Config {
     /// `TRUST_DOMAIN`, `DATA_DIR`, `LISTEN_HTTPS`, `LISTEN_HTTP`,
     /// `DATABASE_URL`, `DATABASE_SCHEMA`, `PEPPER_FILE`, `CA_DIR`,
     /// `CA_AUTO_INIT`, `REDIS_URL`, `REDIS_KEY_PREFIX`, `ASSERTION_KEY`
-    /// (`kid:base64url`, adds one trusted gateway key).
+    /// (`kid:base64url`, adds one trusted gateway key), `TRUSTED_PROXIES`
+    /// (comma-separated addresses/CIDRs, replaces `forwarded.trusted_proxies`).
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = get("ONEPROTECT_ENROLL_TRUST_DOMAIN") {
             self.trust_domain = v;
@@ -418,6 +453,14 @@ impl Config {
                 kid: kid.into(),
                 public_key: key.into(),
             });
+        }
+        if let Some(v) = get("ONEPROTECT_ENROLL_TRUSTED_PROXIES") {
+            self.forwarded.trusted_proxies = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
         }
         if let Some(v) = get("ONEPROTECT_ENROLL_CA_AUTO_INIT") {
             self.ca.auto_init = v
@@ -474,6 +517,14 @@ impl Config {
         }
         if !(1024..=1024 * 1024).contains(&self.limits.max_body_bytes) {
             return Err(invalid("limits.max_body_bytes must be 1024..=1048576"));
+        }
+        if !(100..=300_000).contains(&self.limits.body_read_timeout_ms) {
+            return Err(invalid("limits.body_read_timeout_ms must be 100..=300000"));
+        }
+        for p in &self.forwarded.trusted_proxies {
+            p.trim()
+                .parse::<crate::forwarded::Cidr>()
+                .map_err(|e| invalid(format!("forwarded.trusted_proxies: {e}")))?;
         }
         if self.limits.exchange_per_address_per_minute == 0
             || self.limits.exchange_per_token_per_minute == 0
@@ -638,6 +689,20 @@ mod tests {
         let mut c = Config::default();
         c.listen.https = String::new();
         assert!(c.validate().is_err(), "no listener");
+        let mut c = Config::default();
+        c.limits.body_read_timeout_ms = 0;
+        assert!(c.validate().is_err(), "body deadline");
+        for bad in ["10.0.0.0/33", "gateway.local", ""] {
+            let mut c = Config::default();
+            c.forwarded.trusted_proxies = vec![bad.into()];
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("forwarded.trusted_proxies"), "{bad:?}: {e}");
+        }
+        let mut c = Config::default();
+        c.forwarded.trusted_proxies =
+            vec!["127.0.0.1".into(), "10.0.0.0/8".into(), "fd00::/8".into()];
+        let t = c.validate().unwrap().forwarded.trusted();
+        assert!(t.trusts("10.1.2.3".parse().unwrap()) && !t.trusts("127.0.0.2".parse().unwrap()));
         assert!(toml::from_str::<Config>("nope = 1").is_err(), "unknown key");
     }
 

@@ -11,6 +11,8 @@
 //! - [`projection`], [`relay`]: the Redis revocation projection gateways
 //!   read, and the outbox relay that feeds it and the event stream.
 //! - [`secrets`]: token and admin-key generation and keyed hashing.
+//! - [`text`]: the one check of client free text; [`forwarded`]: the client
+//!   address behind a trusted gateway.
 //! - [`config`], [`service`], [`cli`]: configuration, listeners, commands.
 //!
 //! Run it: `cargo run -p oneprotect-enroll-api` (dev defaults: SQLite file,
@@ -21,6 +23,7 @@ pub mod ca;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod forwarded;
 pub mod http;
 pub mod metrics;
 pub mod projection;
@@ -30,3 +33,4 @@ pub mod secrets;
 pub mod service;
 pub mod store;
 pub mod sweep;
+pub mod text;

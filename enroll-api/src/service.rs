@@ -137,6 +137,12 @@ pub async fn build_state_with_projection(
             assertions = assertions.add_key(k.kid.clone(), key);
         }
     }
+    if !cfg.forwarded.trusted_proxies.is_empty() {
+        tracing::info!(
+            trusted_proxies = ?cfg.forwarded.trusted_proxies,
+            "X-Forwarded-For is believed from these peers only (right-most entry)"
+        );
+    }
     if trust.keys.is_empty() {
         tracing::warn!(
             "no rotation.assertion.keys: the agent endpoints (certificate rotate/confirm) refuse \
@@ -159,6 +165,8 @@ pub async fn build_state_with_projection(
             RATE_LIMIT_KEYS,
         ),
         max_body_bytes: l.max_body_bytes,
+        body_read_timeout: Duration::from_millis(l.body_read_timeout_ms),
+        trusted_proxies: cfg.forwarded.trusted(),
         projection,
         relay: RelayWaker::new(),
         assertions,

@@ -90,6 +90,8 @@ async fn secrets_never_reach_the_logs() {
         per_address: RateLimiter::new(600, 100, 1000),
         per_token: RateLimiter::new(600, 100, 1000),
         max_body_bytes: 64 * 1024,
+        body_read_timeout: std::time::Duration::from_secs(10),
+        trusted_proxies: Default::default(),
         projection: None,
         relay: oneprotect_enroll_api::relay::RelayWaker::new(),
         assertions: oneprotect_identity::AssertionVerifier::new("oneprotect-upstream"),

@@ -15,7 +15,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use oneprotect_gateway::assertion::AssertionService;
 use oneprotect_gateway::config::{AssertionConfig, RevocationConfig};
 use oneprotect_gateway::conn::{ConnIdentity, IdentityContext};
-use oneprotect_gateway::headers::{inject_identity, strip_client_identity_headers};
+use oneprotect_gateway::headers::{inject_identity, strip_client_headers, StripPolicy};
 use oneprotect_gateway::metrics::Metrics;
 use oneprotect_gateway::revocation::{Decision, Revocation};
 use oneprotect_identity::{AgentIdentity, AssertionSigner, KeySchema};
@@ -122,7 +122,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("header rewrite: clone + strip + inject 6", |b| {
         b.iter(|| {
             let mut req = base.clone();
-            strip_client_identity_headers(&mut req);
+            strip_client_headers(&mut req, StripPolicy::default());
             inject_identity(&mut req, &conn, conn.assertion(&assertions, now)).unwrap();
             req
         })
@@ -135,7 +135,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("header rewrite with 2 spoofed headers", |b| {
         b.iter(|| {
             let mut req = spoofed.clone();
-            strip_client_identity_headers(&mut req);
+            strip_client_headers(&mut req, StripPolicy::default());
             inject_identity(&mut req, &conn, conn.assertion(&assertions, now)).unwrap();
             req
         })

@@ -122,14 +122,16 @@ pub struct ListenerConfig {
     /// Defaults to 1460 (pingora's default, one TCP segment).
     #[serde(default = "default_write_buffer")]
     pub write_buffer_bytes: usize,
-    /// How long a TLS handshake may take from the TCP accept, milliseconds
-    /// (1 to 60000; pingora's own fixed bound is 60 s). The socket is shut
-    /// down then. Defaults to 10000.
+    /// How long a TLS handshake (after the PROXY header of a trusted
+    /// balancer, which counts too) may take from the TCP accept,
+    /// milliseconds (1 to 60000). The socket is closed then and the failure
+    /// counted as `timeout`. Defaults to 10000.
     #[serde(default = "default_handshake_timeout")]
     pub handshake_timeout_ms: u64,
-    /// How long an HTTP/1.1 connection may wait for its next request (and
-    /// for its first one after the handshake), seconds. The connection is
-    /// closed without an answer then. Defaults to 60.
+    /// How long a connection may wait for its next request (and for its
+    /// first one after the handshake), seconds: HTTP/1.1 and HTTP/2 (no
+    /// stream open; a HEADERS frame not completed counts as idle). The
+    /// connection is closed without an answer then. Defaults to 60.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout_secs: u64,
     /// How long an HTTP/1.1 request head (request line and headers) may take
@@ -144,6 +146,30 @@ pub struct ListenerConfig {
     /// to 32768.
     #[serde(default = "default_max_header")]
     pub max_header_bytes: usize,
+    /// The TCP (L4) load balancers in front of the gateway that send a
+    /// PROXY protocol v2 header, as networks (`10.0.0.0/8`, `2001:db8::/32`,
+    /// or single addresses). A connection from one of them must start with
+    /// that header and its source address becomes the client address the
+    /// gateway forwards (`x-forwarded-for`, `x-real-ip`, `forwarded`);
+    /// without a valid header the connection is closed (handshake failure
+    /// `proxy_protocol`). Defaults to empty: the client address is the TCP
+    /// peer, so a balancer in front must preserve source addresses (or be
+    /// listed here with PROXY protocol v2 enabled). Client-sent forwarding
+    /// headers are never trusted.
+    #[serde(default)]
+    pub trusted_proxies: Vec<crate::proxy_protocol::Cidr>,
+    /// How long a connection without a verified client certificate may live
+    /// in all, seconds (1 to 3600), whatever it does: such a connection can
+    /// only reach the certificate-less routes (the enrollment exchange, one
+    /// request). It is closed then. Defaults to 30.
+    #[serde(default = "default_unauthenticated_timeout")]
+    pub unauthenticated_timeout_secs: u64,
+    /// How many connections without a verified client certificate one
+    /// source address (the client address, see `trusted_proxies`) may hold
+    /// at once (1 to 65535); more are closed right after the handshake.
+    /// Defaults to 32.
+    #[serde(default = "default_unauthenticated_per_source")]
+    pub unauthenticated_max_per_source: u32,
 }
 
 /// The admin listener.
@@ -215,6 +241,13 @@ pub struct HeadersConfig {
     /// Defaults to `spiffe://oneprotect.local/gateway`.
     #[serde(default)]
     pub xfcc_by: Option<String>,
+    /// Keep client headers whose name contains `_`. Defaults to `false`:
+    /// they are removed, as nginx does (`underscores_in_headers off`),
+    /// because CGI, WSGI, PHP and Rack upstreams read `_` as `-`, so such a
+    /// name can pose as a header the gateway vouches for. Identity and
+    /// forwarding headers are removed in every spelling either way.
+    #[serde(default)]
+    pub allow_underscores: bool,
 }
 
 /// The per-request revocation check.
@@ -377,6 +410,12 @@ fn default_header_timeout() -> u64 {
 }
 fn default_max_header() -> usize {
     32 * 1024
+}
+fn default_unauthenticated_timeout() -> u64 {
+    30
+}
+fn default_unauthenticated_per_source() -> u32 {
+    32
 }
 fn default_bundle_poll() -> u64 {
     10
@@ -564,6 +603,15 @@ impl Config {
         if !(1024..=1_048_575).contains(&l.max_header_bytes) {
             return inv("listener.max_header_bytes must be 1024..=1048575".into());
         }
+        if l.unauthenticated_timeout_secs == 0 || l.unauthenticated_timeout_secs > 3600 {
+            return inv("listener.unauthenticated_timeout_secs must be 1..=3600".into());
+        }
+        if l.unauthenticated_max_per_source == 0 || l.unauthenticated_max_per_source > 65_535 {
+            return inv("listener.unauthenticated_max_per_source must be 1..=65535".into());
+        }
+        if l.trusted_proxies.len() > 1024 {
+            return inv("listener.trusted_proxies: at most 1024 networks".into());
+        }
         if self.runtime.threads == 0 || self.runtime.threads > 256 {
             return inv("runtime.threads must be 1..=256".into());
         }
@@ -672,6 +720,27 @@ mod tests {
         assert_eq!(c.revocation.max_staleness_ms, 5000);
         assert_eq!(c.assertion.lifetime_secs, 60);
         assert!(!c.headers.xfcc);
+        assert!(!c.headers.allow_underscores);
+        assert!(c.listener.trusted_proxies.is_empty());
+    }
+
+    #[test]
+    fn trusted_proxies_parse_as_networks() {
+        let text = format!(
+            "{}\ntrusted_proxies = [\"10.0.0.0/8\", \"2001:db8::1\"]\n",
+            MINIMAL.trim_end()
+        );
+        let c = Config::from_toml(&text, Path::new("t")).unwrap();
+        assert_eq!(c.listener.trusted_proxies.len(), 2);
+        assert!(c.listener.trusted_proxies[0].contains("10.9.8.7".parse().unwrap()));
+        let bad = format!(
+            "{}\ntrusted_proxies = [\"10.0.0.0/40\"]\n",
+            MINIMAL.trim_end()
+        );
+        let e = Config::from_toml(&bad, Path::new("t"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("10.0.0.0/40"), "{e}");
     }
 
     #[test]

@@ -1,28 +1,59 @@
-//! Header policy: remove every client-sent identity header, inject the
-//! verified identity. Plain functions over pingora's `RequestHeader`,
-//! unit-tested without sockets.
+//! Header policy: remove every client-sent identity and forwarding header
+//! (and, by default, every header whose name contains `_`), set the
+//! gateway's own forwarding headers, inject the verified identity. Plain
+//! functions over pingora's `RequestHeader`, unit-tested without sockets.
+
+use std::net::IpAddr;
 
 use http::HeaderValue;
-use oneprotect_identity::headers::{is_client_identity_header, IDENTITY_ASSERTION};
+use oneprotect_identity::headers::{
+    is_client_identity_header, is_forwarding_header, FORWARDED, IDENTITY_ASSERTION,
+    X_FORWARDED_FOR, X_REAL_IP,
+};
 use pingora::http::RequestHeader;
 
 use crate::conn::ConnIdentity;
 
-/// Removes every header that [`is_client_identity_header`] names — any case,
-/// any number of copies. Returns how many names were removed. Allocates only
-/// when there is something to remove.
-pub fn strip_client_identity_headers(req: &mut RequestHeader) -> usize {
-    if !req
-        .headers
-        .keys()
-        .any(|n| is_client_identity_header(n.as_str()))
-    {
+/// What [`strip_client_headers`] removes beyond the identity and forwarding
+/// headers, which it always removes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StripPolicy {
+    /// Remove every header whose name contains `_` (nginx's default,
+    /// `underscores_in_headers off`): CGI, WSGI, PHP and Rack upstreams read
+    /// `_` as `-`, so such a name can shadow a header the gateway vouches
+    /// for. `headers.allow_underscores = true` keeps them (identity and
+    /// forwarding names in any spelling are removed regardless).
+    pub drop_underscored: bool,
+}
+
+impl Default for StripPolicy {
+    fn default() -> Self {
+        Self {
+            drop_underscored: true,
+        }
+    }
+}
+
+impl StripPolicy {
+    /// Whether a client header of this name is removed.
+    pub fn removes(&self, name: &str) -> bool {
+        is_client_identity_header(name)
+            || is_forwarding_header(name)
+            || (self.drop_underscored && name.as_bytes().contains(&b'_'))
+    }
+}
+
+/// Removes every client header that `policy` names — any case, any
+/// spelling, any number of copies. Returns how many names were removed.
+/// Allocates only when there is something to remove.
+pub fn strip_client_headers(req: &mut RequestHeader, policy: StripPolicy) -> usize {
+    if !req.headers.keys().any(|n| policy.removes(n.as_str())) {
         return 0;
     }
     let names: Vec<http::HeaderName> = req
         .headers
         .keys()
-        .filter(|n| is_client_identity_header(n.as_str()))
+        .filter(|n| policy.removes(n.as_str()))
         .cloned()
         .collect();
     for n in &names {
@@ -31,8 +62,24 @@ pub fn strip_client_identity_headers(req: &mut RequestHeader) -> usize {
     names.len()
 }
 
+/// Sets the gateway's own forwarding headers for the client at `client`:
+/// `x-forwarded-for` and `x-real-ip` (the bare address) and RFC 7239
+/// `forwarded: for=...` (IPv6 quoted and bracketed). Call after
+/// [`strip_client_headers`], which removed the client's copies.
+pub fn set_forwarding(req: &mut RequestHeader, client: IpAddr) -> pingora::Result<()> {
+    let ip = client.to_string();
+    let forwarded = match client {
+        IpAddr::V4(_) => format!("for={ip}"),
+        IpAddr::V6(_) => format!("for=\"[{ip}]\""),
+    };
+    req.insert_header(X_FORWARDED_FOR, ip.as_str())?;
+    req.insert_header(X_REAL_IP, ip)?;
+    req.insert_header(FORWARDED, forwarded)?;
+    Ok(())
+}
+
 /// Injects the connection's identity headers and the signed assertion.
-/// Call after [`strip_client_identity_headers`].
+/// Call after [`strip_client_headers`].
 pub fn inject_identity(
     req: &mut RequestHeader,
     conn: &ConnIdentity,
@@ -49,6 +96,12 @@ pub fn inject_identity(
 mod tests {
     use super::*;
 
+    fn left(req: &RequestHeader) -> Vec<String> {
+        let mut left: Vec<_> = req.headers.keys().map(|k| k.as_str().to_owned()).collect();
+        left.sort();
+        left
+    }
+
     #[test]
     fn strips_every_copy_in_any_case_and_keeps_the_rest() {
         let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
@@ -63,10 +116,55 @@ mod tests {
         req.append_header("Client-Cert-Chain", ":abc:").unwrap();
         req.append_header("Authorization", "Bearer keep").unwrap();
         req.append_header("x-forwarded-for", "1.2.3.4").unwrap();
-        assert_eq!(strip_client_identity_headers(&mut req), 5);
-        let mut left: Vec<_> = req.headers.keys().map(|k| k.as_str().to_owned()).collect();
-        left.sort();
-        assert_eq!(left, ["authorization", "x-forwarded-for"]);
-        assert_eq!(strip_client_identity_headers(&mut req), 0);
+        req.append_header("Forwarded", "for=1.2.3.4").unwrap();
+        req.append_header("X-Real-IP", "1.2.3.4").unwrap();
+        req.append_header("X-Forwarded-Host", "evil").unwrap();
+        let policy = StripPolicy::default();
+        assert_eq!(strip_client_headers(&mut req, policy), 9);
+        assert_eq!(left(&req), ["authorization"]);
+        assert_eq!(strip_client_headers(&mut req, policy), 0);
+    }
+
+    #[test]
+    fn underscored_names_are_dropped_unless_allowed_but_protected_ones_always() {
+        let build = || {
+            let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
+            for (n, v) in [
+                ("x_oneprotect_tenant_id", "spoof"),
+                ("X_OneProtect_Agent_Id", "spoof"),
+                ("x-oneprotect_spiffe_id", "spoof"),
+                ("x_forwarded_client_cert", "spoof"),
+                ("client_cert", "spoof"),
+                ("x_forwarded_for", "1.2.3.4"),
+                ("x_real_ip", "1.2.3.4"),
+                ("x_custom_thing", "kept only when allowed"),
+                ("x-plain", "kept"),
+            ] {
+                req.append_header(n, v).unwrap();
+            }
+            req
+        };
+        let mut req = build();
+        assert_eq!(strip_client_headers(&mut req, StripPolicy::default()), 8);
+        assert_eq!(left(&req), ["x-plain"]);
+        let mut req = build();
+        let allow = StripPolicy {
+            drop_underscored: false,
+        };
+        assert_eq!(strip_client_headers(&mut req, allow), 7);
+        assert_eq!(left(&req), ["x-plain", "x_custom_thing"]);
+    }
+
+    #[test]
+    fn forwarding_headers_name_the_client() {
+        let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
+        set_forwarding(&mut req, "192.0.2.7".parse().unwrap()).unwrap();
+        assert_eq!(req.headers[X_FORWARDED_FOR], "192.0.2.7");
+        assert_eq!(req.headers[X_REAL_IP], "192.0.2.7");
+        assert_eq!(req.headers[FORWARDED], "for=192.0.2.7");
+        set_forwarding(&mut req, "2001:db8::1".parse().unwrap()).unwrap();
+        assert_eq!(req.headers.get_all(X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(req.headers[X_FORWARDED_FOR], "2001:db8::1");
+        assert_eq!(req.headers[FORWARDED], "for=\"[2001:db8::1]\"");
     }
 }

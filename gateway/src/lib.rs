@@ -12,7 +12,8 @@
 //! - [`revocation`]: the cached, pub/sub-invalidated revocation check.
 //! - [`routes`]: path-prefix routing to round-robin upstream pools.
 //! - [`proxy`]: the `ProxyHttp` implementation.
-//! - [`handshake`]: the configurable TLS handshake deadline.
+//! - [`handshake`]: the TLS handshake: deadline, failure reasons, log budget.
+//! - [`proxy_protocol`]: trusted L4 balancers and PROXY protocol v2.
 //! - [`serve`]: the HTTP/1.1 connection loop (idle wait, whole-head deadline).
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`server`]: assembling and running it.
@@ -27,6 +28,7 @@ pub mod handshake;
 pub mod headers;
 pub mod metrics;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod revocation;
 pub mod routes;
 pub mod serve;

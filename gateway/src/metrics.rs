@@ -12,7 +12,8 @@ pub struct Metrics {
     registry: Registry,
     /// Requests by route prefix (or `none`) and response status.
     pub requests: IntCounterVec,
-    /// Failed client-certificate verifications by reason.
+    /// Failed TLS handshakes by reason: every failure, once (the bounded
+    /// reasons of `handshake::REASONS` and the certificate verifier's).
     pub handshake_failures: IntCounterVec,
     /// Revocation cache hits.
     pub revocation_cache_hits: IntCounter,
@@ -34,8 +35,9 @@ pub struct Metrics {
     pub trust_bundle_reloads: IntCounterVec,
     /// Upstream response latency (request sent to response header), seconds.
     pub upstream_latency: HistogramVec,
-    /// HTTP/1.1 connections the gateway closed, by reason (`idle_timeout`,
-    /// `header_timeout`, `header_too_large`).
+    /// Connections the gateway closed, by reason: HTTP/1.1 `idle_timeout`,
+    /// `header_timeout`, `header_too_large`; any protocol, without a client
+    /// certificate, `unauthenticated_timeout` and `unauthenticated_per_source`.
     pub connections_closed: IntCounterVec,
 }
 
@@ -58,7 +60,7 @@ impl Metrics {
         let handshake_failures = IntCounterVec::new(
             Opts::new(
                 "handshake_failures_total",
-                "Client certificate verification failures by reason",
+                "Failed TLS handshakes (and refused client certificates) by reason",
             ),
             &["reason"],
         )
@@ -123,7 +125,7 @@ impl Metrics {
         let connections_closed = IntCounterVec::new(
             Opts::new(
                 "connections_closed_total",
-                "HTTP/1.1 connections closed by the gateway's limits",
+                "Connections closed by the gateway's limits",
             ),
             &["reason"],
         )

@@ -16,7 +16,7 @@ use pingora::{Error, ErrorType};
 
 use crate::assertion::AssertionService;
 use crate::conn::ConnIdentity;
-use crate::headers::{inject_identity, strip_client_identity_headers};
+use crate::headers::{inject_identity, set_forwarding, strip_client_headers, StripPolicy};
 use crate::metrics::Metrics;
 use crate::revocation::{Decision, Revocation};
 use crate::routes::{Route, Router};
@@ -27,23 +27,86 @@ pub struct Gateway {
     revocation: Arc<Revocation>,
     assertions: Arc<AssertionService>,
     metrics: Metrics,
+    strip: StripPolicy,
 }
 
 impl Gateway {
-    /// A proxy over its parts.
+    /// A proxy over its parts; `strip` says which client headers are
+    /// removed beyond the identity and forwarding ones.
     pub fn new(
         router: Arc<Router>,
         revocation: Arc<Revocation>,
         assertions: Arc<AssertionService>,
         metrics: Metrics,
+        strip: StripPolicy,
     ) -> Self {
         Self {
             router,
             revocation,
             assertions,
             metrics,
+            strip,
         }
     }
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request needs exactly one `Host` header
+/// (whatever its target form); HTTP/1.0 may omit it but not repeat it.
+/// HTTP/2 carries `:authority` instead and is not checked here. Returns
+/// why the request is refused.
+pub fn host_problem(req: &RequestHeader) -> Option<&'static str> {
+    if req.version == http::Version::HTTP_2 {
+        return None;
+    }
+    match req.headers.get_all(http::header::HOST).iter().count() {
+        0 if req.version == http::Version::HTTP_11 => {
+            Some("an HTTP/1.1 request needs a Host header")
+        }
+        0 | 1 => None,
+        _ => Some("more than one Host header"),
+    }
+}
+
+/// Rewrites an absolute-form target (`GET http://host/path HTTP/1.1`) to
+/// origin-form (`/path`), with `Host` set to the target's authority, as
+/// RFC 9112 §3.2.2 says a server must read it; upstreams get origin-form
+/// only. Returns whether it rewrote.
+pub fn to_origin_form(req: &mut RequestHeader) -> pingora::Result<bool> {
+    let raw = req.raw_path();
+    if raw.first() == Some(&b'/') {
+        return Ok(false);
+    }
+    // pingora keeps an HTTP/1 absolute-form target's scheme and authority
+    // only in the raw bytes (the Uri holds its path); an HTTP/2 request
+    // holds them in the Uri.
+    let authority = match req.uri.authority() {
+        Some(a) => a.as_str().to_owned(),
+        None => match target_authority(raw) {
+            Some(a) => a,
+            None => return Ok(false),
+        },
+    };
+    let path = req
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let uri = http::Uri::builder()
+        .path_and_query(path)
+        .build()
+        .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "request target"))?;
+    req.set_uri(uri);
+    req.insert_header(http::header::HOST, authority)?;
+    Ok(true)
+}
+
+/// The authority of an absolute-form target (`scheme://authority/...`).
+fn target_authority(raw: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(raw).ok()?;
+    let (_, rest) = text.split_once("://")?;
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    (!authority.is_empty()).then(|| authority.to_owned())
 }
 
 /// Per-request state.
@@ -115,6 +178,10 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
+        if let Some(why) = host_problem(session.req_header()) {
+            respond_problem(session, problem::BAD_REQUEST, Some(why), None, true).await?;
+            return Ok(true);
+        }
         let Some(route) = self.router.route(session.req_header().uri.path()).cloned() else {
             respond_problem(session, problem::ROUTE_NOT_FOUND, None, None, false).await?;
             return Ok(true);
@@ -233,12 +300,21 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         // Always, mTLS or not.
-        strip_client_identity_headers(upstream_request);
+        strip_client_headers(upstream_request, self.strip);
+        // HTTP/2 requests carry scheme and authority in the URI too.
+        to_origin_form(upstream_request)?;
+        // The TCP peer, or the source a trusted balancer's PROXY header
+        // named (crate::proxy_protocol).
+        if let Some(pingora::protocols::l4::socket::SocketAddr::Inet(client)) =
+            session.client_addr()
+        {
+            set_forwarding(upstream_request, client.ip())?;
+        }
         if ctx.inject {
             if let Some(conn) = ctx.identity() {
                 let assertion = conn.assertion(&self.assertions, unix_now());
@@ -284,7 +360,9 @@ impl ProxyHttp for Gateway {
                     ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
                         None
                     }
-                    _ => Some(problem::INVALID_REQUEST),
+                    // Malformed framing (a bad chunk size, say): RFC 9112
+                    // answers 400.
+                    _ => Some(problem::BAD_REQUEST),
                 },
                 _ => Some(problem::INTERNAL),
             },
@@ -318,5 +396,48 @@ impl ProxyHttp for Gateway {
             .requests
             .with_label_values(&[route, status])
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(version: http::Version, target: &[u8], hosts: &[&str]) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", target, None).unwrap();
+        r.set_version(version);
+        for h in hosts {
+            r.append_header(http::header::HOST, *h).unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn host_rules_of_rfc_9112() {
+        use http::Version as V;
+        assert!(host_problem(&req(V::HTTP_11, b"/", &[])).is_some());
+        assert!(host_problem(&req(V::HTTP_11, b"/", &["a", "b"])).is_some());
+        assert!(host_problem(&req(V::HTTP_11, b"/", &["a"])).is_none());
+        assert!(host_problem(&req(V::HTTP_10, b"/", &[])).is_none());
+        assert!(host_problem(&req(V::HTTP_10, b"/", &["a", "a"])).is_some());
+        assert!(host_problem(&req(V::HTTP_2, b"/", &[])).is_none());
+    }
+
+    #[test]
+    fn absolute_form_becomes_origin_form_with_the_target_host() {
+        use http::Version as V;
+        let mut r = req(
+            V::HTTP_11,
+            b"http://upstream.example:8080/api/x?y=1",
+            &["other"],
+        );
+        assert!(to_origin_form(&mut r).unwrap());
+        assert_eq!(r.raw_path(), b"/api/x?y=1");
+        assert_eq!(r.uri.authority(), None);
+        assert_eq!(r.headers[http::header::HOST], "upstream.example:8080");
+        assert_eq!(r.headers.get_all(http::header::HOST).iter().count(), 1);
+        let mut o = req(V::HTTP_11, b"/api/x", &["h"]);
+        assert!(!to_origin_form(&mut o).unwrap());
+        assert_eq!(o.raw_path(), b"/api/x");
     }
 }

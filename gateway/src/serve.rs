@@ -16,11 +16,21 @@
 //! 3. gives the bytes to pingora as the session's prefix, so pingora parses
 //!    the head from them without another read, and runs the proxy as usual.
 //!
-//! HTTP/2 connections go to pingora's own loop (the `h2` crate frames them).
+//! HTTP/2 connections go to pingora's own loop (the `h2` crate frames them),
+//! with its idle timeout set to `listener.idle_timeout_secs` (which also
+//! bounds the wait for a first complete HEADERS).
+//!
+//! Connections without a verified client certificate (they can reach only
+//! the certificate-less exchange route) live at most
+//! `listener.unauthenticated_timeout_secs` in all, and one source address
+//! may hold at most `listener.unauthenticated_max_per_source` of them.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -29,12 +39,16 @@ use bytes::{BufMut, BytesMut};
 use oneprotect_identity::problem::{self, Problem, ProblemKind};
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::{Stream, ALPN};
+use pingora::protocols::l4::socket::SocketAddr;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Ssl, Stream, UniqueID, ALPN,
+};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::handshake::HandshakeDeadline;
+use crate::conn::ConnIdentity;
+use crate::handshake::Handshaker;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 
@@ -51,15 +65,72 @@ pub struct ConnLimits {
     pub header: Duration,
     /// The largest request head accepted, bytes.
     pub max_header_bytes: usize,
+    /// How long a connection without a client certificate may live in
+    /// all (it can only reach the certificate-less routes: the exchange).
+    pub unauthenticated_life: Duration,
+    /// How many connections without a client certificate one source
+    /// address may hold at once.
+    pub unauthenticated_per_source: u32,
 }
 
-/// pingora's `ServerApp` for the mTLS listener: this module's HTTP/1.1 loop
-/// around pingora's proxy, pingora's own loop for HTTP/2.
+/// Counts the open connections without a client certificate per source
+/// address; a [`SourceSlot`] holds one.
+#[derive(Debug, Default)]
+pub struct PerSource {
+    open: Mutex<HashMap<IpAddr, u32>>,
+}
+
+/// One connection's place in [`PerSource`]; freed on drop.
+#[derive(Debug)]
+pub struct SourceSlot<'a> {
+    table: &'a PerSource,
+    ip: IpAddr,
+}
+
+impl PerSource {
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, u32>> {
+        // Consistent at every unlock: a poisoned lock is still usable.
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A slot for `ip`, unless it already holds `max`.
+    pub fn acquire(&self, ip: IpAddr, max: u32) -> Option<SourceSlot<'_>> {
+        let mut t = self.table();
+        let n = t.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot { table: self, ip })
+    }
+
+    /// How many slots `ip` holds.
+    pub fn held(&self, ip: IpAddr) -> u32 {
+        self.table().get(&ip).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for SourceSlot<'_> {
+    fn drop(&mut self) {
+        let mut t = self.table.table();
+        if let Some(n) = t.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                t.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// pingora's `ServerApp` for the mTLS listener: the gateway's own TLS
+/// handshake ([`Handshaker`]), then this module's HTTP/1.1 loop around
+/// pingora's proxy, or pingora's own loop for HTTP/2.
 pub struct GatewayApp {
     proxy: Arc<HttpProxy<Gateway>>,
     limits: ConnLimits,
-    handshakes: Arc<HandshakeDeadline>,
+    handshaker: Arc<Handshaker>,
     metrics: Metrics,
+    unauthenticated: PerSource,
 }
 
 impl GatewayApp {
@@ -67,14 +138,15 @@ impl GatewayApp {
     pub fn new(
         proxy: HttpProxy<Gateway>,
         limits: ConnLimits,
-        handshakes: Arc<HandshakeDeadline>,
+        handshaker: Arc<Handshaker>,
         metrics: Metrics,
     ) -> Self {
         Self {
             proxy: Arc::new(proxy),
             limits,
-            handshakes,
+            handshaker,
             metrics,
+            unauthenticated: PerSource::default(),
         }
     }
 
@@ -118,6 +190,37 @@ impl GatewayApp {
         }
     }
 
+    /// pingora's HTTP/2 loop. Its idle timeout (`h2_idle_timeout`, set to
+    /// `listener.idle_timeout_secs`) runs from the h2 handshake and covers a
+    /// HEADERS frame that never completes; the h2 handshake itself waits
+    /// for the client's preface without a bound, so the preface must arrive
+    /// within the idle timeout too.
+    async fn serve_h2(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let read = Arc::new(AtomicUsize::new(0));
+        let counted: Stream = Box::new(CountedRead {
+            inner: stream,
+            read: read.clone(),
+        });
+        let idle = self.limits.idle;
+        let no_preface = async {
+            pingora_timeout::sleep(idle).await;
+            if read.load(Ordering::Relaxed) >= H2_PREFACE_LEN {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            reuse = ServerApp::process_new(&self.proxy, counted, shutdown) => reuse,
+            () = no_preface => {
+                self.closed("idle_timeout");
+                None
+            }
+        }
+    }
+
     fn closed(&self, reason: &str) {
         self.metrics
             .connections_closed
@@ -133,13 +236,54 @@ impl ServerApp for GatewayApp {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        self.handshakes.handshaken(stream.id());
-        match stream.selected_alpn_proto() {
-            Some(ALPN::H2) | Some(ALPN::Custom(_)) => {
-                ServerApp::process_new(&self.proxy, stream, shutdown).await
+        // The listener is plain TCP: TLS (and a PROXY header from a trusted
+        // balancer) is done here, bounded, counted and rate-limit logged.
+        let stream = self.handshaker.accept(stream).await?;
+        // A connection without a verified client certificate can only reach
+        // the certificate-less routes (the exchange): a short life, and a
+        // few per source address.
+        let unauthenticated = stream
+            .get_ssl_digest()
+            .is_none_or(|d| d.extension.get::<ConnIdentity>().is_none());
+        let mut _slot = None;
+        if unauthenticated {
+            let ip = match stream
+                .get_socket_digest()
+                .as_deref()
+                .and_then(|d| d.peer_addr())
+            {
+                Some(SocketAddr::Inet(a)) => Some(a.ip()),
+                _ => None,
+            };
+            if let Some(ip) = ip {
+                match self
+                    .unauthenticated
+                    .acquire(ip, self.limits.unauthenticated_per_source)
+                {
+                    Some(slot) => _slot = Some(slot),
+                    None => {
+                        self.closed("unauthenticated_per_source");
+                        return None;
+                    }
+                }
             }
-            _ => {
-                self.serve_h1(stream, shutdown).await;
+        }
+        let serve = async {
+            match stream.selected_alpn_proto() {
+                Some(ALPN::H2) | Some(ALPN::Custom(_)) => self.serve_h2(stream, shutdown).await,
+                _ => {
+                    self.serve_h1(stream, shutdown).await;
+                    None
+                }
+            }
+        };
+        if !unauthenticated {
+            return serve.await;
+        }
+        match pingora_timeout::timeout(self.limits.unauthenticated_life, serve).await {
+            Ok(reuse) => reuse,
+            Err(_) => {
+                self.closed("unauthenticated_timeout");
                 None
             }
         }
@@ -147,6 +291,131 @@ impl ServerApp for GatewayApp {
 
     async fn cleanup(&self) {
         self.proxy.http_cleanup().await;
+    }
+}
+
+/// The HTTP/2 client connection preface (`PRI * HTTP/2.0...`), bytes.
+const H2_PREFACE_LEN: usize = 24;
+
+/// A stream that counts the bytes read from it (everything else passes
+/// through).
+#[derive(Debug)]
+struct CountedRead {
+    inner: Stream,
+    read: Arc<AtomicUsize>,
+}
+
+impl tokio::io::AsyncRead for CountedRead {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let res = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = res {
+            self.read
+                .fetch_add(buf.filled().len() - before, Ordering::Relaxed);
+        }
+        res
+    }
+}
+
+impl tokio::io::AsyncWrite for CountedRead {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl pingora::protocols::Shutdown for CountedRead {
+    async fn shutdown(&mut self) {
+        pingora::protocols::Shutdown::shutdown(&mut *self.inner).await;
+    }
+}
+
+impl UniqueID for CountedRead {
+    fn id(&self) -> pingora::protocols::UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for CountedRead {
+    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for CountedRead {
+    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for CountedRead {
+    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+    fn set_proxy_digest(&mut self, digest: pingora::protocols::raw_connect::ProxyDigest) {
+        self.inner.set_proxy_digest(digest);
+    }
+}
+
+impl GetSocketDigest for CountedRead {
+    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+    fn set_socket_digest(&mut self, digest: pingora::protocols::SocketDigest) {
+        self.inner.set_socket_digest(digest);
+    }
+}
+
+#[async_trait]
+impl Peek for CountedRead {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
+        self.inner.try_peek(buf).await
     }
 }
 
@@ -323,6 +592,8 @@ mod tests {
             idle: Duration::from_millis(300),
             header: Duration::from_millis(header_ms),
             max_header_bytes: max,
+            unauthenticated_life: Duration::from_secs(30),
+            unauthenticated_per_source: 32,
         }
     }
 
@@ -407,6 +678,23 @@ mod tests {
             Head::TooLarge
         );
         assert_eq!(head_of(vec![], limits(1_000, 1024)).await, Head::Idle);
+    }
+
+    #[test]
+    fn per_source_slots_are_capped_and_freed() {
+        let t = PerSource::default();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let s1 = t.acquire(a, 2).unwrap();
+        let s2 = t.acquire(a, 2).unwrap();
+        assert!(t.acquire(a, 2).is_none());
+        let s3 = t.acquire(b, 2).unwrap();
+        drop(s1);
+        assert_eq!(t.held(a), 1);
+        let s4 = t.acquire(a, 2).unwrap();
+        drop((s2, s3, s4));
+        assert_eq!(t.held(a), 0);
+        assert!(t.table().is_empty());
     }
 
     #[tokio::test]

@@ -16,7 +16,8 @@ use crate::admin::AdminApp;
 use crate::assertion::{load_signer, AssertionService};
 use crate::config::{Config, ConfigError};
 use crate::conn::IdentityContext;
-use crate::handshake::{HandshakeDeadline, Reaper, RegisterHandshake};
+use crate::handshake::Handshaker;
+use crate::headers::StripPolicy;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::revocation::Revocation;
@@ -229,32 +230,17 @@ fn build_inner(
         revocation.clone(),
         assertions.clone(),
         metrics.clone(),
+        StripPolicy {
+            drop_underscored: !cfg.headers.allow_underscores,
+        },
     );
-    let handshakes = HandshakeDeadline::new(
-        Duration::from_millis(cfg.listener.handshake_timeout_ms),
-        metrics.clone(),
-    );
-    server.add_service(background_service(
-        "handshake deadline",
-        Reaper(handshakes.clone()),
-    ));
     let limits = ConnLimits {
         idle: Duration::from_secs(cfg.listener.idle_timeout_secs),
         header: Duration::from_millis(cfg.listener.header_timeout_ms),
         max_header_bytes: cfg.listener.max_header_bytes,
+        unauthenticated_life: Duration::from_secs(cfg.listener.unauthenticated_timeout_secs),
+        unauthenticated_per_source: cfg.listener.unauthenticated_max_per_source,
     };
-    let mut proxy = Service::new(
-        "oneprotect-gateway".to_string(),
-        GatewayApp::new(
-            pingora::proxy::http_proxy(&server.configuration, gateway),
-            limits,
-            handshakes.clone(),
-            metrics.clone(),
-        ),
-    );
-    proxy
-        .endpoints()
-        .set_pre_tls_callback(Arc::new(RegisterHandshake(handshakes)));
     let mut tls =
         TlsSettings::with_callbacks(Box::new(IdentityCallback::new(verifier.clone(), id_ctx)))?;
     // Checked by Config::validate; checked again so build() cannot panic.
@@ -263,13 +249,33 @@ fn build_inner(
     tls.set_private_key_file(&cfg.listener.key.to_string_lossy())?;
     tls.enable_h2();
     tls.set_client_cert_verifier(verifier);
+    // The listener itself is plain TCP: the gateway runs the handshake
+    // (crate::handshake) so it can bound, count and rate-limit-log every
+    // failure, and read a PROXY header from trusted balancers first.
+    let handshaker = Arc::new(Handshaker::new(
+        tls.build(),
+        Duration::from_millis(cfg.listener.handshake_timeout_ms),
+        cfg.listener.trusted_proxies.clone(),
+        metrics.clone(),
+    ));
+    let mut http = pingora::proxy::http_proxy(&server.configuration, gateway);
+    // HTTP/2 connections (pingora's loop) close after the same idle time as
+    // HTTP/1.1 ones, counted from the handshake too: a connection that never
+    // completes a HEADERS frame is idle.
+    let mut options = pingora::apps::HttpServerOptions::default();
+    options.h2_idle_timeout = Some(limits.idle);
+    http.server_options = Some(options);
+    let mut proxy = Service::new(
+        "oneprotect-gateway".to_string(),
+        GatewayApp::new(http, limits, handshaker, metrics.clone()),
+    );
     proxy.add_listener(
-        pingora::listeners::ListenerConfig::tcp(cfg.listener.listen.to_string())
-            .tls(tls)
-            .l4_buffer(pingora::protocols::l4::stream::L4BufferSettings::new(
+        pingora::listeners::ListenerConfig::tcp(cfg.listener.listen.to_string()).l4_buffer(
+            pingora::protocols::l4::stream::L4BufferSettings::new(
                 cfg.listener.read_buffer_bytes,
                 cfg.listener.write_buffer_bytes,
-            )),
+            ),
+        ),
     );
     server.add_service(proxy);
 

@@ -36,9 +36,8 @@
 //! mandatory at the handshake.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -333,7 +332,7 @@ pub struct AgentCertVerifier {
     mandatory: bool,
     verified: moka::sync::Cache<CertFingerprint, Arc<AgentIdentity>>,
     metrics: Metrics,
-    log_limiter: LogLimiter,
+    log: crate::handshake::LogBudget,
 }
 
 impl AgentCertVerifier {
@@ -349,7 +348,7 @@ impl AgentCertVerifier {
                 .time_to_live(Duration::from_secs(30))
                 .build(),
             metrics,
-            log_limiter: LogLimiter::default(),
+            log: crate::handshake::LogBudget::default(),
         }
     }
 
@@ -363,8 +362,17 @@ impl AgentCertVerifier {
             .handshake_failures
             .with_label_values(&[e.reason()])
             .inc();
-        if let Some(suppressed) = self.log_limiter.allow() {
-            tracing::warn!(reason = e.reason(), error = %e, suppressed, "client certificate refused");
+        if let crate::handshake::Budget::Log { suppressed } =
+            self.log.check(std::time::Instant::now())
+        {
+            if suppressed > 0 {
+                tracing::warn!(
+                    suppressed,
+                    "client certificate refusals not logged in the last interval (all are \
+                     counted in handshake_failures_total)"
+                );
+            }
+            tracing::warn!(reason = e.reason(), error = %e, "client certificate refused");
         }
     }
 }
@@ -422,34 +430,6 @@ impl ClientCertVerifier for AgentCertVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.validator.algs.supported_schemes()
-    }
-}
-
-/// Allows one log line per second and counts what it suppressed.
-#[derive(Debug, Default)]
-struct LogLimiter {
-    last_sec: AtomicU64,
-    suppressed: AtomicU64,
-}
-
-impl LogLimiter {
-    fn allow(&self) -> Option<u64> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let last = self.last_sec.load(Ordering::Relaxed);
-        if now != last
-            && self
-                .last_sec
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            Some(self.suppressed.swap(0, Ordering::Relaxed))
-        } else {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            None
-        }
     }
 }
 

@@ -61,8 +61,9 @@ pub enum ChainError {
     /// The leaf names another tenant than its issuing CA.
     #[error("leaf tenant differs from its issuing CA's tenant")]
     TenantMismatch,
-    /// The leaf's serial is not a positive integer of at most 128 bits.
-    #[error("leaf serial number is not a positive 128-bit integer")]
+    /// The leaf's serial is not a positive integer of at most 20 octets
+    /// (RFC 5280 §4.1.2.2).
+    #[error("leaf serial number is not a positive integer of at most 20 octets")]
     BadSerial,
 }
 
@@ -263,7 +264,7 @@ mod tests {
         assert_eq!(id.tenant().to_string(), f.tenant);
         assert_eq!(id.agent().to_string(), f.agent);
         assert_eq!(id.trust_domain().as_str(), TD);
-        assert_eq!(id.serial().as_bytes(), &serial);
+        assert_eq!(id.serial().as_bytes()[4..], serial);
         assert_eq!(id.fingerprint(), CertFingerprint::of_der(&leaf.cert_der));
         assert_eq!(id.not_after(), spec.not_after.unix_timestamp());
         assert_eq!(id.not_before(), spec.not_before.unix_timestamp());
@@ -432,10 +433,24 @@ mod tests {
     }
 
     #[test]
-    fn refuses_a_serial_longer_than_128_bits() {
+    fn accepts_every_serial_length_rfc_5280_allows_and_no_longer() {
         let f = fixture();
         let mut spec = LeafSpec::agent(&f.ca, &f.agent);
+        // 159 bits, what `openssl ca -rand_serial` makes: 20 octets.
+        spec.serial = Some(vec![0x7f; 20]);
+        assert_eq!(
+            check(&f, &spec).unwrap().serial().to_string(),
+            "7f".repeat(20)
+        );
         spec.serial = Some(vec![1u8; 17]);
+        assert_eq!(
+            check(&f, &spec).unwrap().serial().to_string(),
+            format!("000000{}", "01".repeat(17))
+        );
+        // 21 octets, or 20 with the high bit (a sign byte makes 21).
+        spec.serial = Some(vec![1u8; 21]);
+        assert_eq!(check(&f, &spec), Err(ChainError::BadSerial));
+        spec.serial = Some(vec![0x80; 20]);
         assert_eq!(check(&f, &spec), Err(ChainError::BadSerial));
         spec.serial = Some(vec![0, 0, 0, 1]);
         assert_eq!(

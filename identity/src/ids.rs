@@ -16,11 +16,13 @@ pub enum IdError {
     /// The text is not a canonical (lowercase, hyphenated, 36 character) UUID.
     #[error("not a canonical lowercase hyphenated UUID")]
     NotCanonicalUuid,
-    /// A serial number is not 1 to 32 hexadecimal digits, or is zero.
-    #[error("serial number must be 1 to 32 hex digits and not zero")]
+    /// A serial number is not 1 to 40 hexadecimal digits, is zero, or is
+    /// negative (as a DER integer).
+    #[error("serial number must be 1 to 40 hex digits, positive and below 2^159")]
     BadSerial,
-    /// A certificate serial number has more than 128 significant bits.
-    #[error("serial number longer than 128 bits")]
+    /// A certificate serial number is longer than RFC 5280's 20 octets
+    /// (2^159 or more).
+    #[error("serial number longer than 20 octets")]
     SerialTooLong,
     /// A fingerprint is not 64 hexadecimal digits.
     #[error("fingerprint must be 64 hex digits")]
@@ -125,27 +127,43 @@ uuid_id!(
     TokenId
 );
 
-/// A certificate serial number of at most 128 bits, held as 16 big-endian
-/// bytes.
+/// The octets of the longest serial RFC 5280 allows (§4.1.2.2: at most 20
+/// octets as a DER INTEGER, so a positive value below 2^159).
+pub const SERIAL_MAX_OCTETS: usize = 20;
+
+/// A certificate serial number: a positive integer below 2^159 (RFC 5280
+/// §4.1.2.2 allows 20 octets; `openssl ca -rand_serial` makes 159-bit
+/// serials), held as 20 big-endian bytes. The enroll-api issues 128-bit
+/// random serials.
 ///
-/// Displayed as 32 lowercase hex digits (leading zeros kept), the one spelling
-/// used in Redis keys, headers, events and the API. `FromStr` accepts 1 to 32
-/// hex digits of either case; leading zeros are insignificant. A serial of zero
-/// is refused (RFC 5280 requires a positive integer).
+/// Displayed as 32 lowercase hex digits (leading zeros kept) when the value
+/// fits in 128 bits, else as 40: one spelling per value, used in Redis keys,
+/// headers, events and the API, and unchanged for every 128-bit serial.
+/// `FromStr` accepts 1 to 40 hex digits of either case; leading zeros are
+/// insignificant. A serial of zero is refused (RFC 5280 requires a positive
+/// integer).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SerialNumber([u8; 16]);
+pub struct SerialNumber([u8; SERIAL_MAX_OCTETS]);
 
 impl SerialNumber {
-    /// Wraps 16 big-endian bytes. Returns `None` for an all-zero value.
+    /// Wraps a 128-bit serial given as 16 big-endian bytes. Returns `None`
+    /// for an all-zero value.
     pub fn from_bytes(bytes: [u8; 16]) -> Option<Self> {
-        (bytes != [0; 16]).then_some(Self(bytes))
+        let mut out = [0u8; SERIAL_MAX_OCTETS];
+        out[SERIAL_MAX_OCTETS - 16..].copy_from_slice(&bytes);
+        Self::from_full(out)
+    }
+
+    fn from_full(bytes: [u8; SERIAL_MAX_OCTETS]) -> Option<Self> {
+        // Positive (the top bit is the sign of a 20-octet INTEGER), not zero.
+        (bytes != [0; SERIAL_MAX_OCTETS] && bytes[0] & 0x80 == 0).then_some(Self(bytes))
     }
 
     /// Converts the content octets of a DER INTEGER (as found in a
     /// certificate, possibly with a leading 0x00 sign byte) to a serial.
     ///
-    /// Refuses negative values (high bit set without a sign byte), values with
-    /// more than 128 significant bits, and zero.
+    /// Refuses negative values (high bit set without a sign byte), zero, and
+    /// values of 2^159 or more (longer than RFC 5280's 20 octets).
     pub fn from_der_integer(bytes: &[u8]) -> Result<Self, IdError> {
         if bytes.first().is_some_and(|b| b & 0x80 != 0) {
             return Err(IdError::BadSerial);
@@ -154,24 +172,45 @@ impl SerialNumber {
             Some(first) => &bytes[first..],
             None => return Err(IdError::BadSerial),
         };
-        if significant.len() > 16 {
+        if significant.len() > SERIAL_MAX_OCTETS
+            || (significant.len() == SERIAL_MAX_OCTETS && significant[0] & 0x80 != 0)
+        {
             return Err(IdError::SerialTooLong);
         }
-        let mut out = [0u8; 16];
-        out[16 - significant.len()..].copy_from_slice(significant);
+        let mut out = [0u8; SERIAL_MAX_OCTETS];
+        out[SERIAL_MAX_OCTETS - significant.len()..].copy_from_slice(significant);
         Ok(Self(out))
     }
 
-    /// The 16 big-endian bytes.
-    pub const fn as_bytes(&self) -> &[u8; 16] {
+    /// The 20 big-endian bytes.
+    pub const fn as_bytes(&self) -> &[u8; SERIAL_MAX_OCTETS] {
         &self.0
+    }
+
+    /// Whether the value fits in 128 bits (the enroll-api's serials do).
+    pub fn fits_128_bits(&self) -> bool {
+        self.0[..SERIAL_MAX_OCTETS - 16] == [0; SERIAL_MAX_OCTETS - 16]
     }
 
     /// The bytes to put in a certificate's serial field: the value without
     /// leading zero bytes (an encoder adds the DER sign byte where needed).
     pub fn to_significant_bytes(&self) -> &[u8] {
-        let first = self.0.iter().position(|b| *b != 0).unwrap_or(15);
+        let first = self
+            .0
+            .iter()
+            .position(|b| *b != 0)
+            .unwrap_or(SERIAL_MAX_OCTETS - 1);
         &self.0[first..]
+    }
+
+    /// The displayed digits' bytes: the low 16 when the value fits in 128
+    /// bits, else all 20.
+    fn shown(&self) -> &[u8] {
+        if self.fits_128_bits() {
+            &self.0[SERIAL_MAX_OCTETS - 16..]
+        } else {
+            &self.0
+        }
     }
 }
 
@@ -207,14 +246,14 @@ fn parse_hex_right_aligned<const N: usize>(s: &str) -> Option<[u8; N]> {
 
 impl fmt::Display for SerialNumber {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_hex(f, &self.0)
+        write_hex(f, self.shown())
     }
 }
 
 impl fmt::Debug for SerialNumber {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("SerialNumber(")?;
-        write_hex(f, &self.0)?;
+        write_hex(f, self.shown())?;
         f.write_str(")")
     }
 }
@@ -222,8 +261,8 @@ impl fmt::Debug for SerialNumber {
 impl FromStr for SerialNumber {
     type Err = IdError;
     fn from_str(s: &str) -> Result<Self, IdError> {
-        parse_hex_right_aligned::<16>(s)
-            .and_then(Self::from_bytes)
+        parse_hex_right_aligned::<SERIAL_MAX_OCTETS>(s)
+            .and_then(Self::from_full)
             .ok_or(IdError::BadSerial)
     }
 }
@@ -407,16 +446,49 @@ mod tests {
             SerialNumber::from_der_integer(&[0xff; 16]),
             Err(IdError::BadSerial)
         );
+        // RFC 5280 allows 20 octets: 159 bits (`openssl ca -rand_serial`).
+        let long = SerialNumber::from_der_integer(&[0x7f; 20]).unwrap();
+        assert_eq!(long.to_string(), "7f".repeat(20));
+        assert_eq!(long.to_string().parse::<SerialNumber>().unwrap(), long);
+        assert_eq!(long.to_significant_bytes(), &[0x7f; 20]);
+        assert!(!long.fits_128_bits());
+        let mut der = vec![0u8];
+        der.extend_from_slice(&[0x7f; 19]);
         assert_eq!(
-            SerialNumber::from_der_integer(&[1; 17]),
+            SerialNumber::from_der_integer(&der)
+                .unwrap()
+                .to_string()
+                .len(),
+            40
+        );
+        // 17 significant octets: above 128 bits, 40 digits.
+        let s17 = SerialNumber::from_der_integer(&[1; 17]).unwrap();
+        assert_eq!(s17.to_string(), format!("000000{}", "01".repeat(17)));
+        // A 128-bit value spelled with leading zeros keeps its 32 digits.
+        let padded: SerialNumber = format!("{}{}", "0".repeat(8), "ab".repeat(16))
+            .parse()
+            .unwrap();
+        assert_eq!(padded.to_string(), "ab".repeat(16));
+        // 2^159 needs 21 octets (a sign byte): too long.
+        let mut der = vec![0u8, 0x80];
+        der.extend_from_slice(&[0; 19]);
+        assert_eq!(
+            SerialNumber::from_der_integer(&der),
             Err(IdError::SerialTooLong)
         );
+        assert_eq!(
+            SerialNumber::from_der_integer(&[1; 21]),
+            Err(IdError::SerialTooLong)
+        );
+        assert!(format!("8{}", "0".repeat(39))
+            .parse::<SerialNumber>()
+            .is_err());
         assert_eq!(
             SerialNumber::from_der_integer(&[0, 0]),
             Err(IdError::BadSerial)
         );
         assert_eq!(SerialNumber::from_der_integer(&[]), Err(IdError::BadSerial));
-        for bad in ["", "0", "00", "xyz", &"1".repeat(33), "0x01", " 01"] {
+        for bad in ["", "0", "00", "xyz", &"1".repeat(41), "0x01", " 01"] {
             assert!(bad.parse::<SerialNumber>().is_err(), "{bad:?}");
         }
     }
@@ -452,6 +524,21 @@ mod tests {
             let mut der = s.to_significant_bytes().to_vec();
             if der[0] & 0x80 != 0 { der.insert(0, 0); }
             prop_assert_eq!(SerialNumber::from_der_integer(&der).unwrap(), s);
+        }
+
+        #[test]
+        fn long_serial_round_trips(bytes in proptest::array::uniform20(any::<u8>())) {
+            let mut bytes = bytes;
+            bytes[0] &= 0x7f;
+            prop_assume!(bytes != [0; 20]);
+            let mut der = bytes.to_vec();
+            while der.len() > 1 && der[0] == 0 { der.remove(0); }
+            if der[0] & 0x80 != 0 { der.insert(0, 0); }
+            let s = SerialNumber::from_der_integer(&der).unwrap();
+            prop_assert_eq!(s.as_bytes(), &bytes);
+            prop_assert_eq!(s.to_string().parse::<SerialNumber>().unwrap(), s);
+            let len = s.to_string().len();
+            prop_assert!(len == 32 || len == 40);
         }
 
         #[test]

@@ -34,6 +34,10 @@ macro_rules! kinds {
 kinds! {
     /// The body is not syntactically valid JSON.
     INVALID_JSON = ("invalid_json", 400, "Request body is not valid JSON");
+    /// The request is not valid HTTP (RFC 9112 framing: no or several
+    /// `Host` headers, a malformed chunk, a request line or header the
+    /// gateway's parser refuses). The gateway's answer; never forwarded.
+    BAD_REQUEST = ("bad_request", 400, "Request is not valid HTTP");
     /// The body is JSON but a field is missing, unknown or out of range.
     INVALID_REQUEST = ("invalid_request", 422, "Request fields are missing or invalid");
     /// The request's Content-Type is not `application/json`.
@@ -43,6 +47,9 @@ kinds! {
     /// The request head (request line and headers) did not arrive in time
     /// (the gateway's `listener.header_timeout_ms`, counted from its first byte).
     REQUEST_HEADER_TIMEOUT = ("request_header_timeout", 408, "Request header was not received in time");
+    /// The request body did not arrive in time (the enroll-api's
+    /// `limits.body_read_timeout_ms`, counted from the end of the head).
+    REQUEST_BODY_TIMEOUT = ("request_body_timeout", 408, "Request body was not received in time");
     /// The request head is larger than the gateway accepts (`listener.max_header_bytes`).
     REQUEST_HEADER_TOO_LARGE = ("request_header_too_large", 431, "Request header is too large");
     /// The CSR is not a PEM-encoded PKCS#10 request.

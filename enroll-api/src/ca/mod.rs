@@ -389,6 +389,28 @@ impl Ca {
         validity: Duration,
     ) -> Result<Vec<u8>, CaError> {
         let ca = self.tenant_ca(tenant)?;
+        self.crl_der(&ca, revoked, validity)
+    }
+
+    /// The platform root's CRL (DER), signed by the root, with the same
+    /// thisUpdate/nextUpdate/number rules as [`Ca::tenant_crl_der`]. It lists
+    /// revoked tenant CAs; no operation revokes a tenant CA yet, so it is
+    /// empty, but a verifier that checks CRLs for every CA of the chain (nginx
+    /// `ssl_crl`, OpenSSL `-crl_check_all`) needs it to accept any agent.
+    pub fn root_crl_der(
+        &self,
+        revoked: &[(SerialNumber, OffsetDateTime)],
+        validity: Duration,
+    ) -> Result<Vec<u8>, CaError> {
+        self.crl_der(&self.root, revoked, validity)
+    }
+
+    fn crl_der(
+        &self,
+        ca: &LoadedCa,
+        revoked: &[(SerialNumber, OffsetDateTime)],
+        validity: Duration,
+    ) -> Result<Vec<u8>, CaError> {
         let now = self.clock.now();
         let next_update = (now + validity).min(ca.not_after);
         if next_update <= now {

@@ -151,10 +151,7 @@ async fn revoke(
     ApiJson(req): ApiJson<RevokeRequest>,
 ) -> Result<Json<AgentView>, ApiError> {
     let id: AgentId = path_id(&id)?;
-    let n = req.reason.chars().count();
-    if n == 0 || n > 256 {
-        return Err(ApiError::invalid("reason must be 1..=256 characters"));
-    }
+    crate::text::check("reason", &req.reason, 1, 256)?;
     let a = state
         .store
         .revoke_agent(

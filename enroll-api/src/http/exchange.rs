@@ -11,9 +11,8 @@
 //! 401 `invalid_token`; the tenant's audit (outbox) records which.
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::Router;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -24,20 +23,23 @@ use oneprotect_identity::{
     AgentId, AgentStatus, CertFingerprint, SerialNumber, TenantId, TokenId, TokenSecret,
 };
 
-use super::{ApiError, ApiJson, AppState, PeerAddr};
+use super::{ApiError, ApiJson, AppState, ClientAddr, Sensitive};
 use crate::ca::{check_csr, CsrError, IssuedLeaf};
 use crate::secrets::TOKEN_PREFIX;
 use crate::store::{
     AgentRecord, EnrollOutcome, Enrollment, NewCertificate, Store, TokenRefusal, TokenStatus,
 };
+use crate::text;
 
 pub(crate) fn router() -> Router<AppState> {
     Router::new().route("/api/v1/agent-enrollment/exchange", post(exchange))
 }
 
 /// `ExchangeRequest`. The token is a redacting newtype: a `Debug` of this
-/// struct cannot leak it.
+/// struct cannot leak it. Unknown fields, here and in `agent`, are refused
+/// before the token is looked at.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct ExchangeRequest {
     token: TokenSecret,
     csr_pem: String,
@@ -45,6 +47,7 @@ pub(crate) struct ExchangeRequest {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AgentInfo {
     hostname: String,
     os: String,
@@ -96,16 +99,6 @@ impl EnrollmentResult {
             rotate_after,
         })
     }
-}
-
-fn check_text(name: &str, v: &str, max: usize) -> Result<(), ApiError> {
-    let n = v.chars().count();
-    if n == 0 || n > max || v.chars().any(char::is_control) {
-        return Err(ApiError::invalid(format!(
-            "agent.{name} must be 1..={max} printable characters"
-        )));
-    }
-    Ok(())
 }
 
 pub(super) fn csr_problem(e: &CsrError) -> ApiError {
@@ -165,19 +158,24 @@ fn refusal_failure(r: TokenRefusal) -> Option<EnrollmentFailure> {
 
 async fn exchange(
     State(state): State<AppState>,
-    PeerAddr(peer): PeerAddr,
+    ClientAddr(client): ClientAddr,
     ApiJson(req): ApiJson<ExchangeRequest>,
-) -> Result<(StatusCode, Json<EnrollmentResult>), ApiError> {
+) -> Result<Sensitive<EnrollmentResult>, ApiError> {
     let started = std::time::Instant::now();
-    if let Some(peer) = peer {
+    // The client's address: behind a trusted gateway the address it
+    // forwarded, never a header from anyone else (crate::forwarded).
+    if let Some(client) = client {
         state
             .per_address
-            .check(&peer.ip().to_string(), started)
-            .map_err(ApiError::RateLimited)?;
+            .check(&client.to_string(), started)
+            .map_err(|wait| {
+                tracing::info!(%client, "exchange refused: rate limited by address");
+                ApiError::RateLimited(wait)
+            })?;
     }
-    check_text("hostname", &req.agent.hostname, 253)?;
-    check_text("os", &req.agent.os, 64)?;
-    check_text("agent_version", &req.agent.agent_version, 64)?;
+    text::check("agent.hostname", &req.agent.hostname, 1, 253)?;
+    text::check("agent.os", &req.agent.os, 1, 64)?;
+    text::check("agent.agent_version", &req.agent.agent_version, 1, 64)?;
     if req.csr_pem.len() > crate::ca::MAX_CSR_PEM_LEN {
         return Err(ApiError::new(problem::INVALID_CSR));
     }
@@ -295,8 +293,8 @@ async fn exchange(
     }
     state.relay.wake();
     tracing::info!(%tenant, %token_id, agent = %agent_id, serial = %leaf.serial, "agent enrolled");
-    Ok((
-        StatusCode::CREATED,
-        Json(EnrollmentResult::new(&state, tenant, agent_id, leaf)?),
+    Ok(Sensitive::created(
+        EnrollmentResult::new(&state, tenant, agent_id, leaf)?,
+        None,
     ))
 }

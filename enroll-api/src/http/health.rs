@@ -1,5 +1,5 @@
 //! `/healthz` (the process answers), `/readyz` (storage answers) and
-//! `/metrics` (Prometheus text; loopback peers only, 404 to anyone else).
+//! `/metrics` (Prometheus text; loopback clients only, 404 to anyone else).
 
 use axum::extract::State;
 use axum::routing::get;
@@ -10,7 +10,7 @@ use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use oneprotect_identity::problem;
 
-use super::{ApiError, AppState, PeerAddr};
+use super::{ApiError, AppState, ClientAddr};
 use crate::store::{Store, StoreError};
 
 pub(crate) fn router() -> Router<AppState> {
@@ -22,9 +22,11 @@ pub(crate) fn router() -> Router<AppState> {
 
 async fn metrics(
     State(state): State<AppState>,
-    PeerAddr(peer): PeerAddr,
+    ClientAddr(client): ClientAddr,
 ) -> Result<impl IntoResponse, ApiError> {
-    if !peer.is_some_and(|p| p.ip().is_loopback()) {
+    // The client, not merely the TCP peer: a remote client's request that a
+    // trusted gateway forwards is not a loopback caller.
+    if !client.is_some_and(|c| c.is_loopback()) {
         return Err(ApiError::new(problem::ROUTE_NOT_FOUND));
     }
     Ok((

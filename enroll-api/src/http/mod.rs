@@ -21,7 +21,10 @@ use std::time::Duration;
 
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, Request};
-use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use axum::http::header::{
+    AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, LOCATION, PRAGMA, RETRY_AFTER,
+    WWW_AUTHENTICATE,
+};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -60,6 +63,11 @@ pub struct Inner {
     pub per_token: RateLimiter,
     /// Largest request body in bytes.
     pub max_body_bytes: usize,
+    /// How long a request body may take to arrive, from the end of the
+    /// head; then 408 `request_body_timeout`.
+    pub body_read_timeout: Duration,
+    /// The peers whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: crate::forwarded::TrustedProxies,
     /// The Redis projection, when `redis.url` is configured.
     pub projection: Option<crate::projection::Projection>,
     /// Wakes the outbox relay after a commit.
@@ -108,11 +116,14 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/ca"),
     ("GET", "/api/v1/trust-bundle"),
     ("GET", "/api/v1/tenants/{tenant_id}/crl"),
+    ("GET", "/api/v1/tenants/{tenant_id}/crl-chain"),
+    ("GET", "/api/v1/crl"),
 ];
 
 /// The whole API.
 pub fn router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
+    let trusted = state.trusted_proxies.clone();
     Router::new()
         .merge(health::router())
         .merge(tokens::router())
@@ -125,9 +136,17 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .layer(
             tower_http::trace::TraceLayer::new_for_http()
-                .make_span_with(|req: &Request| {
-                    // Path only: query strings are not logged.
-                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path())
+                .make_span_with(move |req: &Request| {
+                    // Path only: query strings are not logged. The client
+                    // is the TCP peer, or what a trusted gateway forwarded.
+                    let client = req
+                        .extensions()
+                        .get::<ConnectInfo<SocketAddr>>()
+                        .map(|c| trusted.client_ip(c.0.ip(), req.headers()));
+                    match client {
+                        Some(client) => tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), %client),
+                        None => tracing::info_span!("request", method = %req.method(), path = %req.uri().path()),
+                    }
                 })
                 .on_request(())
                 .on_response(
@@ -154,6 +173,8 @@ pub enum ApiError {
     Unauthorized,
     /// 429 `rate_limited` with `Retry-After`.
     RateLimited(Duration),
+    /// 408 `request_body_timeout` with `Connection: close`.
+    BodyTimeout,
     /// A storage failure: 503 when retryable, else 500.
     Store(StoreError),
     /// Any other internal failure (logged, answered generically).
@@ -174,6 +195,12 @@ impl ApiError {
     /// 422 `invalid_request` with a detail.
     pub fn invalid(detail: impl Into<String>) -> Self {
         Self::detail(problem::INVALID_REQUEST, detail)
+    }
+}
+
+impl From<crate::text::TextError> for ApiError {
+    fn from(e: crate::text::TextError) -> Self {
+        ApiError::invalid(e.to_string())
     }
 }
 
@@ -215,6 +242,17 @@ impl IntoResponse for ApiError {
                     .insert(RETRY_AFTER, HeaderValue::from(wait.as_secs().max(1)));
                 r
             }
+            ApiError::BodyTimeout => {
+                let mut r = problem_response(problem::REQUEST_BODY_TIMEOUT, None);
+                // The rest of the body may still come: this connection
+                // cannot carry another request.
+                r.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+                r
+            }
+            ApiError::Store(StoreError::InvalidText(e)) => {
+                problem_response(problem::INVALID_REQUEST, Some(e.to_string()))
+            }
             ApiError::Store(StoreError::Unavailable(e)) => {
                 tracing::warn!(error = %e, "storage unavailable");
                 let mut r = problem_response(problem::STORAGE_UNAVAILABLE, None);
@@ -235,15 +273,24 @@ impl IntoResponse for ApiError {
 }
 
 /// A JSON body with the API's error mapping: wrong media type 415,
-/// too large 413, not JSON 400 `invalid_json`, wrong shape 422
+/// too large 413, not arriving within `limits.body_read_timeout_ms` 408
+/// `request_body_timeout`, not JSON 400 `invalid_json`, not a JSON object
+/// or wrong shape (a missing, unknown or mistyped field) 422
 /// `invalid_request`.
+///
+/// Every request body of the API is an object: a top-level array (which
+/// serde would otherwise map onto a struct's fields in order) or scalar is
+/// refused before any field is looked at. Every request type also refuses
+/// unknown fields (`deny_unknown_fields`, nested objects too); the suite test
+/// `hardening_api::request_bodies_are_strict_for_every_schema_in_the_spec`
+/// walks every request schema of `specs/openapi.yaml`.
 #[derive(Debug, Clone)]
 pub struct ApiJson<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         let json = req
             .headers()
             .get(CONTENT_TYPE)
@@ -253,8 +300,14 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
         if !json {
             return Err(ApiError::new(problem::UNSUPPORTED_MEDIA_TYPE));
         }
-        let bytes = Bytes::from_request(req, state)
+        // One deadline for the whole body, however it trickles in.
+        let read = tokio::time::timeout(state.body_read_timeout, Bytes::from_request(req, state));
+        let bytes = read
             .await
+            .map_err(|_| {
+                tracing::info!("request body did not arrive in time");
+                ApiError::BodyTimeout
+            })?
             .map_err(|e: BytesRejection| {
                 if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     ApiError::new(problem::PAYLOAD_TOO_LARGE)
@@ -262,18 +315,94 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                     ApiError::invalid("the request body could not be read")
                 }
             })?;
-        match serde_json::from_slice(&bytes) {
-            Ok(v) => Ok(ApiJson(v)),
-            Err(e) => match e.classify() {
-                serde_json::error::Category::Data => {
-                    // serde's message names the field and the expectation,
-                    // never the value.
-                    Err(ApiError::invalid(e.to_string()))
-                }
-                _ => Err(ApiError::new(problem::INVALID_JSON)),
-            },
+        parse_body(&bytes).map(ApiJson)
+    }
+}
+
+/// The body as `T`: 400 `invalid_json` when it is not JSON, 422
+/// `invalid_request` when it is not an object or does not fit `T`.
+pub(crate) fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        // Valid JSON of another kind is a shape error; anything else is
+        // not JSON at all.
+        return match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+            Ok(_) => Err(ApiError::invalid("the request body must be a JSON object")),
+            Err(_) => Err(ApiError::new(problem::INVALID_JSON)),
+        };
+    }
+    match serde_json::from_slice(bytes) {
+        Ok(v) => Ok(v),
+        Err(e) => match e.classify() {
+            serde_json::error::Category::Data => {
+                // serde's message names the field and the expectation,
+                // never the value.
+                Err(ApiError::invalid(e.to_string()))
+            }
+            _ => Err(ApiError::new(problem::INVALID_JSON)),
+        },
+    }
+}
+
+/// An answer whose body carries a secret (a token's secret) or a freshly
+/// issued certificate: the one place that marks such answers
+/// `Cache-Control: no-store` (and `Pragma: no-cache` for HTTP/1.0 caches),
+/// with `Location` when the answer created a resource.
+#[derive(Debug)]
+pub(crate) struct Sensitive<T> {
+    status: StatusCode,
+    location: Option<String>,
+    body: T,
+}
+
+impl<T> Sensitive<T> {
+    /// 200 with `body`.
+    pub(crate) fn ok(body: T) -> Self {
+        Self {
+            status: StatusCode::OK,
+            location: None,
+            body,
         }
     }
+
+    /// 201 with `body`, optionally naming the new resource.
+    pub(crate) fn created(body: T, location: Option<String>) -> Self {
+        Self {
+            status: StatusCode::CREATED,
+            location,
+            body,
+        }
+    }
+}
+
+impl<T: serde::Serialize> IntoResponse for Sensitive<T> {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, axum::Json(self.body)).into_response();
+        let h = r.headers_mut();
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(PRAGMA, HeaderValue::from_static("no-cache"));
+        if let Some(location) = self.location {
+            match HeaderValue::try_from(location) {
+                Ok(v) => {
+                    h.insert(LOCATION, v);
+                }
+                Err(e) => return ApiError::Internal(e.to_string()).into_response(),
+            }
+        }
+        r
+    }
+}
+
+/// The credentials of an `Authorization` header value when its scheme is
+/// `Bearer`, compared case-insensitively (RFC 9110 §11.1), separated by
+/// one or more spaces.
+pub(crate) fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let credentials = rest.trim_matches(' ');
+    (!credentials.is_empty()).then_some(credentials)
 }
 
 /// An authenticated tenant admin (bearer `opak_…` key).
@@ -293,8 +422,7 @@ impl FromRequestParts<AppState> for AdminAuth {
             .headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(bearer_credentials)
             .ok_or(ApiError::Unauthorized)?;
         if !crate::secrets::well_formed(key, ADMIN_KEY_PREFIX) {
             return Err(ApiError::Unauthorized);
@@ -312,19 +440,24 @@ impl FromRequestParts<AppState> for AdminAuth {
     }
 }
 
-/// The peer address of the connection, when served over a socket.
+/// The client's address: the TCP peer, or — when the peer is one of
+/// `forwarded.trusted_proxies` — the right-most `X-Forwarded-For` entry
+/// (see [`crate::forwarded`]). `None` when not served over a socket.
 #[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub Option<SocketAddr>);
+pub struct ClientAddr(pub Option<std::net::IpAddr>);
 
-impl<S: Send + Sync> FromRequestParts<S> for PeerAddr {
+impl FromRequestParts<AppState> for ClientAddr {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(PeerAddr(
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(ClientAddr(
             parts
                 .extensions
                 .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0),
+                .map(|c| state.trusted_proxies.client_ip(c.0.ip(), &parts.headers)),
         ))
     }
 }

@@ -13,12 +13,9 @@
 //! at worst. The agent is not revoked automatically; an admin decides.
 
 use axum::extract::{FromRequestParts, Path, State};
-use axum::http::header::CACHE_CONTROL;
 use axum::http::request::Parts;
-use axum::http::HeaderValue;
-use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::Router;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -28,7 +25,7 @@ use oneprotect_identity::problem;
 use oneprotect_identity::{AgentId, CertFingerprint, SerialNumber, TenantId};
 
 use super::exchange::{csr_problem, EnrollmentResult};
-use super::{path_id, ApiError, ApiJson, AppState};
+use super::{path_id, ApiError, ApiJson, AppState, Sensitive};
 use crate::ca::check_csr;
 use crate::store::rotation::check_presented;
 use crate::store::{
@@ -93,16 +90,10 @@ struct RotateRequest {
 
 /// `CertificateConfirmation`.
 #[derive(Debug, Serialize)]
-struct Confirmation {
+pub(crate) struct Confirmation {
     agent_id: AgentId,
     serial: SerialNumber,
     superseded_serial: Option<SerialNumber>,
-}
-
-fn no_store(mut r: Response) -> Response {
-    r.headers_mut()
-        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    r
 }
 
 /// The asserted agent must be the path's; anything else is 403.
@@ -167,7 +158,7 @@ async fn rotate(
     auth: AgentAuth,
     Path(agent): Path<String>,
     ApiJson(req): ApiJson<RotateRequest>,
-) -> Result<Response, ApiError> {
+) -> Result<Sensitive<EnrollmentResult>, ApiError> {
     check_path(&auth, &agent)?;
     if req.csr_pem.len() > crate::ca::MAX_CSR_PEM_LEN {
         return Err(ApiError::new(problem::INVALID_CSR));
@@ -237,15 +228,19 @@ async fn rotate(
         previous_was_current = (current.current_serial == auth.serial),
         "certificate rotated"
     );
-    let result = EnrollmentResult::new(&state, auth.tenant, auth.agent, leaf)?;
-    Ok(no_store(Json(result).into_response()))
+    Ok(Sensitive::ok(EnrollmentResult::new(
+        &state,
+        auth.tenant,
+        auth.agent,
+        leaf,
+    )?))
 }
 
 async fn confirm(
     State(state): State<AppState>,
     auth: AgentAuth,
     Path(agent): Path<String>,
-) -> Result<Response, ApiError> {
+) -> Result<Sensitive<Confirmation>, ApiError> {
     check_path(&auth, &agent)?;
     let now: OffsetDateTime = state.clock.now();
     match state
@@ -260,14 +255,11 @@ async fn confirm(
             state
                 .metrics
                 .confirmation(if s.is_some() { "completed" } else { "no_op" });
-            Ok(no_store(
-                Json(Confirmation {
-                    agent_id: auth.agent,
-                    serial: auth.serial,
-                    superseded_serial: s.map(|s| s.serial),
-                })
-                .into_response(),
-            ))
+            Ok(Sensitive::ok(Confirmation {
+                agent_id: auth.agent,
+                serial: auth.serial,
+                superseded_serial: s.map(|s| s.serial),
+            }))
         }
         ConfirmOutcome::Refused(r) => {
             state.metrics.confirmation("refused");

@@ -73,6 +73,8 @@ async fn fixture_with(per_token_burst: u32, per_address_burst: u32) -> Fixture {
         per_address: RateLimiter::new(60, per_address_burst, 1000),
         per_token: RateLimiter::new(60, per_token_burst, 1000),
         max_body_bytes: 16 * 1024,
+        body_read_timeout: std::time::Duration::from_secs(10),
+        trusted_proxies: Default::default(),
         projection: None,
         relay: crate::relay::RelayWaker::new(),
         assertions: oneprotect_identity::AssertionVerifier::new("oneprotect-upstream"),
@@ -729,4 +731,49 @@ async fn every_listed_route_is_served() {
     }
     let r = call(&f, Method::GET, "/metrics", None, None).await;
     assert_problem(&r, problem::ROUTE_NOT_FOUND);
+}
+
+#[test]
+fn bearer_scheme_is_case_insensitive() {
+    use super::bearer_credentials;
+    for v in [
+        "Bearer k",
+        "bearer k",
+        "BEARER k",
+        "Bearer   k",
+        "bEaReR k  ",
+    ] {
+        assert_eq!(bearer_credentials(v), Some("k"), "{v:?}");
+    }
+    for v in ["Basic k", "Bearerk", "Bearer", "Bearer ", "k", "Bearer\tk"] {
+        assert_eq!(bearer_credentials(v), None, "{v:?}");
+    }
+}
+
+#[test]
+fn request_bodies_must_be_objects() {
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Two {
+        a: u32,
+        b: String,
+    }
+    assert!(super::parse_body::<Two>(br#" {"a": 1, "b": "x"} "#).is_ok());
+    for (body, code) in [
+        (&br#"[1, "x"]"#[..], "invalid_request"),
+        (b"null", "invalid_request"),
+        (b"42", "invalid_request"),
+        (br#""x""#, "invalid_request"),
+        (br#"{"a": 1, "a": 2, "b": "x"}"#, "invalid_request"),
+        (b"[1,", "invalid_json"),
+        (b"", "invalid_json"),
+        (br#"{"a": 1, "b": "x"} trailing"#, "invalid_json"),
+    ] {
+        match super::parse_body::<Two>(body) {
+            Err(ApiError::Problem(kind, _)) => {
+                assert_eq!(kind.code, code, "{}", String::from_utf8_lossy(body))
+            }
+            other => panic!("{}: {other:?}", String::from_utf8_lossy(body)),
+        }
+    }
 }

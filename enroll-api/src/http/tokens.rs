@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
@@ -14,8 +13,9 @@ use oneprotect_identity::events::{Actor, Event, Payload};
 use oneprotect_identity::problem;
 use oneprotect_identity::{TenantId, TokenId};
 
-use super::{next_cursor, path_id, AdminAuth, ApiError, ApiJson, AppState, ListQuery};
+use super::{next_cursor, path_id, AdminAuth, ApiError, ApiJson, AppState, ListQuery, Sensitive};
 use crate::store::{NewToken, Store, TokenRecord, TokenStatus};
+use crate::text;
 
 pub(crate) fn router() -> Router<AppState> {
     Router::new()
@@ -79,7 +79,7 @@ impl TokenView {
 
 /// `TokenCreated`: the token and, this once, its secret.
 #[derive(Serialize)]
-struct Created {
+pub(crate) struct Created {
     #[serde(flatten)]
     view: TokenView,
     token: String,
@@ -100,26 +100,16 @@ fn check(req: &CreateRequest) -> Result<(u64, u32), ApiError> {
     if !(1..=MAX_USES).contains(&max_uses) {
         return Err(ApiError::invalid("max_uses must be 1..=10000"));
     }
-    if req
-        .description
-        .as_ref()
-        .is_some_and(|d| d.chars().count() > 256)
-    {
-        return Err(ApiError::invalid(
-            "description is longer than 256 characters",
-        ));
+    if let Some(d) = &req.description {
+        text::check("description", d, 0, 256)?;
     }
     if let Some(labels) = &req.labels {
         if labels.len() > 16 {
             return Err(ApiError::invalid("at most 16 labels"));
         }
-        if labels
-            .iter()
-            .any(|(k, v)| k.is_empty() || k.chars().count() > 64 || v.chars().count() > 256)
-        {
-            return Err(ApiError::invalid(
-                "label keys must be 1..=64 and values at most 256 characters",
-            ));
+        for (k, v) in labels {
+            text::check("label keys", k, 1, 64)?;
+            text::check("label values", v, 0, 256)?;
         }
     }
     Ok((ttl, max_uses))
@@ -129,7 +119,7 @@ async fn create(
     State(state): State<AppState>,
     auth: AdminAuth,
     ApiJson(req): ApiJson<CreateRequest>,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<Sensitive<Created>, ApiError> {
     let (ttl, max_uses) = check(&req)?;
     let now = state.clock.now();
     let secret = crate::secrets::new_token().map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -164,12 +154,12 @@ async fn create(
     state.store.create_token(&new, &event).await?;
     state.relay.wake();
     tracing::info!(tenant = %auth.tenant, token_id = %new.record.id, max_uses, ttl, "enrollment token created");
+    let location = format!("/api/v1/agent-enrollment/tokens/{}", new.record.id);
     let body = Created {
         view: TokenView::of(new.record, now),
         token: secret.expose_secret().to_owned(),
     };
-    let value = serde_json::to_value(&body).map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok((StatusCode::CREATED, Json(value)))
+    Ok(Sensitive::created(body, Some(location)))
 }
 
 async fn list(

@@ -160,6 +160,7 @@ pub async fn run_all<S: Store>(s: &S) {
     relay_reads_pending_events_and_certificates(s).await;
     rotation_lineage(s).await;
     rotation_under_concurrency(s, 20).await;
+    control_characters_are_refused_alike(s).await;
 }
 
 fn random_serial() -> SerialNumber {
@@ -706,6 +707,89 @@ pub async fn agents_list_and_revoke<S: Store>(s: &S) {
         }
         other => panic!("unexpected {other:?}"),
     }
+}
+
+/// Issue 15 item 10: a NUL (PostgreSQL cannot store it, SQLite can) or any
+/// other control character in client free text is refused by every backend
+/// with the same error, before anything is written.
+pub async fn control_characters_are_refused_alike<S: Store>(s: &S) {
+    let t = tenant(s).await;
+    let events_before = s.list_events(t, 1000).await.unwrap().len();
+    for (description, labels) in [
+        (Some("a\u{0}b".to_owned()), BTreeMap::new()),
+        (Some("line\nbreak".to_owned()), BTreeMap::new()),
+        (
+            None,
+            BTreeMap::from([("k\u{0}".to_owned(), "v".to_owned())]),
+        ),
+        (
+            None,
+            BTreeMap::from([("k".to_owned(), "v\u{1b}[31m".to_owned())]),
+        ),
+    ] {
+        let id = TokenId::random();
+        let record = TokenRecord {
+            id,
+            tenant_id: t,
+            max_uses: 1,
+            uses: 0,
+            expires_at: now() + time::Duration::seconds(600),
+            created_at: now(),
+            revoked_at: None,
+            description: description.clone(),
+            labels: labels.clone(),
+        };
+        let event = Event::new(
+            t,
+            Actor::System,
+            now(),
+            Payload::TokenIssued {
+                token_id: id,
+                expires_at: record.expires_at,
+                max_uses: 1,
+                description,
+                labels,
+            },
+        );
+        let r = s
+            .create_token(
+                &NewToken {
+                    record,
+                    token_hash: hash("nul"),
+                    created_by: Uuid::new_v4(),
+                },
+                &event,
+            )
+            .await;
+        assert!(matches!(r, Err(StoreError::InvalidText(_))), "{r:?}");
+        assert!(s.fetch_token(t, id).await.unwrap().is_none());
+    }
+    let (id, h) = token(s, t, 2, 3600).await;
+    let mut bad = enrollment(t, id, &h, now());
+    bad.agent.hostname = "host\u{0}".into();
+    let r = s.enroll(&bad).await;
+    assert!(matches!(r, Err(StoreError::InvalidText(_))), "{r:?}");
+    assert_eq!(s.fetch_token(t, id).await.unwrap().unwrap().uses, 0);
+    let good = enrollment(t, id, &h, now());
+    s.enroll(&good).await.unwrap();
+    let r = s
+        .revoke_agent(t, good.agent.id, "stolen\u{0}", now(), Actor::System)
+        .await;
+    assert!(matches!(r, Err(StoreError::InvalidText(_))), "{r:?}");
+    let a = s.fetch_agent(t, good.agent.id).await.unwrap().unwrap();
+    assert_eq!(a.status, AgentStatus::Active);
+    // The token issued event and the enrollment, nothing from the refusals.
+    assert_eq!(
+        s.list_events(t, 1000).await.unwrap().len(),
+        events_before + 2
+    );
+    // Non-ASCII text that is not a control character is kept as is.
+    let r = s
+        .revoke_agent(t, good.agent.id, "Gerät – 端末", now(), Actor::System)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.revocation_reason.as_deref(), Some("Gerät – 端末"));
 }
 
 pub async fn relay_reads_pending_events_and_certificates<S: Store>(s: &S) {

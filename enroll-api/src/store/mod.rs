@@ -53,6 +53,10 @@ pub enum StoreError {
     /// Applying the embedded migrations failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A free-text value breaks [`crate::text`]'s rule (a control character);
+    /// refused before any write, the same on every backend.
+    #[error("refused text: {0}")]
+    InvalidText(#[from] crate::text::TextError),
     /// The PostgreSQL role the service runs as can bypass row-level security.
     #[error("the database role {0:?} is a superuser or has BYPASSRLS; refusing to run")]
     RoleBypassesRls(String),
@@ -259,6 +263,36 @@ pub struct Enrollment {
     pub event: Event,
     /// The time of the exchange.
     pub now: OffsetDateTime,
+}
+
+/// The free-text rule ([`crate::text`]) for what the stores write from
+/// clients, checked by both backends before they open a transaction, so
+/// neither can hold what the other would refuse.
+pub(crate) mod text_rule {
+    use super::{Enrollment, NewToken, StoreError};
+    use crate::text::check_no_control;
+
+    pub(crate) fn token(t: &NewToken) -> Result<(), StoreError> {
+        if let Some(d) = &t.record.description {
+            check_no_control("description", d)?;
+        }
+        for (k, v) in &t.record.labels {
+            check_no_control("labels", k)?;
+            check_no_control("labels", v)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn enrollment(e: &Enrollment) -> Result<(), StoreError> {
+        check_no_control("agent.hostname", &e.agent.hostname)?;
+        check_no_control("agent.os", &e.agent.os)?;
+        check_no_control("agent.agent_version", &e.agent.agent_version)?;
+        Ok(())
+    }
+
+    pub(crate) fn reason(reason: &str) -> Result<(), StoreError> {
+        Ok(check_no_control("reason", reason)?)
+    }
 }
 
 /// Why a token was not consumed.

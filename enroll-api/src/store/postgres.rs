@@ -370,6 +370,7 @@ impl Store for PgStore {
     }
 
     async fn create_token(&self, t: &NewToken, event: &Event) -> Result<(), StoreError> {
+        super::text_rule::token(t)?;
         let r = &t.record;
         let mut tx = self.begin(r.tenant_id).await?;
         sqlx::query(
@@ -481,6 +482,7 @@ impl Store for PgStore {
     }
 
     async fn enroll(&self, e: &Enrollment) -> Result<EnrollOutcome, StoreError> {
+        super::text_rule::enrollment(e)?;
         let a = &e.agent;
         let mut tx = self.begin(a.tenant_id).await?;
         // Row lock + re-check under READ COMMITTED: concurrent updaters of
@@ -722,6 +724,7 @@ impl Store for PgStore {
         now: OffsetDateTime,
         actor: Actor,
     ) -> Result<Option<AgentRecord>, StoreError> {
+        super::text_rule::reason(reason)?;
         let mut tx = self.begin(tenant).await?;
         let changed = sqlx::query(
             "UPDATE agents SET status = 'revoked', revoked_at = $3, revocation_reason = $4, \

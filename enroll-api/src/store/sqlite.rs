@@ -278,6 +278,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_token(&self, t: &NewToken, event: &Event) -> Result<(), StoreError> {
+        super::text_rule::token(t)?;
         let r = &t.record;
         let mut tx = self.pool.begin().await?;
         sqlx::query(
@@ -398,6 +399,7 @@ impl Store for SqliteStore {
     }
 
     async fn enroll(&self, e: &Enrollment) -> Result<EnrollOutcome, StoreError> {
+        super::text_rule::enrollment(e)?;
         let a = &e.agent;
         let mut tx = self.pool.begin().await?;
         // The consume comes first: it takes the write lock, and its row count
@@ -636,6 +638,7 @@ impl Store for SqliteStore {
         now: OffsetDateTime,
         actor: Actor,
     ) -> Result<Option<AgentRecord>, StoreError> {
+        super::text_rule::reason(reason)?;
         let mut tx = self.pool.begin().await?;
         let changed = sqlx::query(
             "UPDATE agents SET status = 'revoked', revoked_at = ?3, revocation_reason = ?4, \

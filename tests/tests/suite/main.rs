@@ -11,6 +11,8 @@ mod devstack;
 mod enroll;
 mod faults;
 mod gateway;
+mod hardening_api;
+mod hardening_gateway;
 mod lifecycle;
 mod redis_ha;
 mod rotation;
