@@ -67,6 +67,29 @@ pub fn host_problem(req: &RequestHeader) -> Option<&'static str> {
     }
 }
 
+/// Why a request asks for a tunnel, if it does: an `Upgrade` header (any
+/// value, e.g. `websocket`, `h2c`), a `Connection` header naming the
+/// `upgrade` option (any case, in a list), or the `CONNECT` method (HTTP/1.1,
+/// or HTTP/2's extended CONNECT). After a 101 or a 2xx to CONNECT the
+/// connection carries opaque bytes, and the per-request revocation check
+/// never runs again, so the gateway refuses every such request (no route
+/// can allow one yet).
+pub fn upgrade_problem(req: &RequestHeader) -> Option<&'static str> {
+    if req.method == http::Method::CONNECT {
+        return Some("CONNECT is not allowed");
+    }
+    if req.headers.contains_key(http::header::UPGRADE) {
+        return Some("Upgrade is not allowed");
+    }
+    let asks = req
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|opt| opt.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
+    asks.then_some("Connection: upgrade is not allowed")
+}
+
 /// Rewrites an absolute-form target (`GET http://host/path HTTP/1.1`) to
 /// origin-form (`/path`), with `Host` set to the target's authority, as
 /// RFC 9112 §3.2.2 says a server must read it; upstreams get origin-form
@@ -180,6 +203,10 @@ impl ProxyHttp for Gateway {
     ) -> pingora::Result<bool> {
         if let Some(why) = host_problem(session.req_header()) {
             respond_problem(session, problem::BAD_REQUEST, Some(why), None, true).await?;
+            return Ok(true);
+        }
+        if let Some(why) = upgrade_problem(session.req_header()) {
+            respond_problem(session, problem::UPGRADE_NOT_ALLOWED, Some(why), None, true).await?;
             return Ok(true);
         }
         let Some(route) = self.router.route(session.req_header().uri.path()).cloned() else {
@@ -421,6 +448,25 @@ mod tests {
         assert!(host_problem(&req(V::HTTP_10, b"/", &[])).is_none());
         assert!(host_problem(&req(V::HTTP_10, b"/", &["a", "a"])).is_some());
         assert!(host_problem(&req(V::HTTP_2, b"/", &[])).is_none());
+    }
+
+    #[test]
+    fn every_tunnel_request_is_recognised() {
+        use http::Version as V;
+        let with = |name: &str, value: &str| {
+            let mut r = req(V::HTTP_11, b"/", &["h"]);
+            r.append_header(name.to_owned(), value).unwrap();
+            r
+        };
+        assert!(upgrade_problem(&with("upgrade", "websocket")).is_some());
+        assert!(upgrade_problem(&with("Upgrade", "h2c")).is_some());
+        assert!(upgrade_problem(&with("connection", "Upgrade")).is_some());
+        assert!(upgrade_problem(&with("connection", "keep-alive, UPGRADE ")).is_some());
+        assert!(upgrade_problem(&with("connection", "keep-alive")).is_none());
+        assert!(upgrade_problem(&with("connection", "upgrades")).is_none());
+        assert!(upgrade_problem(&req(V::HTTP_11, b"/", &["h"])).is_none());
+        let connect = RequestHeader::build("CONNECT", b"upstream:443", None).unwrap();
+        assert!(upgrade_problem(&connect).is_some());
     }
 
     #[test]

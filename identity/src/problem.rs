@@ -50,6 +50,10 @@ kinds! {
     /// The request body did not arrive in time (the enroll-api's
     /// `limits.body_read_timeout_ms`, counted from the end of the head).
     REQUEST_BODY_TIMEOUT = ("request_body_timeout", 408, "Request body was not received in time");
+    /// The request asks to turn the connection into a tunnel (`Upgrade`,
+    /// `Connection: upgrade`, or `CONNECT`): a tunnel would escape the
+    /// gateway's per-request revocation check, so the gateway refuses it.
+    UPGRADE_NOT_ALLOWED = ("upgrade_not_allowed", 400, "Protocol upgrades and tunnels are not allowed");
     /// The request head is larger than the gateway accepts (`listener.max_header_bytes`).
     REQUEST_HEADER_TOO_LARGE = ("request_header_too_large", 431, "Request header is too large");
     /// The CSR is not a PEM-encoded PKCS#10 request.

@@ -49,9 +49,10 @@ const OPENAPI_URI: &str = "https://oneprotect.dev/specs/openapi.yaml";
 /// Problem codes the enroll-api never answers with: they belong to the gateway's edge, or
 /// (conflict) are reserved and not used by any endpoint of the outline. Every other code of
 /// the catalogue must be documented in openapi.yaml.
-const NOT_ENROLL_API: [&str; 7] = [
+const NOT_ENROLL_API: [&str; 8] = [
     "bad_gateway",
     "bad_request",
+    "upgrade_not_allowed",
     "request_header_timeout",
     "request_header_too_large",
     "revocation_unavailable",

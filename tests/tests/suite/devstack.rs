@@ -517,3 +517,56 @@ async fn postgres_and_redis() -> Result<()> {
     }
     res
 }
+
+/// One anonymous client cannot block enrollment for everyone behind the
+/// gateway (issue 15, item 14), end to end through the dev stack's real
+/// gateway and enroll-api: the gateway sets `x-forwarded-for` to the TCP
+/// peer, and the enroll-api trusts it only from the gateway's address
+/// (`forwarded.trusted_proxies`, which `up` sets). `curl` bound to
+/// 127.0.0.2 sends bogus exchanges until the per-address limit answers 429;
+/// then an agent from 127.0.0.1 still enrolls through the same gateway.
+/// Before, the limit saw the gateway's address for every client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_exhausting_the_exchange_limit_does_not_block_others() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("data");
+    let up = Up::start(&data, free_port_base(), &[])?;
+    let url = format!("{}/api/v1/agent-enrollment/exchange", up.s("gateway_url"));
+    let body = json!({"token": format!("opet_{}", "B".repeat(43)), "csr_pem": "not a csr"});
+    let mut statuses = Vec::new();
+    // The dev stack's burst is 20 (limits.exchange_per_address_burst);
+    // bounded at 60 attempts.
+    for _ in 0..60 {
+        let out = run(
+            Command::new("curl")
+                .args(["-sS", "--max-time", "10", "--interface", "127.0.0.2"])
+                .arg("--cacert")
+                .arg(up.s("server_ca"))
+                .args(["-o", "/dev/null", "-w", "%{http_code}"])
+                .args(["-H", "content-type: application/json"])
+                .args(["--data-binary", &body.to_string(), &url]),
+            CMD_TIMEOUT,
+        )?;
+        ensure!(out.status.success(), "curl: {}", text(&out.stderr));
+        let status: u16 = text(&out.stdout).trim().parse()?;
+        statuses.push(status);
+        if status == 429 {
+            break;
+        }
+    }
+    ensure!(
+        statuses.last() == Some(&429),
+        "127.0.0.2 was never limited through the gateway: {statuses:?}"
+    );
+    ensure!(
+        statuses[..statuses.len() - 1]
+            .iter()
+            .all(|s| (400..500).contains(s) && *s != 429),
+        "{statuses:?}"
+    );
+    // Another client (the agent CLI, from 127.0.0.1) enrolls through the
+    // same gateway right after.
+    let (state, agent_id) = enroll_agent(&up, tmp.path(), "agent-after-flood").await?;
+    call_ok(&up, &state, &agent_id)?;
+    up.stop()
+}

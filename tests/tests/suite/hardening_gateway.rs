@@ -936,3 +936,188 @@ async fn hardening_gw_certificate_less_connections_are_capped_per_source() {
     );
     gw.cleanup().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// 3. protocol upgrades and tunnels
+// ---------------------------------------------------------------------------------------------
+
+/// A real WebSocket server (RFC 6455 opening handshake): answers an upgrade
+/// request with `101 Switching Protocols` and the `Sec-WebSocket-Accept` of
+/// its key, then echoes bytes; anything else gets 400. Counts the requests
+/// it received.
+async fn start_websocket_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>)
+{
+    use base64::Engine as _;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let key = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("sec-websocket-key:"))
+                    .map(|k| k.trim().to_owned());
+                let (Some(key), true) = (key, text.contains("upgrade: websocket")) else {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    return;
+                };
+                // The key was lower-cased with the head; the test's key is
+                // lower-case already.
+                let digest = ring::digest::digest(
+                    &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+                    format!("{key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11").as_bytes(),
+                );
+                let accept = base64::engine::general_purpose::STANDARD.encode(digest.as_ref());
+                let resp = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+                     sec-websocket-accept: {accept}\r\n\r\n"
+                );
+                if s.write_all(resp.as_bytes()).await.is_err() {
+                    return;
+                }
+                // The tunnel: echo until the peer goes (bounded).
+                for _ in 0..1000 {
+                    match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                        _ => return,
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+const WS_KEY: &str = "dghlihnhbxbszsbub25jzq==";
+
+/// Item 3: a 101 would turn the connection into a tunnel that the
+/// per-request revocation check never sees again, so every request for a
+/// tunnel (`Upgrade`, `Connection: upgrade`, `CONNECT`) gets 400
+/// `upgrade_not_allowed` and the connection closes; nothing reaches the
+/// WebSocket upstream, which would have upgraded (checked directly).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hardening_gw_upgrades_and_tunnels_are_refused() {
+    use std::sync::atomic::Ordering;
+    let (ws, seen) = start_websocket_upstream().await;
+    let gw = gateway(
+        "",
+        &format!("[[routes]]\nprefix = \"/ws\"\nupstreams = [\"{ws}\"]\nhealth_check_secs = 0\n"),
+    )
+    .await;
+
+    // The upstream is a real WebSocket server: directly, it upgrades.
+    let mut direct = TcpStream::connect(ws).await.unwrap();
+    direct
+        .write_all(
+            format!(
+                "GET /ws/chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(10), direct.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 101"), "direct: {answer}");
+    drop(direct);
+    let direct_requests = seen.load(Ordering::SeqCst);
+
+    let cases: &[(&str, String)] = &[
+        (
+            "websocket",
+            format!(
+                "GET /ws/chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ),
+        ),
+        (
+            "websocket_mixed_case_connection_list",
+            format!(
+                "GET /ws/chat HTTP/1.1\r\nHost: localhost\r\nuPgRaDe: WebSocket\r\n\
+                 Connection: keep-alive, UPGRADE\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ),
+        ),
+        (
+            "h2c",
+            "GET /ws/x HTTP/1.1\r\nHost: localhost\r\nUpgrade: h2c\r\n\
+             Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+                .into(),
+        ),
+        (
+            "connection_upgrade_only",
+            "GET /ws/x HTTP/1.1\r\nHost: localhost\r\nConnection: upgrade\r\n\r\n".into(),
+        ),
+        (
+            "upgrade_without_connection",
+            "GET /ws/x HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\r\n".into(),
+        ),
+    ];
+    for (case, raw) in cases {
+        let out = raw_h1(&gw, raw.as_bytes()).await;
+        assert_problem(&out, 400, "upgrade_not_allowed", case);
+        assert!(!out.contains(" 101 "), "{case}: {out}");
+    }
+    // CONNECT (a tunnel by definition): refused, never a 2xx.
+    let out = raw_h1(
+        &gw,
+        b"CONNECT localhost:443 HTTP/1.1\r\nHost: localhost:443\r\n\r\n",
+    )
+    .await;
+    let (status, _, _) = one_response(&out);
+    assert!((400..500).contains(&status), "connect: {out}");
+
+    // curl, an independent client, asking for a WebSocket through the gateway.
+    let v = curl(
+        &gw,
+        "/ws/chat",
+        true,
+        false,
+        &[
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            &format!("Sec-WebSocket-Key: {WS_KEY}"),
+            "Sec-WebSocket-Version: 13",
+        ],
+    )
+    .await;
+    assert_eq!(v["code"], "upgrade_not_allowed", "curl: {v}");
+
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        direct_requests,
+        "an upgrade request reached the WebSocket upstream through the gateway"
+    );
+    // A plain request on the same gateway is still served.
+    let out = raw_h1(
+        &gw,
+        b"GET /raw/after-upgrades HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(one_response(&out).0, 200, "{out}");
+    gw.cleanup().await;
+}
