@@ -532,7 +532,7 @@ async fn one_client_exhausting_the_exchange_limit_does_not_block_others() -> Res
     let data = tmp.path().join("data");
     let up = Up::start(&data, free_port_base(), &[])?;
     let url = format!("{}/api/v1/agent-enrollment/exchange", up.s("gateway_url"));
-    let body = json!({"token": format!("opet_{}", "B".repeat(43)), "csr_pem": "not a csr"});
+    let body = crate::enroll::exchange_body(&format!("opet_{}", "B".repeat(43)), "not a csr");
     let mut statuses = Vec::new();
     // The dev stack's burst is 20 (limits.exchange_per_address_burst);
     // bounded at 60 attempts.
