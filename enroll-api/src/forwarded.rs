@@ -19,69 +19,7 @@ use http::HeaderMap;
 /// The header a trusted gateway sets.
 pub const HEADER: &str = "x-forwarded-for";
 
-/// One `address/prefix` range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-/// Why a `forwarded.trusted_proxies` entry does not parse.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{0:?} is not an IP address or CIDR range (e.g. 10.0.0.5, 10.0.0.0/24, fd00::/8)")]
-pub struct CidrError(pub String);
-
-impl std::str::FromStr for Cidr {
-    type Err = CidrError;
-
-    fn from_str(s: &str) -> Result<Self, CidrError> {
-        let bad = || CidrError(s.to_owned());
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
-                p.parse::<u8>().map_err(|_| bad())?
-            }
-            Some(_) => return Err(bad()),
-        };
-        if prefix > max {
-            return Err(bad());
-        }
-        Ok(Cidr { addr, prefix })
-    }
-}
-
-impl Cidr {
-    /// Whether `ip` is in the range. An IPv4-mapped IPv6 address
-    /// (`::ffff:a.b.c.d`) is compared as its IPv4 address.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = canonical(ip);
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                masked(u128::from(u32::from(net)), self.prefix, 32)
-                    == masked(u128::from(u32::from(ip)), self.prefix, 32)
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                masked(u128::from(net), self.prefix, 128)
-                    == masked(u128::from(ip), self.prefix, 128)
-            }
-            _ => false,
-        }
-    }
-}
-
-fn masked(v: u128, prefix: u8, bits: u8) -> u128 {
-    if prefix == 0 {
-        0
-    } else {
-        v >> (bits - prefix)
-    }
-}
+pub use oneprotect_identity::net::Cidr;
 
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {

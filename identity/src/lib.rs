@@ -36,6 +36,7 @@ pub mod chain;
 pub mod events;
 pub mod headers;
 pub mod ids;
+pub mod net;
 pub mod problem;
 pub mod profile;
 pub mod revocation;
