@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -16,21 +17,32 @@ pub struct AdminApp {
     metrics: Metrics,
     revocation: Arc<Revocation>,
     trust: Arc<TrustStore>,
+    listening: Arc<AtomicBool>,
 }
 
 impl AdminApp {
     /// An admin app over the gateway's state.
-    pub fn new(metrics: Metrics, revocation: Arc<Revocation>, trust: Arc<TrustStore>) -> Self {
+    /// `listening` turns true once the mTLS listener's socket is bound.
+    pub fn new(
+        metrics: Metrics,
+        revocation: Arc<Revocation>,
+        trust: Arc<TrustStore>,
+        listening: Arc<AtomicBool>,
+    ) -> Self {
         Self {
             metrics,
             revocation,
             trust,
+            listening,
         }
     }
 
-    /// Ready when a trust bundle is loaded and Redis was confirmed within
-    /// `max_staleness`.
+    /// Ready when the mTLS listener is bound, a trust bundle is loaded and
+    /// Redis was confirmed within `max_staleness`.
     pub fn ready(&self) -> Result<(), &'static str> {
+        if !self.listening.load(Ordering::Acquire) {
+            return Err("mTLS listener not bound yet");
+        }
         if self.trust.current().is_empty() {
             return Err("trust bundle not loaded");
         }

@@ -361,6 +361,23 @@ pub struct RouteConfig {
     /// Active TCP health check interval, seconds (0 disables). Defaults to 5.
     #[serde(default = "default_health_check")]
     pub health_check_secs: u64,
+    /// Protocols an agent may switch this route's HTTP/1.1 connection to
+    /// with `Upgrade` (e.g. `["websocket"]`; compared case-insensitively,
+    /// one protocol per request). Defaults to none: every request for a
+    /// tunnel gets 400 `upgrade_not_allowed`. Needs `require_identity`:
+    /// after the upstream's 101 the gateway watches the connection's
+    /// certificate and agent and closes the tunnel when either is revoked
+    /// or superseded, or when their state cannot be confirmed for longer
+    /// than `revocation.max_staleness_ms`. `h2c` is refused (its requests
+    /// would pass the per-request check unseen); `CONNECT` never tunnels.
+    #[serde(default)]
+    pub upgrade_protocols: Vec<String>,
+}
+
+/// RFC 9110 §5.6.2 `tchar` (a protocol name in `Upgrade` is a token,
+/// optionally `/version`).
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b)
 }
 
 /// pingora runtime tuning.
@@ -634,6 +651,28 @@ impl Config {
                     ));
                 }
             }
+            if !route.upgrade_protocols.is_empty() && !route.require_identity {
+                return inv(format!(
+                    "route {:?}: upgrade_protocols needs require_identity = true (a tunnel is \
+                     closed when its certificate is revoked, so it needs one)",
+                    route.prefix
+                ));
+            }
+            for p in &route.upgrade_protocols {
+                if p.is_empty() || !p.bytes().all(is_token_byte) {
+                    return inv(format!(
+                        "route {:?}: upgrade protocol {p:?} is not an HTTP token",
+                        route.prefix
+                    ));
+                }
+                if p.eq_ignore_ascii_case("h2c") || p.to_ascii_lowercase().starts_with("h2c/") {
+                    return inv(format!(
+                        "route {:?}: upgrade protocol h2c would carry HTTP/2 requests past the \
+                         per-request revocation check",
+                        route.prefix
+                    ));
+                }
+            }
             if route.connect_timeout_ms == 0 || route.timeout_ms == 0 {
                 return inv(format!(
                     "route {:?}: timeouts must be positive",
@@ -761,6 +800,34 @@ mod tests {
         let c = Config::from_toml(MINIMAL, Path::new("t")).unwrap();
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("/nonexistent/cert.pem"), "{e}");
+    }
+
+    #[test]
+    fn upgrade_protocols_need_identity_and_exclude_h2c() {
+        let route = |extra: &str| {
+            let text = format!(
+                "{MINIMAL}\n[[routes]]\nprefix = \"/ws\"\nupstreams = [\"127.0.0.1:1\"]\n{extra}\n"
+            );
+            Config::from_toml(&text, Path::new("t"))
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string()
+        };
+        // Valid upgrade settings fail later, on the missing files.
+        assert!(route("upgrade_protocols = [\"websocket\"]").contains("/nonexistent"));
+        assert!(route("upgrade_protocols = [\"WebSocket/13\"]").contains("/nonexistent"));
+        let e = route("upgrade_protocols = [\"websocket\"]\nrequire_identity = false");
+        assert!(e.contains("require_identity"), "{e}");
+        let e = route("upgrade_protocols = [\"H2C\"]");
+        assert!(e.contains("h2c"), "{e}");
+        let e = route("upgrade_protocols = [\"web socket\"]");
+        assert!(e.contains("not an HTTP token"), "{e}");
+        assert!(Config::from_toml(MINIMAL, Path::new("t"))
+            .unwrap()
+            .routes
+            .iter()
+            .all(|r| r.upgrade_protocols.is_empty()));
     }
 
     #[test]

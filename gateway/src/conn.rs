@@ -30,6 +30,8 @@ pub struct ConnIdentity {
     cert_key: String,
     agent_key: String,
     assertion: ArcSwapOption<SignedAssertion>,
+    /// Signalled when an upstream switched this connection to a tunnel.
+    tunnel: tokio::sync::Notify,
 }
 
 fn hv(s: &str) -> HeaderValue {
@@ -66,7 +68,19 @@ impl ConnIdentity {
             identity,
             headers,
             assertion: ArcSwapOption::empty(),
+            tunnel: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Marks the connection a tunnel (the upstream answered 101): wakes
+    /// [`Self::await_tunnel`], now or when it is next awaited.
+    pub fn tunnel_opened(&self) {
+        self.tunnel.notify_one();
+    }
+
+    /// Resolves once the connection became a tunnel.
+    pub async fn await_tunnel(&self) {
+        self.tunnel.notified().await;
     }
 
     /// The verified identity.

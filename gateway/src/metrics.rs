@@ -37,8 +37,14 @@ pub struct Metrics {
     pub upstream_latency: HistogramVec,
     /// Connections the gateway closed, by reason: HTTP/1.1 `idle_timeout`,
     /// `header_timeout`, `header_too_large`; any protocol, without a client
-    /// certificate, `unauthenticated_timeout` and `unauthenticated_per_source`.
+    /// certificate, `unauthenticated_timeout` and `unauthenticated_per_source`;
+    /// a tunnel (after an allowed upgrade) whose certificate or agent was
+    /// refused, by the problem code (`tunnel_agent_revoked`,
+    /// `tunnel_certificate_revoked`, `tunnel_certificate_superseded`,
+    /// `tunnel_revocation_unavailable`).
     pub connections_closed: IntCounterVec,
+    /// Tunnels opened (an upstream's 101 to an allowed upgrade).
+    pub tunnels_opened: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -130,6 +136,11 @@ impl Metrics {
             &["reason"],
         )
         .expect("static metric");
+        let tunnels_opened = IntCounter::new(
+            "tunnels_opened_total",
+            "Tunnels opened by an upstream's 101 to an allowed upgrade",
+        )
+        .expect("static metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(handshake_failures.clone()),
@@ -144,6 +155,7 @@ impl Metrics {
             Box::new(trust_bundle_reloads.clone()),
             Box::new(upstream_latency.clone()),
             Box::new(connections_closed.clone()),
+            Box::new(tunnels_opened.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -162,6 +174,7 @@ impl Metrics {
             trust_bundle_reloads,
             upstream_latency,
             connections_closed,
+            tunnels_opened,
         }
     }
 

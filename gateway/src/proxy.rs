@@ -67,19 +67,22 @@ pub fn host_problem(req: &RequestHeader) -> Option<&'static str> {
     }
 }
 
-/// Why a request asks for a tunnel, if it does: an `Upgrade` header (any
-/// value, e.g. `websocket`, `h2c`), a `Connection` header naming the
-/// `upgrade` option (any case, in a list), or the `CONNECT` method (HTTP/1.1,
-/// or HTTP/2's extended CONNECT). After a 101 or a 2xx to CONNECT the
-/// connection carries opaque bytes, and the per-request revocation check
-/// never runs again, so the gateway refuses every such request (no route
-/// can allow one yet).
-pub fn upgrade_problem(req: &RequestHeader) -> Option<&'static str> {
+/// Why a request for a tunnel is refused on a route that allows the
+/// `allowed` upgrade protocols (lower-case; empty: none), if it is.
+///
+/// A request asks for a tunnel with an `Upgrade` header (any value, e.g.
+/// `websocket`, `h2c`), a `Connection` header naming the `upgrade` option
+/// (any case, in a list), or the `CONNECT` method (HTTP/1.1, or HTTP/2's
+/// extended CONNECT). After a 101 or a 2xx to CONNECT the connection
+/// carries opaque bytes the per-request revocation check never sees, so:
+/// `CONNECT` is always refused (the gateway is no forward proxy); an
+/// `Upgrade` is let through only as RFC 9110 §7.8 frames it (HTTP/1.1,
+/// `Connection: upgrade`, one `Upgrade` header naming one protocol) to a
+/// protocol the route lists, and the connection then watches its own
+/// revocation state ([`crate::revocation::Revocation::watch_tunnel`]).
+pub fn upgrade_problem(req: &RequestHeader, allowed: &[String]) -> Option<&'static str> {
     if req.method == http::Method::CONNECT {
         return Some("CONNECT is not allowed");
-    }
-    if req.headers.contains_key(http::header::UPGRADE) {
-        return Some("Upgrade is not allowed");
     }
     let asks = req
         .headers
@@ -87,7 +90,33 @@ pub fn upgrade_problem(req: &RequestHeader) -> Option<&'static str> {
         .iter()
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .any(|opt| opt.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
-    asks.then_some("Connection: upgrade is not allowed")
+    let mut upgrades = req.headers.get_all(http::header::UPGRADE).iter();
+    let Some(first) = upgrades.next() else {
+        return asks.then_some("Connection: upgrade is not allowed");
+    };
+    if allowed.is_empty() {
+        return Some("Upgrade is not allowed");
+    }
+    if req.version != http::Version::HTTP_11 {
+        return Some("Upgrade needs HTTP/1.1");
+    }
+    if !asks {
+        return Some("Upgrade needs Connection: upgrade");
+    }
+    if upgrades.next().is_some() {
+        return Some("more than one Upgrade header");
+    }
+    let protocol = first.as_bytes().trim_ascii();
+    // One protocol: with a list the upstream would choose, maybe one the
+    // route does not allow.
+    if protocol.contains(&b',') {
+        return Some("Upgrade must name one protocol");
+    }
+    let name = protocol.split(|b| *b == b'/').next().unwrap_or_default();
+    let listed = allowed.iter().any(|p| {
+        p.as_bytes().eq_ignore_ascii_case(protocol) || p.as_bytes().eq_ignore_ascii_case(name)
+    });
+    (!listed).then_some("Upgrade to this protocol is not allowed on this route")
 }
 
 /// Rewrites an absolute-form target (`GET http://host/path HTTP/1.1`) to
@@ -145,6 +174,10 @@ pub struct RequestCtx {
     /// Request body bytes seen so far (the limit also holds for chunked
     /// bodies, which carry no Content-Length).
     body_bytes: u64,
+    /// The upstream switched protocols (101): the bytes that follow are a
+    /// tunnel's, not a body (no body limit), and the connection watches
+    /// its revocation state.
+    tunnel: bool,
 }
 
 impl RequestCtx {
@@ -205,14 +238,14 @@ impl ProxyHttp for Gateway {
             respond_problem(session, problem::BAD_REQUEST, Some(why), None, true).await?;
             return Ok(true);
         }
-        if let Some(why) = upgrade_problem(session.req_header()) {
-            respond_problem(session, problem::UPGRADE_NOT_ALLOWED, Some(why), None, true).await?;
-            return Ok(true);
-        }
         let Some(route) = self.router.route(session.req_header().uri.path()).cloned() else {
             respond_problem(session, problem::ROUTE_NOT_FOUND, None, None, false).await?;
             return Ok(true);
         };
+        if let Some(why) = upgrade_problem(session.req_header(), &route.upgrade_protocols) {
+            respond_problem(session, problem::UPGRADE_NOT_ALLOWED, Some(why), None, true).await?;
+            return Ok(true);
+        }
         ctx.tls = session.digest().and_then(|d| d.ssl_digest.clone());
         if route.require_identity {
             let Some(conn) = ctx.identity() else {
@@ -286,6 +319,9 @@ impl ProxyHttp for Gateway {
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
+        if ctx.tunnel {
+            return Ok(());
+        }
         if let (Some(chunk), Some(route)) = (body.as_ref(), ctx.route.as_ref()) {
             ctx.body_bytes += chunk.len() as u64;
             if ctx.body_bytes > route.max_body_bytes {
@@ -355,9 +391,23 @@ impl ProxyHttp for Gateway {
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
-        _upstream_response: &mut ResponseHeader,
+        upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
+        // Only an allowed upgrade request reaches an upstream with an
+        // `Upgrade` header (request_filter), and it needed an identity.
+        if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS
+            && ctx
+                .route
+                .as_ref()
+                .is_some_and(|r| !r.upgrade_protocols.is_empty())
+        {
+            if let Some(conn) = ctx.identity() {
+                conn.tunnel_opened();
+                self.metrics.tunnels_opened.inc();
+                ctx.tunnel = true;
+            }
+        }
         if let (Some(sent), Some(route)) = (ctx.upstream_sent.take(), ctx.route.as_ref()) {
             self.metrics
                 .upstream_latency
@@ -451,22 +501,69 @@ mod tests {
     }
 
     #[test]
-    fn every_tunnel_request_is_recognised() {
+    fn every_tunnel_request_is_refused_unless_the_route_allows_it() {
         use http::Version as V;
-        let with = |name: &str, value: &str| {
-            let mut r = req(V::HTTP_11, b"/", &["h"]);
-            r.append_header(name.to_owned(), value).unwrap();
+        let none: &[String] = &[];
+        let ws = &["websocket".to_owned()];
+        let with = |version: V, hdrs: &[(&str, &str)]| {
+            let mut r = req(version, b"/", &["h"]);
+            for (n, v) in hdrs {
+                r.append_header(n.to_string(), *v).unwrap();
+            }
             r
         };
-        assert!(upgrade_problem(&with("upgrade", "websocket")).is_some());
-        assert!(upgrade_problem(&with("Upgrade", "h2c")).is_some());
-        assert!(upgrade_problem(&with("connection", "Upgrade")).is_some());
-        assert!(upgrade_problem(&with("connection", "keep-alive, UPGRADE ")).is_some());
-        assert!(upgrade_problem(&with("connection", "keep-alive")).is_none());
-        assert!(upgrade_problem(&with("connection", "upgrades")).is_none());
-        assert!(upgrade_problem(&req(V::HTTP_11, b"/", &["h"])).is_none());
+        let h1 = |hdrs: &[(&str, &str)]| with(V::HTTP_11, hdrs);
+        // No route allows anything: every spelling of a tunnel is refused.
+        assert!(upgrade_problem(&h1(&[("upgrade", "websocket")]), none).is_some());
+        assert!(upgrade_problem(&h1(&[("Upgrade", "h2c")]), none).is_some());
+        assert!(upgrade_problem(&h1(&[("connection", "Upgrade")]), none).is_some());
+        assert!(upgrade_problem(&h1(&[("connection", "keep-alive, UPGRADE ")]), none).is_some());
+        assert!(upgrade_problem(&h1(&[("connection", "keep-alive")]), none).is_none());
+        assert!(upgrade_problem(&h1(&[("connection", "upgrades")]), none).is_none());
+        assert!(upgrade_problem(&h1(&[]), none).is_none());
         let connect = RequestHeader::build("CONNECT", b"upstream:443", None).unwrap();
-        assert!(upgrade_problem(&connect).is_some());
+        assert!(upgrade_problem(&connect, none).is_some());
+        assert!(upgrade_problem(&connect, ws).is_some());
+        // A route allowing websocket: only a well-formed websocket upgrade.
+        let good = [
+            ("upgrade", "WebSocket"),
+            ("connection", "keep-alive, Upgrade"),
+        ];
+        assert_eq!(upgrade_problem(&h1(&good), ws), None);
+        assert_eq!(
+            upgrade_problem(
+                &h1(&[("upgrade", "websocket/13"), ("connection", "upgrade")]),
+                ws
+            ),
+            None
+        );
+        assert!(
+            upgrade_problem(&h1(&[("upgrade", "h2c"), ("connection", "upgrade")]), ws).is_some()
+        );
+        assert!(upgrade_problem(
+            &h1(&[("upgrade", "websocket, h2c"), ("connection", "upgrade")]),
+            ws
+        )
+        .is_some());
+        assert!(
+            upgrade_problem(&h1(&[("upgrade", "websocket")]), ws).is_some(),
+            "no Connection: upgrade"
+        );
+        assert!(
+            upgrade_problem(&h1(&[("connection", "upgrade")]), ws).is_some(),
+            "no Upgrade"
+        );
+        assert!(upgrade_problem(
+            &h1(&[
+                ("upgrade", "websocket"),
+                ("upgrade", "websocket"),
+                ("connection", "upgrade")
+            ]),
+            ws
+        )
+        .is_some());
+        assert!(upgrade_problem(&with(V::HTTP_10, &good), ws).is_some());
+        assert!(upgrade_problem(&with(V::HTTP_2, &good), ws).is_some());
     }
 
     #[test]

@@ -112,6 +112,9 @@ pub struct Revocation {
     last_ok_ms: AtomicU64,
     /// The subscriber could not connect: skip lookups while stale.
     redis_down: AtomicBool,
+    /// Woken when a certificate or agent turns revoked or superseded (the
+    /// tunnels re-check at once).
+    refused: tokio::sync::Notify,
     metrics: Metrics,
 }
 
@@ -161,6 +164,7 @@ impl Revocation {
             start: Instant::now(),
             last_ok_ms: AtomicU64::new(0),
             redis_down: AtomicBool::new(false),
+            refused: tokio::sync::Notify::new(),
             metrics,
             cfg: cfg.clone(),
         }
@@ -326,6 +330,13 @@ impl Revocation {
             .revocation_last_seq
             .set(last_seq.unwrap_or(0) as i64);
         let epoch = self.epoch.load(Ordering::Acquire);
+        // A resync or gap wakes no tunnel at once (each would look itself
+        // up in Redis together): their next periodic check confirms them.
+        let refuses = match &a.change {
+            Change::Cert { status, .. } => *status != CertStatus::Active,
+            Change::Agent { status, .. } => *status != AgentStatus::Active,
+            Change::Resync => false,
+        };
         match a.change {
             Change::Cert { serial, status } => {
                 if in_order || status != CertStatus::Active {
@@ -350,6 +361,39 @@ impl Revocation {
                 self.certs.invalidate_all();
                 self.agents.invalidate_all();
                 self.reset("resync announced");
+            }
+        }
+        if refuses {
+            self.refused.notify_waiters();
+        }
+    }
+
+    /// Watches a tunnel's connection (after an allowed upgrade) until its
+    /// certificate or agent is refused; returns the refusal, or
+    /// `revocation_unavailable` when the state cannot be confirmed, as a
+    /// request would get it. A revocation or supersession announced on the
+    /// channel is acted on at once; one missed (a lost subscription) is
+    /// found by the re-check every `heartbeat_ms`, which trusts the cache
+    /// only while Redis is confirmed: so at most `max_staleness_ms +
+    /// heartbeat_ms` after Redis holds it. A refusal by another route's
+    /// request on the same connection does not end the tunnel early; the
+    /// tunnel's own check does.
+    pub async fn watch_tunnel(&self, conn: &ConnIdentity) -> ProblemKind {
+        let every = Duration::from_millis(self.cfg.heartbeat_ms.max(1));
+        loop {
+            let refused = self.refused.notified();
+            tokio::pin!(refused);
+            // Registered before the check: a refusal announced while the
+            // check runs still wakes this loop.
+            refused.as_mut().enable();
+            match self.check(conn).await {
+                Decision::Allow => {}
+                Decision::Refuse(kind) => return kind,
+                Decision::Unavailable => return problem::REVOCATION_UNAVAILABLE,
+            }
+            tokio::select! {
+                () = &mut refused => {}
+                () = tokio::time::sleep(every) => {}
             }
         }
     }

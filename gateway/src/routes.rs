@@ -26,6 +26,8 @@ pub struct Route {
     pub timeout: Duration,
     /// Largest accepted request body (by Content-Length).
     pub max_body_bytes: u64,
+    /// Protocols a client may `Upgrade` to, lower-case (empty: none).
+    pub upgrade_protocols: Vec<String>,
     /// The round-robin pool (health-checked in the background).
     pub pool: Arc<LoadBalancer<RoundRobin>>,
 }
@@ -75,6 +77,11 @@ impl Route {
             connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
             timeout: Duration::from_millis(cfg.timeout_ms),
             max_body_bytes: cfg.max_body_bytes,
+            upgrade_protocols: cfg
+                .upgrade_protocols
+                .iter()
+                .map(|p| p.to_ascii_lowercase())
+                .collect(),
             pool: Arc::new(pool),
         })
     }
@@ -132,6 +139,7 @@ mod tests {
                 timeout_ms: 100,
                 max_body_bytes: 10,
                 health_check_secs: 0,
+                upgrade_protocols: Vec::new(),
             })
             .unwrap(),
         )

@@ -20,6 +20,12 @@
 //! with its idle timeout set to `listener.idle_timeout_secs` (which also
 //! bounds the wait for a first complete HEADERS).
 //!
+//! An HTTP/1.1 connection an upstream switched to a tunnel (a 101 to an
+//! upgrade its route allows) watches its own certificate and agent
+//! ([`Revocation::watch_tunnel`]) and is closed, both ways, as soon as
+//! either is refused. Only when some route allows upgrades does the loop
+//! watch at all.
+//!
 //! Connections without a verified client certificate (they can reach only
 //! the certificate-less exchange route) live at most
 //! `listener.unauthenticated_timeout_secs` in all, and one source address
@@ -51,6 +57,7 @@ use crate::conn::ConnIdentity;
 use crate::handshake::Handshaker;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
+use crate::revocation::Revocation;
 
 /// The first allocation for a request head (pingora's own initial size).
 const HEAD_BUF: usize = 4096;
@@ -131,15 +138,20 @@ pub struct GatewayApp {
     handshaker: Arc<Handshaker>,
     metrics: Metrics,
     unauthenticated: PerSource,
+    /// Set when some route allows upgrades: tunnels watch their state here.
+    tunnels: Option<Arc<Revocation>>,
 }
 
 impl GatewayApp {
-    /// The app around `proxy`.
+    /// The app around `proxy`. `tunnels` is the revocation checker when
+    /// some route allows upgrades (`None`: no connection can become a
+    /// tunnel, and none is watched).
     pub fn new(
         proxy: HttpProxy<Gateway>,
         limits: ConnLimits,
         handshaker: Arc<Handshaker>,
         metrics: Metrics,
+        tunnels: Option<Arc<Revocation>>,
     ) -> Self {
         Self {
             proxy: Arc::new(proxy),
@@ -147,12 +159,59 @@ impl GatewayApp {
             handshaker,
             metrics,
             unauthenticated: PerSource::default(),
+            tunnels,
+        }
+    }
+
+    /// Serves one request on `session`, racing it against the connection's
+    /// tunnel watch when the connection may become a tunnel: `Err` when the
+    /// watch refused the tunnel (it was closed).
+    async fn serve_request(
+        &self,
+        session: ServerSession,
+        shutdown: &ShutdownWatch,
+        watched: Option<(&Revocation, &ConnIdentity)>,
+    ) -> Result<Option<pingora::apps::ReusedHttpStream>, ()> {
+        let served = self.proxy.process_new_http(session, shutdown);
+        let Some((revocation, conn)) = watched else {
+            return Ok(served.await);
+        };
+        let watch = async {
+            conn.await_tunnel().await;
+            revocation.watch_tunnel(conn).await
+        };
+        tokio::select! {
+            reused = served => Ok(reused),
+            kind = watch => {
+                // Dropping the request's future drops both sockets.
+                self.closed(&format!("tunnel_{}", kind.code));
+                let id = conn.identity();
+                tracing::info!(
+                    code = kind.code,
+                    tenant = %id.tenant(),
+                    agent = %id.agent(),
+                    serial = %id.serial(),
+                    "tunnel closed by the revocation check"
+                );
+                Err(())
+            }
         }
     }
 
     async fn serve_h1(&self, mut stream: Stream, shutdown: &ShutdownWatch) {
         let mut watch = shutdown.clone();
         let mut settings: Option<HttpPersistentSettings> = None;
+        // Held for the connection's life: its identity, when a tunnel on
+        // it would be watched.
+        let digest = self
+            .tunnels
+            .as_ref()
+            .and_then(|_| stream.get_ssl_digest())
+            .filter(|d| d.extension.get::<ConnIdentity>().is_some());
+        let watched = match (&self.tunnels, &digest) {
+            (Some(r), Some(d)) => d.extension.get::<ConnIdentity>().map(|c| (&**r, c)),
+            _ => None,
+        };
         loop {
             let head = match read_head(&mut stream, &mut watch, &self.limits).await {
                 Head::Ready(head) => head,
@@ -183,7 +242,7 @@ impl GatewayApp {
                 session.set_keepalive(None);
             }
             session.set_pipelined_prefix(head);
-            let Some(reused) = self.proxy.process_new_http(session, shutdown).await else {
+            let Ok(Some(reused)) = self.serve_request(session, shutdown, watched).await else {
                 return;
             };
             (stream, settings) = reused.consume();

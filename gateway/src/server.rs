@@ -2,6 +2,7 @@
 //! upstream health checks, the revocation subscriber and the trust bundle
 //! reloader.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
+use pingora::services::{ServiceReadyNotifier, ServiceWithDependents};
 
 use crate::admin::AdminApp;
 use crate::assertion::{load_signer, AssertionService};
@@ -50,6 +52,81 @@ pub struct App {
     pub assertions: Arc<AssertionService>,
     /// The metrics.
     pub metrics: Metrics,
+}
+
+/// The mTLS listening service, reporting when its socket is bound.
+///
+/// pingora binds a service's listeners inside `start_service`, on that
+/// service's own runtime, and tells nobody when it has; the admin service
+/// may already answer by then. A `/readyz` that said "ready" in that window
+/// sent a balancer (or a test) to a port that refused the connection. The
+/// bound socket appears in pingora's listening-descriptor table (the one
+/// handed to the next process on a zero-downtime upgrade), so this wrapper
+/// watches that table for its address, then sets `bound` and tells
+/// pingora the service is ready.
+struct ReportsBound<A: pingora::apps::ServerApp + Send + Sync + 'static> {
+    inner: Service<A>,
+    addr: String,
+    bound: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl<A: pingora::apps::ServerApp + Send + Sync + 'static> ServiceWithDependents
+    for ReportsBound<A>
+{
+    async fn start_service(
+        &mut self,
+        #[cfg(unix)] fds: Option<pingora::server::ListenFds>,
+        shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+        ready: ServiceReadyNotifier,
+    ) {
+        let bound = self.bound.clone();
+        match fds.clone() {
+            Some(table) => {
+                let addr = self.addr.clone();
+                let mut stop = shutdown.clone();
+                tokio::spawn(async move {
+                    // Startup only: the bind follows within milliseconds,
+                    // or start_service panics ("Failed to build listeners").
+                    while table.lock().get(&addr).is_none() {
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                            _ = stop.changed() => return,
+                        }
+                    }
+                    bound.store(true, Ordering::Release);
+                    ready.notify_ready();
+                });
+            }
+            // Without a descriptor table there is nothing to watch: the
+            // bind is at most a poll away (previous behaviour).
+            None => {
+                bound.store(true, Ordering::Release);
+                ready.notify_ready();
+            }
+        }
+        pingora::services::Service::start_service(
+            &mut self.inner,
+            #[cfg(unix)]
+            fds,
+            shutdown,
+            listeners_per_fd,
+        )
+        .await
+    }
+
+    fn name(&self) -> &str {
+        pingora::services::Service::name(&self.inner)
+    }
+
+    fn threads(&self) -> Option<usize> {
+        pingora::services::Service::threads(&self.inner)
+    }
+
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        pingora::services::Service::listen_addresses(&self.inner)
+    }
 }
 
 /// Installs the process-wide rustls crypto provider (ring). Without TLS 1.2
@@ -267,7 +344,16 @@ fn build_inner(
     http.server_options = Some(options);
     let mut proxy = Service::new(
         "oneprotect-gateway".to_string(),
-        GatewayApp::new(http, limits, handshaker, metrics.clone()),
+        GatewayApp::new(
+            http,
+            limits,
+            handshaker,
+            metrics.clone(),
+            cfg.routes
+                .iter()
+                .any(|r| !r.upgrade_protocols.is_empty())
+                .then(|| revocation.clone()),
+        ),
     );
     proxy.add_listener(
         pingora::listeners::ListenerConfig::tcp(cfg.listener.listen.to_string()).l4_buffer(
@@ -277,7 +363,12 @@ fn build_inner(
             ),
         ),
     );
-    server.add_service(proxy);
+    let listening = Arc::new(AtomicBool::new(false));
+    server.add_service(ReportsBound {
+        inner: proxy,
+        addr: cfg.listener.listen.to_string(),
+        bound: listening.clone(),
+    });
 
     server.add_service(background_service(
         "revocation subscriber",
@@ -295,7 +386,12 @@ fn build_inner(
 
     let mut admin = Service::new(
         "oneprotect-gateway admin".to_string(),
-        AdminApp::new(metrics.clone(), revocation.clone(), trust.clone()),
+        AdminApp::new(
+            metrics.clone(),
+            revocation.clone(),
+            trust.clone(),
+            listening,
+        ),
     );
     admin.add_tcp(&cfg.admin.listen.to_string());
     server.add_service(admin);

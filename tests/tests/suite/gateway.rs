@@ -279,7 +279,7 @@ impl Gw {
     }
 
     /// Writes the new state and announces it, as the enroll-api does.
-    async fn announce(&self, key: String, value: &str, change: Change) {
+    pub(crate) async fn announce(&self, key: String, value: &str, change: Change) {
         let mut r = self.redis().await;
         let _: () = r.set(key, value).await.unwrap();
         let seq: u64 = r.incr(self.keys.revocation_seq(), 1).await.unwrap();
@@ -291,7 +291,7 @@ impl Gw {
         assert!(receivers >= 1, "the gateway is subscribed");
     }
 
-    async fn revoke_cert(&self) {
+    pub(crate) async fn revoke_cert(&self) {
         let serial = self.id.serial();
         self.announce(
             self.keys.cert_status(&serial),

@@ -944,18 +944,18 @@ async fn hardening_gw_certificate_less_connections_are_capped_per_source() {
 /// A real WebSocket server (RFC 6455 opening handshake): answers an upgrade
 /// request with `101 Switching Protocols` and the `Sec-WebSocket-Accept` of
 /// its key, then echoes bytes; anything else gets 400. Counts the requests
-/// it received.
-async fn start_websocket_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>)
-{
+/// it received and the tunnels that ended (the peer closed).
+async fn start_websocket_upstream() -> (SocketAddr, WsCounts) {
     use base64::Engine as _;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let seen = std::sync::Arc::new(AtomicUsize::new(0));
-    let counter = seen.clone();
+    let counts = WsCounts::default();
+    let all = counts.clone();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
-            let counter = counter.clone();
+            let counter = all.seen.clone();
+            let ended = all.ended.clone();
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut buf = [0u8; 4096];
@@ -993,19 +993,31 @@ async fn start_websocket_upstream() -> (SocketAddr, std::sync::Arc<std::sync::at
                 }
                 // The tunnel: echo until the peer goes (bounded).
                 for _ in 0..1000 {
-                    match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+                    match tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await {
                         Ok(Ok(n)) if n > 0 => {
                             if s.write_all(&buf[..n]).await.is_err() {
-                                return;
+                                break;
                             }
                         }
-                        _ => return,
+                        Ok(_) => {
+                            ended.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                        Err(_) => return,
                     }
                 }
             });
         }
     });
-    (addr, seen)
+    (addr, counts)
+}
+
+/// What the WebSocket upstream saw: requests, and tunnels the gateway side
+/// closed.
+#[derive(Clone, Default)]
+struct WsCounts {
+    seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ended: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 const WS_KEY: &str = "dghlihnhbxbszsbub25jzq==";
@@ -1018,7 +1030,8 @@ const WS_KEY: &str = "dghlihnhbxbszsbub25jzq==";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hardening_gw_upgrades_and_tunnels_are_refused() {
     use std::sync::atomic::Ordering;
-    let (ws, seen) = start_websocket_upstream().await;
+    let (ws, counts) = start_websocket_upstream().await;
+    let seen = counts.seen.clone();
     let gw = gateway(
         "",
         &format!("[[routes]]\nprefix = \"/ws\"\nupstreams = [\"{ws}\"]\nhealth_check_secs = 0\n"),
@@ -1120,4 +1133,225 @@ async fn hardening_gw_upgrades_and_tunnels_are_refused() {
     .await;
     assert_eq!(one_response(&out).0, 200, "{out}");
     gw.cleanup().await;
+}
+
+/// Opens a WebSocket tunnel on `path` through the gateway with `cert` and
+/// proves it carries bytes both ways (the upstream echoes).
+async fn open_tunnel(
+    gw: &Gw,
+    cert: (&oneprotect_testpki::Leaf, &oneprotect_testpki::TenantCa),
+    path: &str,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut tls = gw.tls(gw.client(Some(cert), b"http/1.1")).await.unwrap();
+    tls.write_all(
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before the 101: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    assert!(text.starts_with("HTTP/1.1 101"), "{path}: {text}");
+    for msg in [&b"ping-1"[..], b"ping-2"] {
+        tls.write_all(msg).await.unwrap();
+        let mut got = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(10), tls.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, msg, "the tunnel echoes");
+    }
+    tls
+}
+
+/// Waits (bounded) until the upstream has seen `n` tunnels end.
+async fn upstream_saw_ended(counts: &WsCounts, n: usize) {
+    use std::sync::atomic::Ordering;
+    for _ in 0..200 {
+        if counts.ended.load(Ordering::SeqCst) >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!(
+        "the upstream saw {} tunnels end, expected {n}",
+        counts.ended.load(Ordering::SeqCst)
+    );
+}
+
+/// Item 3, the route that allows upgrades: a WebSocket tunnel opens
+/// through the gateway (its route lists `websocket`; other protocols and
+/// malformed upgrades still get 400), carries bytes, and is torn down both
+/// ways, without a further request, when its certificate is revoked, when
+/// it is superseded, and when the revocation state cannot be confirmed
+/// for longer than `max_staleness_ms` (Redis gone) — each counted by
+/// reason. A tunnel of another agent stays open through the first two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hardening_gw_allowed_tunnels_close_when_revoked_superseded_or_unconfirmed() {
+    use oneprotect_identity::revocation::Change;
+    use oneprotect_identity::CertStatus;
+    use std::sync::atomic::Ordering;
+    let (ws, counts) = start_websocket_upstream().await;
+    let routes = format!(
+        "[[routes]]\nprefix = \"/wss\"\nupstreams = [\"{ws}\"]\nhealth_check_secs = 0\n\
+         upgrade_protocols = [\"websocket\"]\n\n\
+         [[routes]]\nprefix = \"/ws\"\nupstreams = [\"{ws}\"]\nhealth_check_secs = 0\n"
+    );
+    let gw = gateway("", &routes).await;
+
+    // Still refused: a route without upgrade_protocols, another protocol,
+    // a list, an Upgrade without Connection: upgrade.
+    for (case, raw) in [
+        (
+            "route_without_upgrades",
+            format!(
+                "GET /ws/chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ),
+        ),
+        (
+            "h2c_on_a_websocket_route",
+            "GET /wss/x HTTP/1.1\r\nHost: localhost\r\nUpgrade: h2c\r\n\
+             Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+                .into(),
+        ),
+        (
+            "protocol_list",
+            "GET /wss/x HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket, h2c\r\n\
+             Connection: Upgrade\r\n\r\n"
+                .into(),
+        ),
+        (
+            "upgrade_without_connection",
+            "GET /wss/x HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\r\n".into(),
+        ),
+    ] {
+        let out = raw_h1(&gw, raw.as_bytes()).await;
+        assert_problem(&out, 400, "upgrade_not_allowed", case);
+    }
+    assert_eq!(
+        counts.seen.load(Ordering::SeqCst),
+        0,
+        "nothing refused reached the upstream"
+    );
+
+    // Another agent's tunnel stays open throughout.
+    let other = gw.ca.agent(&uuid::Uuid::new_v4().to_string());
+    let other_id = AgentIdentity::from_chain(&other.cert_der, &gw.ca.cert_der).unwrap();
+    gw.set_active(&other_id).await;
+    let mut bystander = open_tunnel(&gw, (&other, &gw.ca), "/wss/bystander").await;
+
+    // Revoked: the open tunnel closes, both ways, with no request sent.
+    let mut t = open_tunnel(&gw, (&gw.leaf, &gw.ca), "/wss/chat").await;
+    let metrics = gw.admin_get("/metrics").await.1;
+    assert!(
+        metrics.contains("oneprotect_gateway_tunnels_opened_total 2"),
+        "{metrics}"
+    );
+    gw.revoke_cert().await;
+    let (closed, _) = read_until_closed(&mut t, Duration::from_secs(5)).await;
+    assert!(closed, "the revoked certificate's tunnel stayed open");
+    upstream_saw_ended(&counts, 1).await;
+    // A new upgrade with the revoked certificate: refused before any 101.
+    let mut again = gw
+        .tls(gw.client(Some((&gw.leaf, &gw.ca)), b"http/1.1"))
+        .await
+        .unwrap();
+    again
+        .write_all(
+            format!(
+                "GET /wss/chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let (_, out) = read_until_closed(&mut again, Duration::from_secs(10)).await;
+    assert_problem(&out, 403, "certificate_revoked", "upgrade after revocation");
+
+    // Superseded (rotation's grace ended): the same.
+    let next = gw.ca.agent(&uuid::Uuid::new_v4().to_string());
+    let next_id = AgentIdentity::from_chain(&next.cert_der, &gw.ca.cert_der).unwrap();
+    gw.set_active(&next_id).await;
+    let mut t = open_tunnel(&gw, (&next, &gw.ca), "/wss/chat").await;
+    gw.announce(
+        gw.keys.cert_status(&next_id.serial()),
+        CertStatus::Superseded.as_str(),
+        Change::Cert {
+            serial: next_id.serial(),
+            status: CertStatus::Superseded,
+        },
+    )
+    .await;
+    let (closed, _) = read_until_closed(&mut t, Duration::from_secs(5)).await;
+    assert!(closed, "the superseded certificate's tunnel stayed open");
+    upstream_saw_ended(&counts, 2).await;
+
+    // The bystander's tunnel still echoes.
+    bystander.write_all(b"still-here").await.unwrap();
+    let mut got = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(10), bystander.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"still-here");
+
+    let metrics = gw.admin_get("/metrics").await.1;
+    let closed_by = |reason: &str| {
+        counter(
+            &metrics,
+            "oneprotect_gateway_connections_closed_total",
+            reason,
+        )
+    };
+    assert_eq!(closed_by("tunnel_certificate_revoked"), 1, "{metrics}");
+    assert_eq!(closed_by("tunnel_certificate_superseded"), 1, "{metrics}");
+    drop(bystander);
+    gw.cleanup().await;
+
+    // Redis gone: once the state is unconfirmed beyond max_staleness, the
+    // tunnel closes (fail closed), as requests would get 503.
+    let redis = crate::gateway::RedisChild::start(oneprotect_tests::free_port()).await;
+    let gw = start_gateway(Opts {
+        redis_url: format!("redis://127.0.0.1:{}", redis.port),
+        max_staleness_ms: 1500,
+        heartbeat_ms: 200,
+        extra_routes: routes.clone(),
+        ..Opts::shared_redis()
+    })
+    .await;
+    let mut t = open_tunnel(&gw, (&gw.leaf, &gw.ca), "/wss/outage").await;
+    redis.stop().await;
+    let (closed, _) = read_until_closed(&mut t, Duration::from_secs(10)).await;
+    assert!(
+        closed,
+        "the tunnel outlived the revocation state's confirmation"
+    );
+    let metrics = gw.admin_get("/metrics").await.1;
+    assert_eq!(
+        counter(
+            &metrics,
+            "oneprotect_gateway_connections_closed_total",
+            "tunnel_revocation_unavailable"
+        ),
+        1,
+        "{metrics}"
+    );
 }
