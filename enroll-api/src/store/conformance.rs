@@ -860,7 +860,7 @@ pub async fn relay_reads_pending_events_and_certificates<S: Store>(s: &S) {
 }
 
 /// Opens a PostgreSQL store in a fresh schema `schema` (created here).
-pub async fn pg_store_in_new_schema(url: &str, schema: &str) -> super::postgres::PgStore {
+pub async fn pg_store_in_new_schema(url: &str, schema: &str) -> AnyStore {
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
     sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
@@ -868,7 +868,7 @@ pub async fn pg_store_in_new_schema(url: &str, schema: &str) -> super::postgres:
         .await
         .unwrap();
     conn.close().await.unwrap();
-    super::postgres::PgStore::open(&super::postgres::PgOptions {
+    AnyStore::open_postgres(&super::postgres::PgOptions {
         url: url.to_owned(),
         schema: Some(schema.to_owned()),
         app_role: super::postgres::DEFAULT_APP_ROLE.to_owned(),

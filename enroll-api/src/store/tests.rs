@@ -1,5 +1,4 @@
 use super::conformance;
-use super::sqlite::SqliteStore;
 use super::*;
 
 fn pg_url() -> String {
@@ -14,7 +13,7 @@ fn schema_name(label: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_conformance() {
     let dir = tempfile::tempdir().unwrap();
-    let s = SqliteStore::open(&dir.path().join("enroll.db"), 8)
+    let s = AnyStore::open_sqlite(&dir.path().join("enroll.db"), 8)
         .await
         .unwrap();
     conformance::run_all(&s).await;
@@ -24,6 +23,28 @@ async fn sqlite_conformance() {
 async fn postgres_conformance() {
     let s = conformance::pg_store_in_new_schema(&pg_url(), &schema_name("conf")).await;
     conformance::run_all(&s).await;
+}
+
+/// A stored id that is not in canonical form does not decode: `Corrupt`, on
+/// the cross-tenant read as on any other.
+#[tokio::test]
+async fn sqlite_non_canonical_id_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("enroll.db");
+    let s = AnyStore::open_sqlite(&path, 2).await.unwrap();
+    let raw =
+        sqlx::SqlitePool::connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(&path))
+            .await
+            .unwrap();
+    sqlx::query(
+        "INSERT INTO tenants (id, name, leaf_lifetime_secs, created_at) \
+         VALUES ('6F1E0C9A-3A51-4C1B-9A57-0C7F2F6D8E10', 'x', 60, 0)",
+    )
+    .execute(&raw)
+    .await
+    .unwrap();
+    let r = s.list_tenant_ids().await;
+    assert!(matches!(r, Err(StoreError::Corrupt(_))), "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,7 +58,8 @@ async fn postgres_rls_hides_rows_without_the_tenant_setting() {
             .unwrap(),
         EnrollOutcome::Enrolled
     );
-    let mut conn = s.pool().acquire().await.unwrap();
+    let pool = s.postgres_pool().expect("a PostgreSQL store");
+    let mut conn = pool.acquire().await.unwrap();
     let who: String = sqlx::query_scalar("SELECT current_user::text")
         .fetch_one(&mut *conn)
         .await
@@ -58,7 +80,7 @@ async fn postgres_rls_hides_rows_without_the_tenant_setting() {
         assert_eq!(n, 0, "{table} leaks rows without a tenant");
     }
     // With another tenant set: still nothing; with the right one: the rows.
-    let mut tx = s.pool().begin().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
     sqlx::query("SELECT set_config('oneprotect.tenant_id', $1, true)")
         .bind(TenantId::random().to_string())
         .execute(&mut *tx)
@@ -79,7 +101,7 @@ async fn postgres_rls_hides_rows_without_the_tenant_setting() {
     .unwrap_err();
     assert!(err.to_string().contains("row-level security"), "{err}");
     tx.rollback().await.unwrap();
-    let mut tx = s.pool().begin().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
     sqlx::query("SELECT set_config('oneprotect.tenant_id', $1, true)")
         .bind(t.to_string())
         .execute(&mut *tx)
