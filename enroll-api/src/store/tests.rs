@@ -10,19 +10,52 @@ fn schema_name(label: &str) -> String {
     format!("enroll_{label}_{}", uuid::Uuid::new_v4().simple())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sqlite_conformance() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = AnyStore::open_sqlite(&dir.path().join("enroll.db"), 8)
-        .await
-        .unwrap();
-    conformance::run_all(&s).await;
+/// One test per conformance check and backend — `sqlite::<check>` and
+/// `postgres::<check>`, each PostgreSQL one in a fresh schema — so that a
+/// failing check hides none of the others.
+macro_rules! conformance_tests {
+    ($($check:ident $(($($arg:expr),*))?,)*) => {
+        mod sqlite {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $check() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let s = AnyStore::open_sqlite(&dir.path().join("enroll.db"), 8)
+                        .await
+                        .unwrap();
+                    conformance::$check(&s $($(, $arg)*)?).await;
+                }
+            )*
+        }
+
+        mod postgres {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $check() {
+                    let s = conformance::pg_store_in_new_schema(&pg_url(), &schema_name("conf"))
+                        .await;
+                    conformance::$check(&s $($(, $arg)*)?).await;
+                }
+            )*
+        }
+    };
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_conformance() {
-    let s = conformance::pg_store_in_new_schema(&pg_url(), &schema_name("conf")).await;
-    conformance::run_all(&s).await;
+conformance_tests! {
+    tenants_and_admin_keys,
+    tokens_round_trip_and_isolate_tenants,
+    token_listing_filters_and_pages,
+    revoke_token_is_idempotent,
+    enroll_writes_everything_or_nothing,
+    enroll_refusals,
+    single_use_token_under_concurrency(100),
+    agents_list_and_revoke,
+    relay_reads_pending_events_and_certificates,
+    rotation_lineage,
+    rotation_under_concurrency(20),
+    control_characters_are_refused_alike,
 }
 
 /// A stored id that is not in canonical form does not decode: `Corrupt`, on
@@ -64,7 +97,7 @@ async fn postgres_rls_hides_rows_without_the_tenant_setting() {
         .fetch_one(&mut *conn)
         .await
         .unwrap();
-    assert_eq!(who, postgres::DEFAULT_APP_ROLE);
+    assert_eq!(who, super::postgres::DEFAULT_APP_ROLE);
     for table in [
         "tenants",
         "admin_keys",
