@@ -6,7 +6,8 @@
 //! (`oneprotect-enroll-api`) so tests drive it in-process:
 //!
 //! - [`ca`]: the platform root and per-tenant issuing CAs (no HTTP).
-//! - [`store`]: the storage trait, SQLite and PostgreSQL (RLS) backends.
+//! - [`store`]: the storage trait and its one implementation, every query
+//!   written once over SQLite or PostgreSQL (RLS).
 //! - [`http`]: the API, one module per resource.
 //! - [`projection`], [`relay`]: the Redis revocation projection gateways
 //!   read, and the outbox relay that feeds it and the event stream.

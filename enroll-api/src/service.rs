@@ -23,8 +23,7 @@ use crate::projection::Projection;
 use crate::ratelimit::RateLimiter;
 use crate::relay::{RelaySettings, RelayWaker};
 use crate::secrets::{Pepper, SecretError};
-use crate::store::postgres::{PgOptions, PgStore};
-use crate::store::sqlite::SqliteStore;
+use crate::store::postgres::PgOptions;
 use crate::store::{AnyStore, StoreError};
 
 /// Rate-limiter key tables are bounded to this many entries each.
@@ -71,19 +70,15 @@ pub async fn open_store(cfg: &Config) -> Result<AnyStore, StoreError> {
                     .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
             }
         }
-        Ok(AnyStore::Sqlite(
-            SqliteStore::open(Path::new(path), cfg.database.max_connections).await?,
-        ))
+        AnyStore::open_sqlite(Path::new(path), cfg.database.max_connections).await
     } else {
-        Ok(AnyStore::Postgres(
-            PgStore::open(&PgOptions {
-                url,
-                schema: cfg.database.schema.clone(),
-                app_role: cfg.database.app_role.clone(),
-                max_connections: cfg.database.max_connections,
-            })
-            .await?,
-        ))
+        AnyStore::open_postgres(&PgOptions {
+            url,
+            schema: cfg.database.schema.clone(),
+            app_role: cfg.database.app_role.clone(),
+            max_connections: cfg.database.max_connections,
+        })
+        .await
     }
 }
 

@@ -19,7 +19,6 @@ use oneprotect_enroll_api::clock::{SharedClock, SystemClock};
 use oneprotect_enroll_api::http::{router, AppState, Inner};
 use oneprotect_enroll_api::ratelimit::RateLimiter;
 use oneprotect_enroll_api::secrets::{new_admin_key, Pepper};
-use oneprotect_enroll_api::store::sqlite::SqliteStore;
 use oneprotect_enroll_api::store::{AnyStore, NewAdminKey, Store, Tenant};
 use oneprotect_identity::TenantId;
 
@@ -74,7 +73,9 @@ async fn secrets_never_reach_the_logs() {
 
     let dir = tempfile::tempdir().unwrap();
     let clock: SharedClock = Arc::new(SystemClock);
-    let store = SqliteStore::open(&dir.path().join("db"), 4).await.unwrap();
+    let store = AnyStore::open_sqlite(&dir.path().join("db"), 4)
+        .await
+        .unwrap();
     let ca = Ca::open(
         &dir.path().join("ca"),
         "oneprotect.test".parse().unwrap(),
@@ -83,7 +84,7 @@ async fn secrets_never_reach_the_logs() {
     )
     .unwrap();
     let state = AppState::new(Inner {
-        store: AnyStore::Sqlite(store),
+        store,
         ca: Arc::new(ca),
         pepper: Pepper::from_bytes(&[9; 32]),
         clock: clock.clone(),

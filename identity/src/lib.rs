@@ -23,6 +23,10 @@
 //! - [`events`]: the lifecycle event types and their envelope.
 //! - [`problem`]: the RFC 9457 problem document shared by every HTTP edge.
 //!
+//! With the `sqlx` feature (the enroll-api's store turns it on), the ids, the
+//! serial number and the statuses also get sqlx `Type`/`Encode`/`Decode`
+//! impls for PostgreSQL and SQLite: encoding only, still no I/O.
+//!
 //! ```
 //! use oneprotect_identity::{AgentUri, TrustDomain};
 //! let uri: AgentUri = "spiffe://oneprotect.local/tenant/6f1e0c9a-3a51-4c1b-9a57-0c7f2f6d8e10/agent/0b7e4b2e-52f4-4d0e-8a4c-1c2d3e4f5a6b"
@@ -40,6 +44,8 @@ pub mod net;
 pub mod problem;
 pub mod profile;
 pub mod revocation;
+#[cfg(feature = "sqlx")]
+mod sql;
 pub mod uri;
 
 pub use assertion::{

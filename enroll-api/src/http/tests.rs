@@ -13,7 +13,6 @@ use rustls_pki_types::{pem::PemObject, CertificateDer};
 
 use super::*;
 use crate::clock::{Clock, FixedClock};
-use crate::store::sqlite::SqliteStore;
 use crate::store::{NewAdminKey, Tenant};
 use time::OffsetDateTime;
 
@@ -57,7 +56,9 @@ async fn fixture_with(per_token_burst: u32, per_address_burst: u32) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let clock = FixedClock::new(OffsetDateTime::now_utc());
     let shared: crate::clock::SharedClock = Arc::new(clock.clone());
-    let store = SqliteStore::open(&dir.path().join("db"), 4).await.unwrap();
+    let store = AnyStore::open_sqlite(&dir.path().join("db"), 4)
+        .await
+        .unwrap();
     let ca = Ca::open(
         &dir.path().join("ca"),
         "oneprotect.test".parse().unwrap(),
@@ -66,7 +67,7 @@ async fn fixture_with(per_token_burst: u32, per_address_burst: u32) -> Fixture {
     )
     .unwrap();
     let state = AppState::new(Inner {
-        store: AnyStore::Sqlite(store),
+        store,
         ca: Arc::new(ca),
         pepper: Pepper::from_bytes(&[7; 32]),
         clock: shared,
@@ -692,10 +693,7 @@ async fn storage_down_is_503_with_retry_after() {
         call(&f, Method::GET, "/readyz", None, None).await.status,
         StatusCode::OK
     );
-    let AnyStore::Sqlite(s) = &f.state.store else {
-        unreachable!()
-    };
-    s.close().await;
+    f.state.store.close().await;
     for r in [
         call(&f, Method::GET, "/readyz", None, None).await,
         call(&f, Method::GET, TOKENS, Some(&f.key), None).await,

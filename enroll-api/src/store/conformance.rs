@@ -1,6 +1,8 @@
 //! The store conformance suite (SPIRE's `sqltest`): one set of checks that
-//! every backend must pass. Run by this crate's tests on SQLite and
-//! PostgreSQL, and available to other crates with the `test-util` feature.
+//! every backend must pass, each a `pub async fn` over any [`Store`]. This
+//! crate's `store/tests.rs` runs each as its own test on SQLite and on
+//! PostgreSQL (a fresh schema per test); other crates get the suite with the
+//! `test-util` feature.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::collections::BTreeMap;
@@ -146,22 +148,6 @@ const PAGE: Page = Page {
     limit: 100,
     after: None,
 };
-
-/// Runs every check.
-pub async fn run_all<S: Store>(s: &S) {
-    tenants_and_admin_keys(s).await;
-    tokens_round_trip_and_isolate_tenants(s).await;
-    token_listing_filters_and_pages(s).await;
-    revoke_token_is_idempotent(s).await;
-    enroll_writes_everything_or_nothing(s).await;
-    enroll_refusals(s).await;
-    single_use_token_under_concurrency(s, 100).await;
-    agents_list_and_revoke(s).await;
-    relay_reads_pending_events_and_certificates(s).await;
-    rotation_lineage(s).await;
-    rotation_under_concurrency(s, 20).await;
-    control_characters_are_refused_alike(s).await;
-}
 
 fn random_serial() -> SerialNumber {
     let mut serial = Uuid::new_v4().into_bytes();
@@ -860,7 +846,7 @@ pub async fn relay_reads_pending_events_and_certificates<S: Store>(s: &S) {
 }
 
 /// Opens a PostgreSQL store in a fresh schema `schema` (created here).
-pub async fn pg_store_in_new_schema(url: &str, schema: &str) -> super::postgres::PgStore {
+pub async fn pg_store_in_new_schema(url: &str, schema: &str) -> AnyStore {
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
     sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
@@ -868,7 +854,7 @@ pub async fn pg_store_in_new_schema(url: &str, schema: &str) -> super::postgres:
         .await
         .unwrap();
     conn.close().await.unwrap();
-    super::postgres::PgStore::open(&super::postgres::PgOptions {
+    AnyStore::open_postgres(&super::postgres::PgOptions {
         url: url.to_owned(),
         schema: Some(schema.to_owned()),
         app_role: super::postgres::DEFAULT_APP_ROLE.to_owned(),

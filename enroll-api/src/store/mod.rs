@@ -1,6 +1,15 @@
-//! Storage: one trait ([`Store`]) and two sqlx backends with embedded
-//! migrations — [`sqlite::SqliteStore`] (the embedded default) and
-//! [`postgres::PgStore`] (production, with row-level security).
+//! Storage: one trait ([`Store`]) and one implementation of it,
+//! [`AnyStore`], over either sqlx backend with embedded migrations — SQLite
+//! (the embedded default, [`AnyStore::open_sqlite`]) or PostgreSQL
+//! (production, with row-level security, [`AnyStore::open_postgres`]).
+//!
+//! As in SPIRE's `sqlstore.go`, every query is written once (`sql.rs`);
+//! `db.rs` runs a statement on either backend, and each backend's file
+//! (`sqlite.rs`, [`postgres`]) holds only its dialect: connecting and
+//! migrating, the transaction set-up, the few statements whose text differs
+//! (each with the reason), and how its columns hold UUIDs and use counts.
+//! The ids, serials and statuses decode through their sqlx impls
+//! (`oneprotect-identity`'s `sqlx` feature) on both.
 //!
 //! Every tenant-scoped operation takes the tenant explicitly. On PostgreSQL
 //! it runs in a transaction that first sets `oneprotect.tenant_id`
@@ -8,14 +17,18 @@
 //! forgot its tenant filter would see nothing. Only two look-ups run before
 //! the tenant is known — a token or admin key by its keyed hash — and both go
 //! through one narrow `SECURITY DEFINER` function each that returns ids only.
+//! SQLite has no RLS: there the `tenant_id` filter every statement carries is
+//! the isolation.
 //!
 //! Verbs follow `create_/fetch_/list_/update_/revoke_`. A token is consumed by
 //! one conditional `UPDATE` whose row count decides the race, in the same
 //! transaction that writes the agent, its certificate and the outbox event.
 
+mod db;
 pub mod postgres;
 pub mod rotation;
-pub mod sqlite;
+mod sql;
+mod sqlite;
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod conformance;
@@ -71,6 +84,11 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::Tls(_)
             | sqlx::Error::Protocol(_)
             | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
+            // A column that does not decode into its type (the ids' strict
+            // canonical form, a negative use count, …).
+            sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+                StoreError::Corrupt(e.to_string())
+            }
             sqlx::Error::Database(db) => {
                 // SQLite "database is locked"/"busy" are transient too.
                 let code = db.code().unwrap_or_default();
@@ -88,14 +106,6 @@ impl From<sqlx::Error> for StoreError {
             _ => StoreError::Database(e),
         }
     }
-}
-
-fn corrupt(what: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(what.to_string())
-}
-
-pub(crate) fn ts(secs: i64) -> Result<OffsetDateTime, StoreError> {
-    OffsetDateTime::from_unix_timestamp(secs).map_err(corrupt)
 }
 
 /// A tenant.
@@ -265,36 +275,6 @@ pub struct Enrollment {
     pub now: OffsetDateTime,
 }
 
-/// The free-text rule ([`crate::text`]) for what the stores write from
-/// clients, checked by both backends before they open a transaction, so
-/// neither can hold what the other would refuse.
-pub(crate) mod text_rule {
-    use super::{Enrollment, NewToken, StoreError};
-    use crate::text::check_no_control;
-
-    pub(crate) fn token(t: &NewToken) -> Result<(), StoreError> {
-        if let Some(d) = &t.record.description {
-            check_no_control("description", d)?;
-        }
-        for (k, v) in &t.record.labels {
-            check_no_control("labels", k)?;
-            check_no_control("labels", v)?;
-        }
-        Ok(())
-    }
-
-    pub(crate) fn enrollment(e: &Enrollment) -> Result<(), StoreError> {
-        check_no_control("agent.hostname", &e.agent.hostname)?;
-        check_no_control("agent.os", &e.agent.os)?;
-        check_no_control("agent.agent_version", &e.agent.agent_version)?;
-        Ok(())
-    }
-
-    pub(crate) fn reason(reason: &str) -> Result<(), StoreError> {
-        Ok(check_no_control("reason", reason)?)
-    }
-}
-
 /// Why a token was not consumed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenRefusal {
@@ -348,8 +328,9 @@ pub struct CertificateState {
     pub not_after: OffsetDateTime,
 }
 
-/// The storage operations the service needs. Implemented by both backends;
-/// [`conformance`] checks that they behave the same.
+/// The storage operations the service needs. Implemented once, by
+/// [`AnyStore`], for both backends; [`conformance`] checks that they behave
+/// the same on each.
 pub trait Store: Send + Sync + Clone + 'static {
     /// Checks that the database answers.
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -512,236 +493,12 @@ pub trait Store: Send + Sync + Clone + 'static {
     ) -> impl Future<Output = Result<Option<Supersede>, StoreError>> + Send;
 }
 
-/// Either backend, chosen by configuration.
+/// The store over either backend, chosen by configuration: open it with
+/// [`AnyStore::open_sqlite`] or [`AnyStore::open_postgres`]. Cloning is cheap
+/// (the pool is shared).
 #[derive(Debug, Clone)]
-pub enum AnyStore {
-    /// SQLite.
-    Sqlite(sqlite::SqliteStore),
-    /// PostgreSQL.
-    Postgres(postgres::PgStore),
-}
-
-macro_rules! dispatch {
-    ($self:ident, $s:ident => $e:expr) => {
-        match $self {
-            AnyStore::Sqlite($s) => $e.await,
-            AnyStore::Postgres($s) => $e.await,
-        }
-    };
-}
-
-impl Store for AnyStore {
-    async fn ping(&self) -> Result<(), StoreError> {
-        dispatch!(self, s => s.ping())
-    }
-    async fn create_tenant(&self, t: &Tenant) -> Result<(), StoreError> {
-        dispatch!(self, s => s.create_tenant(t))
-    }
-    async fn fetch_tenant(&self, id: TenantId) -> Result<Option<Tenant>, StoreError> {
-        dispatch!(self, s => s.fetch_tenant(id))
-    }
-    async fn create_admin_key(&self, k: &NewAdminKey) -> Result<(), StoreError> {
-        dispatch!(self, s => s.create_admin_key(k))
-    }
-    async fn fetch_admin_key_by_hash(
-        &self,
-        hash: &[u8],
-    ) -> Result<Option<AdminKeyRef>, StoreError> {
-        dispatch!(self, s => s.fetch_admin_key_by_hash(hash))
-    }
-    async fn create_token(&self, t: &NewToken, event: &Event) -> Result<(), StoreError> {
-        dispatch!(self, s => s.create_token(t, event))
-    }
-    async fn fetch_token(
-        &self,
-        tenant: TenantId,
-        id: TokenId,
-    ) -> Result<Option<TokenRecord>, StoreError> {
-        dispatch!(self, s => s.fetch_token(tenant, id))
-    }
-    async fn list_tokens(
-        &self,
-        tenant: TenantId,
-        status: Option<TokenStatus>,
-        now: OffsetDateTime,
-        page: Page,
-    ) -> Result<Vec<TokenRecord>, StoreError> {
-        dispatch!(self, s => s.list_tokens(tenant, status, now, page))
-    }
-    async fn revoke_token(
-        &self,
-        tenant: TenantId,
-        id: TokenId,
-        now: OffsetDateTime,
-        actor: Actor,
-    ) -> Result<Option<TokenRecord>, StoreError> {
-        dispatch!(self, s => s.revoke_token(tenant, id, now, actor))
-    }
-    async fn fetch_token_ref_by_hash(
-        &self,
-        hash: &[u8],
-    ) -> Result<Option<(TokenId, TenantId)>, StoreError> {
-        dispatch!(self, s => s.fetch_token_ref_by_hash(hash))
-    }
-    async fn enroll(&self, e: &Enrollment) -> Result<EnrollOutcome, StoreError> {
-        dispatch!(self, s => s.enroll(e))
-    }
-    async fn create_event(&self, event: &Event) -> Result<(), StoreError> {
-        dispatch!(self, s => s.create_event(event))
-    }
-    async fn list_events(
-        &self,
-        tenant: TenantId,
-        limit: u32,
-    ) -> Result<Vec<OutboxEvent>, StoreError> {
-        dispatch!(self, s => s.list_events(tenant, limit))
-    }
-    async fn list_agent_events(
-        &self,
-        tenant: TenantId,
-        agent: AgentId,
-        limit: u32,
-    ) -> Result<Vec<OutboxEvent>, StoreError> {
-        dispatch!(self, s => s.list_agent_events(tenant, agent, limit))
-    }
-    async fn list_revoked_certificates(
-        &self,
-        tenant: TenantId,
-        now: OffsetDateTime,
-    ) -> Result<Vec<(SerialNumber, OffsetDateTime)>, StoreError> {
-        dispatch!(self, s => s.list_revoked_certificates(tenant, now))
-    }
-    async fn list_pending_events(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
-        dispatch!(self, s => s.list_pending_events(limit))
-    }
-    async fn mark_event_sent(&self, seq: i64, now: OffsetDateTime) -> Result<(), StoreError> {
-        dispatch!(self, s => s.mark_event_sent(seq, now))
-    }
-    async fn list_tenant_ids(&self) -> Result<Vec<TenantId>, StoreError> {
-        dispatch!(self, s => s.list_tenant_ids())
-    }
-    async fn list_agent_certificates(
-        &self,
-        tenant: TenantId,
-        agent: AgentId,
-    ) -> Result<Vec<CertificateState>, StoreError> {
-        dispatch!(self, s => s.list_agent_certificates(tenant, agent))
-    }
-    async fn fetch_agent(
-        &self,
-        tenant: TenantId,
-        id: AgentId,
-    ) -> Result<Option<AgentRecord>, StoreError> {
-        dispatch!(self, s => s.fetch_agent(tenant, id))
-    }
-    async fn list_agents(
-        &self,
-        tenant: TenantId,
-        status: Option<AgentStatus>,
-        page: Page,
-    ) -> Result<Vec<AgentRecord>, StoreError> {
-        dispatch!(self, s => s.list_agents(tenant, status, page))
-    }
-    async fn revoke_agent(
-        &self,
-        tenant: TenantId,
-        id: AgentId,
-        reason: &str,
-        now: OffsetDateTime,
-        actor: Actor,
-    ) -> Result<Option<AgentRecord>, StoreError> {
-        dispatch!(self, s => s.revoke_agent(tenant, id, reason, now, actor))
-    }
-    async fn rotate(&self, r: &Rotation) -> Result<RotateOutcome, StoreError> {
-        dispatch!(self, s => s.rotate(r))
-    }
-    async fn confirm_certificate(
-        &self,
-        tenant: TenantId,
-        agent: AgentId,
-        presented: SerialNumber,
-        now: OffsetDateTime,
-    ) -> Result<ConfirmOutcome, StoreError> {
-        dispatch!(self, s => s.confirm_certificate(tenant, agent, presented, now))
-    }
-    async fn list_rotations_due(
-        &self,
-        now: OffsetDateTime,
-        limit: u32,
-    ) -> Result<Vec<(TenantId, AgentId)>, StoreError> {
-        dispatch!(self, s => s.list_rotations_due(now, limit))
-    }
-    async fn expire_rotation(
-        &self,
-        tenant: TenantId,
-        agent: AgentId,
-        now: OffsetDateTime,
-    ) -> Result<Option<Supersede>, StoreError> {
-        dispatch!(self, s => s.expire_rotation(tenant, agent, now))
-    }
-}
-
-/// The SQL condition (over columns `revoked_at`, `uses`, `max_uses`,
-/// `expires_at`) that selects tokens with `status`; `now` is placeholder `p`.
-pub(crate) fn token_status_sql(status: TokenStatus, p: &str) -> String {
-    match status {
-        TokenStatus::Revoked => "revoked_at IS NOT NULL".into(),
-        TokenStatus::UsedUp => "revoked_at IS NULL AND uses >= max_uses".into(),
-        TokenStatus::Expired => {
-            format!("revoked_at IS NULL AND uses < max_uses AND expires_at <= {p}")
-        }
-        TokenStatus::Active => {
-            format!("revoked_at IS NULL AND uses < max_uses AND expires_at > {p}")
-        }
-    }
-}
-
-/// Why a token was refused, decided from its current row.
-pub(crate) fn refusal(t: Option<&TokenRecord>, now: OffsetDateTime) -> TokenRefusal {
-    match t.map(|t| t.status(now)) {
-        None => TokenRefusal::Unknown,
-        Some(TokenStatus::Revoked) => TokenRefusal::Revoked,
-        Some(TokenStatus::UsedUp) => TokenRefusal::UsedUp,
-        Some(TokenStatus::Expired) => TokenRefusal::Expired,
-        // Only reachable if the hash did not match the id.
-        Some(TokenStatus::Active) => TokenRefusal::Unknown,
-    }
-}
-
-pub(crate) fn labels_json(l: &BTreeMap<String, String>) -> String {
-    serde_json::to_string(l).unwrap_or_else(|_| "{}".into())
-}
-
-pub(crate) fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, StoreError> {
-    serde_json::from_str(s).map_err(corrupt)
-}
-
-pub(crate) fn event_json(e: &Event) -> Result<String, StoreError> {
-    serde_json::to_string(e).map_err(corrupt)
-}
-
-pub(crate) fn parse_event(s: &str) -> Result<Event, StoreError> {
-    serde_json::from_str(s).map_err(corrupt)
-}
-
-/// The `LIKE` pattern that finds an agent's events in the stored JSON. The
-/// body is serde's compact JSON, so the payload's id is spelled exactly so;
-/// no other field holds that UUID. (An indexed `agent_id` column is the
-/// scalable form; this keeps the outbox schema unchanged.)
-pub(crate) fn agent_event_pattern(agent: AgentId) -> String {
-    format!("%\"agent_id\":\"{agent}\"%")
-}
-
-pub(crate) fn parse_cert_status(s: &str) -> Result<CertStatus, StoreError> {
-    s.parse().map_err(corrupt)
-}
-
-pub(crate) fn parse_id<T: std::str::FromStr>(s: &str) -> Result<T, StoreError> {
-    s.parse().map_err(|_| corrupt(format!("bad id {s:?}")))
-}
-
-pub(crate) fn u32_of(v: i64) -> Result<u32, StoreError> {
-    u32::try_from(v).map_err(corrupt)
+pub struct AnyStore {
+    db: db::Db,
 }
 
 #[cfg(test)]

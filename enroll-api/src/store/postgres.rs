@@ -1,33 +1,30 @@
-//! The PostgreSQL backend, with row-level security.
+//! The PostgreSQL dialect, with row-level security: connecting, the tenant
+//! set per transaction, the statements that differ from SQLite, and how its
+//! columns hold UUIDs and use counts. The queries themselves are in `sql.rs`.
 //!
 //! Migrations run on a dedicated connection as the login role (the table
 //! owner). Every pooled connection then does `SET ROLE <app_role>`
 //! (`oneprotect_app`, created NOLOGIN by the migration), and the store
 //! refuses to start if that role is a superuser or has BYPASSRLS — so the
-//! policies always apply. Each operation runs in a transaction that first
-//! calls `set_config('oneprotect.tenant_id', <tenant>, true)`.
+//! policies always apply. Each tenant-scoped operation runs in a transaction
+//! that first calls `set_config('oneprotect.tenant_id', <tenant>, true)`.
 
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::{Connection, Executor, PgConnection, PgPool, Postgres, Row, Transaction};
-use time::OffsetDateTime;
+use sqlx::encode::IsNull;
+use sqlx::error::BoxDynError;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgTypeInfo, PgValueRef};
+use sqlx::{
+    Connection, Database, Decode, Encode, Executor, PgConnection, PgPool, Postgres, Transaction,
+    Type,
+};
 use uuid::Uuid;
 
-use oneprotect_identity::events::{Actor, Event, Payload};
-use oneprotect_identity::{AgentId, AgentStatus, SerialNumber, TenantId, TokenId};
+use oneprotect_identity::TenantId;
 
-use super::rotation::{
-    plan_confirmation, plan_expiry, plan_rotation, rotated_event, superseded_event,
-};
-use super::{
-    agent_event_pattern, event_json, labels_json, parse_cert_status, parse_event, parse_id,
-    parse_labels, refusal, token_status_sql, ts, u32_of, AdminKeyRef, AgentRecord,
-    CertificateState, ConfirmOutcome, EnrollOutcome, Enrollment, NewAdminKey, NewToken,
-    OutboxEvent, Page, RotateOutcome, Rotation, RotationRefusal, RotationState, Store, StoreError,
-    Supersede, Tenant, TokenRecord, TokenStatus,
-};
+use super::db::{Db, DbUuid, DialectSql, UseCount};
+use super::{AnyStore, StoreError};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
@@ -49,58 +46,6 @@ pub struct PgOptions {
     pub max_connections: u32,
 }
 
-/// The PostgreSQL store.
-#[derive(Debug, Clone)]
-pub struct PgStore {
-    pool: PgPool,
-}
-
-const TOKEN_COLS: &str =
-    "id, tenant_id, max_uses, uses, expires_at, created_at, revoked_at, description, labels";
-const AGENT_COLS: &str = "id, tenant_id, spiffe_id, status, hostname, os, agent_version, token_id, enrolled_at, current_serial, certificate_not_after, revoked_at, revocation_reason, previous_serial, previous_valid_until";
-
-fn opt_ts(v: Option<i64>) -> Result<Option<OffsetDateTime>, StoreError> {
-    v.map(ts).transpose()
-}
-
-fn token_from_row(r: &PgRow) -> Result<TokenRecord, StoreError> {
-    Ok(TokenRecord {
-        id: TokenId::from_uuid(r.try_get("id")?),
-        tenant_id: TenantId::from_uuid(r.try_get("tenant_id")?),
-        max_uses: u32_of(i64::from(r.try_get::<i32, _>("max_uses")?))?,
-        uses: u32_of(i64::from(r.try_get::<i32, _>("uses")?))?,
-        expires_at: ts(r.try_get("expires_at")?)?,
-        created_at: ts(r.try_get("created_at")?)?,
-        revoked_at: opt_ts(r.try_get("revoked_at")?)?,
-        description: r.try_get("description")?,
-        labels: parse_labels(r.try_get("labels")?)?,
-    })
-}
-
-fn agent_from_row(r: &PgRow) -> Result<AgentRecord, StoreError> {
-    Ok(AgentRecord {
-        id: AgentId::from_uuid(r.try_get("id")?),
-        tenant_id: TenantId::from_uuid(r.try_get("tenant_id")?),
-        spiffe_id: r.try_get("spiffe_id")?,
-        status: AgentStatus::from_str(r.try_get("status")?)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-        hostname: r.try_get("hostname")?,
-        os: r.try_get("os")?,
-        agent_version: r.try_get("agent_version")?,
-        token_id: TokenId::from_uuid(r.try_get("token_id")?),
-        enrolled_at: ts(r.try_get("enrolled_at")?)?,
-        current_serial: parse_id(r.try_get::<&str, _>("current_serial")?)?,
-        certificate_not_after: ts(r.try_get("certificate_not_after")?)?,
-        revoked_at: opt_ts(r.try_get("revoked_at")?)?,
-        revocation_reason: r.try_get("revocation_reason")?,
-        previous_serial: r
-            .try_get::<Option<&str>, _>("previous_serial")?
-            .map(parse_id)
-            .transpose()?,
-        previous_valid_until: opt_ts(r.try_get("previous_valid_until")?)?,
-    })
-}
-
 fn valid_ident(s: &str) -> bool {
     let mut chars = s.chars();
     chars
@@ -110,11 +55,11 @@ fn valid_ident(s: &str) -> bool {
         && s.len() <= 63
 }
 
-impl PgStore {
-    /// Connects, applies the embedded migrations as the login role, and
-    /// opens a pool whose connections run as `app_role`. Fails if that role
-    /// could bypass row-level security.
-    pub async fn open(o: &PgOptions) -> Result<Self, StoreError> {
+impl AnyStore {
+    /// Opens the PostgreSQL store: connects, applies the embedded
+    /// migrations as the login role, and opens a pool whose connections run
+    /// as `app_role`. Fails if that role could bypass row-level security.
+    pub async fn open_postgres(o: &PgOptions) -> Result<Self, StoreError> {
         if !valid_ident(&o.app_role) {
             return Err(StoreError::RoleBypassesRls(o.app_role.clone()));
         }
@@ -147,735 +92,98 @@ impl PgStore {
         if bypass {
             return Err(StoreError::RoleBypassesRls(o.app_role.clone()));
         }
-        Ok(Self { pool })
+        Ok(Self {
+            db: Db::Postgres(pool),
+        })
     }
 
-    /// The pool (connections already switched to the app role). For tests
-    /// that need to show what a raw query without a tenant sees.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
-    async fn begin(&self, tenant: TenantId) -> Result<Transaction<'static, Postgres>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT set_config('oneprotect.tenant_id', $1, true)")
-            .bind(tenant.to_string())
-            .execute(&mut *tx)
-            .await?;
-        Ok(tx)
-    }
-
-    /// Closes the pool; later operations fail as unavailable.
-    pub async fn close(&self) {
-        self.pool.close().await;
-    }
-
-    async fn insert_event(conn: &mut PgConnection, event: &Event) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO events_outbox (event_id, tenant_id, event_type, occurred_at, body) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(event.event_id)
-        .bind(event.tenant_id.as_uuid())
-        .bind(event.payload.event_type())
-        .bind(event.occurred_at.unix_timestamp())
-        .bind(event_json(event)?)
-        .execute(conn)
-        .await?;
-        Ok(())
-    }
-
-    async fn fetch_token_in(
-        tx: &mut PgConnection,
-        tenant: TenantId,
-        id: TokenId,
-    ) -> Result<Option<TokenRecord>, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {TOKEN_COLS} FROM enrollment_tokens WHERE tenant_id = $1 AND id = $2"
-        ))
-        .bind(tenant.as_uuid())
-        .bind(id.as_uuid())
-        .fetch_optional(tx)
-        .await?;
-        row.as_ref().map(token_from_row).transpose()
-    }
-
-    async fn fetch_agent_in(
-        tx: &mut PgConnection,
-        tenant: TenantId,
-        id: AgentId,
-    ) -> Result<Option<AgentRecord>, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {AGENT_COLS} FROM agents WHERE tenant_id = $1 AND id = $2"
-        ))
-        .bind(tenant.as_uuid())
-        .bind(id.as_uuid())
-        .fetch_optional(tx)
-        .await?;
-        row.as_ref().map(agent_from_row).transpose()
+    /// The PostgreSQL pool (connections already switched to the app role),
+    /// `None` on SQLite. For tests that show what a raw query without a
+    /// tenant sees.
+    pub fn postgres_pool(&self) -> Option<&PgPool> {
+        match &self.db {
+            Db::Postgres(pool) => Some(pool),
+            Db::Sqlite(_) => None,
+        }
     }
 }
 
-impl PgStore {
-    /// The agent's rotation state, taking its row lock (`FOR UPDATE`): a
-    /// concurrent rotation of the same agent waits and then decides on the
-    /// committed result.
-    async fn rotation_state(
-        conn: &mut PgConnection,
-        tenant: TenantId,
-        agent: AgentId,
-        presented: Option<SerialNumber>,
-    ) -> Result<Option<RotationState>, StoreError> {
-        let Some(row) = sqlx::query(
-            "SELECT status, current_serial, previous_serial, previous_valid_until FROM agents \
-             WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
-        )
-        .bind(tenant.as_uuid())
-        .bind(agent.as_uuid())
-        .fetch_optional(&mut *conn)
-        .await?
-        else {
-            return Ok(None);
-        };
-        let presented = match presented {
-            None => None,
-            Some(serial) => sqlx::query_scalar::<_, String>(
-                "SELECT status FROM certificates WHERE tenant_id = $1 AND agent_id = $2 AND serial = $3",
-            )
-            .bind(tenant.as_uuid())
-            .bind(agent.as_uuid())
-            .bind(serial.to_string())
-            .fetch_optional(&mut *conn)
-            .await?,
-        };
-        Ok(Some(RotationState::from_columns(
-            row.try_get("status")?,
-            row.try_get("current_serial")?,
-            row.try_get("previous_serial")?,
-            row.try_get("previous_valid_until")?,
-            presented.as_deref(),
+/// A transaction whose first statement sets the tenant that the RLS
+/// policies filter on (transaction-local).
+pub(super) async fn begin(
+    pool: &PgPool,
+    tenant: TenantId,
+) -> Result<Transaction<'static, Postgres>, StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('oneprotect.tenant_id', $1, true)")
+        .bind(tenant.to_string())
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
+/// The statements that differ from SQLite's. The reads that run before the
+/// tenant is known (by keyed hash) or across tenants (the outbox relay, the
+/// projection rebuild, the rotation sweep) cannot see through RLS, so each
+/// is one narrow `SECURITY DEFINER` function of the migrations returning
+/// exactly what it needs; everything else runs under RLS with the tenant
+/// set.
+pub(super) const SQL: DialectSql = DialectSql {
+    token_ref_by_hash: "SELECT token_id, tenant_id FROM oneprotect_token_ref($1)",
+    admin_key_ref_by_hash: "SELECT key_id, tenant_id FROM oneprotect_admin_key_ref($1)",
+    outbox_pending: "SELECT seq, body FROM oneprotect_outbox_pending($1)",
+    outbox_mark_sent: "SELECT oneprotect_outbox_mark_sent($1, $2)",
+    tenant_ids: "SELECT tenant_id FROM oneprotect_tenant_ids()",
+    rotations_due: "SELECT tenant_id, agent_id FROM oneprotect_rotations_due($1, $2)",
+    // `FOR UPDATE`: the row lock makes a concurrent rotation step of the same
+    // agent wait and then decide on the committed result.
+    rotation_state: "SELECT status, current_serial, previous_serial, previous_valid_until \
+                     FROM agents WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
+};
+
+// UUIDs are native `uuid` columns.
+impl Type<Postgres> for DbUuid {
+    fn type_info() -> PgTypeInfo {
+        <Uuid as Type<Postgres>>::type_info()
+    }
+}
+
+impl Encode<'_, Postgres> for DbUuid {
+    fn encode_by_ref(
+        &self,
+        buf: &mut <Postgres as Database>::ArgumentBuffer<'_>,
+    ) -> Result<IsNull, BoxDynError> {
+        <Uuid as Encode<'_, Postgres>>::encode_by_ref(&self.0, buf)
+    }
+}
+
+impl<'r> Decode<'r, Postgres> for DbUuid {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+        <Uuid as Decode<'r, Postgres>>::decode(value).map(DbUuid)
+    }
+}
+
+// Use counts are `integer` (32-bit) columns; a count above `i32::MAX` is
+// stored as `i32::MAX`.
+impl Type<Postgres> for UseCount {
+    fn type_info() -> PgTypeInfo {
+        <i32 as Type<Postgres>>::type_info()
+    }
+}
+
+impl Encode<'_, Postgres> for UseCount {
+    fn encode_by_ref(
+        &self,
+        buf: &mut <Postgres as Database>::ArgumentBuffer<'_>,
+    ) -> Result<IsNull, BoxDynError> {
+        <i32 as Encode<'_, Postgres>>::encode(i32::try_from(self.0).unwrap_or(i32::MAX), buf)
+    }
+}
+
+impl<'r> Decode<'r, Postgres> for UseCount {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+        Ok(UseCount(u32::try_from(
+            <i32 as Decode<'r, Postgres>>::decode(value)?,
         )?))
-    }
-
-    /// Marks `s.serial` superseded (only if active) and writes its event.
-    async fn apply_supersede(
-        conn: &mut PgConnection,
-        tenant: TenantId,
-        agent: AgentId,
-        s: &Supersede,
-        actor: Actor,
-        now: OffsetDateTime,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE certificates SET status = 'superseded', superseded_at = $4 \
-             WHERE tenant_id = $1 AND agent_id = $2 AND serial = $3 AND status = 'active'",
-        )
-        .bind(tenant.as_uuid())
-        .bind(agent.as_uuid())
-        .bind(s.serial.to_string())
-        .bind(now.unix_timestamp())
-        .execute(&mut *conn)
-        .await?;
-        Self::insert_event(conn, &superseded_event(tenant, agent, s, actor, now)).await
-    }
-
-    async fn clear_previous(
-        conn: &mut PgConnection,
-        tenant: TenantId,
-        agent: AgentId,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE agents SET previous_serial = NULL, previous_valid_until = NULL \
-             WHERE tenant_id = $1 AND id = $2",
-        )
-        .bind(tenant.as_uuid())
-        .bind(agent.as_uuid())
-        .execute(conn)
-        .await?;
-        Ok(())
-    }
-}
-
-impl Store for PgStore {
-    async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
-    }
-
-    async fn create_tenant(&self, t: &Tenant) -> Result<(), StoreError> {
-        let mut tx = self.begin(t.id).await?;
-        sqlx::query(
-            "INSERT INTO tenants (id, name, leaf_lifetime_secs, created_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(t.id.as_uuid())
-        .bind(&t.name)
-        .bind(t.leaf_lifetime_secs)
-        .bind(t.created_at.unix_timestamp())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn fetch_tenant(&self, id: TenantId) -> Result<Option<Tenant>, StoreError> {
-        let mut tx = self.begin(id).await?;
-        let row = sqlx::query(
-            "SELECT id, name, leaf_lifetime_secs, created_at FROM tenants WHERE id = $1",
-        )
-        .bind(id.as_uuid())
-        .fetch_optional(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        row.map(|r| {
-            Ok(Tenant {
-                id: TenantId::from_uuid(r.try_get("id")?),
-                name: r.try_get("name")?,
-                leaf_lifetime_secs: r.try_get("leaf_lifetime_secs")?,
-                created_at: ts(r.try_get("created_at")?)?,
-            })
-        })
-        .transpose()
-    }
-
-    async fn create_admin_key(&self, k: &NewAdminKey) -> Result<(), StoreError> {
-        let mut tx = self.begin(k.tenant_id).await?;
-        sqlx::query(
-            "INSERT INTO admin_keys (id, tenant_id, name, key_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(k.id)
-        .bind(k.tenant_id.as_uuid())
-        .bind(&k.name)
-        .bind(&k.key_hash)
-        .bind(k.created_at.unix_timestamp())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn fetch_admin_key_by_hash(
-        &self,
-        hash: &[u8],
-    ) -> Result<Option<AdminKeyRef>, StoreError> {
-        let row = sqlx::query("SELECT key_id, tenant_id FROM oneprotect_admin_key_ref($1)")
-            .bind(hash)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| {
-            Ok(AdminKeyRef {
-                id: r.try_get("key_id")?,
-                tenant_id: TenantId::from_uuid(r.try_get("tenant_id")?),
-            })
-        })
-        .transpose()
-    }
-
-    async fn create_token(&self, t: &NewToken, event: &Event) -> Result<(), StoreError> {
-        super::text_rule::token(t)?;
-        let r = &t.record;
-        let mut tx = self.begin(r.tenant_id).await?;
-        sqlx::query(
-            "INSERT INTO enrollment_tokens (id, tenant_id, token_hash, max_uses, uses, expires_at, created_at, description, labels, created_by) \
-             VALUES ($1, $2, $3, $4, 0, $5, $6, $7, $8, $9)",
-        )
-        .bind(r.id.as_uuid())
-        .bind(r.tenant_id.as_uuid())
-        .bind(&t.token_hash)
-        .bind(i32::try_from(r.max_uses).unwrap_or(i32::MAX))
-        .bind(r.expires_at.unix_timestamp())
-        .bind(r.created_at.unix_timestamp())
-        .bind(&r.description)
-        .bind(labels_json(&r.labels))
-        .bind(t.created_by)
-        .execute(&mut *tx)
-        .await?;
-        Self::insert_event(&mut tx, event).await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn fetch_token(
-        &self,
-        tenant: TenantId,
-        id: TokenId,
-    ) -> Result<Option<TokenRecord>, StoreError> {
-        let mut tx = self.begin(tenant).await?;
-        let t = Self::fetch_token_in(&mut tx, tenant, id).await?;
-        tx.commit().await?;
-        Ok(t)
-    }
-
-    async fn list_tokens(
-        &self,
-        tenant: TenantId,
-        status: Option<TokenStatus>,
-        now: OffsetDateTime,
-        page: Page,
-    ) -> Result<Vec<TokenRecord>, StoreError> {
-        let status_sql = status
-            .map(|s| format!(" AND {}", token_status_sql(s, "$3")))
-            .unwrap_or_default();
-        let mut tx = self.begin(tenant).await?;
-        let rows = sqlx::query(&format!(
-            "SELECT {TOKEN_COLS} FROM enrollment_tokens WHERE tenant_id = $1 AND id > $2 AND $3::bigint IS NOT NULL{status_sql} ORDER BY id LIMIT $4"
-        ))
-        .bind(tenant.as_uuid())
-        .bind(page.after.unwrap_or(Uuid::nil()))
-        .bind(now.unix_timestamp())
-        .bind(i64::from(page.limit))
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        rows.iter().map(token_from_row).collect()
-    }
-
-    async fn revoke_token(
-        &self,
-        tenant: TenantId,
-        id: TokenId,
-        now: OffsetDateTime,
-        actor: Actor,
-    ) -> Result<Option<TokenRecord>, StoreError> {
-        let mut tx = self.begin(tenant).await?;
-        let changed = sqlx::query(
-            "UPDATE enrollment_tokens SET revoked_at = $3 WHERE tenant_id = $1 AND id = $2 AND revoked_at IS NULL",
-        )
-        .bind(tenant.as_uuid())
-        .bind(id.as_uuid())
-        .bind(now.unix_timestamp())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        let Some(record) = Self::fetch_token_in(&mut tx, tenant, id).await? else {
-            return Ok(None);
-        };
-        if changed == 1 {
-            let event = Event::new(
-                tenant,
-                actor,
-                now,
-                Payload::TokenRevoked {
-                    token_id: id,
-                    uses: record.uses,
-                },
-            );
-            Self::insert_event(&mut tx, &event).await?;
-        }
-        tx.commit().await?;
-        Ok(Some(record))
-    }
-
-    async fn fetch_token_ref_by_hash(
-        &self,
-        hash: &[u8],
-    ) -> Result<Option<(TokenId, TenantId)>, StoreError> {
-        let row = sqlx::query("SELECT token_id, tenant_id FROM oneprotect_token_ref($1)")
-            .bind(hash)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| {
-            Ok((
-                TokenId::from_uuid(r.try_get("token_id")?),
-                TenantId::from_uuid(r.try_get("tenant_id")?),
-            ))
-        })
-        .transpose()
-    }
-
-    async fn enroll(&self, e: &Enrollment) -> Result<EnrollOutcome, StoreError> {
-        super::text_rule::enrollment(e)?;
-        let a = &e.agent;
-        let mut tx = self.begin(a.tenant_id).await?;
-        // Row lock + re-check under READ COMMITTED: concurrent updaters of
-        // the same row wait, then re-evaluate the WHERE on the new version,
-        // so the row count is exact.
-        let consumed = sqlx::query(
-            "UPDATE enrollment_tokens SET uses = uses + 1 \
-             WHERE id = $1 AND tenant_id = $2 AND token_hash = $3 \
-             AND revoked_at IS NULL AND uses < max_uses AND expires_at > $4",
-        )
-        .bind(e.token_id.as_uuid())
-        .bind(a.tenant_id.as_uuid())
-        .bind(&e.token_hash)
-        .bind(e.now.unix_timestamp())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if consumed != 1 {
-            let t = Self::fetch_token_in(&mut tx, a.tenant_id, e.token_id).await?;
-            tx.rollback().await?;
-            return Ok(EnrollOutcome::Refused(refusal(t.as_ref(), e.now)));
-        }
-        sqlx::query(&format!(
-            "INSERT INTO agents ({AGENT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL, NULL, NULL, NULL)"
-        ))
-        .bind(a.id.as_uuid())
-        .bind(a.tenant_id.as_uuid())
-        .bind(&a.spiffe_id)
-        .bind(a.status.as_str())
-        .bind(&a.hostname)
-        .bind(&a.os)
-        .bind(&a.agent_version)
-        .bind(a.token_id.as_uuid())
-        .bind(a.enrolled_at.unix_timestamp())
-        .bind(a.current_serial.to_string())
-        .bind(a.certificate_not_after.unix_timestamp())
-        .execute(&mut *tx)
-        .await?;
-        let c = &e.certificate;
-        sqlx::query(
-            "INSERT INTO certificates (serial, tenant_id, agent_id, status, fingerprint, not_before, not_after, cert_pem, issued_at) \
-             VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, $8)",
-        )
-        .bind(c.serial.to_string())
-        .bind(a.tenant_id.as_uuid())
-        .bind(a.id.as_uuid())
-        .bind(&c.fingerprint)
-        .bind(c.not_before.unix_timestamp())
-        .bind(c.not_after.unix_timestamp())
-        .bind(&c.cert_pem)
-        .bind(e.now.unix_timestamp())
-        .execute(&mut *tx)
-        .await?;
-        Self::insert_event(&mut tx, &e.event).await?;
-        tx.commit().await?;
-        Ok(EnrollOutcome::Enrolled)
-    }
-
-    async fn create_event(&self, event: &Event) -> Result<(), StoreError> {
-        let mut tx = self.begin(event.tenant_id).await?;
-        Self::insert_event(&mut tx, event).await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn list_events(
-        &self,
-        tenant: TenantId,
-        limit: u32,
-    ) -> Result<Vec<OutboxEvent>, StoreError> {
-        let mut tx = self.begin(tenant).await?;
-        let rows = sqlx::query(
-            "SELECT seq, body FROM events_outbox WHERE tenant_id = $1 ORDER BY seq LIMIT $2",
-        )
-        .bind(tenant.as_uuid())
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        rows.iter()
-            .map(|r| {
-                Ok(OutboxEvent {
-                    seq: r.try_get("seq")?,
-                    event: parse_event(r.try_get("body")?)?,
-                })
-            })
-            .collect()
-    }
-
-    async fn fetch_agent(
-        &self,
-        tenant: TenantId,
-        id: AgentId,
-    ) -> Result<Option<AgentRecord>, StoreError> {
-        let mut tx = self.begin(tenant).await?;
-        let a = Self::fetch_agent_in(&mut tx, tenant, id).await?;
-        tx.commit().await?;
-        Ok(a)
-    }
-
-    async fn list_agents(
-        &self,
-        tenant: TenantId,
-        status: Option<AgentStatus>,
-        page: Page,
-    ) -> Result<Vec<AgentRecord>, StoreError> {
-        let mut tx = self.begin(tenant).await?;
-        let rows = sqlx::query(&format!(
-            "SELECT {AGENT_COLS} FROM agents WHERE tenant_id = $1 AND id > $2 AND ($3::text IS NULL OR status = $3) ORDER BY id LIMIT $4"
-        ))
-        .bind(tenant.as_uuid())
-        .bind(page.after.unwrap_or(Uuid::nil()))
-        .bind(status.map(|s| s.as_str()))
-        .bind(i64::from(page.limit))
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        rows.iter().map(agent_from_row).collect()
-    }
-
-    async fn list_agent_events(
-        &self,
-        tenant: TenantId,
-        agent: AgentId,
-        limit: u32,
-    ) -> Result<Vec<OutboxEvent>, StoreError> {
-        let mut tx = self.begin(tenant).await?;
-        let rows = sqlx::query(
-            "SELECT seq, body FROM events_outbox WHERE tenant_id = $1 AND body LIKE $2 ORDER BY seq LIMIT $3",
-        )
-        .bind(tenant.as_uuid())
-        .bind(agent_event_pattern(agent))
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        rows.iter()
-            .map(|r| {
-                Ok(OutboxEvent {
-                    seq: r.try_get("seq")?,
-                    event: parse_event(r.try_get("body")?)?,
-                })
-            })
-            .collect()
-    }
-
-    async fn list_revoked_certificates(
-        &self,
-        tenant: TenantId,
-        now: OffsetDateTime,
-    ) -> Result<Vec<(SerialNumber, OffsetDateTime)>, StoreError> {
-        let mut tx = self.begin(tenant).await?;
-        let rows = sqlx::query(
-            "SELECT serial, revoked_at FROM certificates \
-             WHERE tenant_id = $1 AND status = 'revoked' AND not_after > $2 ORDER BY serial",
-        )
-        .bind(tenant.as_uuid())
-        .bind(now.unix_timestamp())
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        rows.iter()
-            .map(|r| {
-                let at: Option<i64> = r.try_get("revoked_at")?;
-                Ok((
-                    parse_id(r.try_get::<&str, _>("serial")?)?,
-                    ts(at.unwrap_or_default())?,
-                ))
-            })
-            .collect()
-    }
-
-    // The relay and the rebuild read across tenants only through the narrow
-    // SECURITY DEFINER functions of migration 0002 (outbox rows and tenant
-    // ids); everything else runs under RLS with the tenant set.
-    async fn list_pending_events(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
-        let rows = sqlx::query("SELECT seq, body FROM oneprotect_outbox_pending($1)")
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(OutboxEvent {
-                    seq: r.try_get("seq")?,
-                    event: parse_event(r.try_get("body")?)?,
-                })
-            })
-            .collect()
-    }
-
-    async fn mark_event_sent(&self, seq: i64, now: OffsetDateTime) -> Result<(), StoreError> {
-        sqlx::query("SELECT oneprotect_outbox_mark_sent($1, $2)")
-            .bind(seq)
-            .bind(now.unix_timestamp())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn list_tenant_ids(&self) -> Result<Vec<TenantId>, StoreError> {
-        let ids: Vec<Uuid> = sqlx::query_scalar("SELECT tenant_id FROM oneprotect_tenant_ids()")
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(ids.into_iter().map(TenantId::from_uuid).collect())
-    }
-
-    async fn list_agent_certificates(
-        &self,
-        tenant: TenantId,
-        agent: AgentId,
-    ) -> Result<Vec<CertificateState>, StoreError> {
-        let mut tx = self.begin(tenant).await?;
-        let rows = sqlx::query(
-            "SELECT serial, agent_id, status, not_after FROM certificates \
-             WHERE tenant_id = $1 AND agent_id = $2 ORDER BY serial",
-        )
-        .bind(tenant.as_uuid())
-        .bind(agent.as_uuid())
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        rows.iter()
-            .map(|r| {
-                Ok(CertificateState {
-                    serial: parse_id(r.try_get::<&str, _>("serial")?)?,
-                    agent_id: AgentId::from_uuid(r.try_get("agent_id")?),
-                    status: parse_cert_status(r.try_get("status")?)?,
-                    not_after: ts(r.try_get("not_after")?)?,
-                })
-            })
-            .collect()
-    }
-
-    async fn revoke_agent(
-        &self,
-        tenant: TenantId,
-        id: AgentId,
-        reason: &str,
-        now: OffsetDateTime,
-        actor: Actor,
-    ) -> Result<Option<AgentRecord>, StoreError> {
-        super::text_rule::reason(reason)?;
-        let mut tx = self.begin(tenant).await?;
-        let changed = sqlx::query(
-            "UPDATE agents SET status = 'revoked', revoked_at = $3, revocation_reason = $4, \
-             previous_serial = NULL, previous_valid_until = NULL \
-             WHERE tenant_id = $1 AND id = $2 AND status = 'active'",
-        )
-        .bind(tenant.as_uuid())
-        .bind(id.as_uuid())
-        .bind(now.unix_timestamp())
-        .bind(reason)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if changed == 1 {
-            let serials: Vec<String> = sqlx::query_scalar(
-                "UPDATE certificates SET status = 'revoked', revoked_at = $3 \
-                 WHERE tenant_id = $1 AND agent_id = $2 AND status != 'revoked' RETURNING serial",
-            )
-            .bind(tenant.as_uuid())
-            .bind(id.as_uuid())
-            .bind(now.unix_timestamp())
-            .fetch_all(&mut *tx)
-            .await?;
-            let mut revoked_serials = serials
-                .iter()
-                .map(|s| parse_id(s))
-                .collect::<Result<Vec<_>, _>>()?;
-            revoked_serials.sort();
-            let event = Event::new(
-                tenant,
-                actor,
-                now,
-                Payload::Revoked {
-                    agent_id: id,
-                    reason: reason.to_owned(),
-                    revoked_serials,
-                },
-            );
-            Self::insert_event(&mut tx, &event).await?;
-        }
-        let agent = Self::fetch_agent_in(&mut tx, tenant, id).await?;
-        tx.commit().await?;
-        Ok(agent)
-    }
-
-    async fn rotate(&self, r: &Rotation) -> Result<RotateOutcome, StoreError> {
-        let mut tx = self.begin(r.tenant).await?;
-        let Some(st) = Self::rotation_state(&mut tx, r.tenant, r.agent, Some(r.presented)).await?
-        else {
-            return Ok(RotateOutcome::Refused(RotationRefusal::UnknownAgent));
-        };
-        let plan = match plan_rotation(&st, r.presented, r.certificate.serial) {
-            Ok(plan) => plan,
-            Err(refusal) => return Ok(RotateOutcome::Refused(refusal)),
-        };
-        let actor = Actor::Agent(r.agent);
-        for s in &plan.supersede {
-            Self::apply_supersede(&mut tx, r.tenant, r.agent, s, actor.clone(), r.now).await?;
-        }
-        let c = &r.certificate;
-        sqlx::query(
-            "INSERT INTO certificates (serial, tenant_id, agent_id, status, fingerprint, not_before, not_after, cert_pem, issued_at, predecessor_serial) \
-             VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(c.serial.to_string())
-        .bind(r.tenant.as_uuid())
-        .bind(r.agent.as_uuid())
-        .bind(&c.fingerprint)
-        .bind(c.not_before.unix_timestamp())
-        .bind(c.not_after.unix_timestamp())
-        .bind(&c.cert_pem)
-        .bind(r.now.unix_timestamp())
-        .bind(r.presented.to_string())
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE agents SET current_serial = $3, certificate_not_after = $4, \
-             previous_serial = $5, previous_valid_until = $6 WHERE tenant_id = $1 AND id = $2",
-        )
-        .bind(r.tenant.as_uuid())
-        .bind(r.agent.as_uuid())
-        .bind(c.serial.to_string())
-        .bind(c.not_after.unix_timestamp())
-        .bind(plan.previous.to_string())
-        .bind(r.previous_valid_until.unix_timestamp())
-        .execute(&mut *tx)
-        .await?;
-        Self::insert_event(&mut tx, &rotated_event(r)).await?;
-        tx.commit().await?;
-        Ok(RotateOutcome::Rotated(plan))
-    }
-
-    async fn confirm_certificate(
-        &self,
-        tenant: TenantId,
-        agent: AgentId,
-        presented: SerialNumber,
-        now: OffsetDateTime,
-    ) -> Result<ConfirmOutcome, StoreError> {
-        let mut tx = self.begin(tenant).await?;
-        let Some(st) = Self::rotation_state(&mut tx, tenant, agent, Some(presented)).await? else {
-            return Ok(ConfirmOutcome::Refused(RotationRefusal::UnknownAgent));
-        };
-        let supersede = match plan_confirmation(&st, presented) {
-            Ok(s) => s,
-            Err(refusal) => return Ok(ConfirmOutcome::Refused(refusal)),
-        };
-        if let Some(s) = &supersede {
-            Self::apply_supersede(&mut tx, tenant, agent, s, Actor::Agent(agent), now).await?;
-            Self::clear_previous(&mut tx, tenant, agent).await?;
-        }
-        tx.commit().await?;
-        Ok(ConfirmOutcome::Confirmed(supersede))
-    }
-
-    async fn list_rotations_due(
-        &self,
-        now: OffsetDateTime,
-        limit: u32,
-    ) -> Result<Vec<(TenantId, AgentId)>, StoreError> {
-        let rows = sqlx::query("SELECT tenant_id, agent_id FROM oneprotect_rotations_due($1, $2)")
-            .bind(now.unix_timestamp())
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    TenantId::from_uuid(r.try_get("tenant_id")?),
-                    AgentId::from_uuid(r.try_get("agent_id")?),
-                ))
-            })
-            .collect()
-    }
-
-    async fn expire_rotation(
-        &self,
-        tenant: TenantId,
-        agent: AgentId,
-        now: OffsetDateTime,
-    ) -> Result<Option<Supersede>, StoreError> {
-        let mut tx = self.begin(tenant).await?;
-        let Some(st) = Self::rotation_state(&mut tx, tenant, agent, None).await? else {
-            return Ok(None);
-        };
-        let Some(s) = plan_expiry(&st, now) else {
-            return Ok(None);
-        };
-        Self::apply_supersede(&mut tx, tenant, agent, &s, Actor::System, now).await?;
-        Self::clear_previous(&mut tx, tenant, agent).await?;
-        tx.commit().await?;
-        Ok(Some(s))
     }
 }

@@ -1,5 +1,6 @@
 //! Two-phase certificate rotation (ADR-0010): the decisions, as pure
-//! functions over the agent's state, shared by both backends.
+//! functions over the agent's state, which the store (`sql.rs`) applies on
+//! either backend.
 //!
 //! An agent has a newest certificate (`current`) and, during a rotation's
 //! second phase, the one it rotated away from (`previous`), still accepted
@@ -14,7 +15,8 @@ use oneprotect_identity::{AgentId, AgentStatus, CertStatus, SerialNumber, Tenant
 
 use super::NewCertificate;
 
-/// What a backend reads, under the agent's row lock, to decide.
+/// What the store reads, under the agent's row lock (PostgreSQL
+/// `FOR UPDATE`; on SQLite the write lock of `BEGIN IMMEDIATE`), to decide.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RotationState {
     /// The agent's status.
@@ -27,31 +29,6 @@ pub struct RotationState {
     pub previous_valid_until: Option<OffsetDateTime>,
     /// The presented certificate's status, if it is one of this agent's.
     pub presented: Option<CertStatus>,
-}
-
-impl RotationState {
-    /// Decodes the stored columns (`status`, `current_serial`,
-    /// `previous_serial`, `previous_valid_until`) and the presented
-    /// certificate's status, as both backends read them.
-    pub(crate) fn from_columns(
-        status: &str,
-        current: &str,
-        previous: Option<&str>,
-        previous_valid_until: Option<i64>,
-        presented: Option<&str>,
-    ) -> Result<Self, super::StoreError> {
-        Ok(Self {
-            status: status.parse().map_err(
-                |e: oneprotect_identity::revocation::UnknownStatus| {
-                    super::StoreError::Corrupt(e.to_string())
-                },
-            )?,
-            current: super::parse_id(current)?,
-            previous: previous.map(super::parse_id).transpose()?,
-            previous_valid_until: previous_valid_until.map(super::ts).transpose()?,
-            presented: presented.map(super::parse_cert_status).transpose()?,
-        })
-    }
 }
 
 /// Why an agent-authenticated rotation or confirmation was refused.

@@ -1,5 +1,4 @@
 use super::conformance;
-use super::sqlite::SqliteStore;
 use super::*;
 
 fn pg_url() -> String {
@@ -11,19 +10,74 @@ fn schema_name(label: &str) -> String {
     format!("enroll_{label}_{}", uuid::Uuid::new_v4().simple())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sqlite_conformance() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = SqliteStore::open(&dir.path().join("enroll.db"), 8)
-        .await
-        .unwrap();
-    conformance::run_all(&s).await;
+/// One test per conformance check and backend — `sqlite::<check>` and
+/// `postgres::<check>`, each PostgreSQL one in a fresh schema — so that a
+/// failing check hides none of the others.
+macro_rules! conformance_tests {
+    ($($check:ident $(($($arg:expr),*))?,)*) => {
+        mod sqlite {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $check() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let s = AnyStore::open_sqlite(&dir.path().join("enroll.db"), 8)
+                        .await
+                        .unwrap();
+                    conformance::$check(&s $($(, $arg)*)?).await;
+                }
+            )*
+        }
+
+        mod postgres {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $check() {
+                    let s = conformance::pg_store_in_new_schema(&pg_url(), &schema_name("conf"))
+                        .await;
+                    conformance::$check(&s $($(, $arg)*)?).await;
+                }
+            )*
+        }
+    };
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_conformance() {
-    let s = conformance::pg_store_in_new_schema(&pg_url(), &schema_name("conf")).await;
-    conformance::run_all(&s).await;
+conformance_tests! {
+    tenants_and_admin_keys,
+    tokens_round_trip_and_isolate_tenants,
+    token_listing_filters_and_pages,
+    revoke_token_is_idempotent,
+    enroll_writes_everything_or_nothing,
+    enroll_refusals,
+    single_use_token_under_concurrency(100),
+    agents_list_and_revoke,
+    relay_reads_pending_events_and_certificates,
+    rotation_lineage,
+    rotation_under_concurrency(20),
+    control_characters_are_refused_alike,
+}
+
+/// A stored id that is not in canonical form does not decode: `Corrupt`, on
+/// the cross-tenant read as on any other.
+#[tokio::test]
+async fn sqlite_non_canonical_id_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("enroll.db");
+    let s = AnyStore::open_sqlite(&path, 2).await.unwrap();
+    let raw =
+        sqlx::SqlitePool::connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(&path))
+            .await
+            .unwrap();
+    sqlx::query(
+        "INSERT INTO tenants (id, name, leaf_lifetime_secs, created_at) \
+         VALUES ('6F1E0C9A-3A51-4C1B-9A57-0C7F2F6D8E10', 'x', 60, 0)",
+    )
+    .execute(&raw)
+    .await
+    .unwrap();
+    let r = s.list_tenant_ids().await;
+    assert!(matches!(r, Err(StoreError::Corrupt(_))), "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,12 +91,13 @@ async fn postgres_rls_hides_rows_without_the_tenant_setting() {
             .unwrap(),
         EnrollOutcome::Enrolled
     );
-    let mut conn = s.pool().acquire().await.unwrap();
+    let pool = s.postgres_pool().expect("a PostgreSQL store");
+    let mut conn = pool.acquire().await.unwrap();
     let who: String = sqlx::query_scalar("SELECT current_user::text")
         .fetch_one(&mut *conn)
         .await
         .unwrap();
-    assert_eq!(who, postgres::DEFAULT_APP_ROLE);
+    assert_eq!(who, super::postgres::DEFAULT_APP_ROLE);
     for table in [
         "tenants",
         "admin_keys",
@@ -58,7 +113,7 @@ async fn postgres_rls_hides_rows_without_the_tenant_setting() {
         assert_eq!(n, 0, "{table} leaks rows without a tenant");
     }
     // With another tenant set: still nothing; with the right one: the rows.
-    let mut tx = s.pool().begin().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
     sqlx::query("SELECT set_config('oneprotect.tenant_id', $1, true)")
         .bind(TenantId::random().to_string())
         .execute(&mut *tx)
@@ -79,7 +134,7 @@ async fn postgres_rls_hides_rows_without_the_tenant_setting() {
     .unwrap_err();
     assert!(err.to_string().contains("row-level security"), "{err}");
     tx.rollback().await.unwrap();
-    let mut tx = s.pool().begin().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
     sqlx::query("SELECT set_config('oneprotect.tenant_id', $1, true)")
         .bind(t.to_string())
         .execute(&mut *tx)
