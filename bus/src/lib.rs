@@ -55,6 +55,9 @@ use tokio::sync::broadcast;
 
 /// Announcements buffered per subscriber before it is told it lagged.
 pub const CHANNEL_CAPACITY: usize = 4096;
+/// Gateway reports queued for the enroll-api before new ones are refused
+/// (the `{prefix}reports` stream's stand-in).
+pub const REPORTS_QUEUED: usize = 10_000;
 /// Lifecycle events kept for inspection ([`MemoryBus::recent_events`]).
 pub const EVENTS_KEPT: usize = 1000;
 /// Expired keys are swept after this many writes.
@@ -96,12 +99,15 @@ struct State {
     writes: u64,
     events: VecDeque<LoggedEvent>,
     events_total: u64,
+    reports: VecDeque<Arc<str>>,
 }
 
 struct Inner {
     state: Mutex<State>,
     tx: broadcast::Sender<AnnouncementJson>,
     clock: Clock,
+    /// Woken when a report is queued.
+    report_queued: tokio::sync::Notify,
 }
 
 /// The in-memory revocation bus. Cheap to clone: clones share one bus.
@@ -158,6 +164,7 @@ impl MemoryBus {
                 state: Mutex::new(State::default()),
                 tx,
                 clock,
+                report_queued: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -291,6 +298,34 @@ impl MemoryBus {
     pub fn recent_events(&self) -> (Vec<LoggedEvent>, u64) {
         let s = self.lock();
         (s.events.iter().cloned().collect(), s.events_total)
+    }
+
+    /// Queues a gateway's report (the JSON of a
+    /// [`SupersededUse`](oneprotect_identity::SupersededUse)) for the
+    /// enroll-api; false when [`REPORTS_QUEUED`] are waiting already.
+    pub fn push_report(&self, json: Arc<str>) -> bool {
+        {
+            let mut s = self.lock();
+            if s.reports.len() >= REPORTS_QUEUED {
+                return false;
+            }
+            s.reports.push_back(json);
+        }
+        self.inner.report_queued.notify_one();
+        true
+    }
+
+    /// Takes up to `max` queued reports, oldest first.
+    pub fn take_reports(&self, max: usize) -> Vec<Arc<str>> {
+        let mut s = self.lock();
+        let n = max.min(s.reports.len());
+        s.reports.drain(..n).collect()
+    }
+
+    /// Resolves when a report was queued since the last wake-up (one
+    /// consumer).
+    pub async fn report_queued(&self) {
+        self.inner.report_queued.notified().await;
     }
 
     /// Drops every key and the built marker, keeping the sequence (as a

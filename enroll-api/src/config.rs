@@ -114,6 +114,11 @@ pub struct RotationConfig {
     /// How often the grace sweep looks for ended grace periods,
     /// milliseconds. Defaults to 5000; 100 ..= 600000.
     pub sweep_interval_ms: u64,
+    /// The attempt window of `agent.certificate.reuse_detected`, seconds:
+    /// uses of one superseded certificate (reported by gateways or seen by
+    /// the rotation endpoints) give one event per window. Defaults to 3600;
+    /// 60 ..= 604800.
+    pub reuse_window_secs: u64,
     /// The gateway identity assertion the agent endpoints trust.
     pub assertion: AssertionTrustConfig,
 }
@@ -123,6 +128,7 @@ impl Default for RotationConfig {
         Self {
             grace_secs: 3600,
             sweep_interval_ms: 5000,
+            reuse_window_secs: 3600,
             assertion: AssertionTrustConfig::default(),
         }
     }
@@ -582,6 +588,9 @@ impl Config {
         }
         if !(100..=600_000).contains(&r.sweep_interval_ms) {
             return Err(invalid("rotation.sweep_interval_ms must be 100..=600000"));
+        }
+        if !(60..=604_800).contains(&r.reuse_window_secs) {
+            return Err(invalid("rotation.reuse_window_secs must be 60..=604800"));
         }
         if r.assertion.audience.is_empty() || r.assertion.issuer.is_empty() {
             return Err(invalid(

@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod projection;
 pub mod ratelimit;
 pub mod relay;
+pub mod reports;
 pub mod secrets;
 pub mod service;
 pub mod store;

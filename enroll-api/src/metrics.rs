@@ -14,6 +14,7 @@ pub struct Metrics {
     rotations: IntCounterVec,
     confirmations: IntCounterVec,
     superseded_use: IntCounterVec,
+    reuse_reports: IntCounterVec,
     assertion_refusals: IntCounterVec,
     grace_expired: IntCounter,
 }
@@ -59,6 +60,12 @@ impl Metrics {
             "Agent operations attempted with a superseded certificate (possible key theft)",
             "operation",
         );
+        let reuse_reports = counter_vec(
+            &registry,
+            "reuse_reports_total",
+            "Superseded-certificate uses reported by gateways, by outcome (recorded, duplicate, not_superseded, invalid)",
+            "outcome",
+        );
         let assertion_refusals = counter_vec(
             &registry,
             "assertion_refusals_total",
@@ -78,6 +85,7 @@ impl Metrics {
             rotations,
             confirmations,
             superseded_use,
+            reuse_reports,
             assertion_refusals,
             grace_expired,
         }
@@ -95,11 +103,16 @@ impl Metrics {
 
     /// Counts an operation attempted with a superseded certificate.
     pub fn superseded_use(&self, op: AgentOperation) {
-        let label = match op {
-            AgentOperation::Rotate => "rotate",
-            AgentOperation::Confirm => "confirm",
-        };
-        self.superseded_use.with_label_values(&[label]).inc();
+        self.superseded_use.with_label_values(&[op.as_str()]).inc();
+    }
+
+    /// Counts `n` superseded-certificate uses a gateway reported, by what
+    /// became of them: `recorded` (the window's event was written),
+    /// `duplicate` (the window had its event), `not_superseded` (the store
+    /// does not know the certificate as the agent's superseded one),
+    /// `invalid` (an unreadable stream entry).
+    pub fn reuse_report(&self, outcome: &str, n: u64) {
+        self.reuse_reports.with_label_values(&[outcome]).inc_by(n);
     }
 
     /// Counts a refused assertion by reason.

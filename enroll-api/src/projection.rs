@@ -426,6 +426,22 @@ impl ProjectionConn {
 }
 
 impl ProjectionConn {
+    /// The Redis connection, unless this is the in-process bus.
+    pub(crate) fn redis(&mut self) -> Option<&mut RedisConnection> {
+        match &mut self.conn {
+            Conn::Redis(c) => Some(c),
+            Conn::Memory(_) => None,
+        }
+    }
+
+    /// The in-process bus, if this is it.
+    pub(crate) fn bus(&self) -> Option<&MemoryBus> {
+        match &self.conn {
+            Conn::Redis(_) => None,
+            Conn::Memory(bus) => Some(bus),
+        }
+    }
+
     /// Waits until `replicas` replicas have every write made on this
     /// connection so far (Redis `WAIT`), at most `timeout`. The in-process
     /// bus has no replicas and passes at once.

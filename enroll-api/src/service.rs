@@ -168,6 +168,7 @@ pub async fn build_state_with_projection(
         rotation_grace: time::Duration::seconds(
             i64::try_from(cfg.rotation.grace_secs).unwrap_or(i64::MAX),
         ),
+        reuse_window: Duration::from_secs(cfg.rotation.reuse_window_secs),
         metrics: crate::metrics::Metrics::new(),
     }))
 }
@@ -309,7 +310,7 @@ pub async fn start(cfg: &Config, state: AppState) -> Result<Running, StartError>
     if let Some(projection) = state.projection.clone() {
         tasks.spawn(crate::relay::run(
             state.store.clone(),
-            projection,
+            projection.clone(),
             state.clock.clone(),
             state.relay.clone(),
             RelaySettings {
@@ -320,6 +321,18 @@ pub async fn start(cfg: &Config, state: AppState) -> Result<Running, StartError>
             },
             rx.clone(),
         ));
+        tasks.spawn(
+            crate::reports::Consumer {
+                store: state.store.clone(),
+                projection,
+                clock: state.clock.clone(),
+                relay: state.relay.clone(),
+                metrics: state.metrics.clone(),
+                window: state.reuse_window,
+                name: format!("enroll-api-{}", uuid::Uuid::new_v4().simple()),
+            }
+            .run(rx.clone()),
+        );
     }
     tasks.spawn(crate::sweep::run(
         state.store.clone(),

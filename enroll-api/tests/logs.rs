@@ -97,6 +97,7 @@ async fn secrets_never_reach_the_logs() {
         relay: oneprotect_enroll_api::relay::RelayWaker::new(),
         assertions: oneprotect_identity::AssertionVerifier::new("oneprotect-upstream"),
         rotation_grace: time::Duration::hours(1),
+        reuse_window: std::time::Duration::from_secs(3600),
         metrics: oneprotect_enroll_api::metrics::Metrics::new(),
     });
     let tenant = Tenant {

@@ -29,6 +29,7 @@ pub mod headers;
 pub mod metrics;
 pub mod proxy;
 pub mod proxy_protocol;
+pub mod reports;
 pub mod revocation;
 pub mod routes;
 pub mod serve;

@@ -45,6 +45,10 @@ pub struct Metrics {
     pub connections_closed: IntCounterVec,
     /// Tunnels opened (an upstream's 101 to an allowed upgrade).
     pub tunnels_opened: IntCounter,
+    /// Reports of refused superseded certificates by outcome: `queued`
+    /// (request path), `sent` (appended to the reports stream), `dropped`
+    /// (queue or hold full); counted in uses.
+    pub superseded_reports: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -141,6 +145,14 @@ impl Metrics {
             "Tunnels opened by an upstream's 101 to an allowed upgrade",
         )
         .expect("static metric");
+        let superseded_reports = IntCounterVec::new(
+            Opts::new(
+                "superseded_reports_total",
+                "Refused uses of superseded certificates reported to the enroll-api, by outcome",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(handshake_failures.clone()),
@@ -156,6 +168,7 @@ impl Metrics {
             Box::new(upstream_latency.clone()),
             Box::new(connections_closed.clone()),
             Box::new(tunnels_opened.clone()),
+            Box::new(superseded_reports.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -175,6 +188,7 @@ impl Metrics {
             upstream_latency,
             connections_closed,
             tunnels_opened,
+            superseded_reports,
         }
     }
 

@@ -18,6 +18,7 @@ use crate::assertion::AssertionService;
 use crate::conn::ConnIdentity;
 use crate::headers::{inject_identity, set_forwarding, strip_client_headers, StripPolicy};
 use crate::metrics::Metrics;
+use crate::reports::Reporter;
 use crate::revocation::{Decision, Revocation};
 use crate::routes::{Route, Router};
 
@@ -25,6 +26,7 @@ use crate::routes::{Route, Router};
 pub struct Gateway {
     router: Arc<Router>,
     revocation: Arc<Revocation>,
+    reporter: Reporter,
     assertions: Arc<AssertionService>,
     metrics: Metrics,
     strip: StripPolicy,
@@ -36,6 +38,7 @@ impl Gateway {
     pub fn new(
         router: Arc<Router>,
         revocation: Arc<Revocation>,
+        reporter: Reporter,
         assertions: Arc<AssertionService>,
         metrics: Metrics,
         strip: StripPolicy,
@@ -43,6 +46,7 @@ impl Gateway {
         Self {
             router,
             revocation,
+            reporter,
             assertions,
             metrics,
             strip,
@@ -274,6 +278,17 @@ impl ProxyHttp for Gateway {
                         serial = %conn.identity().serial(),
                         "request refused by revocation check"
                     );
+                    if kind == problem::CERTIFICATE_SUPERSEDED {
+                        // Possible key theft: reported for the enroll-api's
+                        // audit event, without waiting (crate::reports).
+                        let source = match session.client_addr() {
+                            Some(pingora::protocols::l4::socket::SocketAddr::Inet(a)) => {
+                                Some(a.ip())
+                            }
+                            _ => None,
+                        };
+                        self.reporter.report(conn, &route.prefix, source);
+                    }
                     ctx.route = Some(route);
                     respond_problem(session, kind, None, None, true).await?;
                     return Ok(true);

@@ -259,6 +259,15 @@ fn build_inner(
         }
     };
     let assertions = Arc::new(AssertionService::new(signer, &cfg.assertion));
+    let report_keys = oneprotect_identity::KeySchema::new(cfg.revocation.key_prefix.clone());
+    let (reporter, report_sender) = match &bus {
+        Some(bus) => crate::reports::on_memory_bus(bus.clone(), report_keys, metrics.clone()),
+        None => crate::reports::on_redis(&cfg.revocation.redis_url, report_keys, metrics.clone())?,
+    };
+    server.add_service(background_service(
+        "superseded-certificate reports",
+        report_sender,
+    ));
     let revocation = Arc::new(match bus {
         Some(bus) => Revocation::with_memory_bus(&cfg.revocation, bus, metrics.clone()),
         None => Revocation::new(&cfg.revocation, metrics.clone())?,
@@ -305,6 +314,7 @@ fn build_inner(
     let gateway = Gateway::new(
         router,
         revocation.clone(),
+        reporter,
         assertions.clone(),
         metrics.clone(),
         StripPolicy {

@@ -41,7 +41,8 @@ pub enum SupersedeReason {
     ReplacedUnused,
 }
 
-/// An agent-authenticated operation of the enroll-api.
+/// An agent-authenticated operation: one of the enroll-api's, or any
+/// request a gateway refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AgentOperation {
@@ -49,6 +50,20 @@ pub enum AgentOperation {
     Rotate,
     /// `POST /api/v1/agents/{agent_id}/certificate/confirm`.
     Confirm,
+    /// A request through a gateway, on any route (the gateway refused it
+    /// and reported the use; the route is in the event).
+    Request,
+}
+
+impl AgentOperation {
+    /// The wire name (also the metrics label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rotate => "rotate",
+            Self::Confirm => "confirm",
+            Self::Request => "request",
+        }
+    }
 }
 
 /// Why an enrollment attempt failed, as recorded for the tenant's audit.
@@ -163,6 +178,14 @@ pub enum Payload {
         current_serial: SerialNumber,
         /// What the presenter tried to do.
         operation: AgentOperation,
+        /// The gateway route prefix the request was for (operation
+        /// `request` only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        route: Option<String>,
+        /// The address the request came from, as the gateway saw it (the
+        /// TCP peer, or a trusted balancer's PROXY header), when known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source_ip: Option<std::net::IpAddr>,
     },
     /// An agent was revoked with all its certificates.
     #[serde(rename = "agent.revoked")]

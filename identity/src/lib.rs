@@ -55,5 +55,5 @@ pub use chain::{AgentIdentity, ChainError};
 pub use ids::{
     AdminKeySecret, AgentId, CertFingerprint, IdError, SerialNumber, TenantId, TokenId, TokenSecret,
 };
-pub use revocation::{AgentStatus, Announcement, CertStatus, KeySchema};
+pub use revocation::{AgentStatus, Announcement, CertStatus, KeySchema, SupersededUse};
 pub use uri::{AgentUri, TenantCaUri, TrustDomain, UriError};

@@ -152,6 +152,33 @@ pub struct Announcement {
     pub change: Change,
 }
 
+/// A gateway's report that it refused a superseded certificate: one entry
+/// of the `{prefix}reports` stream (field `data`), which the enroll-api
+/// turns into at most one `agent.certificate.reuse_detected` per
+/// certificate and attempt window. The identity fields come from the
+/// certificate the gateway verified; the enroll-api records a report only
+/// when its store agrees the certificate is the tenant's agent's and
+/// superseded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupersededUse {
+    /// The certificate's tenant.
+    pub tenant_id: TenantId,
+    /// The certificate's agent.
+    pub agent_id: AgentId,
+    /// The superseded certificate presented.
+    pub serial: SerialNumber,
+    /// When the first of these uses was refused, unix milliseconds.
+    pub first_seen_ms: i64,
+    /// Uses the gateway folded into this report (at least 1).
+    pub uses: u32,
+    /// The route prefix of the first use (`none` when no route matched).
+    pub route: String,
+    /// The first use's source address, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_ip: Option<std::net::IpAddr>,
+}
+
 /// Every Redis key and channel name, derived from one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeySchema {
@@ -206,6 +233,12 @@ impl KeySchema {
     /// The Redis Stream carrying lifecycle events (see `specs/asyncapi.yaml`).
     pub fn events_stream(&self) -> String {
         format!("{}events", self.prefix)
+    }
+
+    /// The Redis Stream carrying gateways' [`SupersededUse`] reports to the
+    /// enroll-api (consumer group `enroll-api`).
+    pub fn reports_stream(&self) -> String {
+        format!("{}reports", self.prefix)
     }
 
     /// A pattern matching every key of this schema (for `SCAN` in tests and

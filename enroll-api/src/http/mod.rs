@@ -77,6 +77,8 @@ pub struct Inner {
     /// How long a rotated-away-from certificate stays accepted when the new
     /// one is not seen earlier.
     pub rotation_grace: time::Duration,
+    /// The attempt window of `agent.certificate.reuse_detected`.
+    pub reuse_window: std::time::Duration,
     /// The metrics.
     pub metrics: crate::metrics::Metrics,
 }

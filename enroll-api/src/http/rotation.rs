@@ -19,7 +19,7 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use oneprotect_identity::events::{Actor, AgentOperation, Event, Payload};
+use oneprotect_identity::events::AgentOperation;
 use oneprotect_identity::headers::IDENTITY_ASSERTION;
 use oneprotect_identity::problem;
 use oneprotect_identity::{AgentId, CertFingerprint, SerialNumber, TenantId};
@@ -29,7 +29,8 @@ use super::{path_id, ApiError, ApiJson, AppState, Sensitive};
 use crate::ca::check_csr;
 use crate::store::rotation::check_presented;
 use crate::store::{
-    ConfirmOutcome, NewCertificate, RotateOutcome, Rotation, RotationRefusal, RotationState, Store,
+    ConfirmOutcome, NewCertificate, ReuseOutcome, RotateOutcome, Rotation, RotationRefusal,
+    RotationState, Store, SupersededUseRecord,
 };
 
 pub(crate) fn router() -> Router<AppState> {
@@ -127,27 +128,34 @@ async fn refused(
             problem::CONFLICT,
             "confirm with the certificate issued by the rotation, not the previous one",
         ),
-        RotationRefusal::CertificateSuperseded { current } => {
+        RotationRefusal::CertificateSuperseded { .. } => {
             tracing::warn!(
                 tenant = %auth.tenant, agent = %auth.agent, serial = %auth.serial,
                 ?operation, "superseded certificate presented: possible key theft"
             );
             state.metrics.superseded_use(operation);
-            let event = Event::new(
-                auth.tenant,
-                Actor::Agent(auth.agent),
-                state.clock.now(),
-                Payload::CertificateReuseDetected {
-                    agent_id: auth.agent,
-                    serial: auth.serial,
-                    current_serial: current,
-                    operation,
-                },
-            );
-            if let Err(e) = state.store.create_event(&event).await {
-                tracing::error!(error = %e, agent = %auth.agent, "could not record reuse_detected");
+            // One event per certificate and attempt window, whoever saw the
+            // use first (a gateway's report or this endpoint).
+            let record = SupersededUseRecord {
+                tenant: auth.tenant,
+                agent: auth.agent,
+                serial: auth.serial,
+                operation,
+                route: None,
+                source_ip: None,
+                seen_at: state.clock.now(),
+            };
+            match state
+                .store
+                .record_superseded_use(&record, state.reuse_window)
+                .await
+            {
+                Ok(ReuseOutcome::Recorded) => state.relay.wake(),
+                Ok(ReuseOutcome::Duplicate | ReuseOutcome::NotSuperseded) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, agent = %auth.agent, "could not record reuse_detected");
+                }
             }
-            state.relay.wake();
             ApiError::new(problem::CERTIFICATE_SUPERSEDED)
         }
     }

@@ -80,6 +80,7 @@ async fn fixture_with(per_token_burst: u32, per_address_burst: u32) -> Fixture {
         relay: crate::relay::RelayWaker::new(),
         assertions: oneprotect_identity::AssertionVerifier::new("oneprotect-upstream"),
         rotation_grace: time::Duration::hours(1),
+        reuse_window: std::time::Duration::from_secs(3600),
         metrics: crate::metrics::Metrics::new(),
     });
     let t = tenant(&state).await;

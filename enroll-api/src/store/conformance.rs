@@ -341,6 +341,121 @@ pub async fn rotation_lineage<S: Store>(s: &S) {
 /// Concurrent rotations of one agent with the same certificate: each
 /// commits in turn (the second replaces the first's unused certificate),
 /// and at most two certificates are ever active.
+/// Uses of a superseded certificate give one `reuse_detected` per
+/// certificate and attempt window, also when many record at once; an
+/// active, unknown, other agent's or other tenant's certificate records
+/// nothing.
+pub async fn superseded_use_is_recorded_once_per_window<S: Store>(s: &S) {
+    use super::{ReuseOutcome as O, SupersededUseRecord};
+    use oneprotect_identity::events::AgentOperation;
+    let t = tenant(s).await;
+    let other = tenant(s).await;
+    let (id, h) = token(s, t, 2, 3600).await;
+    let e = enrollment(t, id, &h, now());
+    s.enroll(&e).await.unwrap();
+    let a = e.agent.id;
+    let s0 = e.certificate.serial;
+    let window = Duration::from_secs(3600);
+    let at = |secs: i64| OffsetDateTime::from_unix_timestamp(1_800_000_000 + secs).unwrap();
+    let use_of =
+        |serial: SerialNumber, agent: AgentId, tenant: TenantId, seen_at| SupersededUseRecord {
+            tenant,
+            agent,
+            serial,
+            operation: AgentOperation::Request,
+            route: Some("/api".into()),
+            source_ip: Some("192.0.2.9".parse().unwrap()),
+            seen_at,
+        };
+    // Active: nothing.
+    assert_eq!(
+        s.record_superseded_use(&use_of(s0, a, t, at(0)), window)
+            .await
+            .unwrap(),
+        O::NotSuperseded
+    );
+    // Rotate and confirm: s0 superseded by s1.
+    let r = rotation(t, a, s0, now(), 60);
+    let s1 = r.certificate.serial;
+    assert!(matches!(
+        s.rotate(&r).await.unwrap(),
+        RotateOutcome::Rotated(_)
+    ));
+    assert!(matches!(
+        s.confirm_certificate(t, a, s1, now()).await.unwrap(),
+        ConfirmOutcome::Confirmed(Some(_))
+    ));
+    // Eight at once in one window: one recorded.
+    let barrier = Arc::new(tokio::sync::Barrier::new(8));
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let s = s.clone();
+        let u = use_of(s0, a, t, at(100 + i));
+        let barrier = Arc::clone(&barrier);
+        set.spawn(async move {
+            barrier.wait().await;
+            s.record_superseded_use(&u, window).await.unwrap()
+        });
+    }
+    let mut outcomes = Vec::new();
+    while let Some(o) = set.join_next().await {
+        outcomes.push(o.unwrap());
+    }
+    assert_eq!(
+        outcomes.iter().filter(|o| **o == O::Recorded).count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.iter().all(|o| *o != O::NotSuperseded),
+        "{outcomes:?}"
+    );
+    // Later in the same window: a duplicate; in the next window: recorded.
+    assert_eq!(
+        s.record_superseded_use(&use_of(s0, a, t, at(3599)), window)
+            .await
+            .unwrap(),
+        O::Duplicate
+    );
+    assert_eq!(
+        s.record_superseded_use(&use_of(s0, a, t, at(3600)), window)
+            .await
+            .unwrap(),
+        O::Recorded
+    );
+    // The wrong agent, the wrong tenant, an unknown serial: nothing.
+    for u in [
+        use_of(s0, AgentId::random(), t, at(8000)),
+        use_of(s0, a, other, at(8000)),
+        use_of(random_serial(), a, t, at(8000)),
+    ] {
+        assert_eq!(
+            s.record_superseded_use(&u, window).await.unwrap(),
+            O::NotSuperseded
+        );
+    }
+    // The events: two, with what the use said and the current certificate.
+    let events: Vec<_> = s
+        .list_agent_events(t, a, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event.payload.event_type() == "agent.certificate.reuse_detected")
+        .collect();
+    assert_eq!(events.len(), 2);
+    for ev in &events {
+        assert!(matches!(
+            &ev.event.payload,
+            oneprotect_identity::events::Payload::CertificateReuseDetected {
+                agent_id, serial, current_serial, operation: AgentOperation::Request, route: Some(route), source_ip: Some(_),
+            } if *agent_id == a && *serial == s0 && *current_serial == s1 && route == "/api"
+        ));
+    }
+    assert!((at(100)..=at(107)).contains(&events[0].event.occurred_at));
+    assert_eq!(events[1].event.occurred_at, at(3600));
+    assert!(s.list_agent_events(other, a, 100).await.unwrap().is_empty());
+}
+
 pub async fn rotation_under_concurrency<S: Store>(s: &S, n: usize) {
     let t = tenant(s).await;
     let (id, h) = token(s, t, 1, 3600).await;

@@ -315,6 +315,45 @@ pub struct OutboxEvent {
     pub event: Event,
 }
 
+/// One use of a superseded certificate, as a gateway reported it or the
+/// rotation endpoints saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SupersededUseRecord {
+    /// The certificate's tenant.
+    pub tenant: TenantId,
+    /// The agent the presenter claimed (from the certificate).
+    pub agent: AgentId,
+    /// The certificate presented.
+    pub serial: SerialNumber,
+    /// What was attempted.
+    pub operation: oneprotect_identity::events::AgentOperation,
+    /// The gateway route, for `request`.
+    pub route: Option<String>,
+    /// The source address, when known.
+    pub source_ip: Option<std::net::IpAddr>,
+    /// When the use happened (picks the attempt window).
+    pub seen_at: OffsetDateTime,
+}
+
+/// What [`Store::record_superseded_use`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReuseOutcome {
+    /// The window's first use: `agent.certificate.reuse_detected` written.
+    Recorded,
+    /// The window already has its event: nothing written.
+    Duplicate,
+    /// The certificate is not this tenant's agent's, or not superseded
+    /// (revoked since, say): nothing written.
+    NotSuperseded,
+}
+
+/// The start of `at`'s attempt window of `window` (unix seconds, windows
+/// aligned to the epoch).
+pub fn window_start(at: OffsetDateTime, window: std::time::Duration) -> i64 {
+    let w = i64::try_from(window.as_secs().max(1)).unwrap_or(i64::MAX);
+    at.unix_timestamp().div_euclid(w) * w
+}
+
 /// A certificate's lifecycle state, as the Redis projection needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertificateState {
@@ -394,6 +433,17 @@ pub trait Store: Send + Sync + Clone + 'static {
     ) -> impl Future<Output = Result<EnrollOutcome, StoreError>> + Send;
     /// Writes one event to the outbox on its own (e.g. a failed enrollment).
     fn create_event(&self, event: &Event) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Records a use of a superseded certificate: in one transaction, when
+    /// the certificate is `u.tenant`'s, `u.agent`'s and superseded, claims
+    /// its attempt window (`window`, from `u.seen_at`) and, when the window
+    /// was unclaimed, writes `agent.certificate.reuse_detected` (with the
+    /// agent's current certificate). Any number of replicas recording uses
+    /// of one certificate in one window write one event.
+    fn record_superseded_use(
+        &self,
+        u: &SupersededUseRecord,
+        window: std::time::Duration,
+    ) -> impl Future<Output = Result<ReuseOutcome, StoreError>> + Send;
     /// Lists `tenant`'s outbox events in order.
     fn list_events(
         &self,

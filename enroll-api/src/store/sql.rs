@@ -21,10 +21,12 @@ use super::db::{Arg, DbUuid, Decodable, Tx, UseCount};
 use super::rotation::{
     plan_confirmation, plan_expiry, plan_rotation, rotated_event, superseded_event, RotationState,
 };
+use super::window_start;
 use super::{
     AdminKeyRef, AgentRecord, AnyStore, CertificateState, ConfirmOutcome, EnrollOutcome,
-    Enrollment, NewAdminKey, NewToken, OutboxEvent, Page, RotateOutcome, Rotation, RotationRefusal,
-    Store, StoreError, Supersede, Tenant, TokenRecord, TokenRefusal, TokenStatus,
+    Enrollment, NewAdminKey, NewToken, OutboxEvent, Page, ReuseOutcome, RotateOutcome, Rotation,
+    RotationRefusal, Store, StoreError, Supersede, SupersededUseRecord, Tenant, TokenRecord,
+    TokenRefusal, TokenStatus,
 };
 
 const SELECT_TOKEN: &str = "SELECT id, tenant_id, max_uses, uses, expires_at, created_at, \
@@ -713,6 +715,61 @@ impl Store for AnyStore {
         let mut tx = self.begin(event.tenant_id).await?;
         insert_event(&mut tx, event).await?;
         tx.commit().await
+    }
+
+    async fn record_superseded_use(
+        &self,
+        u: &SupersededUseRecord,
+        window: std::time::Duration,
+    ) -> Result<ReuseOutcome, StoreError> {
+        // A write transaction: the claim below must not race another
+        // replica's between the read and the insert (on PostgreSQL the
+        // primary key decides; SQLite takes the write lock up front).
+        let mut tx = self.begin_write(u.tenant).await?;
+        let row: Option<(CertStatus, SerialNumber)> = tx
+            .conn()
+            .fetch_optional(
+                "SELECT c.status, a.current_serial FROM certificates c \
+                 JOIN agents a ON a.tenant_id = c.tenant_id AND a.id = c.agent_id \
+                 WHERE c.tenant_id = $1 AND c.agent_id = $2 AND c.serial = $3",
+                &[u.tenant.into(), u.agent.into(), u.serial.into()],
+            )
+            .await?;
+        let Some((CertStatus::Superseded, current)) = row else {
+            return Ok(ReuseOutcome::NotSuperseded);
+        };
+        let claimed = tx
+            .conn()
+            .execute(
+                "INSERT INTO reuse_windows (serial, window_start, tenant_id, first_seen) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (serial, window_start) DO NOTHING",
+                &[
+                    u.serial.into(),
+                    window_start(u.seen_at, window).into(),
+                    u.tenant.into(),
+                    u.seen_at.into(),
+                ],
+            )
+            .await?;
+        if claimed == 0 {
+            return Ok(ReuseOutcome::Duplicate);
+        }
+        let event = Event::new(
+            u.tenant,
+            Actor::Agent(u.agent),
+            u.seen_at,
+            Payload::CertificateReuseDetected {
+                agent_id: u.agent,
+                serial: u.serial,
+                current_serial: current,
+                operation: u.operation,
+                route: u.route.clone(),
+                source_ip: u.source_ip,
+            },
+        );
+        insert_event(&mut tx, &event).await?;
+        tx.commit().await?;
+        Ok(ReuseOutcome::Recorded)
     }
 
     async fn list_events(

@@ -56,6 +56,7 @@ conformance_tests! {
     rotation_lineage,
     rotation_under_concurrency(20),
     control_characters_are_refused_alike,
+    superseded_use_is_recorded_once_per_window,
 }
 
 /// A stored id that is not in canonical form does not decode: `Corrupt`, on
@@ -105,6 +106,7 @@ async fn postgres_rls_hides_rows_without_the_tenant_setting() {
         "agents",
         "certificates",
         "events_outbox",
+        "reuse_windows",
     ] {
         let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
             .fetch_one(&mut *conn)

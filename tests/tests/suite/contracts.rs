@@ -30,7 +30,7 @@ use oneprotect_identity::events::{
 };
 use oneprotect_identity::problem::{self, Problem, ProblemKind};
 use oneprotect_identity::revocation::{
-    AgentStatus, Announcement, CertStatus, Change, KeySchema, DEFAULT_PREFIX,
+    AgentStatus, Announcement, CertStatus, Change, KeySchema, SupersededUse, DEFAULT_PREFIX,
 };
 use oneprotect_identity::{AgentId, AgentUri, SerialNumber, TenantId, TokenId};
 use oneprotect_tests::workspace_root;
@@ -521,6 +521,8 @@ fn rust_events() -> Vec<Event> {
                 serial: s1,
                 current_serial: s2,
                 operation: AgentOperation::Rotate,
+                route: None,
+                source_ip: None,
             },
         ),
         Event::new(
@@ -532,6 +534,21 @@ fn rust_events() -> Vec<Event> {
                 serial: s1,
                 current_serial: s2,
                 operation: AgentOperation::Confirm,
+                route: None,
+                source_ip: None,
+            },
+        ),
+        Event::new(
+            tenant,
+            Actor::Agent(agent),
+            at("2026-12-19T10:00:02Z"),
+            Payload::CertificateReuseDetected {
+                agent_id: agent,
+                serial: s1,
+                current_serial: s2,
+                operation: AgentOperation::Request,
+                route: Some("/api".into()),
+                source_ip: Some("2001:db8::7".parse().unwrap()),
             },
         ),
         Event::new(
@@ -655,7 +672,11 @@ fn asyncapi_channels_use_the_key_schema_names() {
         doc["channels"]["revocation"]["address"],
         placeholder.revocation_channel()
     );
-    for channel in ["events", "revocation"] {
+    assert_eq!(
+        doc["channels"]["reports"]["address"],
+        placeholder.reports_stream()
+    );
+    for channel in ["events", "revocation", "reports"] {
         let param = deref(doc, &doc["channels"][channel]["parameters"]["prefix"]);
         assert_eq!(
             param["default"], DEFAULT_PREFIX,
@@ -795,6 +816,46 @@ fn revocation_announcements_match_the_rust_type() {
     }
     assert!(!v.is_valid(&json!({"seq": 1, "kind": "cert", "serial": "ff", "status": "revoked"})));
     assert!(!v.is_valid(&json!({"seq": 1, "kind": "resync", "extra": true})));
+}
+
+#[test]
+fn superseded_use_reports_match_the_rust_type() {
+    let doc = asyncapi();
+    let message = deref(
+        doc,
+        &doc["channels"]["reports"]["messages"]["supersededUse"],
+    );
+    assert_eq!(message["name"], oneprotect_gateway::reports::ENTRY_TYPE);
+    let schema = &message["payload"]["schema"];
+    if let Err(e) = jsonschema::meta::validate(schema) {
+        panic!("report schema is not valid: {e}");
+    }
+    let v = validator(schema);
+    let examples = message["examples"].as_array().unwrap();
+    assert!(!examples.is_empty());
+    for ex in examples {
+        assert_valid(&v, &ex["payload"], "report example");
+        let r: SupersededUse = serde_json::from_value(ex["payload"].clone()).unwrap();
+        assert_eq!(serde_json::to_value(&r).unwrap(), ex["payload"]);
+    }
+    for source_ip in [None, Some("2001:db8::7".parse().unwrap())] {
+        let r = SupersededUse {
+            tenant_id: TenantId::random(),
+            agent_id: AgentId::random(),
+            serial: serial("7fffffffffffffffffffffffffffffffffffffff"),
+            first_seen_ms: 1_797_592_803_000,
+            uses: u32::MAX,
+            route: "none".into(),
+            source_ip,
+        };
+        assert_valid(&v, &serde_json::to_value(&r).unwrap(), "Rust-built report");
+    }
+    let mut extra = examples[0]["payload"].clone();
+    extra["secret"] = json!("x");
+    assert!(!v.is_valid(&extra), "closed object");
+    let mut zero = examples[0]["payload"].clone();
+    zero["uses"] = json!(0);
+    assert!(!v.is_valid(&zero), "at least one use");
 }
 
 // ---------------------------------------------------------------------------------------------

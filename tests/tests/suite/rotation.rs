@@ -314,6 +314,35 @@ impl Stack {
             .collect())
     }
 
+    /// Waits (bounded) for the agent's one `agent.certificate.reuse_detected`
+    /// event and returns it.
+    async fn wait_reuse_event(&self, agent: AgentId) -> Result<Value> {
+        for _ in 0..200 {
+            let r = self
+                .admin
+                .send(
+                    "GET",
+                    &format!("/api/v1/agents/{agent}/events"),
+                    Some(&self.key),
+                    None,
+                )
+                .await?;
+            ensure!(r.status == 200, "events: {} {}", r.status, r.body);
+            let found: Vec<&Value> = r.body["items"]
+                .as_array()
+                .context("items")?
+                .iter()
+                .filter(|e| e["type"] == "agent.certificate.reuse_detected")
+                .collect();
+            ensure!(found.len() <= 1, "more than one reuse event: {:?}", found);
+            if let Some(e) = found.first() {
+                return Ok((*e).clone());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("no agent.certificate.reuse_detected within 10 s")
+    }
+
     /// What a gateway would assert for `serial` of `agent` (as one whose
     /// cache still thought it active would).
     fn assertion(&self, agent: AgentId, serial: SerialNumber) -> String {
@@ -498,8 +527,40 @@ async fn rotation_is_two_phase_through_the_gateway_and_flags_reuse() -> Result<(
         code(rotate(&old, agent).await.unwrap_err()),
         "certificate_superseded"
     );
-    // …and a gateway with a stale cache would be caught by the enroll-api,
-    // which records possible key theft.
+    // …and reports both refusals (health, rotate): the enroll-api records
+    // possible key theft once for the attempt window, with the route and
+    // the source address the gateway saw.
+    let reuse = stack.wait_reuse_event(agent).await?;
+    assert_eq!(reuse["actor"]["type"], "agent");
+    let p = &reuse["payload"];
+    assert_eq!(
+        (
+            p["operation"].as_str(),
+            p["serial"].as_str(),
+            p["current_serial"].as_str()
+        ),
+        (
+            Some("request"),
+            Some(s0.to_string().as_str()),
+            Some(s1.to_string().as_str())
+        )
+    );
+    assert!(
+        p["route"].as_str().is_some_and(|r| r.starts_with('/')),
+        "{reuse}"
+    );
+    assert_eq!(p["source_ip"], "127.0.0.1");
+    let (_, gw_metrics) = stack
+        .plain(stack.gateway_admin, "/metrics", &[], None)
+        .await?;
+    let gw_metrics = gw_metrics.as_str().unwrap_or("").to_owned();
+    let queued = metric(
+        &gw_metrics,
+        "oneprotect_gateway_superseded_reports_total{outcome=\"queued\"}",
+    );
+    assert!(queued >= 2, "{gw_metrics}");
+    // A gateway with a stale cache would be caught by the enroll-api itself:
+    // refused and counted, the window's event already written.
     let (status, body) = stack
         .direct(
             &format!("/api/v1/agents/{agent}/certificate/rotate"),
@@ -513,11 +574,24 @@ async fn rotation_is_two_phase_through_the_gateway_and_flags_reuse() -> Result<(
     );
     let (status, metrics) = stack.direct("/metrics", &[], None).await?;
     assert_eq!(status, 200);
+    let metrics = metrics.as_str().unwrap_or("");
+    let use_of = |op: &str| {
+        metric(
+            metrics,
+            &format!("oneprotect_enroll_superseded_certificate_use_total{{operation=\"{op}\"}}"),
+        )
+    };
+    assert_eq!(use_of("rotate"), 1, "{metrics}");
+    assert_eq!(
+        use_of("request"),
+        queued,
+        "every reported use counted: {metrics}"
+    );
     assert!(
-        metrics
-            .as_str()
-            .unwrap_or("")
-            .contains("oneprotect_enroll_superseded_certificate_use_total{operation=\"rotate\"} 1"),
+        metric(
+            metrics,
+            "oneprotect_enroll_reuse_reports_total{outcome=\"recorded\"}"
+        ) >= 1,
         "{metrics}"
     );
 
@@ -734,4 +808,11 @@ async fn run_rotates_a_short_lived_certificate_twice_without_a_failed_request() 
         "a heartbeat was refused: {healthz:?}"
     );
     Ok(())
+}
+
+/// The value of the metrics line starting with `series ` (0 when absent).
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0, |v| v.trim().parse().unwrap_or(0))
 }
