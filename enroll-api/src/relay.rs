@@ -10,9 +10,9 @@
 //! mark gives a duplicate on restart: delivery is at least once, consumers
 //! de-duplicate on `event_id`, and the projection writes are idempotent.
 //!
-//! Handlers wake the relay after each commit ([`RelayWaker::wake`]), so a
-//! revocation reaches Redis at once; a poll interval covers other replicas'
-//! rows and missed wake-ups. On every pass (so at start and within one poll
+//! The store wakes the relay after every commit that wrote an outbox row
+//! ([`AnyStore::relay_waker`], ADR-0019), so a revocation reaches Redis at
+//! once; a poll interval covers other replicas' rows and missed wake-ups. On every pass (so at start and within one poll
 //! interval of a Redis that restarted empty or was flushed), before any row,
 //! the relay rebuilds the projection when `{prefix}projection:built_at` is
 //! missing. That `EXISTS` also finds a dead connection when there are no rows
@@ -37,7 +37,8 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest retry delay.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Wakes the relay after a commit. Cloning shares the same relay.
+/// Wakes the relay after a commit. The store owns one and wakes it after
+/// each commit that wrote an outbox row; cloning shares the same relay.
 #[derive(Debug, Clone, Default)]
 pub struct RelayWaker(Arc<Notify>);
 
@@ -52,7 +53,7 @@ impl RelayWaker {
         self.0.notify_one();
     }
 
-    async fn woken(&self) {
+    pub(crate) async fn woken(&self) {
         self.0.notified().await;
     }
 }
@@ -72,15 +73,15 @@ pub struct RelaySettings {
     pub wait_timeout: Duration,
 }
 
-/// Runs the relay until `stop` turns true.
+/// Runs the relay until `stop` turns true, woken by `store`'s commits.
 pub async fn run(
     store: AnyStore,
     projection: Projection,
     clock: SharedClock,
-    waker: RelayWaker,
     settings: RelaySettings,
     mut stop: watch::Receiver<bool>,
 ) {
+    let waker = store.relay_waker().clone();
     let mut conn: Option<ProjectionConn> = None;
     let mut backoff = MIN_BACKOFF;
     loop {

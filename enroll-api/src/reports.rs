@@ -34,7 +34,6 @@ use tokio::sync::watch;
 use crate::clock::SharedClock;
 use crate::metrics::Metrics;
 use crate::projection::{Projection, ProjectionConn, ProjectionError};
-use crate::relay::RelayWaker;
 use crate::store::{AnyStore, ReuseOutcome, Store, SupersededUseRecord};
 
 /// The consumer group every replica reads in.
@@ -59,8 +58,6 @@ pub struct Consumer {
     pub projection: Projection,
     /// The service clock (for the window of a report without a time).
     pub clock: SharedClock,
-    /// Woken after an event was written.
-    pub relay: RelayWaker,
     /// The service metrics.
     pub metrics: Metrics,
     /// The attempt window.
@@ -293,7 +290,6 @@ impl Consumer {
                             serial = %report.serial, route = %report.route, uses = report.uses,
                             "superseded certificate presented through a gateway: possible key theft"
                         );
-                        self.relay.wake();
                         self.metrics.reuse_report("recorded", uses);
                     }
                     ReuseOutcome::Duplicate => self.metrics.reuse_report("duplicate", uses),

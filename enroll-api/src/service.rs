@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::http::{self, AppState, Inner};
 use crate::projection::Projection;
 use crate::ratelimit::RateLimiter;
-use crate::relay::{RelaySettings, RelayWaker};
+use crate::relay::RelaySettings;
 use crate::secrets::{Pepper, SecretError};
 use crate::store::postgres::PgOptions;
 use crate::store::{AnyStore, StoreError};
@@ -163,7 +163,6 @@ pub async fn build_state_with_projection(
         body_read_timeout: Duration::from_millis(l.body_read_timeout_ms),
         trusted_proxies: cfg.forwarded.trusted(),
         projection,
-        relay: RelayWaker::new(),
         assertions,
         rotation_grace: time::Duration::seconds(
             i64::try_from(cfg.rotation.grace_secs).unwrap_or(i64::MAX),
@@ -312,7 +311,6 @@ pub async fn start(cfg: &Config, state: AppState) -> Result<Running, StartError>
             state.store.clone(),
             projection.clone(),
             state.clock.clone(),
-            state.relay.clone(),
             RelaySettings {
                 poll_interval: Duration::from_millis(cfg.redis.relay_poll_interval_ms),
                 rebuild_if_missing: cfg.redis.rebuild_if_missing,
@@ -326,7 +324,6 @@ pub async fn start(cfg: &Config, state: AppState) -> Result<Running, StartError>
                 store: state.store.clone(),
                 projection,
                 clock: state.clock.clone(),
-                relay: state.relay.clone(),
                 metrics: state.metrics.clone(),
                 window: state.reuse_window,
                 name: format!("enroll-api-{}", uuid::Uuid::new_v4().simple()),
@@ -337,7 +334,6 @@ pub async fn start(cfg: &Config, state: AppState) -> Result<Running, StartError>
     tasks.spawn(crate::sweep::run(
         state.store.clone(),
         state.clock.clone(),
-        state.relay.clone(),
         state.metrics.clone(),
         Duration::from_millis(cfg.rotation.sweep_interval_ms),
         rx.clone(),

@@ -13,7 +13,6 @@ use tokio::sync::watch;
 
 use crate::clock::SharedClock;
 use crate::metrics::Metrics;
-use crate::relay::RelayWaker;
 use crate::store::{AnyStore, Store, StoreError};
 
 /// Agents handled per pass.
@@ -37,7 +36,6 @@ pub async fn sweep_once(store: &AnyStore, clock: &SharedClock) -> Result<u64, St
 pub async fn run(
     store: AnyStore,
     clock: SharedClock,
-    relay: RelayWaker,
     metrics: Metrics,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
@@ -45,10 +43,8 @@ pub async fn run(
     loop {
         match sweep_once(&store, &clock).await {
             Ok(0) => {}
-            Ok(n) => {
-                metrics.grace_expired(n);
-                relay.wake();
-            }
+            // Each supersede's commit woke the relay (ADR-0019).
+            Ok(n) => metrics.grace_expired(n),
             Err(e) => tracing::warn!(error = %e, "rotation grace sweep failed; will retry"),
         }
         tokio::select! {

@@ -94,7 +94,6 @@ async fn secrets_never_reach_the_logs() {
         body_read_timeout: std::time::Duration::from_secs(10),
         trusted_proxies: Default::default(),
         projection: None,
-        relay: oneprotect_enroll_api::relay::RelayWaker::new(),
         assertions: oneprotect_identity::AssertionVerifier::new("oneprotect-upstream"),
         rotation_grace: time::Duration::hours(1),
         reuse_window: std::time::Duration::from_secs(3600),

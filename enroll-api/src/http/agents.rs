@@ -163,9 +163,8 @@ async fn revoke(
         )
         .await?
         .ok_or(ApiError::new(problem::NOT_FOUND))?;
-    // Committed: the relay pushes the revocation to Redis at once (and
-    // retries from the outbox if Redis is down).
-    state.relay.wake();
+    // Committed: the store woke the relay, which pushes the revocation to
+    // Redis at once (and retries from the outbox if Redis is down).
     tracing::info!(tenant = %auth.tenant, agent = %id, "agent revoked");
     Ok(Json(a.into()))
 }

@@ -144,7 +144,6 @@ async fn record_failure(
     if let Err(e) = state.store.create_event(&event).await {
         tracing::warn!(error = %e, %tenant, %token_id, "could not record failed enrollment");
     }
-    state.relay.wake();
 }
 
 fn refusal_failure(r: TokenRefusal) -> Option<EnrollmentFailure> {
@@ -291,7 +290,6 @@ async fn exchange(
             return Err(ApiError::new(problem::INVALID_TOKEN));
         }
     }
-    state.relay.wake();
     tracing::info!(%tenant, %token_id, agent = %agent_id, serial = %leaf.serial, "agent enrolled");
     Ok(Sensitive::created(
         EnrollmentResult::new(&state, tenant, agent_id, leaf)?,

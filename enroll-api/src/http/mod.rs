@@ -70,8 +70,6 @@ pub struct Inner {
     pub trusted_proxies: crate::forwarded::TrustedProxies,
     /// The Redis projection, when `redis.url` is configured.
     pub projection: Option<crate::projection::Projection>,
-    /// Wakes the outbox relay after a commit.
-    pub relay: crate::relay::RelayWaker,
     /// Verifies the gateway's identity assertions on the agent endpoints.
     pub assertions: oneprotect_identity::AssertionVerifier,
     /// How long a rotated-away-from certificate stays accepted when the new

@@ -29,8 +29,8 @@ use super::{path_id, ApiError, ApiJson, AppState, Sensitive};
 use crate::ca::check_csr;
 use crate::store::rotation::check_presented;
 use crate::store::{
-    ConfirmOutcome, NewCertificate, ReuseOutcome, RotateOutcome, Rotation, RotationRefusal,
-    RotationState, Store, SupersededUseRecord,
+    ConfirmOutcome, NewCertificate, RotateOutcome, Rotation, RotationRefusal, RotationState, Store,
+    SupersededUseRecord,
 };
 
 pub(crate) fn router() -> Router<AppState> {
@@ -150,8 +150,7 @@ async fn refused(
                 .record_superseded_use(&record, state.reuse_window)
                 .await
             {
-                Ok(ReuseOutcome::Recorded) => state.relay.wake(),
-                Ok(ReuseOutcome::Duplicate | ReuseOutcome::NotSuperseded) => {}
+                Ok(_) => {}
                 Err(e) => {
                     tracing::error!(error = %e, agent = %auth.agent, "could not record reuse_detected");
                 }
@@ -228,7 +227,6 @@ async fn rotate(
             return Err(refused(&state, &auth, r, AgentOperation::Rotate).await);
         }
     };
-    state.relay.wake();
     state.metrics.rotation("rotated");
     tracing::info!(
         tenant = %auth.tenant, agent = %auth.agent, presented = %auth.serial,
@@ -257,9 +255,6 @@ async fn confirm(
         .await?
     {
         ConfirmOutcome::Confirmed(s) => {
-            if s.is_some() {
-                state.relay.wake();
-            }
             state
                 .metrics
                 .confirmation(if s.is_some() { "completed" } else { "no_op" });

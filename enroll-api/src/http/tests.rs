@@ -77,7 +77,6 @@ async fn fixture_with(per_token_burst: u32, per_address_burst: u32) -> Fixture {
         body_read_timeout: std::time::Duration::from_secs(10),
         trusted_proxies: Default::default(),
         projection: None,
-        relay: crate::relay::RelayWaker::new(),
         assertions: oneprotect_identity::AssertionVerifier::new("oneprotect-upstream"),
         rotation_grace: time::Duration::hours(1),
         reuse_window: std::time::Duration::from_secs(3600),

@@ -152,7 +152,6 @@ async fn create(
         created_by: auth.key_id,
     };
     state.store.create_token(&new, &event).await?;
-    state.relay.wake();
     tracing::info!(tenant = %auth.tenant, token_id = %new.record.id, max_uses, ttl, "enrollment token created");
     let location = format!("/api/v1/agent-enrollment/tokens/{}", new.record.id);
     let body = Created {
@@ -221,7 +220,6 @@ async fn revoke(
         .revoke_token(auth.tenant, id, now, Actor::AdminKey(auth.key_id))
         .await?
         .ok_or(ApiError::new(problem::NOT_FOUND))?;
-    state.relay.wake();
     tracing::info!(tenant = %auth.tenant, token_id = %id, "enrollment token revoked");
     serde_json::to_value(TokenView::of(t, now))
         .map(Json)

@@ -23,6 +23,7 @@ use uuid::Uuid;
 use oneprotect_identity::{AgentId, AgentStatus, SerialNumber, TenantId, TokenId};
 
 use super::{postgres, sqlite, AnyStore, StoreError};
+use crate::relay::RelayWaker;
 
 /// Either backend's pool.
 #[derive(Debug, Clone)]
@@ -247,43 +248,70 @@ impl Conn<'_> {
     }
 }
 
-/// A transaction of either backend.
-pub(crate) enum Tx {
+/// Either backend's open transaction.
+enum Backend {
     Postgres(Transaction<'static, Postgres>),
     Sqlite(Transaction<'static, Sqlite>),
 }
 
+/// A transaction of either backend. It remembers whether it wrote an outbox
+/// row; [`Tx::commit`] then wakes the store's relay (ADR-0019), so no caller
+/// has to.
+pub(crate) struct Tx {
+    backend: Backend,
+    outbox: RelayWaker,
+    wrote_outbox: bool,
+}
+
 impl Tx {
+    fn new(backend: Backend, outbox: &RelayWaker) -> Self {
+        Self {
+            backend,
+            outbox: outbox.clone(),
+            wrote_outbox: false,
+        }
+    }
+
     /// The connection the transaction runs on.
     pub(crate) fn conn(&mut self) -> Conn<'_> {
-        match self {
-            Tx::Postgres(tx) => Conn::Postgres(tx),
-            Tx::Sqlite(tx) => Conn::Sqlite(tx),
+        match &mut self.backend {
+            Backend::Postgres(tx) => Conn::Postgres(tx),
+            Backend::Sqlite(tx) => Conn::Sqlite(tx),
         }
     }
 
     /// This backend's differing statements.
     pub(crate) fn dialect(&self) -> &'static DialectSql {
-        match self {
-            Tx::Postgres(_) => &postgres::SQL,
-            Tx::Sqlite(_) => &sqlite::SQL,
+        match self.backend {
+            Backend::Postgres(_) => &postgres::SQL,
+            Backend::Sqlite(_) => &sqlite::SQL,
         }
     }
 
-    /// Commits.
+    /// Notes that the transaction inserted an outbox row (`sql.rs`'s one
+    /// `insert_event` calls it).
+    pub(crate) fn wrote_outbox(&mut self) {
+        self.wrote_outbox = true;
+    }
+
+    /// Commits; when an outbox row was written, then wakes the relay (only
+    /// after the commit answered: the relay must find the row).
     pub(crate) async fn commit(self) -> Result<(), StoreError> {
-        match self {
-            Tx::Postgres(tx) => tx.commit().await?,
-            Tx::Sqlite(tx) => tx.commit().await?,
+        match self.backend {
+            Backend::Postgres(tx) => tx.commit().await?,
+            Backend::Sqlite(tx) => tx.commit().await?,
+        }
+        if self.wrote_outbox {
+            self.outbox.wake();
         }
         Ok(())
     }
 
     /// Rolls back (as dropping it would, but waiting for the answer).
     pub(crate) async fn rollback(self) -> Result<(), StoreError> {
-        match self {
-            Tx::Postgres(tx) => tx.rollback().await?,
-            Tx::Sqlite(tx) => tx.rollback().await?,
+        match self.backend {
+            Backend::Postgres(tx) => tx.rollback().await?,
+            Backend::Sqlite(tx) => tx.rollback().await?,
         }
         Ok(())
     }
@@ -310,10 +338,11 @@ impl AnyStore {
     /// tenant for row-level security; on SQLite it is a plain (deferred)
     /// `BEGIN`, and every statement carries its tenant filter.
     pub(crate) async fn begin(&self, tenant: TenantId) -> Result<Tx, StoreError> {
-        Ok(match &self.db {
-            Db::Postgres(pool) => Tx::Postgres(postgres::begin(pool, tenant).await?),
-            Db::Sqlite(pool) => Tx::Sqlite(pool.begin().await?),
-        })
+        let backend = match &self.db {
+            Db::Postgres(pool) => Backend::Postgres(postgres::begin(pool, tenant).await?),
+            Db::Sqlite(pool) => Backend::Sqlite(pool.begin().await?),
+        };
+        Ok(Tx::new(backend, &self.outbox))
     }
 
     /// A transaction that reads, decides and then writes (the rotation
@@ -322,10 +351,11 @@ impl AnyStore {
     /// database write lock up front (`BEGIN IMMEDIATE`) and the sequence
     /// cannot fail on a lock upgrade.
     pub(crate) async fn begin_write(&self, tenant: TenantId) -> Result<Tx, StoreError> {
-        Ok(match &self.db {
-            Db::Postgres(pool) => Tx::Postgres(postgres::begin(pool, tenant).await?),
-            Db::Sqlite(pool) => Tx::Sqlite(sqlite::begin_immediate(pool).await?),
-        })
+        let backend = match &self.db {
+            Db::Postgres(pool) => Backend::Postgres(postgres::begin(pool, tenant).await?),
+            Db::Sqlite(pool) => Backend::Sqlite(sqlite::begin_immediate(pool).await?),
+        };
+        Ok(Tx::new(backend, &self.outbox))
     }
 
     /// A connection outside any transaction, for the narrow cross-tenant
@@ -343,6 +373,12 @@ impl AnyStore {
             Db::Postgres(_) => &postgres::SQL,
             Db::Sqlite(_) => &sqlite::SQL,
         }
+    }
+
+    /// The relay waker every commit that wrote an outbox row wakes (shared
+    /// by the store's clones); the relay waits on it.
+    pub fn relay_waker(&self) -> &RelayWaker {
+        &self.outbox
     }
 
     /// Closes the pool; later operations fail as unavailable.

@@ -549,6 +549,8 @@ pub trait Store: Send + Sync + Clone + 'static {
 #[derive(Debug, Clone)]
 pub struct AnyStore {
     db: db::Db,
+    /// Woken by every commit that wrote an outbox row (ADR-0019).
+    outbox: crate::relay::RelayWaker,
 }
 
 #[cfg(test)]

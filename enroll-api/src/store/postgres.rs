@@ -94,6 +94,7 @@ impl AnyStore {
         }
         Ok(Self {
             db: Db::Postgres(pool),
+            outbox: crate::relay::RelayWaker::new(),
         })
     }
 

@@ -294,6 +294,7 @@ async fn insert_event(tx: &mut Tx, event: &Event) -> Result<(), StoreError> {
             ],
         )
         .await?;
+    tx.wrote_outbox();
     Ok(())
 }
 

@@ -45,6 +45,7 @@ impl AnyStore {
         MIGRATOR.run(&pool).await?;
         Ok(Self {
             db: Db::Sqlite(pool),
+            outbox: crate::relay::RelayWaker::new(),
         })
     }
 }

@@ -155,3 +155,53 @@ async fn postgres_rls_hides_rows_without_the_tenant_setting() {
         .unwrap();
     assert_eq!(n, 0);
 }
+
+/// Whether the relay was woken since the last look (a `Notify` keeps one
+/// permit when nobody waits).
+async fn relay_was_woken(s: &AnyStore) -> bool {
+    tokio::time::timeout(
+        std::time::Duration::from_millis(50),
+        s.relay_waker().woken(),
+    )
+    .await
+    .is_ok()
+}
+
+/// ADR-0019: a commit that wrote an outbox row wakes the relay; reads,
+/// writes without an event and rolled-back refusals do not.
+async fn commits_with_outbox_rows_wake_the_relay(s: &AnyStore) {
+    let t = conformance::tenant(s).await;
+    assert!(!relay_was_woken(s).await, "a tenant has no event");
+    let (id, h) = conformance::token(s, t, 1, 3600).await;
+    assert!(relay_was_woken(s).await, "token.issued");
+    s.fetch_token(t, id).await.unwrap();
+    assert!(!relay_was_woken(s).await, "a read");
+    let wrong = conformance::enrollment(t, id, &conformance::hash("wrong"), conformance::now());
+    assert_eq!(
+        s.enroll(&wrong).await.unwrap(),
+        EnrollOutcome::Refused(TokenRefusal::Unknown)
+    );
+    assert!(!relay_was_woken(s).await, "a refused enrollment");
+    assert_eq!(
+        s.enroll(&conformance::enrollment(t, id, &h, conformance::now()))
+            .await
+            .unwrap(),
+        EnrollOutcome::Enrolled
+    );
+    assert!(relay_was_woken(s).await, "agent.enrolled");
+}
+
+#[tokio::test]
+async fn sqlite_commits_with_outbox_rows_wake_the_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = AnyStore::open_sqlite(&dir.path().join("enroll.db"), 2)
+        .await
+        .unwrap();
+    commits_with_outbox_rows_wake_the_relay(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_commits_with_outbox_rows_wake_the_relay() {
+    let s = conformance::pg_store_in_new_schema(&pg_url(), &schema_name("wake")).await;
+    commits_with_outbox_rows_wake_the_relay(&s).await;
+}
