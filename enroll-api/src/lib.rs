@@ -6,12 +6,17 @@
 //! (`oneprotect-enroll-api`) so tests drive it in-process:
 //!
 //! - [`ca`]: the platform root and per-tenant issuing CAs (no HTTP).
+//! - [`authority`]: the exchange and rotation workflows, each a function
+//!   with a typed error (no HTTP); [`token`]: the token's shape, status and
+//!   refusal reasons.
 //! - [`store`]: the storage trait and its one implementation, every query
-//!   written once over SQLite or PostgreSQL (RLS).
-//! - [`http`]: the API, one module per resource.
+//!   written once over SQLite or PostgreSQL (RLS); a commit that wrote an
+//!   outbox row wakes the relay.
+//! - [`http`]: the API, one module per resource, thin over [`authority`];
+//!   `ApiError` maps each failure to a problem document and keeps its cause.
 //! - [`projection`], [`relay`]: the Redis revocation projection gateways
 //!   read, and the outbox relay that feeds it and the event stream.
-//! - [`secrets`]: token and admin-key generation and keyed hashing.
+//! - [`secrets`]: secret generation, admin keys and keyed hashing.
 //! - [`text`]: the one check of client free text; [`forwarded`]: the client
 //!   address behind a trusted gateway.
 //! - [`config`], [`service`], [`cli`]: configuration, listeners, commands.
@@ -20,6 +25,7 @@
 //! generated CA and TLS certificate under `./data/enroll-api`, HTTPS on
 //! `127.0.0.1:8443`).
 
+pub mod authority;
 pub mod ca;
 pub mod cli;
 pub mod clock;
@@ -36,3 +42,4 @@ pub mod service;
 pub mod store;
 pub mod sweep;
 pub mod text;
+pub mod token;

@@ -16,10 +16,8 @@ use base64::Engine;
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 
-use oneprotect_identity::{AdminKeySecret, TokenSecret};
+use oneprotect_identity::AdminKeySecret;
 
-/// Prefix of an enrollment token secret.
-pub const TOKEN_PREFIX: &str = "opet_";
 /// Prefix of an admin API key.
 pub const ADMIN_KEY_PREFIX: &str = "opak_";
 const SECRET_BYTES: usize = 32;
@@ -134,14 +132,10 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], SecretError> {
     Ok(b)
 }
 
-fn generate(prefix: &str) -> Result<String, SecretError> {
+/// `prefix` and 32 random bytes, base64url (tokens: [`crate::token::new_secret`]).
+pub(crate) fn generate(prefix: &str) -> Result<String, SecretError> {
     let bytes = random_bytes::<SECRET_BYTES>()?;
     Ok(format!("{prefix}{}", URL_SAFE_NO_PAD.encode(bytes)))
-}
-
-/// A new enrollment token secret.
-pub fn new_token() -> Result<TokenSecret, SecretError> {
-    generate(TOKEN_PREFIX).map(TokenSecret::new)
 }
 
 /// A new admin key.
@@ -166,14 +160,14 @@ mod tests {
 
     #[test]
     fn secrets_have_prefix_and_256_bits() {
-        let t = new_token().unwrap();
-        assert!(well_formed(t.expose_secret(), TOKEN_PREFIX));
+        let t = crate::token::new_secret().unwrap();
+        assert!(well_formed(t.expose_secret(), crate::token::TOKEN_PREFIX));
         assert_eq!(t.expose_secret().len(), 5 + 43);
-        assert_ne!(new_token().unwrap(), t);
+        assert_ne!(crate::token::new_secret().unwrap(), t);
         let k = new_admin_key().unwrap();
         assert!(well_formed(k.expose_secret(), ADMIN_KEY_PREFIX));
-        assert!(!well_formed(k.expose_secret(), TOKEN_PREFIX));
-        assert!(!well_formed("opet_short", TOKEN_PREFIX));
+        assert!(!well_formed(k.expose_secret(), crate::token::TOKEN_PREFIX));
+        assert!(!well_formed("opet_short", crate::token::TOKEN_PREFIX));
     }
 
     #[test]

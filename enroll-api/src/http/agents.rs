@@ -101,7 +101,7 @@ async fn list(
     };
     serde_json::to_value(&body)
         .map(Json)
-        .map_err(|e| ApiError::Internal(e.to_string()))
+        .map_err(ApiError::from)
 }
 
 async fn fetch(

@@ -43,10 +43,7 @@ async fn bundle(
     let ca = state.ca.clone();
     let tenant = auth.tenant;
     // Creating a tenant CA touches the disk; keep it off the async workers.
-    let issuing_ca_pem = tokio::task::spawn_blocking(move || ca.tenant_ca_pem(tenant))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let issuing_ca_pem = tokio::task::spawn_blocking(move || ca.tenant_ca_pem(tenant)).await??;
     Ok(Json(CaBundle {
         tenant_id: auth.tenant,
         issuing_ca_pem,
@@ -125,18 +122,16 @@ async fn tenant_crl_der(state: &AppState, tenant: TenantId) -> Result<Vec<u8>, A
         .await?;
     let ca = state.ca.clone();
     tokio::task::spawn_blocking(move || ca.tenant_crl_der(tenant, &revoked, CRL_VALIDITY))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))
+        .await?
+        .map_err(ApiError::from)
 }
 
 /// The root's CRL (DER). No tenant CA is ever revoked yet: empty.
 async fn root_crl_der(state: &AppState) -> Result<Vec<u8>, ApiError> {
     let ca = state.ca.clone();
     tokio::task::spawn_blocking(move || ca.root_crl_der(&[], CRL_VALIDITY))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))
+        .await?
+        .map_err(ApiError::from)
 }
 
 /// The tenant CA's CRL, made from the store at each request: always current

@@ -164,21 +164,50 @@ async fn method_not_allowed() -> ApiError {
     ApiError::new(problem::METHOD_NOT_ALLOWED)
 }
 
-/// An error answer.
-#[derive(Debug)]
+/// An error answer. The internal failures keep their cause as
+/// [`std::error::Error::source`]; it is logged, and the answer is a generic
+/// 500 `internal`.
+#[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// A problem of a catalogue kind, with an optional safe detail.
+    #[error("problem {}", .0.code)]
     Problem(ProblemKind, Option<String>),
     /// 401 `unauthorized` with `WWW-Authenticate: Bearer`.
+    #[error("unauthorized")]
     Unauthorized,
     /// 429 `rate_limited` with `Retry-After`.
+    #[error("rate limited")]
     RateLimited(Duration),
     /// 408 `request_body_timeout` with `Connection: close`.
+    #[error("request body timeout")]
     BodyTimeout,
     /// A storage failure: 503 when retryable, else 500.
+    #[error(transparent)]
     Store(StoreError),
-    /// Any other internal failure (logged, answered generically).
-    Internal(String),
+    /// The exchange failed inside (a missing tenant, the CA).
+    #[error(transparent)]
+    Exchange(crate::authority::exchange::ExchangeError),
+    /// A rotation failed inside (the CA).
+    #[error(transparent)]
+    Rotation(crate::authority::rotation::RotationError),
+    /// The CA could not read a tenant CA or sign a CRL.
+    #[error(transparent)]
+    Ca(#[from] crate::ca::CaError),
+    /// A token secret could not be generated.
+    #[error(transparent)]
+    Secret(#[from] crate::secrets::SecretError),
+    /// A blocking task (CA file work) panicked or was cancelled.
+    #[error("blocking task failed")]
+    Task(#[from] tokio::task::JoinError),
+    /// An answer did not serialise.
+    #[error("encoding the answer failed")]
+    Encode(#[from] serde_json::Error),
+    /// A computed time is out of range.
+    #[error("time out of range")]
+    Time(#[source] time::error::ComponentRange),
+    /// A computed header value is not valid.
+    #[error("invalid header value")]
+    Header(#[from] axum::http::header::InvalidHeaderValue),
 }
 
 impl ApiError {
@@ -264,8 +293,16 @@ impl IntoResponse for ApiError {
                 tracing::error!(error = %e, "storage error");
                 problem_response(problem::INTERNAL, None)
             }
-            ApiError::Internal(e) => {
-                tracing::error!(error = %e, "internal error");
+            e => {
+                // The whole chain: each typed variant keeps its cause.
+                let mut cause = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    cause.push_str(": ");
+                    cause.push_str(&s.to_string());
+                    source = s.source();
+                }
+                tracing::error!(error = %cause, "internal error");
                 problem_response(problem::INTERNAL, None)
             }
         }
@@ -386,7 +423,7 @@ impl<T: serde::Serialize> IntoResponse for Sensitive<T> {
                 Ok(v) => {
                     h.insert(LOCATION, v);
                 }
-                Err(e) => return ApiError::Internal(e.to_string()).into_response(),
+                Err(e) => return ApiError::Header(e).into_response(),
             }
         }
         r

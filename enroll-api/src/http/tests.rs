@@ -188,7 +188,7 @@ async fn token_lifecycle_and_tenant_scoping() {
         json!({"ttl_seconds": 600, "max_uses": 2, "description": "lab", "labels": {"site": "b"}}),
     )
     .await;
-    assert!(crate::secrets::well_formed(&secret, "opet_"));
+    assert!(crate::token::well_formed(&secret));
     let got = call(
         &f,
         Method::GET,
@@ -443,7 +443,7 @@ async fn exchange_issues_an_identity() {
 async fn every_token_failure_is_the_same_answer() {
     let f = fixture().await;
     let p256 = csr(&rcgen::PKCS_ECDSA_P256_SHA256);
-    let unknown = crate::secrets::new_token().unwrap();
+    let unknown = crate::token::new_secret().unwrap();
     let (revoked_id, revoked) = new_token(&f, json!({})).await;
     call(
         &f,

@@ -122,7 +122,7 @@ async fn create(
 ) -> Result<Sensitive<Created>, ApiError> {
     let (ttl, max_uses) = check(&req)?;
     let now = state.clock.now();
-    let secret = crate::secrets::new_token().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let secret = crate::token::new_secret()?;
     let record = TokenRecord {
         id: TokenId::random(),
         tenant_id: auth.tenant,
@@ -189,7 +189,7 @@ async fn list(
     };
     serde_json::to_value(&body)
         .map(Json)
-        .map_err(|e| ApiError::Internal(e.to_string()))
+        .map_err(ApiError::from)
 }
 
 async fn fetch(
@@ -205,7 +205,7 @@ async fn fetch(
         .ok_or(ApiError::new(problem::NOT_FOUND))?;
     serde_json::to_value(TokenView::of(t, state.clock.now()))
         .map(Json)
-        .map_err(|e| ApiError::Internal(e.to_string()))
+        .map_err(ApiError::from)
 }
 
 async fn revoke(
@@ -223,5 +223,5 @@ async fn revoke(
     tracing::info!(tenant = %auth.tenant, token_id = %id, "enrollment token revoked");
     serde_json::to_value(TokenView::of(t, now))
         .map(Json)
-        .map_err(|e| ApiError::Internal(e.to_string()))
+        .map_err(ApiError::from)
 }

@@ -36,13 +36,13 @@ pub mod conformance;
 use std::collections::BTreeMap;
 use std::future::Future;
 
-use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use oneprotect_identity::events::{Actor, Event};
 use oneprotect_identity::{AgentId, AgentStatus, CertStatus, SerialNumber, TenantId, TokenId};
 
+pub use crate::token::{TokenRefusal, TokenStatus};
 pub use rotation::{
     ConfirmOutcome, RotateOutcome, Rotation, RotationPlan, RotationRefusal, RotationState,
     Supersede,
@@ -145,20 +145,6 @@ pub struct AdminKeyRef {
     pub tenant_id: TenantId,
 }
 
-/// Where a token stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TokenStatus {
-    /// Usable.
-    Active,
-    /// Revoked by an admin.
-    Revoked,
-    /// Past its expiry time.
-    Expired,
-    /// Every use consumed.
-    UsedUp,
-}
-
 /// An enrollment token (never the secret; the hash stays in the store).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRecord {
@@ -180,21 +166,6 @@ pub struct TokenRecord {
     pub description: Option<String>,
     /// Admin's labels.
     pub labels: BTreeMap<String, String>,
-}
-
-impl TokenRecord {
-    /// The status at `now`: revoked, then used up, then expired, else active.
-    pub fn status(&self, now: OffsetDateTime) -> TokenStatus {
-        if self.revoked_at.is_some() {
-            TokenStatus::Revoked
-        } else if self.uses >= self.max_uses {
-            TokenStatus::UsedUp
-        } else if self.expires_at <= now {
-            TokenStatus::Expired
-        } else {
-            TokenStatus::Active
-        }
-    }
 }
 
 /// A token to create.
@@ -273,19 +244,6 @@ pub struct Enrollment {
     pub event: Event,
     /// The time of the exchange.
     pub now: OffsetDateTime,
-}
-
-/// Why a token was not consumed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenRefusal {
-    /// No such token (or the hash does not match).
-    Unknown,
-    /// Expired.
-    Expired,
-    /// No uses left.
-    UsedUp,
-    /// Revoked.
-    Revoked,
 }
 
 /// The result of [`Store::enroll`].

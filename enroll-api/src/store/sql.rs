@@ -238,18 +238,6 @@ fn token_status_filter(q: &mut Statement<'_>, status: TokenStatus, now: OffsetDa
     };
 }
 
-/// Why a token was refused, decided from its current row.
-fn refusal(t: Option<&TokenRecord>, now: OffsetDateTime) -> TokenRefusal {
-    match t.map(|t| t.status(now)) {
-        None => TokenRefusal::Unknown,
-        Some(TokenStatus::Revoked) => TokenRefusal::Revoked,
-        Some(TokenStatus::UsedUp) => TokenRefusal::UsedUp,
-        Some(TokenStatus::Expired) => TokenRefusal::Expired,
-        // Only reachable if the hash did not match the id.
-        Some(TokenStatus::Active) => TokenRefusal::Unknown,
-    }
-}
-
 /// The free-text rule ([`crate::text`]) for what the store writes from
 /// clients, checked before any transaction opens, so that neither backend
 /// holds what the other would refuse (PostgreSQL cannot store a NUL).
@@ -667,7 +655,9 @@ impl Store for AnyStore {
         if consumed != 1 {
             let t = fetch_token_in(&mut tx, a.tenant_id, e.token_id).await?;
             tx.rollback().await?;
-            return Ok(EnrollOutcome::Refused(refusal(t.as_ref(), e.now)));
+            // An active token here means the hash did not match the id.
+            let r = TokenRefusal::of(t.as_ref(), e.now).unwrap_or(TokenRefusal::Unknown);
+            return Ok(EnrollOutcome::Refused(r));
         }
         tx.conn()
             .execute(

@@ -1,0 +1,248 @@
+//! The token + CSR exchange: the one unauthenticated write.
+//!
+//! Order of checks: rate limit by source address; free text and CSR size;
+//! token shape; token look-up by keyed hash (the pre-tenant narrow path);
+//! rate limit by token id; token state; CSR policy and proof of possession;
+//! then the leaf is signed outside any transaction, and one transaction
+//! consumes a use and writes agent, certificate and event. If the consume
+//! loses (a concurrent exchange took the last use), the signed leaf is
+//! dropped unseen.
+//!
+//! Every token failure — malformed, unknown, expired, used up, revoked — is
+//! the one [`ExchangeError::InvalidToken`]; the tenant's audit (outbox)
+//! records which, when the token is known.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use time::OffsetDateTime;
+
+use oneprotect_identity::events::{Actor, EnrollmentFailure, Event, Payload};
+use oneprotect_identity::{AgentId, AgentStatus, TenantId, TokenId, TokenSecret};
+
+use super::{leaf_lifetime, new_certificate};
+use crate::ca::{check_csr, CaError, CsrError, IssuedLeaf};
+use crate::http::Inner;
+use crate::store::{AgentRecord, EnrollOutcome, Enrollment, Store, StoreError};
+use crate::text::{self, TextError};
+use crate::token::{self, TokenRefusal};
+
+/// What the agent sends.
+#[derive(Debug)]
+pub struct ExchangeRequest<'a> {
+    /// The enrollment token (redacting).
+    pub token: &'a TokenSecret,
+    /// The CSR, PEM.
+    pub csr_pem: &'a str,
+    /// The agent's reported hostname.
+    pub hostname: &'a str,
+    /// Its operating system.
+    pub os: &'a str,
+    /// Its version.
+    pub agent_version: &'a str,
+    /// The client's address, when served over a socket (behind a trusted
+    /// gateway, the address it forwarded).
+    pub client: Option<IpAddr>,
+}
+
+/// A new agent and its first certificate.
+#[derive(Debug)]
+pub struct Enrolled {
+    /// The agent's tenant.
+    pub tenant: TenantId,
+    /// The new agent.
+    pub agent: AgentId,
+    /// Its certificate.
+    pub leaf: IssuedLeaf,
+}
+
+/// Why an exchange was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// Too many exchanges from this address or with this token; retry after.
+    #[error("rate limited")]
+    RateLimited(Duration),
+    /// A free-text field of the agent breaks [`crate::text`]'s rule.
+    #[error(transparent)]
+    InvalidText(#[from] TextError),
+    /// The CSR is longer than [`crate::ca::MAX_CSR_PEM_LEN`].
+    #[error("CSR too large")]
+    CsrTooLarge,
+    /// The token is malformed, unknown, expired, used up or revoked (one
+    /// answer for all).
+    #[error("invalid token")]
+    InvalidToken,
+    /// The CSR was refused.
+    #[error("CSR refused")]
+    Csr(#[source] CsrError),
+    /// The token's tenant is not in the store (a broken store).
+    #[error("tenant {0} of a token is missing")]
+    TenantMissing(TenantId),
+    /// The CA could not sign the leaf.
+    #[error("issuing the leaf failed")]
+    Issue(#[source] CaError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn csr_failure(e: &CsrError) -> EnrollmentFailure {
+    match e {
+        CsrError::Malformed => EnrollmentFailure::CsrInvalid,
+        CsrError::SignatureInvalid => EnrollmentFailure::CsrSignatureInvalid,
+        CsrError::UnsupportedKey | CsrError::WeakKey(_) => EnrollmentFailure::KeyRejected,
+    }
+}
+
+/// Writes `agent.enrollment.failed`; the answer does not depend on it.
+async fn record_failure(
+    state: &Inner,
+    tenant: TenantId,
+    token_id: TokenId,
+    reason: EnrollmentFailure,
+    now: OffsetDateTime,
+) {
+    let event = Event::new(
+        tenant,
+        Actor::EnrollmentToken(token_id),
+        now,
+        Payload::EnrollmentFailed {
+            token_id,
+            reason_code: reason,
+        },
+    );
+    if let Err(e) = state.store.create_event(&event).await {
+        tracing::warn!(error = %e, %tenant, %token_id, "could not record failed enrollment");
+    }
+}
+
+/// Records a token refusal (when the token is known) and answers it.
+async fn refuse_token(
+    state: &Inner,
+    tenant: TenantId,
+    token_id: TokenId,
+    refusal: TokenRefusal,
+    now: OffsetDateTime,
+) -> ExchangeError {
+    if let Some(reason) = refusal.failure() {
+        record_failure(state, tenant, token_id, reason, now).await;
+    }
+    ExchangeError::InvalidToken
+}
+
+/// Runs the exchange: on success the agent, its certificate and
+/// `agent.enrolled` are committed.
+pub async fn exchange(state: &Inner, req: ExchangeRequest<'_>) -> Result<Enrolled, ExchangeError> {
+    let started = Instant::now();
+    if let Some(client) = req.client {
+        state
+            .per_address
+            .check(&client.to_string(), started)
+            .map_err(|wait| {
+                tracing::info!(%client, "exchange refused: rate limited by address");
+                ExchangeError::RateLimited(wait)
+            })?;
+    }
+    text::check("agent.hostname", req.hostname, 1, 253)?;
+    text::check("agent.os", req.os, 1, 64)?;
+    text::check("agent.agent_version", req.agent_version, 1, 64)?;
+    if req.csr_pem.len() > crate::ca::MAX_CSR_PEM_LEN {
+        return Err(ExchangeError::CsrTooLarge);
+    }
+
+    let secret = req.token.expose_secret();
+    if !token::well_formed(secret) {
+        tracing::info!("exchange refused: malformed token");
+        return Err(ExchangeError::InvalidToken);
+    }
+    let token_hash = state.pepper.hash(secret);
+    let Some((token_id, tenant)) = state.store.fetch_token_ref_by_hash(&token_hash).await? else {
+        tracing::info!("exchange refused: unknown token");
+        return Err(ExchangeError::InvalidToken);
+    };
+    state
+        .per_token
+        .check(&token_id.to_string(), started)
+        .map_err(ExchangeError::RateLimited)?;
+
+    let now = state.clock.now();
+    // A pre-check for a precise audit reason and to spare the CA work; the
+    // conditional update below is what decides.
+    let found = state.store.fetch_token(tenant, token_id).await?;
+    if let Some(refusal) = TokenRefusal::of(found.as_ref(), now) {
+        tracing::info!(%tenant, %token_id, ?refusal, "exchange refused: token not usable");
+        return Err(refuse_token(state, tenant, token_id, refusal, now).await);
+    }
+
+    let csr = match check_csr(req.csr_pem) {
+        Ok(csr) => csr,
+        Err(e) => {
+            record_failure(state, tenant, token_id, csr_failure(&e), now).await;
+            tracing::info!(%tenant, %token_id, error = %e, "exchange refused: CSR");
+            return Err(ExchangeError::Csr(e));
+        }
+    };
+
+    let lifetime = state
+        .store
+        .fetch_tenant(tenant)
+        .await?
+        .map(|t| leaf_lifetime(&t))
+        .ok_or(ExchangeError::TenantMissing(tenant))?;
+    let agent_id = AgentId::random();
+    let leaf = state
+        .ca
+        .issue_leaf(tenant, agent_id, &csr, lifetime)
+        .map_err(ExchangeError::Issue)?;
+
+    let agent = AgentRecord {
+        id: agent_id,
+        tenant_id: tenant,
+        spiffe_id: leaf.uri.to_string(),
+        status: AgentStatus::Active,
+        hostname: req.hostname.to_owned(),
+        os: req.os.to_owned(),
+        agent_version: req.agent_version.to_owned(),
+        token_id,
+        enrolled_at: now,
+        current_serial: leaf.serial,
+        certificate_not_after: leaf.not_after,
+        revoked_at: None,
+        revocation_reason: None,
+        previous_serial: None,
+        previous_valid_until: None,
+    };
+    let event = Event::new(
+        tenant,
+        Actor::EnrollmentToken(token_id),
+        now,
+        Payload::Enrolled {
+            agent_id,
+            token_id,
+            spiffe_id: leaf.uri.clone(),
+            serial: leaf.serial,
+            not_after: leaf.not_after,
+            hostname: agent.hostname.clone(),
+            os: agent.os.clone(),
+            agent_version: agent.agent_version.clone(),
+        },
+    );
+    let enrollment = Enrollment {
+        token_id,
+        token_hash,
+        agent,
+        certificate: new_certificate(&leaf),
+        event,
+        now,
+    };
+    if let EnrollOutcome::Refused(refusal) = state.store.enroll(&enrollment).await? {
+        tracing::info!(%tenant, %token_id, ?refusal, "exchange refused: token consumed concurrently");
+        return Err(refuse_token(state, tenant, token_id, refusal, now).await);
+    }
+    tracing::info!(%tenant, %token_id, agent = %agent_id, serial = %leaf.serial, "agent enrolled");
+    Ok(Enrolled {
+        tenant,
+        agent: agent_id,
+        leaf,
+    })
+}
