@@ -1,6 +1,7 @@
 //! The command line: `serve` (default), `ca init`, `tenant create`,
 //! `admin-key create`, `projection rebuild`. The functions behind the commands are public so tests
-//! drive them in-process. (`anyhow` here: this is the binary's edge.)
+//! drive them in-process (the dev stack and the suite do); they fail with a
+//! [`CliError`] that keeps its cause.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,10 +11,58 @@ use uuid::Uuid;
 
 use oneprotect_identity::{AdminKeySecret, TenantId};
 
-use crate::ca::Ca;
-use crate::config::Config;
-use crate::service;
-use crate::store::{NewAdminKey, Store, Tenant};
+use crate::ca::{Ca, CaError};
+use crate::config::{Config, ConfigError};
+use crate::projection::ProjectionError;
+use crate::secrets::SecretError;
+use crate::service::{self, StartError};
+use crate::store::{NewAdminKey, Store, StoreError, Tenant};
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A tenant or key name is empty, too long or has a control character.
+    #[error("name must be 1..=128 printable characters")]
+    InvalidName,
+    /// The requested leaf lifetime is outside the profile's bounds.
+    #[error("leaf lifetime must be {min}..={max} seconds")]
+    LeafLifetime {
+        /// The shortest allowed, in seconds.
+        min: u64,
+        /// The longest allowed, in seconds.
+        max: u64,
+    },
+    /// `--tenant` is not a canonical UUID.
+    #[error("--tenant must be a canonical UUID")]
+    TenantArgument,
+    /// The tenant does not exist.
+    #[error("no tenant {0}")]
+    NoTenant(TenantId),
+    /// `projection rebuild` without `redis.url`.
+    #[error("redis.url is not configured")]
+    NoRedis,
+    /// The configuration is not usable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The CA failed.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// The pepper or a secret failed.
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    /// Redis failed.
+    #[error(transparent)]
+    Projection(#[from] ProjectionError),
+    /// The service did not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// Waiting for a shutdown signal failed.
+    #[error("signal handler: {0}")]
+    Signal(#[source] std::io::Error),
+}
 
 /// OneProtect enrollment API.
 #[derive(Debug, Parser)]
@@ -104,13 +153,13 @@ pub enum AdminKeyCommand {
     },
 }
 
-fn check_name(name: &str) -> anyhow::Result<()> {
+fn check_name(name: &str) -> Result<(), CliError> {
     let n = name.chars().count();
-    anyhow::ensure!(
-        (1..=128).contains(&n) && !name.chars().any(char::is_control),
-        "name must be 1..=128 printable characters"
-    );
-    Ok(())
+    if (1..=128).contains(&n) && !name.chars().any(char::is_control) {
+        Ok(())
+    } else {
+        Err(CliError::InvalidName)
+    }
 }
 
 /// `tenant create`: stores the tenant and creates its issuing CA.
@@ -118,24 +167,25 @@ pub async fn tenant_create(
     cfg: &Config,
     name: &str,
     leaf_lifetime_secs: Option<u64>,
-) -> anyhow::Result<TenantId> {
+) -> Result<TenantId, CliError> {
     check_name(name)?;
     let lifetime = leaf_lifetime_secs.unwrap_or(cfg.ca.default_leaf_lifetime_secs);
     let d = std::time::Duration::from_secs(lifetime);
     use oneprotect_identity::profile::{MAX_LEAF_LIFETIME, MIN_LEAF_LIFETIME};
-    anyhow::ensure!(
-        (MIN_LEAF_LIFETIME..=MAX_LEAF_LIFETIME).contains(&d),
-        "leaf lifetime must be {}..={} seconds",
-        MIN_LEAF_LIFETIME.as_secs(),
-        MAX_LEAF_LIFETIME.as_secs()
-    );
+    let out_of_bounds = CliError::LeafLifetime {
+        min: MIN_LEAF_LIFETIME.as_secs(),
+        max: MAX_LEAF_LIFETIME.as_secs(),
+    };
+    if !(MIN_LEAF_LIFETIME..=MAX_LEAF_LIFETIME).contains(&d) {
+        return Err(out_of_bounds);
+    }
     let clock = service::system_clock();
     let store = service::open_store(cfg).await?;
     let ca = service::open_ca(cfg, clock.clone())?;
     let tenant = Tenant {
         id: TenantId::random(),
         name: name.to_owned(),
-        leaf_lifetime_secs: i64::try_from(lifetime)?,
+        leaf_lifetime_secs: i64::try_from(lifetime).map_err(|_| out_of_bounds)?,
         created_at: clock.now(),
     };
     store.create_tenant(&tenant).await?;
@@ -148,13 +198,12 @@ pub async fn admin_key_create(
     cfg: &Config,
     tenant: TenantId,
     name: &str,
-) -> anyhow::Result<AdminKeySecret> {
+) -> Result<AdminKeySecret, CliError> {
     check_name(name)?;
     let store = service::open_store(cfg).await?;
-    anyhow::ensure!(
-        store.fetch_tenant(tenant).await?.is_some(),
-        "no tenant {tenant}"
-    );
+    if store.fetch_tenant(tenant).await?.is_none() {
+        return Err(CliError::NoTenant(tenant));
+    }
     let pepper = crate::secrets::Pepper::load(&cfg.pepper_file(), cfg.secrets.generate_pepper)?;
     let key = crate::secrets::new_admin_key()?;
     store
@@ -170,12 +219,8 @@ pub async fn admin_key_create(
 }
 
 /// `projection rebuild`: rewrites the whole projection from the store.
-pub async fn projection_rebuild(cfg: &Config) -> anyhow::Result<crate::projection::RebuildStats> {
-    let url = cfg
-        .redis
-        .url
-        .as_deref()
-        .ok_or_else(|| anyhow::anyhow!("redis.url is not configured"))?;
+pub async fn projection_rebuild(cfg: &Config) -> Result<crate::projection::RebuildStats, CliError> {
+    let url = cfg.redis.url.as_deref().ok_or(CliError::NoRedis)?;
     let store = service::open_store(cfg).await?;
     let projection = crate::projection::Projection::new(url, &cfg.redis.key_prefix)?;
     let mut conn = projection.connect().await?;
@@ -183,7 +228,7 @@ pub async fn projection_rebuild(cfg: &Config) -> anyhow::Result<crate::projectio
 }
 
 /// `serve`: runs until Ctrl-C / SIGTERM.
-pub async fn serve(cfg: &Config) -> anyhow::Result<()> {
+pub async fn serve(cfg: &Config) -> Result<(), CliError> {
     let state = service::build_state(cfg, service::system_clock()).await?;
     let running = service::start(cfg, state).await?;
     let stop = async {
@@ -198,15 +243,15 @@ pub async fn serve(cfg: &Config) -> anyhow::Result<()> {
         }
         #[cfg(not(unix))]
         tokio::signal::ctrl_c().await?;
-        anyhow::Ok(())
+        Ok::<(), std::io::Error>(())
     };
-    stop.await?;
+    stop.await.map_err(CliError::Signal)?;
     tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())
 }
 
-async fn run_command(cli: Cli) -> anyhow::Result<()> {
+async fn run_command(cli: Cli) -> Result<(), CliError> {
     let cfg = Config::load(cli.config.as_deref())?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&cfg).await,
@@ -231,9 +276,7 @@ async fn run_command(cli: Cli) -> anyhow::Result<()> {
         Command::AdminKey {
             command: AdminKeyCommand::Create { tenant, name },
         } => {
-            let tenant: TenantId = tenant
-                .parse()
-                .map_err(|_| anyhow::anyhow!("--tenant must be a canonical UUID"))?;
+            let tenant: TenantId = tenant.parse().map_err(|_| CliError::TenantArgument)?;
             let key = admin_key_create(&cfg, tenant, &name).await?;
             // The one place the key leaves the process.
             println!("{}", key.expose_secret());
@@ -275,7 +318,15 @@ pub fn main() -> ExitCode {
     match rt.block_on(run_command(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // The whole chain of causes, one line.
+            let mut line = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                line.push_str(": ");
+                line.push_str(&s.to_string());
+                source = s.source();
+            }
+            eprintln!("error: {line}");
             ExitCode::FAILURE
         }
     }
