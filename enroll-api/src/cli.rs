@@ -318,15 +318,7 @@ pub fn main() -> ExitCode {
     match rt.block_on(run_command(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // The whole chain of causes, one line.
-            let mut line = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                line.push_str(": ");
-                line.push_str(&s.to_string());
-                source = s.source();
-            }
-            eprintln!("error: {line}");
+            eprintln!("error: {}", crate::error_chain(&e));
             ExitCode::FAILURE
         }
     }

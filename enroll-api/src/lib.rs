@@ -43,3 +43,16 @@ pub mod store;
 pub mod sweep;
 pub mod text;
 pub mod token;
+
+/// `e` and its causes on one line, `: `-separated (for a log field or the
+/// command line's last word).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        line.push_str(": ");
+        line.push_str(&s.to_string());
+        source = s.source();
+    }
+    line
+}

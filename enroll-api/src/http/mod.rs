@@ -295,14 +295,7 @@ impl IntoResponse for ApiError {
             }
             e => {
                 // The whole chain: each typed variant keeps its cause.
-                let mut cause = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    cause.push_str(": ");
-                    cause.push_str(&s.to_string());
-                    source = s.source();
-                }
-                tracing::error!(error = %cause, "internal error");
+                tracing::error!(error = %crate::error_chain(&e), "internal error");
                 problem_response(problem::INTERNAL, None)
             }
         }
