@@ -35,9 +35,10 @@ impl std::fmt::Debug for UpstreamTls {
 }
 
 /// Loads a route's `tls_ca_file` and its `tls_client_cert` with
-/// `tls_client_key` (`client`), checking them the way pingora will use them (it panics on a certificate
-/// it cannot parse or a key it cannot load, once per new upstream
-/// connection), so a bad file is a clear error at start instead.
+/// `tls_client_key` (`client`), checking them the way pingora will use them
+/// (it panics on a certificate it cannot parse or a key it cannot load, once
+/// per new upstream connection), so a bad file is a clear error at start
+/// instead.
 pub fn load_upstream_tls(
     ca_file: Option<&Path>,
     client: Option<(&Path, &Path)>,
