@@ -335,14 +335,16 @@ pub async fn start(opts: &UpOptions) -> anyhow::Result<Stack> {
         },
     );
     write_private(&gw_path, text.as_bytes())?;
-    let gcfg = oneprotect_gateway::Config::from_toml(&text, &gw_path)?.validate()?;
+    let prepared = oneprotect_gateway::Prepared::load(oneprotect_gateway::Config::from_toml(
+        &text, &gw_path,
+    )?)?;
     let (issuer, audience) = (
-        gcfg.assertion.issuer.clone(),
-        gcfg.assertion.audience.clone(),
+        prepared.config.assertion.issuer.clone(),
+        prepared.config.assertion.audience.clone(),
     );
     let app = match &bus {
-        Some(bus) => oneprotect_gateway::build_with_memory_bus(gcfg, bus.clone())?,
-        None => oneprotect_gateway::build(gcfg)?,
+        Some(bus) => oneprotect_gateway::build_with_memory_bus(prepared, bus.clone())?,
+        None => oneprotect_gateway::build(prepared)?,
     };
     let verifier = AssertionVerifier::new(audience.clone())
         .with_issuer(issuer.clone())

@@ -258,7 +258,7 @@ async fn run_command(cli: Cli) -> Result<(), CliError> {
         Command::Ca {
             command: CaCommand::Init,
         } => {
-            Ca::init(&cfg.ca_dir(), &cfg.trust_domain(), &service::system_clock())?;
+            Ca::init(&cfg.ca_dir(), &cfg.trust_domain, &service::system_clock())?;
             println!("root CA created in {}", cfg.ca_dir().display());
             Ok(())
         }

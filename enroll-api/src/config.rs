@@ -51,7 +51,7 @@ fn invalid(msg: impl Into<String>) -> ConfigError {
 pub struct Config {
     /// SPIFFE trust domain of every issued identity. Defaults to
     /// `oneprotect.local`.
-    pub trust_domain: String,
+    pub trust_domain: TrustDomain,
     /// Directory for generated state (dev CA, pepper, SQLite file, dev TLS
     /// certificate). Defaults to `./data/enroll-api`.
     pub data_dir: PathBuf,
@@ -316,7 +316,9 @@ pub struct LimitsConfig {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            trust_domain: "oneprotect.local".into(),
+            trust_domain: "oneprotect.local"
+                .parse()
+                .expect("the default trust domain is valid"),
             data_dir: PathBuf::from("./data/enroll-api"),
             listen: ListenConfig::default(),
             tls: TlsConfig::default(),
@@ -421,7 +423,9 @@ impl Config {
     /// (comma-separated addresses/CIDRs, replaces `forwarded.trusted_proxies`).
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = get("ONEPROTECT_ENROLL_TRUST_DOMAIN") {
-            self.trust_domain = v;
+            self.trust_domain = v
+                .parse()
+                .map_err(|_| ConfigError::Env("ONEPROTECT_ENROLL_TRUST_DOMAIN"))?;
         }
         if let Some(v) = get("ONEPROTECT_ENROLL_DATA_DIR") {
             self.data_dir = v.into();
@@ -478,12 +482,6 @@ impl Config {
 
     /// Checks ranges, addresses and combinations, and fills derived paths.
     pub fn validate(mut self) -> Result<Self, ConfigError> {
-        self.trust_domain.parse::<TrustDomain>().map_err(|_| {
-            invalid(format!(
-                "trust_domain {:?} is not a valid SPIFFE trust domain",
-                self.trust_domain
-            ))
-        })?;
         let https = parse_addr("listen.https", &self.listen.https)?;
         let http = parse_addr("listen.http", &self.listen.http)?;
         if https.is_none() && http.is_none() {
@@ -624,13 +622,6 @@ impl Config {
         self.listen.http.parse().ok()
     }
 
-    /// The trust domain (after [`Config::validate`]).
-    pub fn trust_domain(&self) -> TrustDomain {
-        self.trust_domain
-            .parse()
-            .expect("validate() checked the trust domain")
-    }
-
     /// The CA directory (after [`Config::validate`]).
     pub fn ca_dir(&self) -> PathBuf {
         self.ca
@@ -687,11 +678,12 @@ mod tests {
         let mut c = Config::default();
         c.ca.default_leaf_lifetime_secs = 1;
         assert!(c.validate().is_err());
-        let c = Config {
-            trust_domain: "Bad Domain".into(),
-            ..Config::default()
-        };
-        assert!(c.validate().is_err());
+        let e = toml::from_str::<Config>("trust_domain = \"Bad Domain\"").unwrap_err();
+        assert!(e.to_string().contains("invalid trust domain"), "{e}");
+        let mut c = Config::default();
+        assert!(c
+            .apply_env(|k| (k == "ONEPROTECT_ENROLL_TRUST_DOMAIN").then(|| "Bad Domain".into()))
+            .is_err());
         let mut c = Config::default();
         c.database.url = Some("mysql://x".into());
         assert!(c.validate().is_err());

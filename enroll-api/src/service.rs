@@ -84,7 +84,12 @@ pub async fn open_store(cfg: &Config) -> Result<AnyStore, StoreError> {
 
 /// Opens the CA directory (generating the root when `ca.auto_init`).
 pub fn open_ca(cfg: &Config, clock: SharedClock) -> Result<Ca, CaError> {
-    Ca::open(&cfg.ca_dir(), cfg.trust_domain(), clock, cfg.ca.auto_init)
+    Ca::open(
+        &cfg.ca_dir(),
+        cfg.trust_domain.clone(),
+        clock,
+        cfg.ca.auto_init,
+    )
 }
 
 /// Builds the shared state from configuration with the given clock.

@@ -114,10 +114,10 @@ fn main() {
          [admin]\nlisten = \"127.0.0.1:{admin}\"\n[revocation]\nredis_url = \"{redis_url}\"\nkey_prefix = \"{prefix}\"\n\
          [runtime]\nthreads = 1\ngraceful_shutdown_secs = 0\n[[routes]]\nprefix = \"/api\"\nupstreams = [\"{upstream}\"]\n"
     );
-    let cfg = oneprotect_gateway::Config::from_toml(&toml, std::path::Path::new("bench"))
-        .unwrap()
-        .validate()
-        .unwrap();
+    let cfg = oneprotect_gateway::Prepared::load(
+        oneprotect_gateway::Config::from_toml(&toml, std::path::Path::new("bench")).unwrap(),
+    )
+    .unwrap();
     let keys = oneprotect_identity::KeySchema::new(prefix);
     rt.block_on(async {
         let c = redis::Client::open(redis_url.as_str()).unwrap();

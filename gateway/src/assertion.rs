@@ -2,33 +2,13 @@
 //! shortly before it expires: a signature costs as much as a whole proxied
 //! request, so the per-request cost must be a header copy.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderValue;
 use oneprotect_identity::{AgentIdentity, AssertionClaims, AssertionSigner, CertFingerprint};
 
-use crate::config::{AssertionConfig, ConfigError};
-
-/// Loads an Ed25519 PKCS#8 key (DER, or PEM `PRIVATE KEY`).
-pub fn load_signer(path: &Path, kid: &str) -> Result<AssertionSigner, ConfigError> {
-    let err = |reason: String| ConfigError::File {
-        what: "assertion signing key",
-        path: path.to_path_buf(),
-        reason,
-    };
-    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let der = if bytes.starts_with(b"-----BEGIN") {
-        match rustls_pemfile::private_key(&mut bytes.as_slice()) {
-            Ok(Some(rustls::pki_types::PrivateKeyDer::Pkcs8(k))) => k.secret_pkcs8_der().to_vec(),
-            _ => return Err(err("no PKCS#8 PRIVATE KEY block".into())),
-        }
-    } else {
-        bytes
-    };
-    AssertionSigner::from_pkcs8(kid, &der).map_err(|_| err("not an Ed25519 PKCS#8 key".into()))
-}
+use crate::config::AssertionConfig;
 
 /// One signed assertion as a ready header value.
 #[derive(Debug)]

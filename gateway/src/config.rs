@@ -1,7 +1,8 @@
 //! The gateway configuration: a serde struct with safe defaults, loaded from
 //! TOML, overridden from the environment, and always checked by
-//! [`Config::validate`] before anything is built (pingora's rustls
-//! `TlsSettings::build()` panics on a bad file, so files are checked here).
+//! [`Config::validate`] (ranges and combinations, no files) before anything
+//! is built. The files it names are read once by
+//! [`crate::prepare::Prepared::load`].
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,26 +32,108 @@ pub enum ConfigError {
         source: Box<toml::de::Error>,
     },
     /// An environment override does not parse.
-    #[error("environment variable {var} is invalid: {reason}")]
+    #[error("environment variable {var} is invalid: {source}")]
     Env {
         /// The variable.
         var: &'static str,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A number is outside its allowed range.
+    #[error("{key} must be {allowed}")]
+    OutOfRange {
+        /// The key (or keys).
+        key: &'static str,
+        /// The allowed values.
+        allowed: std::borrow::Cow<'static, str>,
+    },
+    /// A required text is empty.
+    #[error("{keys} must not be empty")]
+    Empty {
+        /// The keys.
+        keys: &'static str,
+    },
+    /// `revocation.redis_url` does not parse.
+    #[error("revocation.redis_url {url}: {source}")]
+    RedisUrl {
+        /// The URL, password redacted.
+        url: String,
+        /// The cause.
+        #[source]
+        source: oneprotect_redis::UrlError,
+    },
+    /// `revocation.key_prefix` does not suit the Redis deployment.
+    #[error("revocation.key_prefix: {0}")]
+    KeyPrefix(#[source] oneprotect_redis::PrefixError),
+    /// A route is refused.
+    #[error("route {prefix:?}: {problem}")]
+    Route {
+        /// The route's prefix.
+        prefix: String,
         /// Why.
-        reason: String,
+        #[source]
+        problem: RouteProblem,
     },
-    /// A value is out of range or a combination is not allowed.
-    #[error("invalid config: {0}")]
-    Invalid(String),
-    /// A certificate, key or bundle file is missing or does not parse.
-    #[error("{what} {path}: {reason}")]
-    File {
-        /// What the file is for.
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why it was refused.
-        reason: String,
+    /// `listener.require_client_cert` with a certificate-less route.
+    #[error(
+        "listener.require_client_cert = true refuses certificate-less clients at the \
+         handshake, so routes with require_identity = false (the enrollment exchange) \
+         would be unreachable: front them with a gateway that does not require one"
+    )]
+    UnreachableRoutes,
+    /// The mTLS and admin listeners share an address.
+    #[error("listener.listen and admin.listen must differ")]
+    SameListenAddress,
+}
+
+/// Why a route was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteProblem {
+    /// The prefix does not start with `/`.
+    #[error("prefix must start with /")]
+    RelativePrefix,
+    /// Another route has the same prefix.
+    #[error("prefix appears twice")]
+    DuplicatePrefix,
+    /// `upstreams` is empty.
+    #[error("has no upstreams")]
+    NoUpstreams,
+    /// An upstream is not a resolvable `host:port`.
+    #[error("upstream {upstream:?} is not host:port ({source})")]
+    BadUpstream {
+        /// The upstream as configured.
+        upstream: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
     },
+    /// `upgrade_protocols` without `require_identity`.
+    #[error(
+        "upgrade_protocols needs require_identity = true (a tunnel is closed when its \
+         certificate is revoked, so it needs one)"
+    )]
+    UpgradeWithoutIdentity,
+    /// An upgrade protocol is not an HTTP token.
+    #[error("upgrade protocol {0:?} is not an HTTP token")]
+    UpgradeNotAToken(String),
+    /// `h2c` among the upgrade protocols.
+    #[error(
+        "upgrade protocol h2c would carry HTTP/2 requests past the per-request revocation check"
+    )]
+    UpgradeH2c,
+    /// A timeout is zero.
+    #[error("timeouts must be positive")]
+    ZeroTimeout,
+    /// `tls` without `sni`.
+    #[error("tls needs an sni (without one the upstream's certificate would not be verified)")]
+    TlsWithoutSni,
+    /// An upstream TLS file without `tls`.
+    #[error("tls_ca_file, tls_client_cert and tls_client_key need tls = true")]
+    TlsFilesWithoutTls,
+    /// Only one of `tls_client_cert` and `tls_client_key`.
+    #[error("tls_client_cert and tls_client_key go together")]
+    HalfClientCert,
 }
 
 /// The whole gateway configuration. Every field has a default; see
@@ -97,7 +180,7 @@ pub struct ListenerConfig {
     /// The trust domain agent identities must belong to. When unset, any
     /// trust domain that chains to the bundle is accepted.
     #[serde(default)]
-    pub trust_domain: Option<String>,
+    pub trust_domain: Option<oneprotect_identity::TrustDomain>,
     /// Also allow TLS 1.2. Defaults to `false` (TLS 1.3 only).
     #[serde(default)]
     pub tls12: bool,
@@ -516,26 +599,32 @@ impl Config {
         })
     }
 
-    /// Reads `path`, applies the environment overrides and validates.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+    /// Reads `path` and applies the environment overrides (not validated:
+    /// [`crate::prepare::Prepared::load`] validates, then loads the files).
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
         let mut cfg = Self::from_toml(&text, path)?;
         cfg.apply_env(|k| std::env::var(k).ok())?;
-        cfg.validate()
+        Ok(cfg)
+    }
+
+    /// Reads `path`, applies the environment overrides and validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::read(path)?.validate()
     }
 
     /// Applies the [`ENV_OVERRIDES`] found by `get`.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         fn parse<T: std::str::FromStr>(var: &'static str, v: &str) -> Result<T, ConfigError>
         where
-            T::Err: std::fmt::Display,
+            T::Err: std::error::Error + Send + Sync + 'static,
         {
             v.parse().map_err(|e: T::Err| ConfigError::Env {
                 var,
-                reason: e.to_string(),
+                source: e.into(),
             })
         }
         if let Some(v) = get(ENV_OVERRIDES[0]) {
@@ -556,176 +645,157 @@ impl Config {
         Ok(())
     }
 
-    /// Checks ranges, combinations and files; returns the config unchanged
-    /// when everything is usable.
+    /// Checks ranges and combinations; returns the config unchanged when
+    /// they are usable. Reads no file: [`crate::prepare::Prepared::load`]
+    /// does, once. (Route upstreams are resolved, as the pools will.)
     pub fn validate(self) -> Result<Self, ConfigError> {
-        let inv = |m: String| Err(ConfigError::Invalid(m));
+        fn range(key: &'static str, allowed: &'static str) -> Result<(), ConfigError> {
+            Err(ConfigError::OutOfRange {
+                key,
+                allowed: allowed.into(),
+            })
+        }
         let r = &self.revocation;
         if r.max_staleness_ms == 0 || r.max_staleness_ms > 300_000 {
-            return inv("revocation.max_staleness_ms must be 1..=300000".into());
+            range("revocation.max_staleness_ms", "1..=300000")?;
         }
         if r.heartbeat_ms == 0 || r.heartbeat_ms * 2 > r.max_staleness_ms {
-            return inv(
-                "revocation.heartbeat_ms must be at least 1 and at most half of max_staleness_ms"
-                    .into(),
-            );
+            range(
+                "revocation.heartbeat_ms",
+                "at least 1 and at most half of max_staleness_ms",
+            )?;
         }
         if r.redis_timeout_ms == 0 || r.redis_timeout_ms > 10_000 {
-            return inv("revocation.redis_timeout_ms must be 1..=10000".into());
+            range("revocation.redis_timeout_ms", "1..=10000")?;
         }
         if r.cache_capacity == 0 || r.cache_ttl_secs == 0 {
-            return inv("revocation.cache_capacity and cache_ttl_secs must be positive".into());
+            range("revocation.cache_capacity and cache_ttl_secs", "positive")?;
         }
-        match oneprotect_redis::RedisTarget::parse(&r.redis_url) {
-            Err(e) => {
-                return inv(format!(
-                    "revocation.redis_url {}: {e}",
-                    redact_url(&r.redis_url)
-                ))
-            }
-            Ok(target) => {
-                if let Err(e) = target.check_key_prefix(&r.key_prefix) {
-                    return inv(format!("revocation.key_prefix: {e}"));
-                }
-            }
-        }
+        oneprotect_redis::RedisTarget::parse(&r.redis_url)
+            .map_err(|source| ConfigError::RedisUrl {
+                url: redact_url(&r.redis_url),
+                source,
+            })?
+            .check_key_prefix(&r.key_prefix)
+            .map_err(ConfigError::KeyPrefix)?;
         let a = &self.assertion;
         let max = oneprotect_identity::assertion::MAX_LIFETIME_SECS as u64;
         if a.lifetime_secs == 0 || a.lifetime_secs > max {
-            return inv(format!("assertion.lifetime_secs must be 1..={max}"));
+            return Err(ConfigError::OutOfRange {
+                key: "assertion.lifetime_secs",
+                allowed: format!("1..={max}").into(),
+            });
         }
         if a.refresh_before_secs >= a.lifetime_secs {
-            return inv("assertion.refresh_before_secs must be below lifetime_secs".into());
+            range("assertion.refresh_before_secs", "below lifetime_secs")?;
         }
         if a.kid.is_empty() || a.audience.is_empty() || a.issuer.is_empty() {
-            return inv("assertion.kid, audience and issuer must not be empty".into());
-        }
-        if let Some(td) = &self.listener.trust_domain {
-            if td.parse::<oneprotect_identity::TrustDomain>().is_err() {
-                return inv(format!(
-                    "listener.trust_domain {td:?} is not a trust domain"
-                ));
-            }
+            return Err(ConfigError::Empty {
+                keys: "assertion.kid, audience and issuer",
+            });
         }
         let l = &self.listener;
         if l.handshake_timeout_ms == 0 || l.handshake_timeout_ms > 60_000 {
-            return inv("listener.handshake_timeout_ms must be 1..=60000".into());
+            range("listener.handshake_timeout_ms", "1..=60000")?;
         }
         if l.idle_timeout_secs == 0 || l.idle_timeout_secs > 3600 {
-            return inv("listener.idle_timeout_secs must be 1..=3600".into());
+            range("listener.idle_timeout_secs", "1..=3600")?;
         }
         if l.header_timeout_ms == 0 || l.header_timeout_ms > 300_000 {
-            return inv("listener.header_timeout_ms must be 1..=300000".into());
+            range("listener.header_timeout_ms", "1..=300000")?;
         }
         if !(1024..=1_048_575).contains(&l.max_header_bytes) {
-            return inv("listener.max_header_bytes must be 1024..=1048575".into());
+            range("listener.max_header_bytes", "1024..=1048575")?;
         }
         if l.unauthenticated_timeout_secs == 0 || l.unauthenticated_timeout_secs > 3600 {
-            return inv("listener.unauthenticated_timeout_secs must be 1..=3600".into());
+            range("listener.unauthenticated_timeout_secs", "1..=3600")?;
         }
         if l.unauthenticated_max_per_source == 0 || l.unauthenticated_max_per_source > 65_535 {
-            return inv("listener.unauthenticated_max_per_source must be 1..=65535".into());
+            range("listener.unauthenticated_max_per_source", "1..=65535")?;
         }
         if l.trusted_proxies.len() > 1024 {
-            return inv("listener.trusted_proxies: at most 1024 networks".into());
+            range("listener.trusted_proxies", "at most 1024 networks")?;
         }
         if self.runtime.threads == 0 || self.runtime.threads > 256 {
-            return inv("runtime.threads must be 1..=256".into());
+            range("runtime.threads", "1..=256")?;
         }
         let mut prefixes = std::collections::HashSet::new();
         for route in &self.routes {
-            if !route.prefix.starts_with('/') {
-                return inv(format!("route prefix {:?} must start with /", route.prefix));
-            }
             if !prefixes.insert(route.prefix.as_str()) {
-                return inv(format!("route prefix {:?} appears twice", route.prefix));
+                return Err(ConfigError::Route {
+                    prefix: route.prefix.clone(),
+                    problem: RouteProblem::DuplicatePrefix,
+                });
             }
-            if route.upstreams.is_empty() {
-                return inv(format!("route {:?} has no upstreams", route.prefix));
-            }
-            for u in &route.upstreams {
-                if std::net::ToSocketAddrs::to_socket_addrs(u.as_str()).is_err() {
-                    return inv(format!(
-                        "route {:?}: upstream {u:?} is not host:port",
-                        route.prefix
-                    ));
-                }
-            }
-            if !route.upgrade_protocols.is_empty() && !route.require_identity {
-                return inv(format!(
-                    "route {:?}: upgrade_protocols needs require_identity = true (a tunnel is \
-                     closed when its certificate is revoked, so it needs one)",
-                    route.prefix
-                ));
-            }
-            for p in &route.upgrade_protocols {
-                if p.is_empty() || !p.bytes().all(is_token_byte) {
-                    return inv(format!(
-                        "route {:?}: upgrade protocol {p:?} is not an HTTP token",
-                        route.prefix
-                    ));
-                }
-                if p.eq_ignore_ascii_case("h2c") || p.to_ascii_lowercase().starts_with("h2c/") {
-                    return inv(format!(
-                        "route {:?}: upgrade protocol h2c would carry HTTP/2 requests past the \
-                         per-request revocation check",
-                        route.prefix
-                    ));
-                }
-            }
-            if route.connect_timeout_ms == 0 || route.timeout_ms == 0 {
-                return inv(format!(
-                    "route {:?}: timeouts must be positive",
-                    route.prefix
-                ));
-            }
-            if route.tls && route.sni.is_empty() {
-                return inv(format!(
-                    "route {:?}: tls needs an sni (without one the upstream's certificate \
-                     would not be verified)",
-                    route.prefix
-                ));
-            }
-            let upstream_tls = [
-                &route.tls_ca_file,
-                &route.tls_client_cert,
-                &route.tls_client_key,
-            ];
-            if !route.tls && upstream_tls.iter().any(|f| f.is_some()) {
-                return inv(format!(
-                    "route {:?}: tls_ca_file, tls_client_cert and tls_client_key need tls = true",
-                    route.prefix
-                ));
-            }
-            crate::tls::load_upstream_tls(
-                route.tls_ca_file.as_deref(),
-                route.tls_client_cert.as_deref(),
-                route.tls_client_key.as_deref(),
-            )
-            .map_err(|e| match e {
-                ConfigError::Invalid(m) => {
-                    ConfigError::Invalid(format!("route {:?}: {m}", route.prefix))
-                }
-                other => other,
+            route.validate().map_err(|problem| ConfigError::Route {
+                prefix: route.prefix.clone(),
+                problem,
             })?;
         }
         if self.listener.require_client_cert && self.routes.iter().any(|r| !r.require_identity) {
-            return inv(
-                "listener.require_client_cert = true refuses certificate-less clients at the \
-                 handshake, so routes with require_identity = false (the enrollment exchange) \
-                 would be unreachable: front them with a gateway that does not require one"
-                    .into(),
-            );
+            return Err(ConfigError::UnreachableRoutes);
         }
         if self.listener.listen == self.admin.listen {
-            return inv("listener.listen and admin.listen must differ".into());
-        }
-        crate::tls::check_server_files(&self.listener.cert, &self.listener.key)?;
-        crate::tls::load_trust_bundle(&self.listener.trust_bundle)?;
-        if let Some(key) = &self.assertion.key_file {
-            crate::assertion::load_signer(key, &self.assertion.kid)?;
+            return Err(ConfigError::SameListenAddress);
         }
         Ok(self)
+    }
+}
+
+impl RouteConfig {
+    /// The checks of one route on its own.
+    fn validate(&self) -> Result<(), RouteProblem> {
+        if !self.prefix.starts_with('/') {
+            return Err(RouteProblem::RelativePrefix);
+        }
+        if self.upstreams.is_empty() {
+            return Err(RouteProblem::NoUpstreams);
+        }
+        for u in &self.upstreams {
+            std::net::ToSocketAddrs::to_socket_addrs(u.as_str()).map_err(|source| {
+                RouteProblem::BadUpstream {
+                    upstream: u.clone(),
+                    source,
+                }
+            })?;
+        }
+        if !self.upgrade_protocols.is_empty() && !self.require_identity {
+            return Err(RouteProblem::UpgradeWithoutIdentity);
+        }
+        for p in &self.upgrade_protocols {
+            if p.is_empty() || !p.bytes().all(is_token_byte) {
+                return Err(RouteProblem::UpgradeNotAToken(p.clone()));
+            }
+            if p.eq_ignore_ascii_case("h2c") || p.to_ascii_lowercase().starts_with("h2c/") {
+                return Err(RouteProblem::UpgradeH2c);
+            }
+        }
+        if self.connect_timeout_ms == 0 || self.timeout_ms == 0 {
+            return Err(RouteProblem::ZeroTimeout);
+        }
+        if self.tls && self.sni.is_empty() {
+            return Err(RouteProblem::TlsWithoutSni);
+        }
+        let files = [
+            &self.tls_ca_file,
+            &self.tls_client_cert,
+            &self.tls_client_key,
+        ];
+        if !self.tls && files.iter().any(|f| f.is_some()) {
+            return Err(RouteProblem::TlsFilesWithoutTls);
+        }
+        if self.tls_client_cert.is_some() != self.tls_client_key.is_some() {
+            return Err(RouteProblem::HalfClientCert);
+        }
+        Ok(())
+    }
+
+    /// The client certificate and key files, when both are set (after
+    /// [`Config::validate`], which refuses one without the other).
+    pub fn tls_client_files(&self) -> Option<(&Path, &Path)> {
+        self.tls_client_cert
+            .as_deref()
+            .zip(self.tls_client_key.as_deref())
     }
 }
 
@@ -741,10 +811,11 @@ pub fn redact_url(url: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const MINIMAL: &str = r#"
+    /// The smallest valid configuration; its files do not exist.
+    pub(crate) const MINIMAL: &str = r#"
         [listener]
         cert = "/nonexistent/cert.pem"
         key = "/nonexistent/key.pem"
@@ -796,27 +867,92 @@ mod tests {
     }
 
     #[test]
-    fn validate_reports_missing_files_clearly() {
+    fn shipped_configs_parse_and_validate() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        for f in ["gateway.toml", "gateway.full.toml"] {
+            let text = std::fs::read_to_string(root.join(f)).unwrap();
+            Config::from_toml(&text, Path::new(f))
+                .and_then(Config::validate)
+                .unwrap_or_else(|e| panic!("{f}: {e}"));
+        }
+        // The commented trust domain, as a domain type.
+        let text = std::fs::read_to_string(root.join("gateway.full.toml"))
+            .unwrap()
+            .replace("# trust_domain = ", "trust_domain = ");
+        let c = Config::from_toml(&text, Path::new("full")).unwrap();
+        assert_eq!(
+            c.listener.trust_domain.map(|t| t.to_string()).as_deref(),
+            Some("oneprotect.local")
+        );
+    }
+
+    #[test]
+    fn validate_reads_no_file() {
         let c = Config::from_toml(MINIMAL, Path::new("t")).unwrap();
-        let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("/nonexistent/cert.pem"), "{e}");
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn trust_domain_is_parsed_at_the_edge() {
+        let text = format!(
+            "{}\ntrust_domain = \"oneprotect.test\"\n",
+            MINIMAL.trim_end()
+        );
+        let c = Config::from_toml(&text, Path::new("t")).unwrap();
+        assert_eq!(c.listener.trust_domain.unwrap().as_str(), "oneprotect.test");
+        let bad = format!("{}\ntrust_domain = \"Bad Domain\"\n", MINIMAL.trim_end());
+        let e = Config::from_toml(&bad, Path::new("t"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("trust_domain") && e.contains("invalid trust domain"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn upstream_tls_files_need_tls_and_each_other() {
+        let route = |extra: &str| {
+            let text = format!(
+                "{MINIMAL}\n[[routes]]\nprefix = \"/x\"\nupstreams = [\"127.0.0.1:1\"]\n{extra}\n"
+            );
+            Config::from_toml(&text, Path::new("t")).unwrap().validate()
+        };
+        let tls = "tls = true\nsni = \"up.test\"\n";
+        let e = route(&format!("{tls}tls_client_cert = \"/c.pem\"")).unwrap_err();
+        assert!(e.to_string().contains("go together"), "{e}");
+        let e = route(&format!("{tls}tls_client_key = \"/k.pem\"")).unwrap_err();
+        assert!(e.to_string().contains("go together"), "{e}");
+        let e = route("tls_ca_file = \"/ca.pem\"").unwrap_err().to_string();
+        assert!(
+            e.contains("route \"/x\"") && e.contains("need tls = true"),
+            "{e}"
+        );
+        let e = route("tls = true").unwrap_err().to_string();
+        assert!(e.contains("needs an sni"), "{e}");
+        let c = route(&format!(
+            "{tls}tls_client_cert = \"/c.pem\"\ntls_client_key = \"/k.pem\""
+        ))
+        .unwrap();
+        let (cert, key) = c.routes[0].tls_client_files().unwrap();
+        assert_eq!((cert, key), (Path::new("/c.pem"), Path::new("/k.pem")));
     }
 
     #[test]
     fn upgrade_protocols_need_identity_and_exclude_h2c() {
-        let route = |extra: &str| {
+        let valid = |extra: &str| {
             let text = format!(
                 "{MINIMAL}\n[[routes]]\nprefix = \"/ws\"\nupstreams = [\"127.0.0.1:1\"]\n{extra}\n"
             );
             Config::from_toml(&text, Path::new("t"))
                 .unwrap()
                 .validate()
-                .unwrap_err()
-                .to_string()
+                .map_err(|e| e.to_string())
         };
-        // Valid upgrade settings fail later, on the missing files.
-        assert!(route("upgrade_protocols = [\"websocket\"]").contains("/nonexistent"));
-        assert!(route("upgrade_protocols = [\"WebSocket/13\"]").contains("/nonexistent"));
+        let route = |extra: &str| valid(extra).unwrap_err();
+        // Valid upgrade settings pass (the files are checked later).
+        assert!(valid("upgrade_protocols = [\"websocket\"]").is_ok());
+        assert!(valid("upgrade_protocols = [\"WebSocket/13\"]").is_ok());
         let e = route("upgrade_protocols = [\"websocket\"]\nrequire_identity = false");
         assert!(e.contains("require_identity"), "{e}");
         let e = route("upgrade_protocols = [\"H2C\"]");
@@ -875,17 +1011,16 @@ mod tests {
             Config::from_toml(&text, Path::new("t"))
                 .unwrap()
                 .validate()
-                .unwrap_err()
-                .to_string()
+                .map_err(|e| e.to_string())
         };
-        // Valid Redis settings: validation gets as far as the files.
-        let e = check(
+        // Valid Redis settings pass.
+        check(
             "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster",
             "op:",
-        );
-        assert!(e.contains("/nonexistent/"), "{e}");
-        let e = check("redis+cluster://10.0.0.1:7000,10.0.0.2:7000", "{op}:");
-        assert!(e.contains("/nonexistent/"), "{e}");
+        )
+        .unwrap();
+        check("redis+cluster://10.0.0.1:7000,10.0.0.2:7000", "{op}:").unwrap();
+        let check = |url: &str, prefix: &str| check(url, prefix).unwrap_err();
         // A Cluster without a hash tag in the prefix.
         let e = check("redis+cluster://10.0.0.1:7000", "op:");
         assert!(

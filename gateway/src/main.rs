@@ -88,8 +88,10 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
 
 fn main() {
     if let Err(e) = run() {
-        // One clear line (with causes), no backtrace: this is an operator error.
-        eprintln!("oneprotect-gateway: {e:#}");
+        // One clear line, no backtrace: this is an operator error. The
+        // gateway's errors print their cause themselves (and keep it as
+        // `source()`), so the alternate form would repeat it.
+        eprintln!("oneprotect-gateway: {e}");
         std::process::exit(2);
     }
 }
@@ -105,27 +107,30 @@ fn run() -> anyhow::Result<()> {
     if let Some(path) = &args.generate_assertion_key {
         return generate_key(path, &args.kid);
     }
-    let cfg = oneprotect_gateway::Config::load(&args.config)?;
+    // Every file is read here, once: --check, --print-assertion-key and the
+    // gateway itself use the same prepared material.
+    let prepared =
+        oneprotect_gateway::Prepared::load(oneprotect_gateway::Config::read(&args.config)?)?;
     if args.print_assertion_key {
-        let Some(path) = &cfg.assertion.key_file else {
+        let Some(signer) = &prepared.signer else {
             anyhow::bail!(
                 "assertion.key_file is not set: an ephemeral key has no public half to pin"
             );
         };
-        let signer = oneprotect_gateway::assertion::load_signer(path, &cfg.assertion.kid)?;
-        println!("{}", trusted_key_toml(&signer));
+        println!("{}", trusted_key_toml(signer));
         return Ok(());
     }
     if args.check {
         println!("{}: ok", args.config.display());
         return Ok(());
     }
+    let cfg = &prepared.config;
     tracing::info!(
         listen = %cfg.listener.listen,
         admin = %cfg.admin.listen,
         routes = cfg.routes.len(),
         "starting oneprotect-gateway"
     );
-    let app = oneprotect_gateway::build(cfg)?;
+    let app = oneprotect_gateway::build(prepared)?;
     app.run_forever()
 }

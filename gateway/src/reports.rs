@@ -326,10 +326,7 @@ mod tests {
     fn a_full_hold_refuses_new_certificates_but_still_counts_known_ones() {
         let mut held = HashMap::new();
         for i in 0..HELD {
-            assert!(fold(
-                &mut held,
-                report(random_serial(), i as i64, "/")
-            ));
+            assert!(fold(&mut held, report(random_serial(), i as i64, "/")));
         }
         assert!(!fold(&mut held, report(random_serial(), 0, "/")));
         let known = *held.keys().next().unwrap();

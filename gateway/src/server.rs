@@ -15,24 +15,28 @@ use pingora::services::listening::Service;
 use pingora::services::{ServiceReadyNotifier, ServiceWithDependents};
 
 use crate::admin::AdminApp;
-use crate::assertion::{load_signer, AssertionService};
-use crate::config::{Config, ConfigError};
+use crate::assertion::AssertionService;
 use crate::conn::IdentityContext;
+use crate::files::FileError;
 use crate::handshake::Handshaker;
 use crate::headers::StripPolicy;
 use crate::metrics::Metrics;
+use crate::prepare::Prepared;
 use crate::proxy::Gateway;
 use crate::revocation::Revocation;
-use crate::routes::{Route, Router};
+use crate::routes::{Route, RouteError, Router};
 use crate::serve::{ConnLimits, GatewayApp};
 use crate::tls::{AgentCertVerifier, ChainValidator, IdentityCallback, TrustStore};
 
 /// Why the gateway could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    /// The configuration is not usable.
+    /// A route's upstreams were refused.
     #[error(transparent)]
-    Config(#[from] ConfigError),
+    Route(#[from] RouteError),
+    /// No ephemeral assertion signing key could be generated.
+    #[error("cannot generate an ephemeral assertion signing key: {0}")]
+    EphemeralKey(#[source] oneprotect_identity::assertion::KeyError),
     /// The Redis URL was refused by the client.
     #[error("redis client: {0}")]
     Redis(#[from] oneprotect_redis::OpenError),
@@ -171,7 +175,7 @@ struct TrustReloader {
 }
 
 impl TrustReloader {
-    fn record(&self, res: Result<usize, ConfigError>) {
+    fn record(&self, res: Result<usize, FileError>) {
         match res {
             Ok(n) => {
                 self.metrics
@@ -214,25 +218,32 @@ impl BackgroundService for TrustReloader {
     }
 }
 
-/// Builds the gateway from a validated config.
-pub fn build(cfg: Config) -> Result<App, BuildError> {
-    build_inner(cfg, None)
+/// Builds the gateway from prepared material ([`Prepared::load`]).
+pub fn build(prepared: Prepared) -> Result<App, BuildError> {
+    build_inner(prepared, None)
 }
 
 /// Builds the gateway reading revocation state from an in-process bus
 /// instead of Redis (`revocation.redis_url` is not used). For the
 /// one-process dev stack, where the enroll-api writes the same bus.
 pub fn build_with_memory_bus(
-    cfg: Config,
+    prepared: Prepared,
     bus: oneprotect_revocation_bus::MemoryBus,
 ) -> Result<App, BuildError> {
-    build_inner(cfg, Some(bus))
+    build_inner(prepared, Some(bus))
 }
 
 fn build_inner(
-    cfg: Config,
+    prepared: Prepared,
     bus: Option<oneprotect_revocation_bus::MemoryBus>,
 ) -> Result<App, BuildError> {
+    let Prepared {
+        config: cfg,
+        server_key,
+        trust,
+        signer,
+        upstream_tls,
+    } = prepared;
     install_crypto_provider(cfg.listener.tls12);
     let metrics = Metrics::new();
 
@@ -245,12 +256,12 @@ fn build_inner(
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let signer = match &cfg.assertion.key_file {
-        Some(path) => load_signer(path, &cfg.assertion.kid)?,
+    let signer = match signer {
+        Some(signer) => signer,
         None => {
             let (signer, _) =
                 oneprotect_identity::AssertionSigner::generate(cfg.assertion.kid.clone())
-                    .map_err(|_| ConfigError::Invalid("cannot generate an assertion key".into()))?;
+                    .map_err(BuildError::EphemeralKey)?;
             tracing::warn!(
                 kid = %cfg.assertion.kid,
                 "no assertion.key_file: generated an ephemeral signing key (development only)"
@@ -272,15 +283,11 @@ fn build_inner(
         Some(bus) => Revocation::with_memory_bus(&cfg.revocation, bus, metrics.clone()),
         None => Revocation::new(&cfg.revocation, metrics.clone())?,
     });
-    let trust = Arc::new(TrustStore::load(&cfg.listener.trust_bundle)?);
-    let trust_domain = cfg
-        .listener
-        .trust_domain
-        .as_deref()
-        .map(str::parse)
-        .transpose()
-        .map_err(|_| ConfigError::Invalid("listener.trust_domain".into()))?;
-    let validator = Arc::new(ChainValidator::new(trust.clone(), trust_domain));
+    let trust = Arc::new(trust);
+    let validator = Arc::new(ChainValidator::new(
+        trust.clone(),
+        cfg.listener.trust_domain.clone(),
+    ));
     let verifier = Arc::new(AgentCertVerifier::new(
         validator,
         cfg.listener.require_client_cert,
@@ -298,8 +305,8 @@ fn build_inner(
     });
 
     let mut routes = Vec::new();
-    for rc in &cfg.routes {
-        let route = Route::new(rc)?;
+    for (rc, upstream_tls) in cfg.routes.iter().zip(upstream_tls) {
+        let route = Route::new(rc, upstream_tls)?;
         if rc.health_check_secs > 0 {
             let pool = route.pool.clone();
             server.add_service(background_service(
@@ -330,10 +337,9 @@ fn build_inner(
     };
     let mut tls =
         TlsSettings::with_callbacks(Box::new(IdentityCallback::new(verifier.clone(), id_ctx)))?;
-    // Checked by Config::validate; checked again so build() cannot panic.
-    crate::tls::check_server_files(&cfg.listener.cert, &cfg.listener.key)?;
-    tls.set_certificate_chain_file(&cfg.listener.cert.to_string_lossy())?;
-    tls.set_private_key_file(&cfg.listener.key.to_string_lossy())?;
+    // The chain and key loaded by Prepared::load: pingora's own file loading
+    // would read them again, and panic on a bad file.
+    tls.set_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(server_key)));
     tls.enable_h2();
     tls.set_client_cert_verifier(verifier);
     // The listener itself is plain TCP: the gateway runs the handshake

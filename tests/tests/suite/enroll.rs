@@ -84,7 +84,7 @@ fn config(
     tweak: impl FnOnce(&mut Config),
 ) -> Result<Config> {
     let mut cfg = Config {
-        trust_domain: "oneprotect.test".into(),
+        trust_domain: "oneprotect.test".parse().unwrap(),
         data_dir: dir.to_owned(),
         ..Config::default()
     };
@@ -579,7 +579,7 @@ async fn enroll_cli_binary_tenant_and_admin_key() -> Result<()> {
     );
 
     let mut cfg = Config {
-        trust_domain: "oneprotect.test".into(),
+        trust_domain: "oneprotect.test".parse().unwrap(),
         data_dir: tmp.path().to_owned(),
         ..Config::default()
     };

@@ -210,10 +210,10 @@ connect_timeout_ms = 500
         hb = opts.heartbeat_ms,
     );
     let cfg_path = write(dir.path(), "gateway.toml", &toml);
-    let cfg = oneprotect_gateway::Config::from_toml(&toml, &cfg_path)
-        .unwrap()
-        .validate()
-        .unwrap();
+    let cfg = oneprotect_gateway::Prepared::load(
+        oneprotect_gateway::Config::from_toml(&toml, &cfg_path).unwrap(),
+    )
+    .unwrap();
     let app = tokio::task::spawn_blocking(move || oneprotect_gateway::build(cfg).unwrap())
         .await
         .unwrap();

@@ -83,7 +83,7 @@ fn config(
     tweak: impl FnOnce(&mut Config),
 ) -> Result<Config> {
     let mut cfg = Config {
-        trust_domain: "oneprotect.test".into(),
+        trust_domain: "oneprotect.test".parse().unwrap(),
         data_dir: dir.to_owned(),
         ..Config::default()
     };

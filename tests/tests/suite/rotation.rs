@@ -105,7 +105,7 @@ async fn start_with(label: &str, grace_secs: u64, leaf_lifetime_secs: u64) -> Re
     let public = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signer.public_key());
 
     let mut cfg = Config {
-        trust_domain: TD.into(),
+        trust_domain: TD.parse().unwrap(),
         data_dir: dir.join("enroll"),
         ..Config::default()
     };
@@ -186,7 +186,9 @@ upstreams = ["{http}"]
         key_file = key_file.display(),
     );
     let cfg_path = write(&dir, "gateway.toml", toml.as_bytes())?;
-    let gcfg = oneprotect_gateway::Config::from_toml(&toml, &cfg_path)?.validate()?;
+    let gcfg = oneprotect_gateway::Prepared::load(oneprotect_gateway::Config::from_toml(
+        &toml, &cfg_path,
+    )?)?;
     let app = tokio::task::spawn_blocking(move || oneprotect_gateway::build(gcfg)).await??;
     let gateway = app.spawn();
     let stack = Stack {

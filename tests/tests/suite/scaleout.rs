@@ -168,7 +168,7 @@ impl Fleet {
             str::to_owned,
         );
         let mut cfg = Config {
-            trust_domain: TD.into(),
+            trust_domain: TD.parse().unwrap(),
             data_dir: dir.clone(),
             ..Config::default()
         };

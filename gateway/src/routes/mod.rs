@@ -1,4 +1,5 @@
-//! Path-prefix routing to upstream pools.
+//! Path-prefix routing to upstream pools, and each route's upstream TLS
+//! material ([`upstream_tls`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,6 +8,22 @@ use pingora::lb::selection::RoundRobin;
 use pingora::lb::LoadBalancer;
 
 use crate::config::RouteConfig;
+
+pub mod upstream_tls;
+
+pub use upstream_tls::{load_upstream_tls, UpstreamTls};
+
+/// A route's upstreams were refused by the pool (an address that does not
+/// resolve).
+#[derive(Debug, thiserror::Error)]
+#[error("route {prefix:?}: upstreams: {source}")]
+pub struct RouteError {
+    /// The route's prefix.
+    pub prefix: String,
+    /// The cause.
+    #[source]
+    pub source: std::io::Error,
+}
 
 /// One configured route with its pool.
 pub struct Route {
@@ -19,7 +36,7 @@ pub struct Route {
     /// Upstream SNI.
     pub sni: String,
     /// Upstream CA roots and client certificate.
-    pub upstream_tls: crate::tls::UpstreamTls,
+    pub upstream_tls: UpstreamTls,
     /// Connect timeout.
     pub connect_timeout: Duration,
     /// Read/write timeout.
@@ -42,20 +59,14 @@ impl std::fmt::Debug for Route {
 }
 
 impl Route {
-    /// Builds the route and its pool (not yet health-checked).
-    pub fn new(cfg: &RouteConfig) -> Result<Self, crate::config::ConfigError> {
-        let upstream_tls = crate::tls::load_upstream_tls(
-            cfg.tls_ca_file.as_deref(),
-            cfg.tls_client_cert.as_deref(),
-            cfg.tls_client_key.as_deref(),
-        )?;
+    /// Builds the route and its pool (not yet health-checked) over the
+    /// route's loaded upstream TLS material.
+    pub fn new(cfg: &RouteConfig, upstream_tls: UpstreamTls) -> Result<Self, RouteError> {
         let mut pool =
             LoadBalancer::<RoundRobin>::try_from_iter(cfg.upstreams.iter().map(String::as_str))
-                .map_err(|e| {
-                    crate::config::ConfigError::Invalid(format!(
-                        "route {:?}: upstreams: {e}",
-                        cfg.prefix
-                    ))
+                .map_err(|source| RouteError {
+                    prefix: cfg.prefix.clone(),
+                    source,
                 })?;
         if cfg.health_check_secs > 0 {
             let mut hc = if cfg.tls {
@@ -126,21 +137,24 @@ mod tests {
 
     fn route(prefix: &str) -> Arc<Route> {
         Arc::new(
-            Route::new(&RouteConfig {
-                prefix: prefix.into(),
-                upstreams: vec!["127.0.0.1:1".into()],
-                require_identity: true,
-                tls: false,
-                sni: String::new(),
-                tls_ca_file: None,
-                tls_client_cert: None,
-                tls_client_key: None,
-                connect_timeout_ms: 100,
-                timeout_ms: 100,
-                max_body_bytes: 10,
-                health_check_secs: 0,
-                upgrade_protocols: Vec::new(),
-            })
+            Route::new(
+                &RouteConfig {
+                    prefix: prefix.into(),
+                    upstreams: vec!["127.0.0.1:1".into()],
+                    require_identity: true,
+                    tls: false,
+                    sni: String::new(),
+                    tls_ca_file: None,
+                    tls_client_cert: None,
+                    tls_client_key: None,
+                    connect_timeout_ms: 100,
+                    timeout_ms: 100,
+                    max_body_bytes: 10,
+                    health_check_secs: 0,
+                    upgrade_protocols: Vec::new(),
+                },
+                UpstreamTls::default(),
+            )
             .unwrap(),
         )
     }
