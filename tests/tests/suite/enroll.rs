@@ -84,7 +84,7 @@ fn config(
     tweak: impl FnOnce(&mut Config),
 ) -> Result<Config> {
     let mut cfg = Config {
-        trust_domain: "oneprotect.test".parse().unwrap(),
+        trust_domain: "oneprotect.test".parse().expect("a valid trust domain"),
         data_dir: dir.to_owned(),
         ..Config::default()
     };

@@ -105,7 +105,7 @@ async fn start_with(label: &str, grace_secs: u64, leaf_lifetime_secs: u64) -> Re
     let public = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signer.public_key());
 
     let mut cfg = Config {
-        trust_domain: TD.parse().unwrap(),
+        trust_domain: TD.parse()?,
         data_dir: dir.join("enroll"),
         ..Config::default()
     };
