@@ -19,7 +19,8 @@ use redis::AsyncCommands;
 use serde_json::{json, Value};
 use sqlx::Connection;
 
-use crate::enroll::{openssl_csr, Client, Reply};
+use crate::support::enroll::outbox_pending_after_drain;
+use crate::support::enroll::{openssl_csr, Client, Reply};
 use oneprotect_enroll_api::config::Config;
 use oneprotect_enroll_api::store::Store;
 use oneprotect_enroll_api::{cli, service};
@@ -102,23 +103,6 @@ fn config(
     Ok(cfg.validate()?)
 }
 
-/// Polls the outbox (bounded: `POLLS` × 50 ms) until no row is pending;
-/// returns how many still are.
-pub(crate) async fn outbox_pending_after_drain(
-    store: &oneprotect_enroll_api::store::AnyStore,
-) -> Result<usize> {
-    let mut pending = usize::MAX;
-    for _ in 0..POLLS {
-        pending = store.list_pending_events(1000).await?.len();
-        if pending == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(pending)
-}
-
-/// A service on PostgreSQL (own schema) and Redis (own prefix). With
 /// `redis_down`, the service is pointed at a closed loopback port instead.
 async fn start(label: &str, redis_down: bool) -> Result<Env> {
     let dead = format!("redis://127.0.0.1:{}", oneprotect_tests::free_port());
@@ -627,7 +611,7 @@ async fn lifecycle_startup_rebuilds_a_flushed_projection_postgres() -> Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_relay_waits_for_a_replica_before_marking_events_sent_postgres() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let master = crate::redis_ha::RedisProc::start(tmp.path(), None, &[]).await?;
+    let master = crate::support::redis::RedisProc::start(tmp.path(), None, &[]).await?;
     let master_url = format!("redis://127.0.0.1:{}", master.port);
     let mut env = start_with("lc_wait", Some(&master_url), |c| {
         c.redis.wait_replicas = 1;
@@ -653,7 +637,7 @@ async fn lifecycle_relay_waits_for_a_replica_before_marking_events_sent_postgres
     );
 
     let replica_of = master.port.to_string();
-    let _replica = crate::redis_ha::RedisProc::start(
+    let _replica = crate::support::redis::RedisProc::start(
         tmp.path(),
         None,
         &["--replicaof", "127.0.0.1", &replica_of],
