@@ -26,6 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::support::gateway::{
     h1_send, only, refused, seen_paths, start_gateway, upstream_headers, write, Gw, Opts, EXCHANGE,
 };
+use crate::support::metrics::counter;
 
 // ---------------------------------------------------------------------------------------------
 // helpers
@@ -183,15 +184,6 @@ fn assert_problem(out: &str, status: u16, code: &str, case: &str) {
     );
     assert!(head.contains("connection: close"), "{case}: {out}");
     assert_eq!(body["code"], code, "{case}: {out}");
-}
-
-/// The value of `name{reason="<reason>"}` in a metrics page (0 when absent).
-fn counter(metrics: &str, name: &str, reason: &str) -> u64 {
-    let prefix = format!("{name}{{reason=\"{reason}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map_or(0, |v| v.trim().parse().unwrap())
 }
 
 const FAILURES: &str = "oneprotect_gateway_handshake_failures_total";

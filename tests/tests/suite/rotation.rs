@@ -19,6 +19,7 @@ use sqlx::Connection;
 
 use crate::support::enroll::Client;
 use crate::support::gateway_toml::{GatewayToml, RouteToml};
+use crate::support::metrics::value as metric;
 use oneprotect_agent::client::Endpoint;
 use oneprotect_agent::enroll::{enroll, AgentMetadata, Enrolled};
 use oneprotect_agent::rotate::{confirm, rotate};
@@ -779,11 +780,4 @@ async fn run_rotates_a_short_lived_certificate_twice_without_a_failed_request() 
         "a heartbeat was refused: {healthz:?}"
     );
     Ok(())
-}
-
-/// The value of the metrics line starting with `series ` (0 when absent).
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map_or(0, |v| v.trim().parse().unwrap_or(0))
 }

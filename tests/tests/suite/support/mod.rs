@@ -7,6 +7,7 @@
 //! - [`enroll_proc`]: the enroll-api binary as a child process.
 //! - [`gateway`]: the in-process gateway, its echo upstream and clients.
 //! - [`gateway_toml`]: a gateway configuration file, typed.
+//! - [`metrics`]: sample values from a Prometheus text page.
 //! - [`fleet`]: gateway processes, enrolled agents and load.
 //! - [`redis`]: `redis-server` children.
 
@@ -20,4 +21,5 @@ pub(crate) mod enroll_proc;
 pub(crate) mod fleet;
 pub(crate) mod gateway;
 pub(crate) mod gateway_toml;
+pub(crate) mod metrics;
 pub(crate) mod redis;
