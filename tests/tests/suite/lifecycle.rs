@@ -17,9 +17,8 @@ use anyhow::{ensure, Context, Result};
 use futures_util::StreamExt;
 use redis::AsyncCommands;
 use serde_json::{json, Value};
-use sqlx::Connection;
 
-use crate::support::enroll::outbox_pending_after_drain;
+use crate::support::enroll::{base_config, create_schema, outbox_pending_after_drain};
 use crate::support::enroll::{openssl_csr, Client, Reply};
 use oneprotect_enroll_api::config::Config;
 use oneprotect_enroll_api::store::Store;
@@ -83,16 +82,7 @@ fn config(
     prefix: &str,
     tweak: impl FnOnce(&mut Config),
 ) -> Result<Config> {
-    let mut cfg = Config {
-        trust_domain: "oneprotect.test".into(),
-        data_dir: dir.to_owned(),
-        ..Config::default()
-    };
-    cfg.listen.https = "127.0.0.1:0".into();
-    cfg.limits.exchange_per_address_burst = 10_000;
-    cfg.limits.exchange_per_address_per_minute = 10_000;
-    cfg.limits.exchange_per_token_burst = 10_000;
-    cfg.limits.exchange_per_token_per_minute = 10_000;
+    let mut cfg = base_config(dir);
     cfg.database.max_connections = 16;
     cfg.database.url = Some(url.to_owned());
     cfg.database.schema = Some(schema.to_owned());
@@ -129,11 +119,7 @@ async fn start_with(
         None => oneprotect_tests::require_redis(),
     };
     let schema = oneprotect_tests::unique_name(label);
-    let mut conn = sqlx::PgConnection::connect(&url).await?;
-    sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
-        .execute(&mut conn)
-        .await?;
-    conn.close().await?;
+    create_schema(&url, &schema).await?;
     let prefix = oneprotect_tests::unique_redis_prefix(label);
     let cfg = config(&dir, &url, &schema, &redis_url, &prefix, tweak)?;
     let tenant = cli::tenant_create(&cfg, "acme", Some(3600)).await?;

@@ -15,9 +15,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use redis::AsyncCommands;
 use serde_json::{json, Value};
-use sqlx::Connection;
 
-use crate::support::enroll::Client;
+use crate::support::enroll::{create_schema, Client};
 use crate::support::gateway_toml::{GatewayToml, RouteToml};
 use crate::support::metrics::value as metric;
 use oneprotect_agent::client::Endpoint;
@@ -92,11 +91,7 @@ async fn start_with(label: &str, grace_secs: u64, leaf_lifetime_secs: u64) -> Re
     let url = oneprotect_tests::require_postgres();
     let redis_url = oneprotect_tests::require_redis();
     let schema = oneprotect_tests::unique_name(label);
-    let mut conn = sqlx::PgConnection::connect(&url).await?;
-    sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
-        .execute(&mut conn)
-        .await?;
-    conn.close().await?;
+    create_schema(&url, &schema).await?;
     let prefix = oneprotect_tests::unique_redis_prefix(label);
 
     // The gateway's assertion key: its public half is what the enroll-api pins.

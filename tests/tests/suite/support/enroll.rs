@@ -18,6 +18,8 @@ use serde_json::{json, Value};
 use sqlx::Connection;
 use tokio::net::TcpStream;
 
+use super::gateway::TD;
+
 /// The database an [`Env`] runs on.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Db {
@@ -61,14 +63,37 @@ impl Drop for Env {
     }
 }
 
-async fn new_schema(label: &str) -> Result<(String, String)> {
-    let url = oneprotect_tests::require_postgres();
-    let schema = oneprotect_tests::unique_name(label);
-    let mut conn = sqlx::PgConnection::connect(&url).await?;
+/// Creates the PostgreSQL schema `schema` at `url` (the test drops it).
+pub(crate) async fn create_schema(url: &str, schema: &str) -> Result<()> {
+    let mut conn = sqlx::PgConnection::connect(url).await?;
     sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
         .execute(&mut conn)
         .await?;
     conn.close().await?;
+    Ok(())
+}
+
+/// An enroll-api configuration for tests: trust domain [`TD`], data in
+/// `dir`, HTTPS on a free loopback port, exchange rate limits (10 000) no
+/// test reaches; the rest as [`Config::default`].
+pub(crate) fn base_config(dir: &Path) -> Config {
+    let mut cfg = Config {
+        trust_domain: TD.into(),
+        data_dir: dir.to_owned(),
+        ..Config::default()
+    };
+    cfg.listen.https = "127.0.0.1:0".into();
+    cfg.limits.exchange_per_address_burst = 10_000;
+    cfg.limits.exchange_per_address_per_minute = 10_000;
+    cfg.limits.exchange_per_token_burst = 10_000;
+    cfg.limits.exchange_per_token_per_minute = 10_000;
+    cfg
+}
+
+async fn new_schema(label: &str) -> Result<(String, String)> {
+    let url = oneprotect_tests::require_postgres();
+    let schema = oneprotect_tests::unique_name(label);
+    create_schema(&url, &schema).await?;
     Ok((url, schema))
 }
 
@@ -78,16 +103,7 @@ fn config(
     pg: Option<&(String, String)>,
     tweak: impl FnOnce(&mut Config),
 ) -> Result<Config> {
-    let mut cfg = Config {
-        trust_domain: "oneprotect.test".into(),
-        data_dir: dir.to_owned(),
-        ..Config::default()
-    };
-    cfg.listen.https = "127.0.0.1:0".into();
-    cfg.limits.exchange_per_address_burst = 10_000;
-    cfg.limits.exchange_per_address_per_minute = 10_000;
-    cfg.limits.exchange_per_token_burst = 10_000;
-    cfg.limits.exchange_per_token_per_minute = 10_000;
+    let mut cfg = base_config(dir);
     cfg.database.max_connections = 16;
     if let (Db::Postgres, Some((url, schema))) = (db, pg) {
         cfg.database.url = Some(url.clone());

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use super::enroll::Client;
+use super::enroll::{create_schema, Client};
 use super::fleet::POLLS;
 use super::gateway::TD;
 
@@ -115,7 +115,6 @@ impl EnrollFixture {
         extra: &str,
         rust_log: &'static str,
     ) -> Result<Self> {
-        use sqlx::Connection;
         let tmp = tempfile::tempdir()?;
         let dir = tmp.path().to_owned();
         let pg = oneprotect_tests::require_postgres();
@@ -128,11 +127,7 @@ impl EnrollFixture {
             redis_url: redis_url.clone(),
             pattern: keys.all_keys_pattern(),
         };
-        let mut c = sqlx::PgConnection::connect(&pg).await?;
-        sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
-            .execute(&mut c)
-            .await?;
-        c.close().await?;
+        create_schema(&pg, &schema).await?;
         let https = SocketAddr::from(([127, 0, 0, 1], oneprotect_tests::free_port()));
         let conf = dir.join("enroll-api.toml");
         std::fs::write(

@@ -13,17 +13,15 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
 use http_body_util::Full;
-use oneprotect_enroll_api::config::Config;
 use oneprotect_enroll_api::{cli, service};
 use oneprotect_identity::{KeySchema, TenantId};
 use oneprotect_testpki::TestPki;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::json;
-use sqlx::Connection;
 use tokio::net::TcpStream;
 
-use super::enroll::{openssl_csr, Client, Reply};
+use super::enroll::{base_config, create_schema, openssl_csr, Client, Reply};
 use super::gateway::{read, request, start_echo, write, TD};
 use super::gateway_toml::{GatewayToml, RouteToml};
 
@@ -150,25 +148,12 @@ impl Fleet {
         let tmp = tempfile::tempdir()?;
         let dir = tmp.path().to_owned();
         let schema = oneprotect_tests::unique_name(label);
-        let mut conn = sqlx::PgConnection::connect(&url).await?;
-        sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
-            .execute(&mut conn)
-            .await?;
-        conn.close().await?;
+        create_schema(&url, &schema).await?;
         let prefix = prefix.map_or_else(
             || oneprotect_tests::unique_redis_prefix(label),
             str::to_owned,
         );
-        let mut cfg = Config {
-            trust_domain: TD.into(),
-            data_dir: dir.clone(),
-            ..Config::default()
-        };
-        cfg.listen.https = "127.0.0.1:0".into();
-        cfg.limits.exchange_per_address_burst = 10_000;
-        cfg.limits.exchange_per_address_per_minute = 10_000;
-        cfg.limits.exchange_per_token_burst = 10_000;
-        cfg.limits.exchange_per_token_per_minute = 10_000;
+        let mut cfg = base_config(&dir);
         cfg.database.max_connections = 8;
         cfg.database.url = Some(url);
         cfg.database.schema = Some(schema.clone());
