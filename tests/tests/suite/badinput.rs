@@ -22,10 +22,10 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::enroll::{
+use crate::support::enroll::{
     create_token, exchange_body, openssl, openssl_csr, start_with, Db, Env, Reply,
 };
-use crate::gateway::{
+use crate::support::gateway::{
     h1_send, only, refused, seen_paths, start_gateway, upstream_headers, Gw, Opts, EXCHANGE, TD,
 };
 use oneprotect_enroll_api::clock::FixedClock;

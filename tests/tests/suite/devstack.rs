@@ -17,7 +17,7 @@ use anyhow::{bail, ensure, Context as _, Result};
 use serde_json::{json, Value};
 use sqlx::Connection as _;
 
-use crate::enroll::Client;
+use crate::support::enroll::Client;
 
 /// How long `up` may take to write stack.json (first start: migrations, CA).
 const UP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -222,7 +222,7 @@ async fn admin_send(
     path: &str,
     key: &str,
     body: Value,
-) -> Result<crate::enroll::Reply> {
+) -> Result<crate::support::enroll::Reply> {
     tokio::time::timeout(CMD_TIMEOUT, c.send(method, path, Some(key), Some(body)))
         .await
         .context("admin API request timed out")?
@@ -532,7 +532,8 @@ async fn one_client_exhausting_the_exchange_limit_does_not_block_others() -> Res
     let data = tmp.path().join("data");
     let up = Up::start(&data, free_port_base(), &[])?;
     let url = format!("{}/api/v1/agent-enrollment/exchange", up.s("gateway_url"));
-    let body = crate::enroll::exchange_body(&format!("opet_{}", "B".repeat(43)), "not a csr");
+    let body =
+        crate::support::enroll::exchange_body(&format!("opet_{}", "B".repeat(43)), "not a csr");
     let mut statuses = Vec::new();
     // The dev stack's burst is 20 (limits.exchange_per_address_burst);
     // bounded at 60 attempts.

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::enroll::{
+use crate::support::enroll::{
     create_token, exchange_body, openssl, openssl_csr, start_with, Db, Env, Reply,
 };
 use oneprotect_enroll_api::config::{Config, TrustedKey};

@@ -23,9 +23,10 @@ use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::gateway::{
+use crate::support::gateway::{
     h1_send, only, refused, seen_paths, start_gateway, upstream_headers, write, Gw, Opts, EXCHANGE,
 };
+use crate::support::metrics::counter;
 
 // ---------------------------------------------------------------------------------------------
 // helpers
@@ -183,15 +184,6 @@ fn assert_problem(out: &str, status: u16, code: &str, case: &str) {
     );
     assert!(head.contains("connection: close"), "{case}: {out}");
     assert_eq!(body["code"], code, "{case}: {out}");
-}
-
-/// The value of `name{reason="<reason>"}` in a metrics page (0 when absent).
-fn counter(metrics: &str, name: &str, reason: &str) -> u64 {
-    let prefix = format!("{name}{{reason=\"{reason}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map_or(0, |v| v.trim().parse().unwrap())
 }
 
 const FAILURES: &str = "oneprotect_gateway_handshake_failures_total";
@@ -663,7 +655,8 @@ async fn hardening_gw_every_handshake_failure_is_counted_by_reason() {
         "ffdhe2048 accepted"
     );
     // A refused certificate: counted once, by the verifier's reason.
-    let foreign = oneprotect_testpki::TestPki::new(crate::gateway::TD).tenant_ca(&gw.ca.tenant);
+    let foreign =
+        oneprotect_testpki::TestPki::new(crate::support::gateway::TD).tenant_ca(&gw.ca.tenant);
     assert!(
         refused(
             &gw,
@@ -826,7 +819,7 @@ async fn hardening_gw_h2_idle_and_unauthenticated_connections_close() {
         .unwrap();
         let conn = tokio::spawn(conn);
         let r = s
-            .send_request(crate::gateway::request("/api/h2", &[]))
+            .send_request(crate::support::gateway::request("/api/h2", &[]))
             .await
             .unwrap();
         assert_eq!(r.status(), 200);
@@ -1328,7 +1321,7 @@ async fn hardening_gw_allowed_tunnels_close_when_revoked_superseded_or_unconfirm
 
     // Redis gone: once the state is unconfirmed beyond max_staleness, the
     // tunnel closes (fail closed), as requests would get 503.
-    let redis = crate::gateway::RedisChild::start(oneprotect_tests::free_port()).await;
+    let redis = crate::support::redis::RedisChild::start(oneprotect_tests::free_port()).await;
     let gw = start_gateway(Opts {
         redis_url: format!("redis://127.0.0.1:{}", redis.port),
         max_staleness_ms: 1500,

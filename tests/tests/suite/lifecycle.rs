@@ -17,9 +17,9 @@ use anyhow::{ensure, Context, Result};
 use futures_util::StreamExt;
 use redis::AsyncCommands;
 use serde_json::{json, Value};
-use sqlx::Connection;
 
-use crate::enroll::{openssl_csr, Client, Reply};
+use crate::support::enroll::{base_config, create_schema, outbox_pending_after_drain};
+use crate::support::enroll::{openssl_csr, Client, Reply};
 use oneprotect_enroll_api::config::Config;
 use oneprotect_enroll_api::store::Store;
 use oneprotect_enroll_api::{cli, service};
@@ -82,16 +82,7 @@ fn config(
     prefix: &str,
     tweak: impl FnOnce(&mut Config),
 ) -> Result<Config> {
-    let mut cfg = Config {
-        trust_domain: "oneprotect.test".parse().expect("a valid trust domain"),
-        data_dir: dir.to_owned(),
-        ..Config::default()
-    };
-    cfg.listen.https = "127.0.0.1:0".into();
-    cfg.limits.exchange_per_address_burst = 10_000;
-    cfg.limits.exchange_per_address_per_minute = 10_000;
-    cfg.limits.exchange_per_token_burst = 10_000;
-    cfg.limits.exchange_per_token_per_minute = 10_000;
+    let mut cfg = base_config(dir);
     cfg.database.max_connections = 16;
     cfg.database.url = Some(url.to_owned());
     cfg.database.schema = Some(schema.to_owned());
@@ -102,23 +93,6 @@ fn config(
     Ok(cfg.validate()?)
 }
 
-/// Polls the outbox (bounded: `POLLS` × 50 ms) until no row is pending;
-/// returns how many still are.
-pub(crate) async fn outbox_pending_after_drain(
-    store: &oneprotect_enroll_api::store::AnyStore,
-) -> Result<usize> {
-    let mut pending = usize::MAX;
-    for _ in 0..POLLS {
-        pending = store.list_pending_events(1000).await?.len();
-        if pending == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(pending)
-}
-
-/// A service on PostgreSQL (own schema) and Redis (own prefix). With
 /// `redis_down`, the service is pointed at a closed loopback port instead.
 async fn start(label: &str, redis_down: bool) -> Result<Env> {
     let dead = format!("redis://127.0.0.1:{}", oneprotect_tests::free_port());
@@ -145,11 +119,7 @@ async fn start_with(
         None => oneprotect_tests::require_redis(),
     };
     let schema = oneprotect_tests::unique_name(label);
-    let mut conn = sqlx::PgConnection::connect(&url).await?;
-    sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
-        .execute(&mut conn)
-        .await?;
-    conn.close().await?;
+    create_schema(&url, &schema).await?;
     let prefix = oneprotect_tests::unique_redis_prefix(label);
     let cfg = config(&dir, &url, &schema, &redis_url, &prefix, tweak)?;
     let tenant = cli::tenant_create(&cfg, "acme", Some(3600)).await?;
@@ -627,7 +597,7 @@ async fn lifecycle_startup_rebuilds_a_flushed_projection_postgres() -> Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_relay_waits_for_a_replica_before_marking_events_sent_postgres() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let master = crate::redis_ha::RedisProc::start(tmp.path(), None, &[]).await?;
+    let master = crate::support::redis::RedisProc::start(tmp.path(), None, &[]).await?;
     let master_url = format!("redis://127.0.0.1:{}", master.port);
     let mut env = start_with("lc_wait", Some(&master_url), |c| {
         c.redis.wait_replicas = 1;
@@ -653,7 +623,7 @@ async fn lifecycle_relay_waits_for_a_replica_before_marking_events_sent_postgres
     );
 
     let replica_of = master.port.to_string();
-    let _replica = crate::redis_ha::RedisProc::start(
+    let _replica = crate::support::redis::RedisProc::start(
         tmp.path(),
         None,
         &["--replicaof", "127.0.0.1", &replica_of],

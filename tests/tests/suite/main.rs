@@ -19,3 +19,4 @@ mod rotation;
 mod scaleout;
 mod secrets;
 mod soak;
+mod support;

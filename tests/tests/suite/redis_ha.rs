@@ -31,8 +31,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use tokio::net::TcpStream;
 
-use crate::gateway::write;
-use crate::scaleout::{Agent, Fleet, GwTuning, Sender, POLLS};
+use crate::support::fleet::{Agent, Fleet, GwTuning, Sender, POLLS};
+use crate::support::gateway::write;
+use crate::support::redis::RedisProc;
 
 /// The gateways' staleness bound in these tests, and their heartbeat.
 const MAX_STALENESS_MS: u64 = 2000;
@@ -56,66 +57,6 @@ fn require_redis_tools() {
             "`{tool}` is not on PATH: these tests start their own Redis Cluster and Sentinel. \
              Install it (Debian/Ubuntu: `apt-get install redis-server`, which brings redis-cli)."
         );
-    }
-}
-
-/// A `redis-server` child (data node, cluster node or Sentinel) on
-/// 127.0.0.1, killed on drop.
-pub(crate) struct RedisProc {
-    pub(crate) port: u16,
-    child: Option<tokio::process::Child>,
-}
-
-impl RedisProc {
-    /// Starts `redis-server [conf] --port P --bind 127.0.0.1 … extra` in
-    /// `dir` and waits (bounded) until it accepts connections.
-    pub(crate) async fn start(dir: &Path, conf: Option<&Path>, extra: &[&str]) -> Result<Self> {
-        let port = oneprotect_tests::free_port();
-        let mut cmd = tokio::process::Command::new("redis-server");
-        if let Some(c) = conf {
-            cmd.arg(c);
-        }
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .args(extra)
-            .stdout(std::fs::File::create(
-                dir.join(format!("redis-{port}.log")),
-            )?)
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true);
-        let child = cmd.spawn().context("spawn redis-server")?;
-        let p = Self {
-            port,
-            child: Some(child),
-        };
-        for _ in 0..POLLS {
-            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                return Ok(p);
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        bail!(
-            "redis-server on port {port} did not start (log: {})",
-            dir.display()
-        )
-    }
-
-    /// Kills the server and waits for it to exit.
-    async fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill().await;
-        }
-    }
-}
-
-impl Drop for RedisProc {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            // Our own child, by its handle.
-            let _ = c.start_kill();
-        }
     }
 }
 

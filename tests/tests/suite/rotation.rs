@@ -15,9 +15,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use redis::AsyncCommands;
 use serde_json::{json, Value};
-use sqlx::Connection;
 
-use crate::enroll::Client;
+use crate::support::enroll::{create_schema, Client};
+use crate::support::gateway_toml::{GatewayToml, RouteToml};
+use crate::support::metrics::value as metric;
 use oneprotect_agent::client::Endpoint;
 use oneprotect_agent::enroll::{enroll, AgentMetadata, Enrolled};
 use oneprotect_agent::rotate::{confirm, rotate};
@@ -90,11 +91,7 @@ async fn start_with(label: &str, grace_secs: u64, leaf_lifetime_secs: u64) -> Re
     let url = oneprotect_tests::require_postgres();
     let redis_url = oneprotect_tests::require_redis();
     let schema = oneprotect_tests::unique_name(label);
-    let mut conn = sqlx::PgConnection::connect(&url).await?;
-    sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
-        .execute(&mut conn)
-        .await?;
-    conn.close().await?;
+    create_schema(&url, &schema).await?;
     let prefix = oneprotect_tests::unique_redis_prefix(label);
 
     // The gateway's assertion key: its public half is what the enroll-api pins.
@@ -143,48 +140,18 @@ async fn start_with(label: &str, grace_secs: u64, leaf_lifetime_secs: u64) -> Re
     let gateway_roots = write(&dir, "gateway-roots.pem", pki.root_pem().as_bytes())?;
     let port = oneprotect_tests::free_port();
     let admin_port = oneprotect_tests::free_port();
-    let toml = format!(
-        r#"
-[listener]
-listen = "127.0.0.1:{port}"
-cert = "{cert}"
-key = "{server_key}"
-trust_bundle = "{trust}"
-trust_domain = "{TD}"
-trust_bundle_poll_secs = 0
-
-[admin]
-listen = "127.0.0.1:{admin_port}"
-
-[assertion]
-key_file = "{key_file}"
-kid = "{KID}"
-
-[revocation]
-redis_url = "{redis_url}"
-key_prefix = "{prefix}"
-
-[runtime]
-graceful_shutdown_secs = 0
-
-[[routes]]
-prefix = "/api/v1/agent-enrollment/exchange"
-upstreams = ["{http}"]
-require_identity = false
-
-[[routes]]
-prefix = "/api/v1/agents"
-upstreams = ["{http}"]
-
-[[routes]]
-prefix = "/healthz"
-upstreams = ["{http}"]
-"#,
-        cert = cert.display(),
-        server_key = server_key.display(),
-        trust = trust.display(),
-        key_file = key_file.display(),
-    );
+    let mut conf = GatewayToml::new(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        SocketAddr::from(([127, 0, 0, 1], admin_port)),
+        (cert, server_key, trust),
+        &redis_url,
+        &prefix,
+    )
+    .route(RouteToml::new("/api/v1/agent-enrollment/exchange", http).without_identity())
+    .route(RouteToml::new("/api/v1/agents", http))
+    .route(RouteToml::new("/healthz", http));
+    conf.assertion = Some((key_file, KID.to_owned()));
+    let toml = conf.render();
     let cfg_path = write(&dir, "gateway.toml", toml.as_bytes())?;
     let gcfg = oneprotect_gateway::Prepared::load(oneprotect_gateway::Config::from_toml(
         &toml, &cfg_path,
@@ -567,7 +534,7 @@ async fn rotation_is_two_phase_through_the_gateway_and_flags_reuse() -> Result<(
         .direct(
             &format!("/api/v1/agents/{agent}/certificate/rotate"),
             &[(IDENTITY_ASSERTION, stack.assertion(agent, s0))],
-            Some(json!({"csr_pem": crate::enroll::openssl_csr(dir.path(), "stolen")?})),
+            Some(json!({"csr_pem": crate::support::enroll::openssl_csr(dir.path(), "stolen")?})),
         )
         .await?;
     assert_eq!(
@@ -672,7 +639,7 @@ async fn rotation_is_two_phase_through_the_gateway_and_flags_reuse() -> Result<(
         .direct(
             &format!("/api/v1/agents/{agent}/certificate/rotate"),
             &[(IDENTITY_ASSERTION, stack.assertion(agent, s1))],
-            Some(json!({"csr_pem": crate::enroll::openssl_csr(dir.path(), "late")?})),
+            Some(json!({"csr_pem": crate::support::enroll::openssl_csr(dir.path(), "late")?})),
         )
         .await?;
     assert_eq!(
@@ -810,11 +777,4 @@ async fn run_rotates_a_short_lived_certificate_twice_without_a_failed_request() 
         "a heartbeat was refused: {healthz:?}"
     );
     Ok(())
-}
-
-/// The value of the metrics line starting with `series ` (0 when absent).
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map_or(0, |v| v.trim().parse().unwrap_or(0))
 }

@@ -23,10 +23,11 @@ use oneprotect_identity::{AgentId, AssertionSigner, TokenSecret};
 use oneprotect_testpki::TestPki;
 use serde_json::json;
 
-use crate::enroll::Reply;
-use crate::faults::EnrollFixture;
-use crate::gateway::{start_echo, write, TD};
-use crate::scaleout::{admin_status, POLLS};
+use crate::support::enroll::Reply;
+use crate::support::enroll_proc::EnrollFixture;
+use crate::support::fleet::{admin_status, POLLS};
+use crate::support::gateway::{start_echo, write, TD};
+use crate::support::gateway_toml::{GatewayToml, RouteToml};
 
 /// The base64 body of a PEM block, on one line: how a key would show up if
 /// it were logged or stored as text.
@@ -105,50 +106,22 @@ public_key = "{public}"
     write(&dir, "server.key", &server.key_pem);
     let port = oneprotect_tests::free_port();
     let admin = SocketAddr::from(([127, 0, 0, 1], oneprotect_tests::free_port()));
-    let d = dir.display();
-    let gw_conf = write(
-        &dir,
-        "gateway.toml",
-        &format!(
-            r#"
-[listener]
-listen = "127.0.0.1:{port}"
-cert = "{d}/server.pem"
-key = "{d}/server.key"
-trust_bundle = "{d}/bundle.pem"
-trust_domain = "{TD}"
-trust_bundle_poll_secs = 0
-
-[admin]
-listen = "{admin}"
-
-[assertion]
-key_file = "{key}"
-kid = "gw-secrets"
-
-[revocation]
-redis_url = "{redis_url}"
-key_prefix = "{prefix}"
-
-[runtime]
-graceful_shutdown_secs = 0
-
-[[routes]]
-prefix = "/api/v1/agent-enrollment/exchange"
-upstreams = ["{http}"]
-require_identity = false
-
-[[routes]]
-prefix = "/api/v1/agents"
-upstreams = ["{http}"]
-
-[[routes]]
-prefix = "/api"
-upstreams = ["{echo}"]
-"#,
-            key = key_file.display(),
+    let mut conf = GatewayToml::new(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        admin,
+        (
+            dir.join("server.pem"),
+            dir.join("server.key"),
+            dir.join("bundle.pem"),
         ),
-    );
+        &redis_url,
+        &prefix,
+    )
+    .route(RouteToml::new("/api/v1/agent-enrollment/exchange", http).without_identity())
+    .route(RouteToml::new("/api/v1/agents", http))
+    .route(RouteToml::new("/api", echo));
+    conf.assertion = Some((key_file, "gw-secrets".to_owned()));
+    let gw_conf = write(&dir, "gateway.toml", &conf.render());
     let gw_log = dir.join("gateway.log");
     let _gateway = tokio::process::Command::new(oneprotect_tests::ensure_binary(
         "oneprotect-gateway",

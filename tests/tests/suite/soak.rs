@@ -24,7 +24,7 @@ use anyhow::{Context, Result};
 use oneprotect_agent::client::Endpoint;
 use oneprotect_identity::AgentId;
 
-use crate::scaleout::{Agent, Fleet, GwTuning, Sender};
+use crate::support::fleet::{Agent, Fleet, GwTuning, Sender};
 
 /// Seconds the CI variant runs.
 const DEFAULT_SECS: u64 = 20;
