@@ -4,7 +4,9 @@
 //! See `configs/enroll-api.toml` (minimal) and `configs/enroll-api.full.toml`
 //! (every key with its default).
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -36,13 +38,96 @@ pub enum ConfigError {
     /// An environment override does not parse.
     #[error("environment variable {0} has an invalid value")]
     Env(&'static str),
-    /// A value is out of range or a combination is not allowed.
-    #[error("invalid configuration: {0}")]
-    Invalid(String),
+    /// A number is outside its allowed range.
+    #[error("{key} must be {allowed}")]
+    OutOfRange {
+        /// The key.
+        key: &'static str,
+        /// The allowed values, e.g. `10..=604800`.
+        allowed: Cow<'static, str>,
+    },
+    /// A listen address is not `ip:port`.
+    #[error("{key}: {value:?} is not an ip:port address")]
+    Address {
+        /// The key.
+        key: &'static str,
+        /// The value as configured.
+        value: String,
+        /// The cause.
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    /// Neither `listen.https` nor `listen.http` is set.
+    #[error("no listener: set listen.https and/or listen.http")]
+    NoListener,
+    /// `listen.http` is not a loopback address.
+    #[error(
+        "listen.http must be a loopback address (plain HTTP is only for a co-located gateway)"
+    )]
+    PlainHttpOffLoopback,
+    /// Only one of `tls.cert_path` and `tls.key_path` is set.
+    #[error("tls.cert_path and tls.key_path go together")]
+    TlsPathsApart,
+    /// A configured TLS file does not exist.
+    #[error("TLS file {} does not exist", path.display())]
+    MissingFile {
+        /// The file.
+        path: PathBuf,
+    },
+    /// `listen.https` with no certificate and no dev certificate allowed.
+    #[error(
+        "listen.https is set but there is no tls.cert_path/key_path and dev_self_signed is false"
+    )]
+    NoTlsCertificate,
+    /// An entry of `forwarded.trusted_proxies` is not an address or network.
+    #[error("forwarded.trusted_proxies: {0}")]
+    TrustedProxy(#[source] oneprotect_identity::net::CidrError),
+    /// `database.url` names a database this service does not speak. The
+    /// message never repeats the URL (it may carry a password).
+    #[error("database.url must start with sqlite: or postgres://")]
+    DatabaseScheme,
+    /// `redis.url` does not parse. The message never repeats the URL (it
+    /// may carry a password).
+    #[error("redis.url: {0}")]
+    RedisUrl(#[source] oneprotect_redis::UrlError),
+    /// `redis.key_prefix` does not suit the Redis deployment.
+    #[error("redis.key_prefix: {0}")]
+    RedisPrefix(#[source] oneprotect_redis::PrefixError),
+    /// `redis.wait_replicas` with a Redis Cluster.
+    #[error(
+        "redis.wait_replicas is not supported with redis+cluster:// \
+         (WAIT covers one node's replicas)"
+    )]
+    WaitReplicasOnCluster,
+    /// A required text is empty.
+    #[error("{keys} must not be empty")]
+    Empty {
+        /// The keys.
+        keys: &'static str,
+    },
+    /// A `rotation.assertion.keys` entry is unusable.
+    #[error("rotation.assertion.keys: key {kid:?} needs a kid and a 32-byte base64url public_key")]
+    AssertionKey {
+        /// The entry's `kid` as configured.
+        kid: String,
+    },
 }
 
-fn invalid(msg: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid(msg.into())
+/// `Ok` when `value` is within `allowed`, else [`ConfigError::OutOfRange`]
+/// naming `key` and the range.
+fn check_range(
+    key: &'static str,
+    value: u64,
+    allowed: RangeInclusive<u64>,
+) -> Result<(), ConfigError> {
+    if allowed.contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::OutOfRange {
+            key,
+            allowed: format!("{}..={}", allowed.start(), allowed.end()).into(),
+        })
+    }
 }
 
 /// The whole configuration.
@@ -386,13 +471,15 @@ impl Default for LimitsConfig {
 }
 
 /// A parsed listen address, or none when the setting is empty.
-fn parse_addr(what: &str, s: &str) -> Result<Option<SocketAddr>, ConfigError> {
+fn parse_addr(key: &'static str, s: &str) -> Result<Option<SocketAddr>, ConfigError> {
     if s.is_empty() {
         return Ok(None);
     }
-    s.parse()
-        .map(Some)
-        .map_err(|_| invalid(format!("{what}: {s:?} is not an ip:port address")))
+    s.parse().map(Some).map_err(|source| ConfigError::Address {
+        key,
+        value: s.to_owned(),
+        source,
+    })
 }
 
 impl Config {
@@ -485,60 +572,67 @@ impl Config {
         let https = parse_addr("listen.https", &self.listen.https)?;
         let http = parse_addr("listen.http", &self.listen.http)?;
         if https.is_none() && http.is_none() {
-            return Err(invalid("no listener: set listen.https and/or listen.http"));
+            return Err(ConfigError::NoListener);
         }
         if http.is_some_and(|a| !a.ip().is_loopback()) {
-            return Err(invalid(
-                "listen.http must be a loopback address (plain HTTP is only for a co-located gateway)",
-            ));
+            return Err(ConfigError::PlainHttpOffLoopback);
         }
         match (&self.tls.cert_path, &self.tls.key_path) {
-            (Some(_), None) | (None, Some(_)) => {
-                return Err(invalid("tls.cert_path and tls.key_path go together"))
-            }
+            (Some(_), None) | (None, Some(_)) => return Err(ConfigError::TlsPathsApart),
             (Some(c), Some(k)) => {
                 for p in [c, k] {
                     if !p.is_file() {
-                        return Err(invalid(format!("TLS file {} does not exist", p.display())));
+                        return Err(ConfigError::MissingFile { path: p.clone() });
                     }
                 }
             }
             (None, None) => {
                 if https.is_some() && self.tls.dev_self_signed == Some(false) {
-                    return Err(invalid(
-                        "listen.https is set but there is no tls.cert_path/key_path and dev_self_signed is false",
-                    ));
+                    return Err(ConfigError::NoTlsCertificate);
                 }
             }
         }
-        let lifetime = std::time::Duration::from_secs(self.ca.default_leaf_lifetime_secs);
-        if !(MIN_LEAF_LIFETIME..=MAX_LEAF_LIFETIME).contains(&lifetime) {
-            return Err(invalid(format!(
-                "ca.default_leaf_lifetime_secs must be {}..={}",
-                MIN_LEAF_LIFETIME.as_secs(),
-                MAX_LEAF_LIFETIME.as_secs()
-            )));
+        let (l, r) = (&self.limits, &self.redis);
+        let lifetime = MIN_LEAF_LIFETIME.as_secs()..=MAX_LEAF_LIFETIME.as_secs();
+        // One line per numeric key: the key operators see, its value, the range.
+        #[rustfmt::skip]
+        let ranges: [(&'static str, u64, RangeInclusive<u64>); 9] = [
+            ("ca.default_leaf_lifetime_secs", self.ca.default_leaf_lifetime_secs, lifetime),
+            ("limits.max_body_bytes", l.max_body_bytes as u64, 1024..=1024 * 1024),
+            ("limits.body_read_timeout_ms", l.body_read_timeout_ms, 100..=300_000),
+            ("database.max_connections", self.database.max_connections.into(), 1..=256),
+            ("redis.wait_timeout_ms", r.wait_timeout_ms, 1..=60_000),
+            ("redis.relay_poll_interval_ms", r.relay_poll_interval_ms, 10..=60_000),
+            ("rotation.grace_secs", self.rotation.grace_secs, 10..=604_800),
+            ("rotation.sweep_interval_ms", self.rotation.sweep_interval_ms, 100..=600_000),
+            ("rotation.reuse_window_secs", self.rotation.reuse_window_secs, 60..=604_800),
+        ];
+        for (key, value, allowed) in ranges {
+            check_range(key, value, allowed)?;
         }
-        if !(1024..=1024 * 1024).contains(&self.limits.max_body_bytes) {
-            return Err(invalid("limits.max_body_bytes must be 1024..=1048576"));
+        #[rustfmt::skip]
+        let rates = [
+            ("limits.exchange_per_address_per_minute", l.exchange_per_address_per_minute),
+            ("limits.exchange_per_address_burst", l.exchange_per_address_burst),
+            ("limits.exchange_per_token_per_minute", l.exchange_per_token_per_minute),
+            ("limits.exchange_per_token_burst", l.exchange_per_token_burst),
+        ];
+        if let Some((key, _)) = rates.into_iter().find(|&(_, v)| v == 0) {
+            return Err(ConfigError::OutOfRange {
+                key,
+                allowed: "at least 1".into(),
+            });
         }
-        if !(100..=300_000).contains(&self.limits.body_read_timeout_ms) {
-            return Err(invalid("limits.body_read_timeout_ms must be 100..=300000"));
+        if !(1..=128).contains(&r.key_prefix.len()) {
+            return Err(ConfigError::OutOfRange {
+                key: "redis.key_prefix",
+                allowed: "1..=128 bytes".into(),
+            });
         }
         for p in &self.forwarded.trusted_proxies {
             p.trim()
                 .parse::<crate::forwarded::Cidr>()
-                .map_err(|e| invalid(format!("forwarded.trusted_proxies: {e}")))?;
-        }
-        if self.limits.exchange_per_address_per_minute == 0
-            || self.limits.exchange_per_token_per_minute == 0
-            || self.limits.exchange_per_address_burst == 0
-            || self.limits.exchange_per_token_burst == 0
-        {
-            return Err(invalid("limits.exchange_* must be at least 1"));
-        }
-        if !(1..=256).contains(&self.database.max_connections) {
-            return Err(invalid("database.max_connections must be 1..=256"));
+                .map_err(ConfigError::TrustedProxy)?;
         }
         let url = self
             .database
@@ -549,58 +643,31 @@ impl Config {
             || url.starts_with("postgres://")
             || url.starts_with("postgresql://"))
         {
-            return Err(invalid(
-                "database.url must start with sqlite: or postgres://",
-            ));
+            return Err(ConfigError::DatabaseScheme);
         }
         self.database.url = Some(url);
-        if self.redis.key_prefix.is_empty() || self.redis.key_prefix.len() > 128 {
-            return Err(invalid("redis.key_prefix must be 1..=128 bytes"));
-        }
         if let Some(u) = &self.redis.url {
             // The error names what is wrong, never the URL (it may carry a
             // password).
-            let target = oneprotect_redis::RedisTarget::parse(u)
-                .map_err(|e| invalid(format!("redis.url: {e}")))?;
+            let target = oneprotect_redis::RedisTarget::parse(u).map_err(ConfigError::RedisUrl)?;
             target
                 .check_key_prefix(&self.redis.key_prefix)
-                .map_err(|e| invalid(format!("redis.key_prefix: {e}")))?;
+                .map_err(ConfigError::RedisPrefix)?;
             if self.redis.wait_replicas > 0
                 && target.topology() == oneprotect_redis::Topology::Cluster
             {
-                return Err(invalid(
-                    "redis.wait_replicas is not supported with redis+cluster:// \
-                     (WAIT covers one node's replicas)",
-                ));
+                return Err(ConfigError::WaitReplicasOnCluster);
             }
         }
-        if !(1..=60_000).contains(&self.redis.wait_timeout_ms) {
-            return Err(invalid("redis.wait_timeout_ms must be 1..=60000"));
-        }
-        if !(10..=60_000).contains(&self.redis.relay_poll_interval_ms) {
-            return Err(invalid("redis.relay_poll_interval_ms must be 10..=60000"));
-        }
         let r = &self.rotation;
-        if !(10..=604_800).contains(&r.grace_secs) {
-            return Err(invalid("rotation.grace_secs must be 10..=604800"));
-        }
-        if !(100..=600_000).contains(&r.sweep_interval_ms) {
-            return Err(invalid("rotation.sweep_interval_ms must be 100..=600000"));
-        }
-        if !(60..=604_800).contains(&r.reuse_window_secs) {
-            return Err(invalid("rotation.reuse_window_secs must be 60..=604800"));
-        }
         if r.assertion.audience.is_empty() || r.assertion.issuer.is_empty() {
-            return Err(invalid(
-                "rotation.assertion.audience and issuer must not be empty",
-            ));
+            return Err(ConfigError::Empty {
+                keys: "rotation.assertion.audience and issuer",
+            });
         }
         for k in &r.assertion.keys {
             if k.kid.is_empty() || k.key_bytes().is_none() {
-                return Err(invalid(format!(
-                    "rotation.assertion.keys: key {:?} needs a kid and a 32-byte base64url public_key",
-                    k.kid
-                )));
+                return Err(ConfigError::AssertionKey { kid: k.kid.clone() });
             }
         }
         if self.ca.dir.is_none() {
@@ -705,6 +772,113 @@ mod tests {
         let t = c.validate().unwrap().forwarded.trusted();
         assert!(t.trusts("10.1.2.3".parse().unwrap()) && !t.trusts("127.0.0.2".parse().unwrap()));
         assert!(toml::from_str::<Config>("nope = 1").is_err(), "unknown key");
+    }
+
+    #[test]
+    fn range_errors_name_their_key() {
+        type Set = fn(&mut Config);
+        let cases: [(&str, Set); 14] = [
+            ("ca.default_leaf_lifetime_secs", |c| {
+                c.ca.default_leaf_lifetime_secs = 59
+            }),
+            ("limits.max_body_bytes", |c| c.limits.max_body_bytes = 1023),
+            ("limits.body_read_timeout_ms", |c| {
+                c.limits.body_read_timeout_ms = 300_001
+            }),
+            ("limits.exchange_per_address_per_minute", |c| {
+                c.limits.exchange_per_address_per_minute = 0
+            }),
+            ("limits.exchange_per_address_burst", |c| {
+                c.limits.exchange_per_address_burst = 0
+            }),
+            ("limits.exchange_per_token_per_minute", |c| {
+                c.limits.exchange_per_token_per_minute = 0
+            }),
+            ("limits.exchange_per_token_burst", |c| {
+                c.limits.exchange_per_token_burst = 0
+            }),
+            ("database.max_connections", |c| {
+                c.database.max_connections = 257
+            }),
+            ("redis.key_prefix", |c| c.redis.key_prefix = String::new()),
+            ("redis.wait_timeout_ms", |c| {
+                c.redis.wait_timeout_ms = 60_001
+            }),
+            ("redis.relay_poll_interval_ms", |c| {
+                c.redis.relay_poll_interval_ms = 9
+            }),
+            ("rotation.grace_secs", |c| c.rotation.grace_secs = 604_801),
+            ("rotation.sweep_interval_ms", |c| {
+                c.rotation.sweep_interval_ms = 99
+            }),
+            ("rotation.reuse_window_secs", |c| {
+                c.rotation.reuse_window_secs = 59
+            }),
+        ];
+        for (key, set) in cases {
+            let mut c = Config::default();
+            set(&mut c);
+            let e = c.validate().unwrap_err();
+            assert!(
+                matches!(e, ConfigError::OutOfRange { key: k, .. } if k == key),
+                "{key}: {e:?}"
+            );
+            assert!(e.to_string().starts_with(&format!("{key} must be ")), "{e}");
+        }
+        let mut c = Config::default();
+        c.rotation.grace_secs = 9;
+        let e = c.validate().unwrap_err().to_string();
+        assert_eq!(e, "rotation.grace_secs must be 10..=604800");
+        let mut c = Config::default();
+        c.redis.key_prefix = "x".repeat(129);
+        let e = c.validate().unwrap_err().to_string();
+        assert_eq!(e, "redis.key_prefix must be 1..=128 bytes");
+        // The ends of each range are allowed.
+        let mut c = Config::default();
+        c.ca.default_leaf_lifetime_secs = MAX_LEAF_LIFETIME.as_secs();
+        c.limits.max_body_bytes = 1024;
+        c.database.max_connections = 256;
+        c.rotation.grace_secs = 10;
+        c.rotation.reuse_window_secs = 604_800;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn causes_are_reachable_through_source() {
+        use std::error::Error as _;
+        let mut c = Config::default();
+        c.forwarded.trusted_proxies = vec!["10.0.0.0/33".into()];
+        let e = c.validate().unwrap_err();
+        let cause = e.source().expect("a cause");
+        assert!(cause.is::<oneprotect_identity::net::CidrError>(), "{e:?}");
+
+        let mut c = Config::default();
+        c.listen.https = "localhost".into();
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("listen.https"), "{e}");
+        assert!(e
+            .source()
+            .expect("a cause")
+            .is::<std::net::AddrParseError>());
+
+        let mut c = Config::default();
+        c.redis.url = Some("redis+sentinel://:s3cret@10.0.0.1:26379/".into());
+        let e = c.validate().unwrap_err();
+        let cause = e.source().expect("a cause");
+        assert_eq!(
+            cause.downcast_ref::<oneprotect_redis::UrlError>(),
+            Some(&oneprotect_redis::UrlError::NoMasterName)
+        );
+        assert!(!crate::error_chain(&e).contains("s3cret"), "{e}");
+
+        let mut c = Config::default();
+        c.redis.url = Some("redis+cluster://10.0.0.1:7000".into());
+        c.redis.key_prefix = "op:".into();
+        let e = c.validate().unwrap_err();
+        assert!(e
+            .source()
+            .expect("a cause")
+            .is::<oneprotect_redis::PrefixError>());
     }
 
     #[test]
