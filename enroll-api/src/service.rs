@@ -2,7 +2,7 @@
 //! listener (rustls, ring provider) and the optional loopback HTTP listener.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use crate::ca::{Ca, CaError};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::http::{self, AppState, Inner};
-use crate::projection::Projection;
+use crate::projection::{Projection, ProjectionError};
 use crate::ratelimit::RateLimiter;
 use crate::relay::RelaySettings;
 use crate::secrets::{Pepper, SecretError};
@@ -51,12 +51,30 @@ pub enum StartError {
     /// A listener could not be bound, or a file read.
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
-    /// The TLS certificate or key is unusable.
+    /// A TLS certificate or key file could not be read as PEM.
+    #[error("TLS: {}: {source}", path.display())]
+    TlsFile {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    /// The TLS certificate file holds no certificate.
+    #[error("TLS: {}: no certificate", path.display())]
+    NoCertificate {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The self-signed dev certificate could not be generated.
     #[error("TLS: {0}")]
-    Tls(String),
+    DevCertificate(#[source] rcgen::Error),
+    /// rustls refused the protocol versions or the certificate and key.
+    #[error("TLS: {0}")]
+    Tls(#[source] rustls::Error),
     /// The Redis settings are unusable.
     #[error("redis: {0}")]
-    Redis(String),
+    Redis(#[source] ProjectionError),
 }
 
 /// Opens the configured store (running migrations).
@@ -96,8 +114,7 @@ pub fn open_ca(cfg: &Config, clock: SharedClock) -> Result<Ca, CaError> {
 pub async fn build_state(cfg: &Config, clock: SharedClock) -> Result<AppState, StartError> {
     let projection = match &cfg.redis.url {
         Some(url) => {
-            let p = Projection::new(url, &cfg.redis.key_prefix)
-                .map_err(|e| StartError::Redis(e.to_string()))?;
+            let p = Projection::new(url, &cfg.redis.key_prefix).map_err(StartError::Redis)?;
             tracing::info!(prefix = %cfg.redis.key_prefix, "revocation projection and event relay: Redis configured");
             Some(p)
         }
@@ -194,17 +211,18 @@ pub fn tls_material(
         }
     };
     let certs = CertificateDer::pem_file_iter(&cert_path)
-        .map_err(|e| StartError::Tls(format!("{}: {e}", cert_path.display())))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| StartError::Tls(format!("{}: {e}", cert_path.display())))?;
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| StartError::TlsFile {
+            path: cert_path.clone(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(StartError::Tls(format!(
-            "{}: no certificate",
-            cert_path.display()
-        )));
+        return Err(StartError::NoCertificate { path: cert_path });
     }
-    let key = PrivateKeyDer::from_pem_file(&key_path)
-        .map_err(|e| StartError::Tls(format!("{}: {e}", key_path.display())))?;
+    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|source| StartError::TlsFile {
+        path: key_path.clone(),
+        source,
+    })?;
     Ok((certs, key))
 }
 
@@ -215,7 +233,7 @@ fn generate_dev_cert(dir: &Path, cert: &Path, key: &Path) -> Result<(), StartErr
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
-        .map_err(|e| StartError::Tls(e.to_string()))?;
+        .map_err(StartError::DevCertificate)?;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -270,10 +288,10 @@ pub async fn start(cfg: &Config, state: AppState) -> Result<Running, StartError>
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| StartError::Tls(e.to_string()))?
+            .map_err(StartError::Tls)?
             .with_no_client_auth()
             .with_single_cert(certs, key)
-            .map_err(|e| StartError::Tls(e.to_string()))?;
+            .map_err(StartError::Tls)?;
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let listener = TcpListener::bind(addr)
             .await
@@ -410,4 +428,41 @@ async fn serve_tls(
 /// The system clock, shared.
 pub fn system_clock() -> SharedClock {
     Arc::new(SystemClock)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn tls_file_errors_name_the_file_and_keep_their_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        generate_dev_cert(dir.path(), &cert, &key).unwrap();
+        let not_pem = dir.path().join("not.pem");
+        std::fs::write(&not_pem, "no PEM here\n").unwrap();
+        let with = |c: &Path, k: &Path| {
+            let mut cfg = Config::default();
+            cfg.tls.cert_path = Some(c.to_owned());
+            cfg.tls.key_path = Some(k.to_owned());
+            tls_material(&cfg)
+        };
+        with(&cert, &key).unwrap();
+
+        let e = with(&not_pem, &key).unwrap_err();
+        assert!(matches!(&e, StartError::NoCertificate { path } if *path == not_pem));
+        assert!(e.to_string().contains("no certificate"), "{e}");
+
+        let missing = dir.path().join("missing-key.pem");
+        let e = with(&cert, &missing).unwrap_err();
+        assert!(matches!(&e, StartError::TlsFile { path, .. } if *path == missing));
+        assert!(e.to_string().contains("missing-key.pem"), "{e}");
+        assert!(
+            e.source()
+                .is_some_and(|s| s.is::<rustls_pki_types::pem::Error>()),
+            "{e:?}"
+        );
+    }
 }
