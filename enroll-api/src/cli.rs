@@ -44,24 +44,36 @@ pub enum CliError {
     /// The configuration is not usable.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The store failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The CA failed.
-    #[error(transparent)]
-    Ca(#[from] CaError),
-    /// The pepper or a secret failed.
-    #[error(transparent)]
-    Secret(#[from] SecretError),
     /// Redis failed.
     #[error(transparent)]
     Projection(#[from] ProjectionError),
-    /// The service did not start.
+    /// The store, the CA or the pepper failed (commands open and use them
+    /// as the service does), or the service did not start.
     #[error(transparent)]
     Start(#[from] StartError),
     /// Waiting for a shutdown signal failed.
     #[error("signal handler: {0}")]
     Signal(#[source] std::io::Error),
+}
+
+// The store, CA and secret errors have one home, `StartError`; a command
+// that meets one reports it the same way.
+impl From<StoreError> for CliError {
+    fn from(e: StoreError) -> Self {
+        CliError::Start(e.into())
+    }
+}
+
+impl From<CaError> for CliError {
+    fn from(e: CaError) -> Self {
+        CliError::Start(e.into())
+    }
+}
+
+impl From<SecretError> for CliError {
+    fn from(e: SecretError) -> Self {
+        CliError::Start(e.into())
+    }
 }
 
 /// OneProtect enrollment API.
@@ -321,5 +333,19 @@ pub fn main() -> ExitCode {
             eprintln!("error: {}", crate::error_chain(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_errors_are_reported_through_start_error_unchanged() {
+        let store = || StoreError::Database(sqlx::Error::PoolClosed);
+        let e = CliError::from(store());
+        assert!(matches!(e, CliError::Start(StartError::Store(_))), "{e:?}");
+        assert_eq!(e.to_string(), store().to_string());
+        assert_eq!(crate::error_chain(&e), crate::error_chain(&store()));
     }
 }

@@ -36,7 +36,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// wait for a slot.
 const MAX_CONNECTIONS: usize = 10_000;
 
-/// Why the service could not start.
+/// Why the service could not start. The commands in [`crate::cli`] report
+/// store, CA and pepper failures through it too.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// Storage could not be opened or migrated.
