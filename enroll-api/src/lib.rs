@@ -45,14 +45,44 @@ pub mod text;
 pub mod token;
 
 /// `e` and its causes on one line, `: `-separated (for a log field or the
-/// command line's last word).
+/// command line's last word). A cause whose message already ends the line
+/// (an error that shows its source in its own message, such as
+/// `"redis.url: {0}"`) is not repeated.
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut line = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        line.push_str(": ");
-        line.push_str(&s.to_string());
+        let text = s.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
         source = s.source();
     }
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_chain_shows_each_cause_once() {
+        let mut c = config::Config::default();
+        c.forwarded.trusted_proxies = vec!["10.0.0.0/33".into()];
+        let e = c.validate().unwrap_err();
+        assert_eq!(
+            error_chain(&e),
+            "forwarded.trusted_proxies: \"10.0.0.0/33\" is not an IP address or network \
+             (a.b.c.d/n, x:y::/n)"
+        );
+        let mut c = config::Config::default();
+        c.listen.https = "localhost".into();
+        let e = c.validate().unwrap_err();
+        assert_eq!(
+            error_chain(&e),
+            "listen.https: \"localhost\" is not an ip:port address: \
+             invalid socket address syntax"
+        );
+    }
 }
