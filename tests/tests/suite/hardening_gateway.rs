@@ -1015,6 +1015,14 @@ struct WsCounts {
 
 const WS_KEY: &str = "dghlihnhbxbszsbub25jzq==";
 
+/// A WebSocket opening handshake (RFC 6455) for `path`, as raw HTTP/1.1.
+fn ws_upgrade_request(path: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
 /// Item 3: a 101 would turn the connection into a tunnel that the
 /// per-request revocation check never sees again, so every request for a
 /// tunnel (`Upgrade`, `Connection: upgrade`, `CONNECT`) gets 400
@@ -1034,13 +1042,7 @@ async fn hardening_gw_upgrades_and_tunnels_are_refused() {
     // The upstream is a real WebSocket server: directly, it upgrades.
     let mut direct = TcpStream::connect(ws).await.unwrap();
     direct
-        .write_all(
-            format!(
-                "GET /ws/chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
-                 Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            )
-            .as_bytes(),
-        )
+        .write_all(ws_upgrade_request("/ws/chat").as_bytes())
         .await
         .unwrap();
     let mut buf = [0u8; 512];
@@ -1056,10 +1058,7 @@ async fn hardening_gw_upgrades_and_tunnels_are_refused() {
     let cases: &[(&str, String)] = &[
         (
             "websocket",
-            format!(
-                "GET /ws/chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
-                 Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            ),
+            ws_upgrade_request("/ws/chat"),
         ),
         (
             "websocket_mixed_case_connection_list",
@@ -1136,15 +1135,9 @@ async fn open_tunnel(
     path: &str,
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
     let mut tls = gw.tls(gw.client(Some(cert), b"http/1.1")).await.unwrap();
-    tls.write_all(
-        format!(
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+    tls.write_all(ws_upgrade_request(path).as_bytes())
+        .await
+        .unwrap();
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -1211,13 +1204,7 @@ async fn hardening_gw_allowed_tunnels_close_when_revoked_superseded_or_unconfirm
     // Still refused: a route without upgrade_protocols, another protocol,
     // a list, an Upgrade without Connection: upgrade.
     for (case, raw) in [
-        (
-            "route_without_upgrades",
-            format!(
-                "GET /ws/chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
-                 Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            ),
-        ),
+        ("route_without_upgrades", ws_upgrade_request("/ws/chat")),
         (
             "h2c_on_a_websocket_route",
             "GET /wss/x HTTP/1.1\r\nHost: localhost\r\nUpgrade: h2c\r\n\
@@ -1267,13 +1254,7 @@ async fn hardening_gw_allowed_tunnels_close_when_revoked_superseded_or_unconfirm
         .await
         .unwrap();
     again
-        .write_all(
-            format!(
-                "GET /wss/chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
-                 Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            )
-            .as_bytes(),
-        )
+        .write_all(ws_upgrade_request("/wss/chat").as_bytes())
         .await
         .unwrap();
     let (_, out) = read_until_closed(&mut again, Duration::from_secs(10)).await;

@@ -264,8 +264,9 @@ impl Stack {
         Ok(r.body)
     }
 
-    async fn event_types(&self, agent: AgentId) -> Result<Vec<String>> {
-        let r = self
+    /// The agent's audit events, oldest first (the admin API).
+    async fn events(&self, agent: AgentId) -> Result<Vec<Value>> {
+        let mut r = self
             .admin
             .send(
                 "GET",
@@ -275,9 +276,16 @@ impl Stack {
             )
             .await?;
         ensure!(r.status == 200, "events: {} {}", r.status, r.body);
-        Ok(r.body["items"]
-            .as_array()
-            .context("items")?
+        match r.body["items"].take() {
+            Value::Array(items) => Ok(items),
+            _ => anyhow::bail!("items"),
+        }
+    }
+
+    async fn event_types(&self, agent: AgentId) -> Result<Vec<String>> {
+        Ok(self
+            .events(agent)
+            .await?
             .iter()
             .map(|e| e["type"].as_str().unwrap_or("").to_owned())
             .collect())
@@ -287,25 +295,15 @@ impl Stack {
     /// event and returns it.
     async fn wait_reuse_event(&self, agent: AgentId) -> Result<Value> {
         for _ in 0..200 {
-            let r = self
-                .admin
-                .send(
-                    "GET",
-                    &format!("/api/v1/agents/{agent}/events"),
-                    Some(&self.key),
-                    None,
-                )
-                .await?;
-            ensure!(r.status == 200, "events: {} {}", r.status, r.body);
-            let found: Vec<&Value> = r.body["items"]
-                .as_array()
-                .context("items")?
-                .iter()
+            let found: Vec<Value> = self
+                .events(agent)
+                .await?
+                .into_iter()
                 .filter(|e| e["type"] == "agent.certificate.reuse_detected")
                 .collect();
             ensure!(found.len() <= 1, "more than one reuse event: {:?}", found);
-            if let Some(e) = found.first() {
-                return Ok((*e).clone());
+            if let Some(e) = found.into_iter().next() {
+                return Ok(e);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -685,22 +683,12 @@ async fn the_previous_certificate_is_superseded_when_the_grace_ends() -> Result<
     );
     dev.state.store(&new)?;
     assert_eq!(health(&dev.endpoint()?).await?.0, 200);
-    let r = stack
-        .admin
-        .send(
-            "GET",
-            &format!("/api/v1/agents/{agent}/events"),
-            Some(&stack.key),
-            None,
-        )
-        .await?;
-    let superseded = r.body["items"]
-        .as_array()
-        .context("items")?
-        .iter()
+    let superseded = stack
+        .events(agent)
+        .await?
+        .into_iter()
         .find(|e| e["type"] == "agent.certificate.superseded")
-        .context("no superseded event")?
-        .clone();
+        .context("no superseded event")?;
     assert_eq!(superseded["payload"]["reason"], "grace_expired");
     assert_eq!(superseded["actor"]["type"], "system");
     Ok(())
