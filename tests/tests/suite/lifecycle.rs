@@ -177,35 +177,14 @@ impl Env {
 
     /// Enrolls one agent; returns (agent_id, serial, not_after unix seconds).
     async fn enroll(&self, csr: &str) -> Result<(String, String, i64)> {
-        let r = self
-            .client
-            .send(
-                "POST",
-                "/api/v1/agent-enrollment/tokens",
-                Some(&self.key),
-                Some(json!({"ttl_seconds": 600})),
-            )
-            .await?;
-        ensure!(r.status == 201, "token create: {} {}", r.status, r.body);
-        let token = r.body["token"].as_str().context("token")?.to_owned();
-        let r = self
-            .client
-            .send(
-                "POST",
-                "/api/v1/agent-enrollment/exchange",
-                None,
-                Some(json!({"token": token, "csr_pem": csr,
-                    "agent": {"hostname": "e2e-host", "os": "linux", "agent_version": "0.1.0"}})),
-            )
-            .await?;
-        ensure!(r.status == 201, "exchange: {} {}", r.status, r.body);
+        let body = self.client.enroll(&self.key, "e2e-host", csr).await?;
         let not_after = time::OffsetDateTime::parse(
-            r.body["not_after"].as_str().context("not_after")?,
+            body["not_after"].as_str().context("not_after")?,
             &time::format_description::well_known::Rfc3339,
         )?;
         Ok((
-            r.body["agent_id"].as_str().context("agent_id")?.to_owned(),
-            r.body["serial"].as_str().context("serial")?.to_owned(),
+            body["agent_id"].as_str().context("agent_id")?.to_owned(),
+            body["serial"].as_str().context("serial")?.to_owned(),
             not_after.unix_timestamp(),
         ))
     }

@@ -194,17 +194,11 @@ struct Device {
 
 impl Stack {
     async fn token(&self) -> Result<String> {
-        let r = self
+        let (_, token) = self
             .admin
-            .send(
-                "POST",
-                "/api/v1/agent-enrollment/tokens",
-                Some(&self.key),
-                Some(json!({"ttl_seconds": 600})),
-            )
+            .create_token(&self.key, json!({"ttl_seconds": 600}))
             .await?;
-        ensure!(r.status == 201, "token: {} {}", r.status, r.body);
-        Ok(r.body["token"].as_str().context("token")?.to_owned())
+        Ok(token)
     }
 
     /// Enrolls a device through the gateway; stores its identity.
