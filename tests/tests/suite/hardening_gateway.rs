@@ -26,6 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::support::gateway::{
     h1_send, only, refused, seen_paths, start_gateway, upstream_headers, write, Gw, Opts, EXCHANGE,
 };
+use crate::support::gateway_toml::RouteToml;
 use crate::support::metrics::counter;
 
 // ---------------------------------------------------------------------------------------------
@@ -87,14 +88,23 @@ async fn start_raw_upstream() -> SocketAddr {
 /// (identity required) and `/open-raw` (no identity), plus `extra` config
 /// appended at the end and `listener` keys in `[listener]`.
 async fn gateway(listener: &str, extra: &str) -> Gw {
+    gateway_with(listener, Vec::new(), extra).await
+}
+
+/// [`gateway`] with `routes` after the raw upstream's.
+async fn gateway_with(listener: &str, routes: Vec<RouteToml>, extra: &str) -> Gw {
     let raw = start_raw_upstream().await;
+    let mut all = vec![
+        RouteToml::new("/raw", raw).without_health_check(),
+        RouteToml::new("/open-raw", raw)
+            .without_health_check()
+            .without_identity(),
+    ];
+    all.extend(routes);
     start_gateway(Opts {
         listener_extra: listener.into(),
-        extra_routes: format!(
-            "[[routes]]\nprefix = \"/raw\"\nupstreams = [\"{raw}\"]\nhealth_check_secs = 0\n\n\
-             [[routes]]\nprefix = \"/open-raw\"\nupstreams = [\"{raw}\"]\nhealth_check_secs = 0\n\
-             require_identity = false\n\n{extra}"
-        ),
+        routes: all,
+        extra_routes: extra.into(),
         ..Opts::shared_redis()
     })
     .await
@@ -1033,9 +1043,10 @@ async fn hardening_gw_upgrades_and_tunnels_are_refused() {
     use std::sync::atomic::Ordering;
     let (ws, counts) = start_websocket_upstream().await;
     let seen = counts.seen.clone();
-    let gw = gateway(
+    let gw = gateway_with(
         "",
-        &format!("[[routes]]\nprefix = \"/ws\"\nupstreams = [\"{ws}\"]\nhealth_check_secs = 0\n"),
+        vec![RouteToml::new("/ws", ws).without_health_check()],
+        "",
     )
     .await;
 
@@ -1194,12 +1205,13 @@ async fn hardening_gw_allowed_tunnels_close_when_revoked_superseded_or_unconfirm
     use oneprotect_identity::CertStatus;
     use std::sync::atomic::Ordering;
     let (ws, counts) = start_websocket_upstream().await;
-    let routes = format!(
-        "[[routes]]\nprefix = \"/wss\"\nupstreams = [\"{ws}\"]\nhealth_check_secs = 0\n\
-         upgrade_protocols = [\"websocket\"]\n\n\
-         [[routes]]\nprefix = \"/ws\"\nupstreams = [\"{ws}\"]\nhealth_check_secs = 0\n"
-    );
-    let gw = gateway("", &routes).await;
+    let routes = vec![
+        RouteToml::new("/wss", ws)
+            .without_health_check()
+            .upgrades(&["websocket"]),
+        RouteToml::new("/ws", ws).without_health_check(),
+    ];
+    let gw = gateway_with("", routes.clone(), "").await;
 
     // Still refused: a route without upgrade_protocols, another protocol,
     // a list, an Upgrade without Connection: upgrade.
@@ -1307,7 +1319,7 @@ async fn hardening_gw_allowed_tunnels_close_when_revoked_superseded_or_unconfirm
         redis_url: format!("redis://127.0.0.1:{}", redis.port),
         max_staleness_ms: 1500,
         heartbeat_ms: 200,
-        extra_routes: routes.clone(),
+        routes,
         ..Opts::shared_redis()
     })
     .await;
