@@ -261,6 +261,7 @@ async fn redis_outage_serves_until_max_staleness_then_fails_closed_and_recovers(
         heartbeat_ms: 200,
         require_client_cert: false,
         redis_up: true,
+        routes: Vec::new(),
         extra_routes: String::new(),
         listener_extra: String::new(),
     })

@@ -26,6 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::support::gateway::{
     h1_send, only, refused, seen_paths, start_gateway, upstream_headers, write, Gw, Opts, EXCHANGE,
 };
+use crate::support::gateway_toml::RouteToml;
 use crate::support::metrics::counter;
 
 // ---------------------------------------------------------------------------------------------
@@ -87,14 +88,23 @@ async fn start_raw_upstream() -> SocketAddr {
 /// (identity required) and `/open-raw` (no identity), plus `extra` config
 /// appended at the end and `listener` keys in `[listener]`.
 async fn gateway(listener: &str, extra: &str) -> Gw {
+    gateway_with(listener, Vec::new(), extra).await
+}
+
+/// [`gateway`] with `routes` after the raw upstream's.
+async fn gateway_with(listener: &str, routes: Vec<RouteToml>, extra: &str) -> Gw {
     let raw = start_raw_upstream().await;
+    let mut all = vec![
+        RouteToml::new("/raw", raw).without_health_check(),
+        RouteToml::new("/open-raw", raw)
+            .without_health_check()
+            .without_identity(),
+    ];
+    all.extend(routes);
     start_gateway(Opts {
         listener_extra: listener.into(),
-        extra_routes: format!(
-            "[[routes]]\nprefix = \"/raw\"\nupstreams = [\"{raw}\"]\nhealth_check_secs = 0\n\n\
-             [[routes]]\nprefix = \"/open-raw\"\nupstreams = [\"{raw}\"]\nhealth_check_secs = 0\n\
-             require_identity = false\n\n{extra}"
-        ),
+        routes: all,
+        extra_routes: extra.into(),
         ..Opts::shared_redis()
     })
     .await
@@ -1015,6 +1025,14 @@ struct WsCounts {
 
 const WS_KEY: &str = "dghlihnhbxbszsbub25jzq==";
 
+/// A WebSocket opening handshake (RFC 6455) for `path`, as raw HTTP/1.1.
+fn ws_upgrade_request(path: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
 /// Item 3: a 101 would turn the connection into a tunnel that the
 /// per-request revocation check never sees again, so every request for a
 /// tunnel (`Upgrade`, `Connection: upgrade`, `CONNECT`) gets 400
@@ -1025,22 +1043,17 @@ async fn hardening_gw_upgrades_and_tunnels_are_refused() {
     use std::sync::atomic::Ordering;
     let (ws, counts) = start_websocket_upstream().await;
     let seen = counts.seen.clone();
-    let gw = gateway(
+    let gw = gateway_with(
         "",
-        &format!("[[routes]]\nprefix = \"/ws\"\nupstreams = [\"{ws}\"]\nhealth_check_secs = 0\n"),
+        vec![RouteToml::new("/ws", ws).without_health_check()],
+        "",
     )
     .await;
 
     // The upstream is a real WebSocket server: directly, it upgrades.
     let mut direct = TcpStream::connect(ws).await.unwrap();
     direct
-        .write_all(
-            format!(
-                "GET /ws/chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
-                 Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            )
-            .as_bytes(),
-        )
+        .write_all(ws_upgrade_request("/ws/chat").as_bytes())
         .await
         .unwrap();
     let mut buf = [0u8; 512];
@@ -1056,10 +1069,7 @@ async fn hardening_gw_upgrades_and_tunnels_are_refused() {
     let cases: &[(&str, String)] = &[
         (
             "websocket",
-            format!(
-                "GET /ws/chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
-                 Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            ),
+            ws_upgrade_request("/ws/chat"),
         ),
         (
             "websocket_mixed_case_connection_list",
@@ -1136,15 +1146,9 @@ async fn open_tunnel(
     path: &str,
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
     let mut tls = gw.tls(gw.client(Some(cert), b"http/1.1")).await.unwrap();
-    tls.write_all(
-        format!(
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+    tls.write_all(ws_upgrade_request(path).as_bytes())
+        .await
+        .unwrap();
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -1201,23 +1205,18 @@ async fn hardening_gw_allowed_tunnels_close_when_revoked_superseded_or_unconfirm
     use oneprotect_identity::CertStatus;
     use std::sync::atomic::Ordering;
     let (ws, counts) = start_websocket_upstream().await;
-    let routes = format!(
-        "[[routes]]\nprefix = \"/wss\"\nupstreams = [\"{ws}\"]\nhealth_check_secs = 0\n\
-         upgrade_protocols = [\"websocket\"]\n\n\
-         [[routes]]\nprefix = \"/ws\"\nupstreams = [\"{ws}\"]\nhealth_check_secs = 0\n"
-    );
-    let gw = gateway("", &routes).await;
+    let routes = vec![
+        RouteToml::new("/wss", ws)
+            .without_health_check()
+            .upgrades(&["websocket"]),
+        RouteToml::new("/ws", ws).without_health_check(),
+    ];
+    let gw = gateway_with("", routes.clone(), "").await;
 
     // Still refused: a route without upgrade_protocols, another protocol,
     // a list, an Upgrade without Connection: upgrade.
     for (case, raw) in [
-        (
-            "route_without_upgrades",
-            format!(
-                "GET /ws/chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
-                 Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            ),
-        ),
+        ("route_without_upgrades", ws_upgrade_request("/ws/chat")),
         (
             "h2c_on_a_websocket_route",
             "GET /wss/x HTTP/1.1\r\nHost: localhost\r\nUpgrade: h2c\r\n\
@@ -1267,13 +1266,7 @@ async fn hardening_gw_allowed_tunnels_close_when_revoked_superseded_or_unconfirm
         .await
         .unwrap();
     again
-        .write_all(
-            format!(
-                "GET /wss/chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
-                 Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            )
-            .as_bytes(),
-        )
+        .write_all(ws_upgrade_request("/wss/chat").as_bytes())
         .await
         .unwrap();
     let (_, out) = read_until_closed(&mut again, Duration::from_secs(10)).await;
@@ -1326,7 +1319,7 @@ async fn hardening_gw_allowed_tunnels_close_when_revoked_superseded_or_unconfirm
         redis_url: format!("redis://127.0.0.1:{}", redis.port),
         max_staleness_ms: 1500,
         heartbeat_ms: 200,
-        extra_routes: routes.clone(),
+        routes,
         ..Opts::shared_redis()
     })
     .await;

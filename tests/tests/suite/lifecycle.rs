@@ -9,7 +9,6 @@
 //! Revoke-to-announcement latency (not a test; prints figures):
 //! `cargo test --release -p oneprotect-tests --test suite lifecycle::bench -- --ignored --nocapture`
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -18,39 +17,15 @@ use futures_util::StreamExt;
 use redis::AsyncCommands;
 use serde_json::{json, Value};
 
-use crate::support::enroll::{base_config, create_schema, outbox_pending_after_drain};
-use crate::support::enroll::{openssl_csr, Client, Reply};
-use oneprotect_enroll_api::config::Config;
+use crate::support::enroll::{openssl_csr, outbox_pending_after_drain, Client, Reply};
+use crate::support::stack::{redis_conn, Stack};
 use oneprotect_enroll_api::store::Store;
 use oneprotect_enroll_api::{cli, service};
 use oneprotect_identity::revocation::Change;
-use oneprotect_identity::{AgentStatus, Announcement, CertStatus, KeySchema, TenantId};
+use oneprotect_identity::{AgentStatus, Announcement, CertStatus, TenantId};
 
 /// Poll attempts (50 ms apart) before a wait gives up.
 const POLLS: usize = 400;
-
-struct Env {
-    _dir: tempfile::TempDir,
-    dir: PathBuf,
-    cfg: Config,
-    running: Option<service::Running>,
-    client: Client,
-    tenant: TenantId,
-    key: String,
-    keys: KeySchema,
-    redis_url: String,
-    schema: String,
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        oneprotect_tests::drop_schema_and_keys(
-            &self.schema,
-            &self.redis_url,
-            &self.keys.all_keys_pattern(),
-        );
-    }
-}
 
 async fn delete_keys(redis_url: &str, pattern: &str) -> Result<usize> {
     let mut c = redis_conn(redis_url).await?;
@@ -68,81 +43,20 @@ async fn delete_keys(redis_url: &str, pattern: &str) -> Result<usize> {
     Ok(keys.len())
 }
 
-async fn redis_conn(url: &str) -> Result<redis::aio::MultiplexedConnection> {
-    Ok(redis::Client::open(url)?
-        .get_multiplexed_async_connection()
-        .await?)
-}
-
-fn config(
-    dir: &Path,
-    url: &str,
-    schema: &str,
-    redis_url: &str,
-    prefix: &str,
-    tweak: impl FnOnce(&mut Config),
-) -> Result<Config> {
-    let mut cfg = base_config(dir);
-    cfg.database.max_connections = 16;
-    cfg.database.url = Some(url.to_owned());
-    cfg.database.schema = Some(schema.to_owned());
-    cfg.redis.url = Some(redis_url.to_owned());
-    cfg.redis.key_prefix = prefix.to_owned();
-    cfg.redis.relay_poll_interval_ms = 200;
-    tweak(&mut cfg);
-    Ok(cfg.validate()?)
-}
-
 /// `redis_down`, the service is pointed at a closed loopback port instead.
-async fn start(label: &str, redis_down: bool) -> Result<Env> {
+async fn start(label: &str, redis_down: bool) -> Result<Stack> {
     let dead = format!("redis://127.0.0.1:{}", oneprotect_tests::free_port());
-    start_with(label, None, move |c| {
-        if redis_down {
-            c.redis.url = Some(dead);
-        }
-    })
-    .await
+    Stack::builder(label)
+        .config(move |c| {
+            if redis_down {
+                c.redis.url = Some(dead);
+            }
+        })
+        .start()
+        .await
 }
 
-/// A service like [`start`]'s on the Redis at `redis_url` (default: the
-/// shared one), with `tweak` applied to its configuration.
-async fn start_with(
-    label: &str,
-    redis_url: Option<&str>,
-    tweak: impl FnOnce(&mut Config),
-) -> Result<Env> {
-    let tmp = tempfile::tempdir()?;
-    let dir = tmp.path().to_owned();
-    let url = oneprotect_tests::require_postgres();
-    let redis_url = match redis_url {
-        Some(u) => u.to_owned(),
-        None => oneprotect_tests::require_redis(),
-    };
-    let schema = oneprotect_tests::unique_name(label);
-    create_schema(&url, &schema).await?;
-    let prefix = oneprotect_tests::unique_redis_prefix(label);
-    let cfg = config(&dir, &url, &schema, &redis_url, &prefix, tweak)?;
-    let tenant = cli::tenant_create(&cfg, "acme", Some(3600)).await?;
-    let key = cli::admin_key_create(&cfg, tenant, "e2e").await?;
-    let state = service::build_state(&cfg, service::system_clock()).await?;
-    let running = service::start(&cfg, state).await?;
-    let addr = running.https_addr.context("no https listener")?;
-    let client = Client::new(addr, &dir.join("tls/dev-cert.pem"))?;
-    Ok(Env {
-        _dir: tmp,
-        dir,
-        cfg,
-        running: Some(running),
-        client,
-        tenant,
-        key: key.expose_secret().to_owned(),
-        keys: KeySchema::new(prefix),
-        redis_url,
-        schema,
-    })
-}
-
-impl Env {
+impl Stack {
     /// Restarts the service in place (same store, same CA), with `redis_url`.
     async fn restart(&mut self, redis_url: &str) -> Result<()> {
         if let Some(r) = self.running.take() {
@@ -157,16 +71,11 @@ impl Env {
         Ok(())
     }
 
-    async fn get(&self, key: &str) -> Result<Option<String>> {
-        let mut c = redis_conn(&self.redis_url).await?;
-        Ok(c.get(key).await?)
-    }
-
     /// Waits until `key` holds `want`.
     async fn wait_for(&self, key: &str, want: &str) -> Result<()> {
         let mut last = None;
         for _ in 0..POLLS {
-            last = self.get(key).await?;
+            last = self.redis_get(key).await?;
             if last.as_deref() == Some(want) {
                 return Ok(());
             }
@@ -177,35 +86,14 @@ impl Env {
 
     /// Enrolls one agent; returns (agent_id, serial, not_after unix seconds).
     async fn enroll(&self, csr: &str) -> Result<(String, String, i64)> {
-        let r = self
-            .client
-            .send(
-                "POST",
-                "/api/v1/agent-enrollment/tokens",
-                Some(&self.key),
-                Some(json!({"ttl_seconds": 600})),
-            )
-            .await?;
-        ensure!(r.status == 201, "token create: {} {}", r.status, r.body);
-        let token = r.body["token"].as_str().context("token")?.to_owned();
-        let r = self
-            .client
-            .send(
-                "POST",
-                "/api/v1/agent-enrollment/exchange",
-                None,
-                Some(json!({"token": token, "csr_pem": csr,
-                    "agent": {"hostname": "e2e-host", "os": "linux", "agent_version": "0.1.0"}})),
-            )
-            .await?;
-        ensure!(r.status == 201, "exchange: {} {}", r.status, r.body);
+        let body = self.client.enroll(&self.key, "e2e-host", csr).await?;
         let not_after = time::OffsetDateTime::parse(
-            r.body["not_after"].as_str().context("not_after")?,
+            body["not_after"].as_str().context("not_after")?,
             &time::format_description::well_known::Rfc3339,
         )?;
         Ok((
-            r.body["agent_id"].as_str().context("agent_id")?.to_owned(),
-            r.body["serial"].as_str().context("serial")?.to_owned(),
+            body["agent_id"].as_str().context("agent_id")?.to_owned(),
+            body["serial"].as_str().context("serial")?.to_owned(),
             not_after.unix_timestamp(),
         ))
     }
@@ -258,7 +146,7 @@ struct Subscriber {
 }
 
 impl Subscriber {
-    async fn new(env: &Env) -> Result<Self> {
+    async fn new(env: &Stack) -> Result<Self> {
         let mut ps = redis::Client::open(env.redis_url.as_str())?
             .get_async_pubsub()
             .await?;
@@ -338,7 +226,7 @@ fn assert_stream_valid(entries: &[(String, String, Value)]) {
 
 /// `GET /api/v1/tenants/{tenant}/crl?format=pem` verifies against the tenant
 /// CA with `openssl crl -verify` and lists `revoked`, not `active`.
-async fn check_crl(env: &Env, revoked: &str, active: &str) -> Result<()> {
+async fn check_crl(env: &Stack, revoked: &str, active: &str) -> Result<()> {
     let path = format!("/api/v1/tenants/{}/crl", env.tenant);
     let der = env.client.send("GET", &path, None, None).await?;
     assert_eq!(der.status, 200);
@@ -468,15 +356,15 @@ async fn lifecycle_projection_revoke_and_rebuild_postgres() -> Result<()> {
         "seq increases: {ann:?} {cert_ann:?}"
     );
     assert_eq!(
-        env.get(&env.agent_key(&a1)?).await?.as_deref(),
+        env.redis_get(&env.agent_key(&a1)?).await?.as_deref(),
         Some("revoked")
     );
     assert_eq!(
-        env.get(&env.cert_key(&s1)?).await?.as_deref(),
+        env.redis_get(&env.cert_key(&s1)?).await?.as_deref(),
         Some("revoked")
     );
     assert_eq!(
-        env.get(&env.agent_key(&a2)?).await?.as_deref(),
+        env.redis_get(&env.agent_key(&a2)?).await?.as_deref(),
         Some("active")
     );
     let again = env.revoke(&env.key, &a1).await?;
@@ -557,9 +445,12 @@ async fn lifecycle_projection_revoke_and_rebuild_postgres() -> Result<()> {
         (env.cert_key(&s2)?, "active"),
         (env.agent_key(&a2)?, "active"),
     ] {
-        assert_eq!(env.get(&k).await?.as_deref(), Some(want), "{k}");
+        assert_eq!(env.redis_get(&k).await?.as_deref(), Some(want), "{k}");
     }
-    assert!(env.get(&env.keys.projection_built_at()).await?.is_some());
+    assert!(env
+        .redis_get(&env.keys.projection_built_at())
+        .await?
+        .is_some());
     let exat: i64 = redis::cmd("EXPIRETIME")
         .arg(env.cert_key(&s2)?)
         .query_async(&mut c)
@@ -599,11 +490,14 @@ async fn lifecycle_relay_waits_for_a_replica_before_marking_events_sent_postgres
     let tmp = tempfile::tempdir()?;
     let master = crate::support::redis::RedisProc::start(tmp.path(), None, &[]).await?;
     let master_url = format!("redis://127.0.0.1:{}", master.port);
-    let mut env = start_with("lc_wait", Some(&master_url), |c| {
-        c.redis.wait_replicas = 1;
-        c.redis.wait_timeout_ms = 100;
-    })
-    .await?;
+    let mut env = Stack::builder("lc_wait")
+        .redis_url(&master_url)
+        .config(|c| {
+            c.redis.wait_replicas = 1;
+            c.redis.wait_timeout_ms = 100;
+        })
+        .start()
+        .await?;
     let csr = openssl_csr(&env.dir, "agent")?;
     let (a1, _, _) = env.enroll(&csr).await?;
     // The master has the projection...
@@ -667,7 +561,7 @@ async fn lifecycle_outbox_survives_crash_between_commit_and_publish_postgres() -
     // "Kill": drop the service without a graceful shutdown.
     drop(running);
     assert!(env.stream().await?.is_empty(), "nothing was published");
-    assert_eq!(env.get(&env.agent_key(&a1)?).await?, None);
+    assert_eq!(env.redis_get(&env.agent_key(&a1)?).await?, None);
 
     let url = env.redis_url.clone();
     env.restart(&url).await?;

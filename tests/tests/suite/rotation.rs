@@ -7,184 +7,27 @@
 //! `cargo test -p oneprotect-tests --test suite rotation::`
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use redis::AsyncCommands;
 use serde_json::{json, Value};
 
-use crate::support::enroll::{create_schema, Client};
-use crate::support::gateway_toml::{GatewayToml, RouteToml};
+use crate::support::gateway::TD;
 use crate::support::metrics::value as metric;
+use crate::support::stack::{Stack, GATEWAY_KID};
 use oneprotect_agent::client::Endpoint;
 use oneprotect_agent::enroll::{enroll, AgentMetadata, Enrolled};
 use oneprotect_agent::rotate::{confirm, rotate};
 use oneprotect_agent::state::{AgentConfig, StateDir};
 use oneprotect_agent::AgentError;
-use oneprotect_enroll_api::config::{Config, TrustedKey};
-use oneprotect_enroll_api::{cli, service};
 use oneprotect_identity::headers::IDENTITY_ASSERTION;
-use oneprotect_identity::{
-    AgentId, AssertionClaims, AssertionSigner, KeySchema, SerialNumber, TenantId, TokenSecret,
-};
-use oneprotect_testpki::TestPki;
+use oneprotect_identity::{AgentId, AssertionClaims, AssertionSigner, SerialNumber, TokenSecret};
 
-const TD: &str = "oneprotect.test";
-const KID: &str = "gw-rotation-test";
 /// Poll attempts (50 ms apart) before a wait gives up.
 const POLLS: usize = 600;
-
-struct Stack {
-    _dir: tempfile::TempDir,
-    _enroll: Option<service::Running>,
-    gateway: Option<oneprotect_gateway::RunningGateway>,
-    admin: Client,
-    http: SocketAddr,
-    gateway_url: String,
-    gateway_admin: SocketAddr,
-    gateway_roots: PathBuf,
-    key: String,
-    tenant: TenantId,
-    keys: KeySchema,
-    redis_url: String,
-    schema: String,
-    /// The gateway's signing key, to forge what a gateway with a stale
-    /// cache would send.
-    signer: AssertionSigner,
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        if let Some(g) = self.gateway.take() {
-            g.stop();
-        }
-        oneprotect_tests::drop_schema_and_keys(
-            &self.schema,
-            &self.redis_url,
-            &self.keys.all_keys_pattern(),
-        );
-    }
-}
-
-async fn redis_conn(url: &str) -> Result<redis::aio::MultiplexedConnection> {
-    Ok(redis::Client::open(url)?
-        .get_multiplexed_async_connection()
-        .await?)
-}
-
-fn write(dir: &Path, name: &str, data: &[u8]) -> Result<PathBuf> {
-    let p = dir.join(name);
-    std::fs::write(&p, data)?;
-    Ok(p)
-}
-
-async fn start(label: &str, grace_secs: u64) -> Result<Stack> {
-    start_with(label, grace_secs, 3600).await
-}
-
-async fn start_with(label: &str, grace_secs: u64, leaf_lifetime_secs: u64) -> Result<Stack> {
-    let tmp = tempfile::tempdir()?;
-    let dir = tmp.path().to_owned();
-    let url = oneprotect_tests::require_postgres();
-    let redis_url = oneprotect_tests::require_redis();
-    let schema = oneprotect_tests::unique_name(label);
-    create_schema(&url, &schema).await?;
-    let prefix = oneprotect_tests::unique_redis_prefix(label);
-
-    // The gateway's assertion key: its public half is what the enroll-api pins.
-    let (signer, pkcs8) =
-        AssertionSigner::generate(KID).map_err(|_| anyhow::anyhow!("generate key"))?;
-    let key_file = write(&dir, "assertion.pk8", &pkcs8)?;
-    use base64::Engine as _;
-    let public = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signer.public_key());
-
-    let mut cfg = Config {
-        trust_domain: TD.parse()?,
-        data_dir: dir.join("enroll"),
-        ..Config::default()
-    };
-    cfg.listen.https = "127.0.0.1:0".into();
-    cfg.listen.http = "127.0.0.1:0".into();
-    cfg.database.url = Some(url.clone());
-    cfg.database.schema = Some(schema.clone());
-    cfg.redis.url = Some(redis_url.clone());
-    cfg.redis.key_prefix = prefix.clone();
-    cfg.redis.relay_poll_interval_ms = 200;
-    cfg.rotation.grace_secs = grace_secs;
-    cfg.rotation.sweep_interval_ms = 200;
-    cfg.rotation.assertion.keys = vec![TrustedKey {
-        kid: KID.into(),
-        public_key: public,
-    }];
-    let cfg = cfg.validate()?;
-    let tenant = cli::tenant_create(&cfg, "acme", Some(leaf_lifetime_secs)).await?;
-    let key = cli::admin_key_create(&cfg, tenant, "e2e").await?;
-    let state = service::build_state(&cfg, service::system_clock()).await?;
-    let running = service::start(&cfg, state).await?;
-    let https = running.https_addr.context("no https listener")?;
-    let http = running.http_addr.context("no http listener")?;
-    let admin = Client::new(https, &dir.join("enroll/tls/dev-cert.pem"))?;
-    let bundle = admin
-        .send("GET", "/api/v1/trust-bundle", None, None)
-        .await?;
-    let bundle = bundle.body.as_str().context("trust bundle")?.to_owned();
-
-    let pki = TestPki::new(TD);
-    let server = pki.server_cert(&["localhost", "127.0.0.1"]);
-    let cert = write(&dir, "server.pem", server.cert_pem.as_bytes())?;
-    let server_key = write(&dir, "server.key", server.key_pem.as_bytes())?;
-    let trust = write(&dir, "agents-bundle.pem", bundle.as_bytes())?;
-    let gateway_roots = write(&dir, "gateway-roots.pem", pki.root_pem().as_bytes())?;
-    let port = oneprotect_tests::free_port();
-    let admin_port = oneprotect_tests::free_port();
-    let mut conf = GatewayToml::new(
-        SocketAddr::from(([127, 0, 0, 1], port)),
-        SocketAddr::from(([127, 0, 0, 1], admin_port)),
-        (cert, server_key, trust),
-        &redis_url,
-        &prefix,
-    )
-    .route(RouteToml::new("/api/v1/agent-enrollment/exchange", http).without_identity())
-    .route(RouteToml::new("/api/v1/agents", http))
-    .route(RouteToml::new("/healthz", http));
-    conf.assertion = Some((key_file, KID.to_owned()));
-    let toml = conf.render();
-    let cfg_path = write(&dir, "gateway.toml", toml.as_bytes())?;
-    let gcfg = oneprotect_gateway::Prepared::load(oneprotect_gateway::Config::from_toml(
-        &toml, &cfg_path,
-    )?)?;
-    let app = tokio::task::spawn_blocking(move || oneprotect_gateway::build(gcfg)).await??;
-    let gateway = app.spawn();
-    let stack = Stack {
-        _dir: tmp,
-        _enroll: Some(running),
-        gateway: Some(gateway),
-        admin,
-        http,
-        gateway_url: format!("https://127.0.0.1:{port}"),
-        gateway_admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
-        gateway_roots,
-        key: key.expose_secret().to_owned(),
-        tenant,
-        keys: KeySchema::new(prefix),
-        redis_url,
-        schema,
-        signer,
-    };
-    for _ in 0..POLLS {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return Ok(stack);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    anyhow::bail!("gateway did not start listening")
-}
 
 struct Device {
     state: StateDir,
@@ -194,25 +37,19 @@ struct Device {
 
 impl Stack {
     async fn token(&self) -> Result<String> {
-        let r = self
-            .admin
-            .send(
-                "POST",
-                "/api/v1/agent-enrollment/tokens",
-                Some(&self.key),
-                Some(json!({"ttl_seconds": 600})),
-            )
+        let (_, token) = self
+            .client
+            .create_token(&self.key, json!({"ttl_seconds": 600}))
             .await?;
-        ensure!(r.status == 201, "token: {} {}", r.status, r.body);
-        Ok(r.body["token"].as_str().context("token")?.to_owned())
+        Ok(token)
     }
 
     /// Enrolls a device through the gateway; stores its identity.
     async fn device(&self, dir: &Path) -> Result<Device> {
-        let roots_pem = std::fs::read(&self.gateway_roots)?;
+        let roots_pem = std::fs::read(&self.gateway().roots)?;
         let roots = oneprotect_agent::tls::roots_from_pem(&roots_pem)?;
         let server = Endpoint::new(
-            &self.gateway_url,
+            &self.gateway().url,
             oneprotect_agent::tls::server_only(roots.clone())?,
         )?;
         let token = TokenSecret::new(self.token().await?);
@@ -220,8 +57,8 @@ impl Stack {
         let state = StateDir::open(dir)?;
         state.store_config(
             &AgentConfig {
-                enroll_url: self.gateway_url.clone(),
-                gateway_url: self.gateway_url.clone(),
+                enroll_url: self.gateway().url.clone(),
+                gateway_url: self.gateway().url.clone(),
             },
             &roots_pem,
         )?;
@@ -229,12 +66,8 @@ impl Stack {
         Ok(Device {
             state,
             roots,
-            url: self.gateway_url.clone(),
+            url: self.gateway().url.clone(),
         })
-    }
-
-    async fn redis_get(&self, key: &str) -> Result<Option<String>> {
-        Ok(redis_conn(&self.redis_url).await?.get(key).await?)
     }
 
     async fn wait_cert(&self, serial: SerialNumber, want: &str) -> Result<()> {
@@ -252,7 +85,7 @@ impl Stack {
 
     async fn agent(&self, agent: AgentId) -> Result<Value> {
         let r = self
-            .admin
+            .client
             .send(
                 "GET",
                 &format!("/api/v1/agents/{agent}"),
@@ -264,9 +97,10 @@ impl Stack {
         Ok(r.body)
     }
 
-    async fn event_types(&self, agent: AgentId) -> Result<Vec<String>> {
-        let r = self
-            .admin
+    /// The agent's audit events, oldest first (the admin API).
+    async fn events(&self, agent: AgentId) -> Result<Vec<Value>> {
+        let mut r = self
+            .client
             .send(
                 "GET",
                 &format!("/api/v1/agents/{agent}/events"),
@@ -275,9 +109,16 @@ impl Stack {
             )
             .await?;
         ensure!(r.status == 200, "events: {} {}", r.status, r.body);
-        Ok(r.body["items"]
-            .as_array()
-            .context("items")?
+        match r.body["items"].take() {
+            Value::Array(items) => Ok(items),
+            _ => anyhow::bail!("items"),
+        }
+    }
+
+    async fn event_types(&self, agent: AgentId) -> Result<Vec<String>> {
+        Ok(self
+            .events(agent)
+            .await?
             .iter()
             .map(|e| e["type"].as_str().unwrap_or("").to_owned())
             .collect())
@@ -287,25 +128,15 @@ impl Stack {
     /// event and returns it.
     async fn wait_reuse_event(&self, agent: AgentId) -> Result<Value> {
         for _ in 0..200 {
-            let r = self
-                .admin
-                .send(
-                    "GET",
-                    &format!("/api/v1/agents/{agent}/events"),
-                    Some(&self.key),
-                    None,
-                )
-                .await?;
-            ensure!(r.status == 200, "events: {} {}", r.status, r.body);
-            let found: Vec<&Value> = r.body["items"]
-                .as_array()
-                .context("items")?
-                .iter()
+            let found: Vec<Value> = self
+                .events(agent)
+                .await?
+                .into_iter()
                 .filter(|e| e["type"] == "agent.certificate.reuse_detected")
                 .collect();
             ensure!(found.len() <= 1, "more than one reuse event: {:?}", found);
-            if let Some(e) = found.first() {
-                return Ok((*e).clone());
+            if let Some(e) = found.into_iter().next() {
+                return Ok(e);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -316,7 +147,7 @@ impl Stack {
     /// cache still thought it active would).
     fn assertion(&self, agent: AgentId, serial: SerialNumber) -> String {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        self.signer.sign(&AssertionClaims {
+        self.gateway().signer.sign(&AssertionClaims {
             iss: "oneprotect-gateway".into(),
             sub: format!("spiffe://{TD}/tenant/{}/agent/{agent}", self.tenant)
                 .parse()
@@ -339,7 +170,8 @@ impl Stack {
         headers: &[(&str, String)],
         body: Option<Value>,
     ) -> Result<(u16, Value)> {
-        self.plain(self.http, path, headers, body).await
+        self.plain(self.gateway().upstream, path, headers, body)
+            .await
     }
 
     /// A plain-HTTP request to a loopback listener (`/metrics` etc.).
@@ -442,7 +274,11 @@ fn code(e: AgentError) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rotation_is_two_phase_through_the_gateway_and_flags_reuse() -> Result<()> {
-    let stack = start("rotation", 3600).await?;
+    let stack = Stack::builder("rotation")
+        .gateway()
+        .grace_secs(3600)
+        .start()
+        .await?;
     let dir = tempfile::tempdir()?;
     let dev = stack.device(dir.path()).await?;
     let first = dev.identity()?;
@@ -520,7 +356,7 @@ async fn rotation_is_two_phase_through_the_gateway_and_flags_reuse() -> Result<(
     );
     assert_eq!(p["source_ip"], "127.0.0.1");
     let (_, gw_metrics) = stack
-        .plain(stack.gateway_admin, "/metrics", &[], None)
+        .plain(stack.gateway().admin, "/metrics", &[], None)
         .await?;
     let gw_metrics = gw_metrics.as_str().unwrap_or("").to_owned();
     let queued = metric(
@@ -573,7 +409,7 @@ async fn rotation_is_two_phase_through_the_gateway_and_flags_reuse() -> Result<(
         (status, body["code"].as_str()),
         (401, Some("identity_required"))
     );
-    let (forger, _) = AssertionSigner::generate(KID).map_err(|_| anyhow::anyhow!("key"))?;
+    let (forger, _) = AssertionSigner::generate(GATEWAY_KID).map_err(|_| anyhow::anyhow!("key"))?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let forged = forger.sign(&AssertionClaims {
         iss: "oneprotect-gateway".into(),
@@ -619,7 +455,7 @@ async fn rotation_is_two_phase_through_the_gateway_and_flags_reuse() -> Result<(
 
     // Revoked: nothing rotates any more, by any path.
     let r = stack
-        .admin
+        .client
         .send(
             "POST",
             &format!("/api/v1/agents/{agent}/revoke"),
@@ -667,7 +503,11 @@ async fn rotation_is_two_phase_through_the_gateway_and_flags_reuse() -> Result<(
 /// certificate when the grace ends (sweep), and the gateway refuses it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_previous_certificate_is_superseded_when_the_grace_ends() -> Result<()> {
-    let stack = start("rotgrace", 10).await?;
+    let stack = Stack::builder("rotgrace")
+        .gateway()
+        .grace_secs(10)
+        .start()
+        .await?;
     let dir = tempfile::tempdir()?;
     let dev = stack.device(dir.path()).await?;
     let first = dev.identity()?;
@@ -685,22 +525,12 @@ async fn the_previous_certificate_is_superseded_when_the_grace_ends() -> Result<
     );
     dev.state.store(&new)?;
     assert_eq!(health(&dev.endpoint()?).await?.0, 200);
-    let r = stack
-        .admin
-        .send(
-            "GET",
-            &format!("/api/v1/agents/{agent}/events"),
-            Some(&stack.key),
-            None,
-        )
-        .await?;
-    let superseded = r.body["items"]
-        .as_array()
-        .context("items")?
-        .iter()
+    let superseded = stack
+        .events(agent)
+        .await?
+        .into_iter()
         .find(|e| e["type"] == "agent.certificate.superseded")
-        .context("no superseded event")?
-        .clone();
+        .context("no superseded event")?;
     assert_eq!(superseded["payload"]["reason"], "grace_expired");
     assert_eq!(superseded["actor"]["type"], "system");
     Ok(())
@@ -713,7 +543,12 @@ async fn the_previous_certificate_is_superseded_when_the_grace_ends() -> Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn run_rotates_a_short_lived_certificate_twice_without_a_failed_request() -> Result<()> {
     use oneprotect_agent::run::{run, RunExit, RunPolicy};
-    let stack = start_with("rotrun", 3600, 60).await?;
+    let stack = Stack::builder("rotrun")
+        .gateway()
+        .grace_secs(3600)
+        .leaf_lifetime_secs(60)
+        .start()
+        .await?;
     let dir = tempfile::tempdir()?;
     let dev = stack.device(dir.path()).await?;
     let first = dev.identity()?.issued;
@@ -756,7 +591,7 @@ async fn run_rotates_a_short_lived_certificate_twice_without_a_failed_request() 
     );
     // The gateway's own count of the heartbeats: many, all 200.
     let (status, metrics) = stack
-        .plain(stack.gateway_admin, "/metrics", &[], None)
+        .plain(stack.gateway().admin, "/metrics", &[], None)
         .await?;
     assert_eq!(status, 200);
     let text = metrics.as_str().unwrap_or("");

@@ -178,6 +178,41 @@ impl Client {
         })
     }
 
+    /// Creates an enrollment token with the admin key `key` (`body`: TTL,
+    /// uses, …); returns its id and secret.
+    pub(crate) async fn create_token(&self, key: &str, body: Value) -> Result<(String, String)> {
+        let r = self
+            .send(
+                "POST",
+                "/api/v1/agent-enrollment/tokens",
+                Some(key),
+                Some(body),
+            )
+            .await?;
+        ensure!(r.status == 201, "token create: {} {}", r.status, r.body);
+        Ok((
+            r.body["token_id"].as_str().context("token_id")?.to_owned(),
+            r.body["token"].as_str().context("token")?.to_owned(),
+        ))
+    }
+
+    /// Enrolls one agent as a device would: a token (600 s) made with the
+    /// admin key `key`, then the exchange of `csr` as host `hostname`.
+    /// Returns the exchange's 201 body (agent id, serial, certificate…).
+    pub(crate) async fn enroll(&self, key: &str, hostname: &str, csr: &str) -> Result<Value> {
+        let (_, token) = self.create_token(key, json!({"ttl_seconds": 600})).await?;
+        let r = self
+            .send(
+                "POST",
+                "/api/v1/agent-enrollment/exchange",
+                None,
+                Some(exchange_body_as(&token, csr, hostname)),
+            )
+            .await?;
+        ensure!(r.status == 201, "exchange: {} {}", r.status, r.body);
+        Ok(r.body)
+    }
+
     pub(crate) async fn send(
         &self,
         method: &str,
@@ -274,27 +309,21 @@ pub(crate) fn openssl_csr(dir: &Path, name: &str) -> Result<String> {
     Ok(std::fs::read_to_string(dir.join(csr))?)
 }
 
+/// An exchange request body: `token`, `csr` and host `e2e-host`.
 pub(crate) fn exchange_body(token: &str, csr: &str) -> Value {
-    json!({"token": token, "csr_pem": csr,
-           "agent": {"hostname": "e2e-host", "os": "linux", "agent_version": "0.1.0"}})
+    exchange_body_as(token, csr, "e2e-host")
 }
 
-pub(crate) async fn create_token(env: &Env, body: Value) -> Result<(String, String)> {
-    let r = env
-        .client
-        .send(
-            "POST",
-            "/api/v1/agent-enrollment/tokens",
-            Some(&env.key),
-            Some(body),
-        )
-        .await?;
-    ensure!(r.status == 201, "token create: {} {}", r.status, r.body);
-    Ok((
-        r.body["token_id"].as_str().context("token_id")?.to_owned(),
-        r.body["token"].as_str().context("token")?.to_owned(),
-    ))
+fn exchange_body_as(token: &str, csr: &str, hostname: &str) -> Value {
+    json!({"token": token, "csr_pem": csr,
+           "agent": {"hostname": hostname, "os": "linux", "agent_version": "0.1.0"}})
 }
+
+/// [`Client::create_token`] with the environment's admin key.
+pub(crate) async fn create_token(env: &Env, body: Value) -> Result<(String, String)> {
+    env.client.create_token(&env.key, body).await
+}
+
 /// Polls the outbox (bounded: 400 × 50 ms) until no row is pending;
 /// returns how many still are.
 pub(crate) async fn outbox_pending_after_drain(

@@ -284,38 +284,17 @@ impl Fleet {
 
     /// Enrolls one agent through the real exchange (openssl key and CSR).
     pub(crate) async fn enroll(&self, name: &str) -> Result<Agent> {
-        let r = self
-            .client
-            .send(
-                "POST",
-                "/api/v1/agent-enrollment/tokens",
-                Some(&self.key),
-                Some(json!({"ttl_seconds": 600})),
-            )
-            .await?;
-        ensure!(r.status == 201, "token create: {} {}", r.status, r.body);
-        let token = r.body["token"].as_str().context("token")?.to_owned();
         let csr = openssl_csr(&self.dir, name)?;
-        let r = self
-            .client
-            .send(
-                "POST",
-                "/api/v1/agent-enrollment/exchange",
-                None,
-                Some(json!({"token": token, "csr_pem": csr,
-                    "agent": {"hostname": name, "os": "linux", "agent_version": "0.1.0"}})),
-            )
-            .await?;
-        ensure!(r.status == 201, "exchange: {} {}", r.status, r.body);
+        let body = self.client.enroll(&self.key, name, &csr).await?;
         let pem = format!(
             "{}{}",
-            r.body["certificate_pem"].as_str().context("cert")?,
-            r.body["chain_pem"].as_str().context("chain")?
+            body["certificate_pem"].as_str().context("cert")?,
+            body["chain_pem"].as_str().context("chain")?
         );
         let key = std::fs::read_to_string(self.dir.join(format!("{name}.key")))?;
         Ok(Agent {
-            id: r.body["agent_id"].as_str().context("agent_id")?.to_owned(),
-            serial: r.body["serial"].as_str().context("serial")?.to_owned(),
+            id: body["agent_id"].as_str().context("agent_id")?.to_owned(),
+            serial: body["serial"].as_str().context("serial")?.to_owned(),
             tls: self.agent_tls(&pem, &key)?,
         })
     }

@@ -116,7 +116,10 @@ pub(crate) struct Opts {
     pub(crate) require_client_cert: bool,
     /// Redis is reachable: seed the agent's status and wait for readiness.
     pub(crate) redis_up: bool,
-    /// More `[[routes]]` tables, appended to the config.
+    /// More routes, after the standard ones.
+    pub(crate) routes: Vec<RouteToml>,
+    /// More TOML appended to the config, after the routes (route keys
+    /// [`RouteToml`] does not have, other sections).
     pub(crate) extra_routes: String,
     /// More `[listener]` keys.
     pub(crate) listener_extra: String,
@@ -130,6 +133,7 @@ impl Opts {
             heartbeat_ms: 1000,
             require_client_cert: false,
             redis_up: true,
+            routes: Vec::new(),
             extra_routes: String::new(),
             listener_extra: String::new(),
         }
@@ -167,14 +171,13 @@ pub(crate) async fn start_gateway(opts: Opts) -> Gw {
         conf = conf.route(RouteToml::new(EXCHANGE, echo).without_identity());
     }
     conf.extra = opts.extra_routes;
-    let toml = conf
-        .route(RouteToml::new("/api", echo))
-        .route(
-            RouteToml::new("/dead", format!("127.0.0.1:{dead}"))
-                .without_health_check()
-                .connect_timeout_ms(500),
-        )
-        .render();
+    conf = conf.route(RouteToml::new("/api", echo)).route(
+        RouteToml::new("/dead", format!("127.0.0.1:{dead}"))
+            .without_health_check()
+            .connect_timeout_ms(500),
+    );
+    conf.routes.extend(opts.routes);
+    let toml = conf.render();
     let cfg_path = write(dir.path(), "gateway.toml", &toml);
     let cfg = oneprotect_gateway::Prepared::load(
         oneprotect_gateway::Config::from_toml(&toml, &cfg_path).unwrap(),

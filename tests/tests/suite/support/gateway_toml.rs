@@ -61,6 +61,8 @@ pub(crate) struct RouteToml {
     pub(crate) require_identity: Option<bool>,
     pub(crate) health_check_secs: Option<u64>,
     pub(crate) connect_timeout_ms: Option<u64>,
+    /// `upgrade_protocols`; empty (unset: no upgrades) by default.
+    pub(crate) upgrade_protocols: Vec<String>,
 }
 
 impl RouteToml {
@@ -72,6 +74,7 @@ impl RouteToml {
             require_identity: None,
             health_check_secs: None,
             connect_timeout_ms: None,
+            upgrade_protocols: Vec::new(),
         }
     }
 
@@ -92,6 +95,12 @@ impl RouteToml {
         self
     }
 
+    /// Upgrades to `protocols` allowed (`upgrade_protocols`).
+    pub(crate) fn upgrades(mut self, protocols: &[&str]) -> Self {
+        self.upgrade_protocols = protocols.iter().map(|p| (*p).to_owned()).collect();
+        self
+    }
+
     fn render(&self, out: &mut String) {
         let upstreams: Vec<String> = self.upstreams.iter().map(|u| format!("\"{u}\"")).collect();
         let _ = writeln!(out, "[[routes]]");
@@ -105,6 +114,14 @@ impl RouteToml {
         }
         if let Some(ms) = self.connect_timeout_ms {
             let _ = writeln!(out, "connect_timeout_ms = {ms}");
+        }
+        if !self.upgrade_protocols.is_empty() {
+            let protocols: Vec<String> = self
+                .upgrade_protocols
+                .iter()
+                .map(|p| format!("\"{p}\""))
+                .collect();
+            let _ = writeln!(out, "upgrade_protocols = [{}]", protocols.join(", "));
         }
         out.push('\n');
     }

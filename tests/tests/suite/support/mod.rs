@@ -10,6 +10,8 @@
 //! - [`metrics`]: sample values from a Prometheus text page.
 //! - [`fleet`]: gateway processes, enrolled agents and load.
 //! - [`redis`]: `redis-server` children.
+//! - [`stack`]: the in-process enroll-api on PostgreSQL and Redis, and the
+//!   in-process gateway in front of it, built to a test's needs.
 
 // Helpers run only inside tests, where a panic with its message is the
 // failure report (clippy's allow-unwrap-in-tests covers `#[test]` functions
@@ -23,3 +25,4 @@ pub(crate) mod gateway;
 pub(crate) mod gateway_toml;
 pub(crate) mod metrics;
 pub(crate) mod redis;
+pub(crate) mod stack;
