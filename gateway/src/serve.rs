@@ -176,10 +176,13 @@ impl GatewayApp {
         let Some((revocation, conn)) = watched else {
             return Ok(served.await);
         };
-        let watch = async {
+        // Boxed: inline, the watch's state (a revocation lookup) would
+        // enlarge every connection's future, idle ones included, also where
+        // no route allows upgrades.
+        let watch = Box::pin(async {
             conn.await_tunnel().await;
             revocation.watch_tunnel(conn).await
-        };
+        });
         tokio::select! {
             reused = served => Ok(reused),
             kind = watch => {
