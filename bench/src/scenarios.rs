@@ -118,8 +118,9 @@ pub struct Options {
     pub revoke_via: RevokeVia,
     /// The command line, for the report.
     pub command: String,
-    /// Run only these scenarios (`keepalive`, `latency`, `handshake`,
-    /// `handshake-resumed`, `idle`, `revocation`); empty: all of them.
+    /// Run only these scenarios (`keepalive`, `latency`, `latency-seq1`,
+    /// `latency-seq8`, `handshake`, `handshake-resumed`, `idle`,
+    /// `revocation`); empty: all of them.
     pub only: Vec<String>,
     /// The gateway's `listener.read_buffer_bytes` (its default when `None`).
     pub gateway_read_buffer: Option<usize>,
@@ -131,6 +132,8 @@ pub struct Options {
 pub const SCENARIOS: &[&str] = &[
     "keepalive",
     "latency",
+    "latency-seq1",
+    "latency-seq8",
     "handshake",
     "handshake-resumed",
     "idle",
@@ -362,8 +365,20 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
             rate: Some(s.latency_rate),
             ..closed(Proto::H1)
         };
+        // Added latency at microsecond resolution: a closed loop (the next
+        // request leaves when the answer is in; no timer, no queueing in the
+        // load generator) on 1 and on 8 keep-alive connections.
+        let sequential = |concurrency| LoadSpec {
+            concurrency,
+            ..closed(Proto::H1)
+        };
 
-        for (scenario, spec) in [("keepalive", closed(Proto::H1)), ("latency", fixed.clone())] {
+        for (scenario, spec) in [
+            ("keepalive", closed(Proto::H1)),
+            ("latency", fixed.clone()),
+            ("latency-seq1", sequential(1)),
+            ("latency-seq8", sequential(8)),
+        ] {
             if opts.wanted(scenario) {
                 let pid = env.upstream.pid();
                 measure(&mut report, &env, scenario, &direct, pid, &spec, true).await?;
@@ -374,6 +389,8 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
             ("keepalive", closed(Proto::H1), true),
             ("keepalive", closed(Proto::H2), true),
             ("latency", fixed.clone(), true),
+            ("latency-seq1", sequential(1), true),
+            ("latency-seq8", sequential(8), true),
             ("handshake", closed(Proto::H1), false),
             ("handshake-resumed", closed(Proto::H1), true),
         ];
