@@ -37,7 +37,10 @@ fn bench_all_tiny_runs_every_scenario_and_writes_reports() {
         serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
     let runs = json["runs"].as_array().unwrap();
     let nginx = runs.iter().any(|r| r["target"] == "nginx");
-    let expected = if nginx { 12 } else { 7 };
+    // keepalive, latency, latency-seq1, latency-seq8 direct (4); per proxy:
+    // keepalive h1 and h2, latency, latency-seq1, latency-seq8, handshake,
+    // handshake-resumed (7).
+    let expected = if nginx { 18 } else { 11 };
     assert_eq!(runs.len(), expected, "{json:#}");
     for r in runs {
         assert!(r["ok"].as_u64().unwrap() > 0, "no successful request: {r}");
@@ -54,6 +57,14 @@ fn bench_all_tiny_runs_every_scenario_and_writes_reports() {
     assert_eq!(rev["accepted_after_bound"], 0, "{rev}");
     let md = std::fs::read_to_string(out.path().join("results.md")).unwrap();
     assert!(md.contains("| keepalive | gateway | h1 |"), "{md}");
+    for conns in [1, 8] {
+        assert!(
+            md.contains(&format!(
+                "| added latency over direct, closed loop, {conns} conn (gateway)"
+            )),
+            "{md}"
+        );
+    }
     let svg = std::fs::read_to_string(out.path().join("results.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
 }
