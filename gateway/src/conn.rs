@@ -1,6 +1,7 @@
 //! The per-connection identity: everything derived from the verified client
 //! certificate that requests need, computed once per connection.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
@@ -32,6 +33,9 @@ pub struct ConnIdentity {
     assertion: ArcSwapOption<SignedAssertion>,
     /// Signalled when an upstream switched this connection to a tunnel.
     tunnel: tokio::sync::Notify,
+    /// The forwarding header values of the connection's client, formatted
+    /// on its first request.
+    forwarding: std::sync::OnceLock<Forwarding>,
 }
 
 fn hv(s: &str) -> HeaderValue {
@@ -69,6 +73,7 @@ impl ConnIdentity {
             headers,
             assertion: ArcSwapOption::empty(),
             tunnel: tokio::sync::Notify::new(),
+            forwarding: std::sync::OnceLock::new(),
         }
     }
 
@@ -76,6 +81,18 @@ impl ConnIdentity {
     /// [`Self::await_tunnel`], now or when it is next awaited.
     pub fn tunnel_opened(&self) {
         self.tunnel.notify_one();
+    }
+
+    /// The forwarding header values for `client`, the connection's client
+    /// address: formatted once (a connection has one client; a different
+    /// address, which cannot happen, is formatted afresh).
+    pub fn forwarding(&self, client: IpAddr) -> std::borrow::Cow<'_, Forwarding> {
+        let f = self.forwarding.get_or_init(|| Forwarding::new(client));
+        if f.client() == client {
+            std::borrow::Cow::Borrowed(f)
+        } else {
+            std::borrow::Cow::Owned(Forwarding::new(client))
+        }
     }
 
     /// Resolves once the connection became a tunnel.
@@ -110,6 +127,50 @@ impl ConnIdentity {
         let value = fresh.value.clone();
         self.assertion.store(Some(fresh));
         value
+    }
+}
+
+/// The gateway's own forwarding header values for one client address:
+/// `x-forwarded-for` and `x-real-ip` (the bare address) and RFC 7239
+/// `forwarded: for=...` (IPv6 quoted and bracketed). Formatted once per
+/// connection ([`ConnIdentity::forwarding`]); set by
+/// [`crate::headers::set_forwarding`]; cloning a value is a
+/// reference count.
+#[derive(Debug, Clone)]
+pub struct Forwarding {
+    client: IpAddr,
+    address: HeaderValue,
+    forwarded: HeaderValue,
+}
+
+impl Forwarding {
+    /// The values for `client`.
+    pub fn new(client: IpAddr) -> Self {
+        let ip = client.to_string();
+        let forwarded = match client {
+            IpAddr::V4(_) => format!("for={ip}"),
+            IpAddr::V6(_) => format!("for=\"[{ip}]\""),
+        };
+        Self {
+            client,
+            address: hv(&ip),
+            forwarded: hv(&forwarded),
+        }
+    }
+
+    /// `x-forwarded-for` and `x-real-ip`: the bare address.
+    pub fn address(&self) -> &HeaderValue {
+        &self.address
+    }
+
+    /// `forwarded`: `for=` the address.
+    pub fn forwarded(&self) -> &HeaderValue {
+        &self.forwarded
+    }
+
+    /// The client address the values name.
+    pub fn client(&self) -> IpAddr {
+        self.client
     }
 }
 
@@ -156,5 +217,13 @@ mod tests {
         let a = conn.assertion(&assertions, 1_000);
         assert_eq!(conn.assertion(&assertions, 1_030), a);
         assert_ne!(conn.assertion(&assertions, 1_041), a);
+        // Forwarding values: formatted on first use, then the same ones.
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let first = conn.forwarding(ip);
+        assert!(matches!(first, std::borrow::Cow::Borrowed(_)));
+        assert_eq!(first.address(), "192.0.2.7");
+        assert!(std::ptr::eq(&*first, &*conn.forwarding(ip)));
+        let other = conn.forwarding("2001:db8::1".parse().unwrap());
+        assert_eq!(other.forwarded(), "for=\"[2001:db8::1]\"");
     }
 }

@@ -3,8 +3,6 @@
 //! gateway's own forwarding headers, inject the verified identity. Plain
 //! functions over pingora's `RequestHeader`, unit-tested without sockets.
 
-use std::net::IpAddr;
-
 use http::HeaderValue;
 use oneprotect_identity::headers::{
     is_client_identity_header, is_forwarding_header, FORWARDED, IDENTITY_ASSERTION,
@@ -12,7 +10,7 @@ use oneprotect_identity::headers::{
 };
 use pingora::http::RequestHeader;
 
-use crate::conn::ConnIdentity;
+use crate::conn::{ConnIdentity, Forwarding};
 
 /// What [`strip_client_headers`] removes beyond the identity and forwarding
 /// headers, which it always removes.
@@ -62,19 +60,12 @@ pub fn strip_client_headers(req: &mut RequestHeader, policy: StripPolicy) -> usi
     names.len()
 }
 
-/// Sets the gateway's own forwarding headers for the client at `client`:
-/// `x-forwarded-for` and `x-real-ip` (the bare address) and RFC 7239
-/// `forwarded: for=...` (IPv6 quoted and bracketed). Call after
+/// Sets the gateway's own forwarding headers. Call after
 /// [`strip_client_headers`], which removed the client's copies.
-pub fn set_forwarding(req: &mut RequestHeader, client: IpAddr) -> pingora::Result<()> {
-    let ip = client.to_string();
-    let forwarded = match client {
-        IpAddr::V4(_) => format!("for={ip}"),
-        IpAddr::V6(_) => format!("for=\"[{ip}]\""),
-    };
-    req.insert_header(X_FORWARDED_FOR, ip.as_str())?;
-    req.insert_header(X_REAL_IP, ip)?;
-    req.insert_header(FORWARDED, forwarded)?;
+pub fn set_forwarding(req: &mut RequestHeader, f: &Forwarding) -> pingora::Result<()> {
+    req.insert_header(X_FORWARDED_FOR, f.address().clone())?;
+    req.insert_header(X_REAL_IP, f.address().clone())?;
+    req.insert_header(FORWARDED, f.forwarded().clone())?;
     Ok(())
 }
 
@@ -158,11 +149,11 @@ mod tests {
     #[test]
     fn forwarding_headers_name_the_client() {
         let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
-        set_forwarding(&mut req, "192.0.2.7".parse().unwrap()).unwrap();
+        set_forwarding(&mut req, &Forwarding::new("192.0.2.7".parse().unwrap())).unwrap();
         assert_eq!(req.headers[X_FORWARDED_FOR], "192.0.2.7");
         assert_eq!(req.headers[X_REAL_IP], "192.0.2.7");
         assert_eq!(req.headers[FORWARDED], "for=192.0.2.7");
-        set_forwarding(&mut req, "2001:db8::1".parse().unwrap()).unwrap();
+        set_forwarding(&mut req, &Forwarding::new("2001:db8::1".parse().unwrap())).unwrap();
         assert_eq!(req.headers.get_all(X_FORWARDED_FOR).iter().count(), 1);
         assert_eq!(req.headers[X_FORWARDED_FOR], "2001:db8::1");
         assert_eq!(req.headers[FORWARDED], "for=\"[2001:db8::1]\"");

@@ -15,7 +15,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 
 use crate::assertion::AssertionService;
-use crate::conn::ConnIdentity;
+use crate::conn::{ConnIdentity, Forwarding};
 use crate::headers::{inject_identity, set_forwarding, strip_client_headers, StripPolicy};
 use crate::metrics::Metrics;
 use crate::reports::Reporter;
@@ -391,7 +391,12 @@ impl ProxyHttp for Gateway {
         if let Some(pingora::protocols::l4::socket::SocketAddr::Inet(client)) =
             session.client_addr()
         {
-            set_forwarding(upstream_request, client.ip())?;
+            // Formatted once per connection where there is one to keep it
+            // on (a verified identity: the hot path).
+            match ctx.identity() {
+                Some(conn) => set_forwarding(upstream_request, &conn.forwarding(client.ip()))?,
+                None => set_forwarding(upstream_request, &Forwarding::new(client.ip()))?,
+            }
         }
         if ctx.inject {
             if let Some(conn) = ctx.identity() {
