@@ -101,9 +101,11 @@ impl Metrics {
         self.confirmations.with_label_values(&[outcome]).inc();
     }
 
-    /// Counts an operation attempted with a superseded certificate.
-    pub fn superseded_use(&self, op: AgentOperation) {
-        self.superseded_use.with_label_values(&[op.as_str()]).inc();
+    /// Counts `uses` operations attempted with a superseded certificate.
+    pub fn superseded_use(&self, op: AgentOperation, uses: u64) {
+        self.superseded_use
+            .with_label_values(&[op.as_str()])
+            .inc_by(uses);
     }
 
     /// Counts `n` superseded-certificate uses a gateway reported, by what

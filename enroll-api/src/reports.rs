@@ -263,9 +263,7 @@ impl Consumer {
             None => self.metrics.reuse_report("invalid", 1),
             Some(report) => {
                 let uses = u64::from(report.uses.max(1));
-                for _ in 0..uses {
-                    self.metrics.superseded_use(AgentOperation::Request);
-                }
+                self.metrics.superseded_use(AgentOperation::Request, uses);
                 let seen_at = OffsetDateTime::from_unix_timestamp_nanos(
                     i128::from(report.first_seen_ms) * 1_000_000,
                 )

@@ -206,15 +206,12 @@ impl GatewayApp {
         let mut settings: Option<HttpPersistentSettings> = None;
         // Held for the connection's life: its identity, when a tunnel on
         // it would be watched.
-        let digest = self
-            .tunnels
-            .as_ref()
-            .and_then(|_| stream.get_ssl_digest())
-            .filter(|d| d.extension.get::<ConnIdentity>().is_some());
-        let watched = match (&self.tunnels, &digest) {
-            (Some(r), Some(d)) => d.extension.get::<ConnIdentity>().map(|c| (&**r, c)),
-            _ => None,
-        };
+        let digest = self.tunnels.as_ref().and_then(|_| stream.get_ssl_digest());
+        let watched = self.tunnels.as_deref().zip(
+            digest
+                .as_ref()
+                .and_then(|d| d.extension.get::<ConnIdentity>()),
+        );
         loop {
             let head = match read_head(&mut stream, &mut watch, &self.limits).await {
                 Head::Ready(head) => head,

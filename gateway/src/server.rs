@@ -270,19 +270,20 @@ fn build_inner(
         }
     };
     let assertions = Arc::new(AssertionService::new(signer, &cfg.assertion));
-    let report_keys = oneprotect_identity::KeySchema::new(cfg.revocation.key_prefix.clone());
-    let (reporter, report_sender) = match &bus {
-        Some(bus) => crate::reports::on_memory_bus(bus.clone(), report_keys, metrics.clone()),
+    let revocation = Arc::new(match &bus {
+        Some(bus) => Revocation::with_memory_bus(&cfg.revocation, bus.clone(), metrics.clone()),
+        None => Revocation::new(&cfg.revocation, metrics.clone())?,
+    });
+    // The reports go under the revocation state's key schema.
+    let report_keys = revocation.keys().clone();
+    let (reporter, report_sender) = match bus {
+        Some(bus) => crate::reports::on_memory_bus(bus, report_keys, metrics.clone()),
         None => crate::reports::on_redis(&cfg.revocation.redis_url, report_keys, metrics.clone())?,
     };
     server.add_service(background_service(
         "superseded-certificate reports",
         report_sender,
     ));
-    let revocation = Arc::new(match bus {
-        Some(bus) => Revocation::with_memory_bus(&cfg.revocation, bus, metrics.clone()),
-        None => Revocation::new(&cfg.revocation, metrics.clone())?,
-    });
     let trust = Arc::new(trust);
     let validator = Arc::new(ChainValidator::new(
         trust.clone(),

@@ -68,7 +68,7 @@ async fn refused(
             tenant = %who.tenant, agent = %who.agent, serial = %who.serial,
             ?operation, "superseded certificate presented: possible key theft"
         );
-        state.metrics.superseded_use(operation);
+        state.metrics.superseded_use(operation, 1);
         // One event per certificate and attempt window, whoever saw the use
         // first (a gateway's report or this endpoint).
         let record = SupersededUseRecord {
