@@ -308,14 +308,7 @@ async fn redis_outage_serves_until_max_staleness_then_fails_closed_and_recovers(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_with_a_client_certificate() {
     let gw = start_gateway(Opts::shared_redis()).await;
-    let dir = gw.dir.path();
-    let chain = write(
-        dir,
-        "agent.pem",
-        &format!("{}{}", gw.leaf.cert_pem, gw.ca.cert_pem),
-    );
-    let key = write(dir, "agent.key", &gw.leaf.key_pem);
-    let root = write(dir, "root.pem", &gw.pki.root_pem());
+    let (chain, key, root) = gw.client_pem_files();
     let port = gw.addr.port();
     let curl = |with_cert: bool| {
         let mut c = std::process::Command::new("curl");

@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::gateway::{
-    h1_send, only, refused, seen_paths, start_gateway, upstream_headers, write, Gw, Opts, EXCHANGE,
+    h1_send, only, refused, seen_paths, start_gateway, upstream_headers, Gw, Opts, EXCHANGE,
 };
 use crate::support::gateway_toml::RouteToml;
 use crate::support::metrics::counter;
@@ -240,14 +240,7 @@ fn cgi(name: &str) -> String {
 /// `curl` against the gateway with the agent certificate (or none);
 /// `http2` picks the protocol. Returns the parsed JSON body.
 async fn curl(gw: &Gw, path: &str, with_cert: bool, http2: bool, hdrs: &[&str]) -> Value {
-    let dir = gw.dir.path();
-    let chain = write(
-        dir,
-        "agent.pem",
-        &format!("{}{}", gw.leaf.cert_pem, gw.ca.cert_pem),
-    );
-    let key = write(dir, "agent.key", &gw.leaf.key_pem);
-    let root = write(dir, "root.pem", &gw.pki.root_pem());
+    let (chain, key, root) = gw.client_pem_files();
     let port = gw.addr.port();
     let mut c = std::process::Command::new("curl");
     c.args(["-sS", "--max-time", "10", "--cacert"])

@@ -221,6 +221,20 @@ pub(crate) async fn start_gateway(opts: Opts) -> Gw {
 }
 
 impl Gw {
+    /// The agent's chain and key and the root, as PEM files for an
+    /// independent client (`curl --cert/--key/--cacert`).
+    pub(crate) fn client_pem_files(&self) -> (PathBuf, PathBuf, PathBuf) {
+        let dir = self.dir.path();
+        let chain = write(
+            dir,
+            "agent.pem",
+            &format!("{}{}", self.leaf.cert_pem, self.ca.cert_pem),
+        );
+        let key = write(dir, "agent.key", &self.leaf.key_pem);
+        let root = write(dir, "root.pem", &self.pki.root_pem());
+        (chain, key, root)
+    }
+
     pub(crate) async fn redis(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.redis_url.as_str())
             .unwrap()
