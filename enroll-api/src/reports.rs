@@ -129,11 +129,13 @@ impl Consumer {
                 }
                 Ok::<usize, ProjectionError>(n)
             };
+            let mut full_batch = false;
             let wait = match pass.await {
                 Ok(n) => {
                     backoff = MIN_BACKOFF;
                     // Own pending entries are read until none are left.
                     pending_first = pending_first && n > 0;
+                    full_batch = n >= BATCH;
                     None
                 }
                 Err(e) => {
@@ -151,12 +153,13 @@ impl Consumer {
                 () = async {
                     match (wait, &bus) {
                         (Some(w), _) => tokio::time::sleep(w).await,
-                        // The bus: wait for a report (or poll now and then).
-                        (None, Some(bus)) => {
+                        // The bus: wait for a report (or poll now and then),
+                        // unless a full batch says more are queued.
+                        (None, Some(bus)) if !full_batch => {
                             let _ = tokio::time::timeout(BLOCK, bus.report_queued()).await;
                         }
-                        // Redis: the read itself blocked.
-                        (None, None) => {}
+                        // Redis: the read itself blocked; the bus: more queued.
+                        (None, _) => {}
                     }
                 } => {}
             }
