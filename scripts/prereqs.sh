@@ -153,8 +153,27 @@ ensure_prereqs() {
   prereq_say "installed: ${pkgs[*]}"
 }
 
+# The Python example upstream's dependencies (examples/upstream-python), in a
+# project-local virtual environment: .venv/upstream-python. The suite runs the
+# example with that interpreter. Created, or completed, only when missing.
+PYTHON_EXAMPLE_VENV=.venv/upstream-python
+ensure_python_example() {
+  local root venv req
+  root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  venv="$root/$PYTHON_EXAMPLE_VENV"
+  req="$root/examples/upstream-python/requirements.txt"
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import jwt, cryptography' 2>/dev/null; then
+    return 0
+  fi
+  prereq_say "creating $PYTHON_EXAMPLE_VENV for the Python example upstream (pip install -r examples/upstream-python/requirements.txt)"
+  python3 -m venv "$venv" || { prereq_say "python3 -m venv failed (Debian: apt-get install python3-venv)"; exit 1; }
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$req" ||
+    { prereq_say "pip install into $PYTHON_EXAMPLE_VENV failed"; exit 1; }
+}
+
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   set -euo pipefail
   ensure_prereqs "${1:-test}"
+  [ "${1:-test}" = test ] && ensure_python_example
   prereq_say "prerequisites (${1:-test}) present"
 fi

@@ -4,7 +4,8 @@
 #   scripts/test.sh [extra cargo test arguments]       (README's test command: `make test`)
 #
 # 1. Installs what is missing (scripts/prereqs.sh test): cmake, a C compiler, PostgreSQL,
-#    Redis, openssl, curl, nginx, python3.
+#    Redis, openssl, curl, nginx, python3; and the Python example upstream's venv
+#    (.venv/upstream-python: PyJWT, for the suite's kit_upstream tests).
 # 2. PostgreSQL: uses ONEPROTECT_TEST_DATABASE_URL when it is set and answers; otherwise
 #    starts a private, throwaway server: initdb into a temp dir, `postgres` on a free
 #    loopback port (as the unprivileged `postgres` user, or `nobody`, when run as root,
@@ -22,6 +23,7 @@ cd "$(dirname "$0")/.."
 say() { printf '==> %s\n' "$*" >&2; }
 
 ensure_prereqs test
+ensure_python_example
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/oneprotect-test.XXXXXX")
 PG_PID="" REDIS_PID=""

@@ -147,13 +147,10 @@ fn print_echo(echo: &Echo) {
         println!("        {k}: {v}");
     }
     let a = &echo.assertion;
-    match &a.claims {
-        Some(c) if a.verified => println!(
-            "      assertion: verified with the gateway's key (iss {}, aud {}, sub {}, expires in {}s)",
-            c.iss,
-            c.aud,
-            c.sub,
-            c.exp - c.iat
+    match &a.agent {
+        Some(agent) if a.verified => println!(
+            "      assertion: verified with published gateway key {} (sub {}, expires in {}s)",
+            agent.kid, agent.spiffe_id, agent.expires_in
         ),
         _ => println!(
             "      assertion: NOT verified ({})",

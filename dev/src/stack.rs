@@ -119,8 +119,12 @@ pub struct StackInfo {
     pub assertion_kid: String,
     /// The `iss` of identity assertions.
     pub assertion_issuer: String,
-    /// The `aud` of identity assertions.
+    /// The `aud` of the demo route's identity assertions (every route signs
+    /// for its own audience, by default its name).
     pub assertion_audience: String,
+    /// The gateways' assertion verification keys as a JWK Set, on the
+    /// enroll-api's plain-HTTP listener (what upstreams fetch).
+    pub jwks_url: String,
     /// The process id of `up`.
     pub pid: u32,
 }

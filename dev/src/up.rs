@@ -28,7 +28,7 @@ use oneprotect_enroll_api::projection::Projection;
 use oneprotect_enroll_api::service;
 use oneprotect_enroll_api::store::Store as _;
 use oneprotect_gateway::RunningGateway;
-use oneprotect_identity::{AssertionSigner, AssertionVerifier, TenantId};
+use oneprotect_identity::{AssertionSigner, TenantId};
 use oneprotect_revocation_bus::MemoryBus;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -43,6 +43,8 @@ pub const TRUST_DOMAIN: &str = "oneprotect.local";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The assertion key id the dev gateway signs with.
 const ASSERTION_KID: &str = "dev-gateway-1";
+/// The name, and so the assertion audience, of the demo upstream's route.
+pub const DEMO_ROUTE: &str = "demo";
 
 /// What `up` was asked for.
 #[derive(Debug, Clone)]
@@ -196,15 +198,19 @@ fn gateway_toml(opts: &UpOptions, ports: &Ports, f: &GatewayFiles<'_>) -> String
          threads = 2\n\
          graceful_shutdown_secs = 1\n\n\
          [[routes]]\n\
+         name = \"enrollment-exchange\"\n\
          prefix = \"/api/v1/agent-enrollment/exchange\"\n\
          upstreams = [\"127.0.0.1:{eh}\"]\n\
          require_identity = false\n\n\
          [[routes]]\n\
+         name = \"enroll-api\"\n\
          prefix = \"/api/v1/agents\"\n\
          upstreams = [\"127.0.0.1:{eh}\"]\n\n\
          [[routes]]\n\
+         name = {demo}\n\
          prefix = \"/\"\n\
          upstreams = [\"127.0.0.1:{up}\"]\n",
+        demo = q(DEMO_ROUTE),
         gw = ports.gateway,
         cert = qp(f.server_cert),
         key = qp(f.server_key),
@@ -338,17 +344,27 @@ pub async fn start(opts: &UpOptions) -> anyhow::Result<Stack> {
     let prepared = oneprotect_gateway::Prepared::load(oneprotect_gateway::Config::from_toml(
         &text, &gw_path,
     )?)?;
-    let (issuer, audience) = (
-        prepared.config.assertion.issuer.clone(),
-        prepared.config.assertion.audience.clone(),
-    );
+    let issuer = prepared.config.assertion.issuer.clone();
+    let audience = DEMO_ROUTE.to_owned();
     let app = match &bus {
         Some(bus) => oneprotect_gateway::build_with_memory_bus(prepared, bus.clone())?,
         None => oneprotect_gateway::build(prepared)?,
     };
-    let verifier = AssertionVerifier::new(audience.clone())
-        .with_issuer(issuer.clone())
-        .add_key(app.assertions.kid(), app.assertions.public_key());
+    // The demo upstream verifies like any upstream: the keys from the
+    // enroll-api's published JWK Set, its own route's audience.
+    let jwks_url = format!("http://{http}/.well-known/jwks.json");
+    let verifier = oneprotect_upstream::Verifier::from_jwks_url(
+        &jwks_url,
+        None,
+        &audience,
+        oneprotect_upstream::Options {
+            issuer: issuer.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .with_context(|| format!("the demo upstream could not fetch {jwks_url}"))?;
+    verifier.spawn_refresh(Duration::from_secs(60));
 
     let upstream_addr = SocketAddr::from(([127, 0, 0, 1], ports.upstream));
     let listener = tokio::net::TcpListener::bind(upstream_addr)
@@ -405,6 +421,7 @@ pub async fn start(opts: &UpOptions) -> anyhow::Result<Stack> {
         assertion_kid: ASSERTION_KID.into(),
         assertion_issuer: issuer,
         assertion_audience: audience,
+        jwks_url,
         pid: std::process::id(),
     };
     info.store(&data_dir)?;

@@ -9,26 +9,27 @@
 //! a gateway ever let it through. The rule is written out here on purpose,
 //! not borrowed from the gateway, so the echo can reveal a gateway miss. It
 //! also verifies the signed identity assertion
-//! (`x-oneprotect-identity-assertion`) with the gateway's public key the way
-//! a real upstream should: signature, issuer, audience, expiry, and that its
-//! claims match the plain headers. The assertion itself is not echoed (it is
-//! a bearer credential for its lifetime); its length is.
+//! (`x-oneprotect-identity-assertion`) the way a real upstream should, with
+//! the `oneprotect-upstream` crate: keys from the enroll-api's published JWK
+//! Set, signature, issuer, this route's audience, expiry, and that every
+//! identity header is the one the assertion binds. It reports the outcome
+//! instead of refusing, so the demo can show it. The assertion itself is
+//! not echoed (it is a bearer credential for its lifetime); its length is.
 //!
 //! ```text
 //! {"method":"GET","path":"/hello",
 //!  "identity_headers":{"x-oneprotect-tenant-id":"…","x-oneprotect-agent-id":"…",…},
-//!  "assertion":{"present":true,"verified":true,"matches_headers":true,"claims":{…}}}
+//!  "assertion":{"present":true,"verified":true,"matches_headers":true,"agent":{…}}}
 //! ```
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::Json;
 use http::{HeaderMap, Method, Uri};
 use oneprotect_identity::headers as h;
-use oneprotect_identity::{AssertionClaims, AssertionVerifier};
+use oneprotect_identity::{AgentId, AgentUri, SerialNumber, TenantId};
+use oneprotect_upstream::{Refusal, Verifier};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -38,15 +39,32 @@ use tokio::sync::watch;
 pub struct AssertionReport {
     /// The header was there.
     pub present: bool,
-    /// It verified (signature by the gateway's key, issuer, audience,
-    /// expiry, claim consistency).
+    /// It verified (signature by a published gateway key, issuer,
+    /// audience, expiry, claim consistency) and binds the identity headers.
     pub verified: bool,
     /// Why it did not verify.
     pub error: Option<String>,
-    /// Its claims agree with the tenant, agent and serial headers.
+    /// Every identity header is the one the assertion binds.
     pub matches_headers: bool,
-    /// The verified claims.
-    pub claims: Option<AssertionClaims>,
+    /// The verified identity.
+    pub agent: Option<AssertedAgent>,
+}
+
+/// The identity a verified assertion vouches for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssertedAgent {
+    /// The tenant.
+    pub tenant_id: TenantId,
+    /// The agent.
+    pub agent_id: AgentId,
+    /// The SPIFFE ID.
+    pub spiffe_id: AgentUri,
+    /// The certificate serial.
+    pub serial: SerialNumber,
+    /// The key id that signed it.
+    pub kid: String,
+    /// Seconds the assertion has left.
+    pub expires_in: i64,
 }
 
 /// The upstream's answer.
@@ -64,12 +82,6 @@ pub struct Echo {
     pub assertion: AssertionReport,
 }
 
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
 /// Whether a header of this name carries an identity to an application
 /// that reads header names CGI-style (`HTTP_X_ONEPROTECT_TENANT_ID`):
 /// lower-cased, `_` as `-`.
@@ -85,7 +97,7 @@ pub fn identity_bearing(name: &str) -> bool {
 }
 
 /// Builds the answer for one request.
-pub fn echo(verifier: &AssertionVerifier, method: &Method, uri: &Uri, headers: &HeaderMap) -> Echo {
+pub async fn echo(verifier: &Verifier, method: &Method, uri: &Uri, headers: &HeaderMap) -> Echo {
     let mut identity_headers: BTreeMap<String, String> = BTreeMap::new();
     for (name, value) in headers {
         let n = name.as_str();
@@ -105,37 +117,39 @@ pub fn echo(verifier: &AssertionVerifier, method: &Method, uri: &Uri, headers: &
             })
             .or_insert(v);
     }
-    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    let assertion = match header(h::IDENTITY_ASSERTION) {
-        None => AssertionReport {
+    let assertion = if headers.contains_key(h::IDENTITY_ASSERTION) {
+        match verifier.verify(headers).await {
+            Ok(a) => AssertionReport {
+                present: true,
+                verified: true,
+                error: None,
+                matches_headers: true,
+                agent: Some(AssertedAgent {
+                    expires_in: a.assertion_expires_at
+                        - time::OffsetDateTime::now_utc().unix_timestamp(),
+                    tenant_id: a.tenant_id,
+                    agent_id: a.agent_id,
+                    spiffe_id: a.spiffe_id,
+                    serial: a.serial,
+                    kid: a.kid,
+                }),
+            },
+            Err(e) => AssertionReport {
+                present: true,
+                verified: false,
+                matches_headers: !matches!(e, Refusal::HeaderMismatch(_)),
+                error: Some(e.to_string()),
+                agent: None,
+            },
+        }
+    } else {
+        AssertionReport {
             present: false,
             verified: false,
             error: None,
             matches_headers: false,
-            claims: None,
-        },
-        Some(token) => match verifier.verify(token, now()) {
-            Ok(v) => {
-                let c = v.claims;
-                let matches_headers = header(h::TENANT_ID) == Some(&c.tenant_id.to_string())
-                    && header(h::AGENT_ID) == Some(&c.agent_id.to_string())
-                    && header(h::CERT_SERIAL) == Some(&c.serial.to_string());
-                AssertionReport {
-                    present: true,
-                    verified: true,
-                    error: None,
-                    matches_headers,
-                    claims: Some(c),
-                }
-            }
-            Err(e) => AssertionReport {
-                present: true,
-                verified: false,
-                error: Some(e.to_string()),
-                matches_headers: false,
-                claims: None,
-            },
-        },
+            agent: None,
+        }
     };
     Echo {
         method: method.to_string(),
@@ -148,23 +162,21 @@ pub fn echo(verifier: &AssertionVerifier, method: &Method, uri: &Uri, headers: &
 }
 
 async fn handle(
-    State(verifier): State<Arc<AssertionVerifier>>,
+    State(verifier): State<Verifier>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
 ) -> Json<Echo> {
-    Json(echo(&verifier, &method, &uri, &headers))
+    Json(echo(&verifier, &method, &uri, &headers).await)
 }
 
 /// Serves the upstream on `listener` until `stop` turns true.
 pub async fn serve(
     listener: TcpListener,
-    verifier: AssertionVerifier,
+    verifier: Verifier,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let app = axum::Router::new()
-        .fallback(handle)
-        .with_state(Arc::new(verifier));
+    let app = axum::Router::new().fallback(handle).with_state(verifier);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -175,12 +187,16 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use oneprotect_identity::AssertionSigner;
+    use oneprotect_identity::{AssertionSigner, Jwk, JwkSet};
 
-    #[test]
-    fn reports_a_missing_or_forged_assertion_as_not_verified() {
+    fn verifier(keys: Vec<Jwk>) -> Verifier {
+        Verifier::with_keys(&JwkSet { keys }, "aud", Default::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn reports_a_missing_or_forged_assertion_as_not_verified() {
         let (signer, _) = AssertionSigner::generate("k").unwrap();
-        let verifier = AssertionVerifier::new("aud").add_key("k", signer.public_key());
+        let verifier = verifier(vec![Jwk::ed25519("k", &signer.public_key())]);
         let mut headers = HeaderMap::new();
         headers.insert(h::TENANT_ID, "t".parse().unwrap());
         headers.insert("x-other", "o".parse().unwrap());
@@ -190,12 +206,13 @@ mod tests {
             &Method::GET,
             &"/x?y=1".parse().unwrap(),
             &headers,
-        );
+        )
+        .await;
         assert_eq!(e.path, "/x?y=1");
         assert_eq!(e.identity_headers.len(), 1);
         assert!(!e.assertion.present && !e.assertion.verified);
         headers.insert(h::IDENTITY_ASSERTION, "a.b.c".parse().unwrap());
-        let e = echo(&verifier, &Method::GET, &"/".parse().unwrap(), &headers);
+        let e = echo(&verifier, &Method::GET, &"/".parse().unwrap(), &headers).await;
         assert!(e.assertion.present && !e.assertion.verified);
         assert!(e.assertion.error.is_some());
         assert_eq!(
@@ -204,9 +221,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn shows_identity_headers_in_every_spelling_an_application_folds() {
-        let verifier = AssertionVerifier::new("aud");
+    #[tokio::test]
+    async fn shows_identity_headers_in_every_spelling_an_application_folds() {
+        let verifier = verifier(Vec::new());
         let mut headers = HeaderMap::new();
         for n in [
             "x_oneprotect_tenant_id",
@@ -222,7 +239,7 @@ mod tests {
         }
         headers.append("client_cert", "again".parse().unwrap());
         headers.insert("x_other", "o".parse().unwrap());
-        let e = echo(&verifier, &Method::GET, &"/".parse().unwrap(), &headers);
+        let e = echo(&verifier, &Method::GET, &"/".parse().unwrap(), &headers).await;
         assert_eq!(e.identity_headers.len(), 5, "{:?}", e.identity_headers);
         assert_eq!(e.identity_headers["client_cert"], "spoof, again");
         assert!(!e.identity_headers.contains_key("x_other"));

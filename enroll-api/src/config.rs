@@ -224,7 +224,9 @@ impl Default for RotationConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AssertionTrustConfig {
-    /// Required `aud`. Defaults to `oneprotect-upstream` (the gateway's default).
+    /// Required `aud`: the `audience` of the gateway route that forwards the
+    /// agent endpoints (a route's audience defaults to its name). Defaults
+    /// to `enroll-api`.
     pub audience: String,
     /// Required `iss`. Defaults to `oneprotect-gateway`.
     pub issuer: String,
@@ -235,7 +237,7 @@ pub struct AssertionTrustConfig {
 impl Default for AssertionTrustConfig {
     fn default() -> Self {
         Self {
-            audience: "oneprotect-upstream".into(),
+            audience: "enroll-api".into(),
             issuer: oneprotect_identity::assertion::DEFAULT_ISSUER.into(),
             keys: Vec::new(),
         }

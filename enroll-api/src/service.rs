@@ -187,6 +187,7 @@ pub async fn build_state_with_projection(
         trusted_proxies: cfg.forwarded.trusted(),
         projection,
         assertions,
+        jwks: crate::http::keys::PublishedKeys::new(&trust.keys),
         rotation_grace: time::Duration::seconds(
             i64::try_from(cfg.rotation.grace_secs).unwrap_or(i64::MAX),
         ),

@@ -112,8 +112,12 @@ fn bench(c: &mut Criterion) {
         })
     });
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let rc: oneprotect_gateway::config::RouteConfig =
+        toml::from_str("prefix = \"/\"\nupstreams = [\"127.0.0.1:1\"]\nhealth_check_secs = 0")
+            .unwrap();
+    let route = oneprotect_gateway::routes::Route::new(&rc, 0, Default::default()).unwrap();
     c.bench_function("assertion (cached per connection)", |b| {
-        b.iter(|| conn.assertion(&assertions, now))
+        b.iter(|| conn.assertion(&assertions, &route, now))
     });
     let base = request();
     c.bench_function("request header clone (baseline)", |b| {
@@ -123,7 +127,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let mut req = base.clone();
             strip_client_headers(&mut req, StripPolicy::default());
-            inject_identity(&mut req, &conn, conn.assertion(&assertions, now)).unwrap();
+            inject_identity(&mut req, &conn, conn.assertion(&assertions, &route, now)).unwrap();
             req
         })
     });
@@ -136,7 +140,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let mut req = spoofed.clone();
             strip_client_headers(&mut req, StripPolicy::default());
-            inject_identity(&mut req, &conn, conn.assertion(&assertions, now)).unwrap();
+            inject_identity(&mut req, &conn, conn.assertion(&assertions, &route, now)).unwrap();
             req
         })
     });
@@ -148,7 +152,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             // A new second every time: never a cache hit.
             t += 1000;
-            svc.get(&id, t)
+            svc.get(&id, 0, "workers", t)
         })
     });
 }

@@ -85,6 +85,13 @@ pub enum ConfigError {
     /// The mTLS and admin listeners share an address.
     #[error("listener.listen and admin.listen must differ")]
     SameListenAddress,
+    /// `assertion.audience`, which every route signed for, is set.
+    #[error(
+        "assertion.audience was removed: each route signs for its own audience (routes.audience, \
+         default the route's name, itself defaulting to the prefix), so an assertion one upstream \
+         saw cannot be replayed to another; move the value to the routes that need it"
+    )]
+    GlobalAudience,
 }
 
 /// Why a route was refused.
@@ -125,6 +132,12 @@ pub enum RouteProblem {
     /// A timeout is zero.
     #[error("timeouts must be positive")]
     ZeroTimeout,
+    /// Another route has the same name.
+    #[error("name {0:?} appears twice")]
+    DuplicateName(String),
+    /// `name` or `audience` is empty.
+    #[error("name and audience must not be empty")]
+    EmptyName,
     /// `tls` without `sni`.
     #[error("tls needs an sni (without one the upstream's certificate would not be verified)")]
     TlsWithoutSni,
@@ -282,15 +295,21 @@ pub struct AssertionConfig {
     /// development, useless for upstreams that pin keys.
     #[serde(default)]
     pub key_file: Option<PathBuf>,
-    /// The key id put in the JWT header. Defaults to `gateway-1`.
-    #[serde(default = "default_kid")]
-    pub kid: String,
+    /// The key id put in the JWT header. Defaults to the key's RFC 7638
+    /// thumbprint, so that a new key always gets a new id and the key file
+    /// can be replaced while the gateway runs (SIGHUP, or the
+    /// `listener.trust_bundle_poll_secs` poll). With a pinned kid a changed
+    /// key file is refused until restart.
+    #[serde(default)]
+    pub kid: Option<String>,
     /// The `iss` claim. Defaults to `oneprotect-gateway`.
     #[serde(default = "default_issuer")]
     pub issuer: String,
-    /// The `aud` claim. Defaults to `oneprotect-upstream`.
-    #[serde(default = "default_audience")]
-    pub audience: String,
+    /// Removed: every route signs for its own audience (`routes.audience`,
+    /// default the route's name). Setting it is a configuration error that
+    /// says so.
+    #[serde(default)]
+    pub audience: Option<String>,
     /// Lifetime of an assertion, seconds (1..=60). Defaults to 60.
     #[serde(default = "default_assertion_lifetime")]
     pub lifetime_secs: u64,
@@ -303,9 +322,9 @@ impl Default for AssertionConfig {
     fn default() -> Self {
         Self {
             key_file: None,
-            kid: default_kid(),
+            kid: None,
             issuer: default_issuer(),
-            audience: default_audience(),
+            audience: None,
             lifetime_secs: default_assertion_lifetime(),
             refresh_before_secs: default_assertion_refresh(),
         }
@@ -404,6 +423,15 @@ impl RevocationConfig {
 pub struct RouteConfig {
     /// The path prefix (starts with `/`). The longest matching prefix wins.
     pub prefix: String,
+    /// The route's name, unique among the routes: in logs, metrics and the
+    /// default `audience`. Defaults to the prefix.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The `aud` claim of the identity assertions this route's upstreams
+    /// get; each upstream checks it, so an assertion captured by one cannot
+    /// be replayed to another. Defaults to the route's name.
+    #[serde(default)]
+    pub audience: Option<String>,
     /// Upstream addresses (`host:port`), round robin.
     pub upstreams: Vec<String>,
     /// Whether a verified agent identity is required. Defaults to `true`;
@@ -520,14 +548,8 @@ fn default_unauthenticated_per_source() -> u32 {
 fn default_bundle_poll() -> u64 {
     10
 }
-fn default_kid() -> String {
-    "gateway-1".into()
-}
 fn default_issuer() -> String {
     oneprotect_identity::assertion::DEFAULT_ISSUER.into()
-}
-fn default_audience() -> String {
-    "oneprotect-upstream".into()
 }
 fn default_assertion_lifetime() -> u64 {
     60
@@ -689,9 +711,12 @@ impl Config {
         if a.refresh_before_secs >= a.lifetime_secs {
             range("assertion.refresh_before_secs", "below lifetime_secs")?;
         }
-        if a.kid.is_empty() || a.audience.is_empty() || a.issuer.is_empty() {
+        if a.audience.is_some() {
+            return Err(ConfigError::GlobalAudience);
+        }
+        if a.kid.as_deref().is_some_and(str::is_empty) || a.issuer.is_empty() {
             return Err(ConfigError::Empty {
-                keys: "assertion.kid, audience and issuer",
+                keys: "assertion.kid and issuer",
             });
         }
         let l = &self.listener;
@@ -719,12 +744,22 @@ impl Config {
         if self.runtime.threads == 0 || self.runtime.threads > 256 {
             range("runtime.threads", "1..=256")?;
         }
+        if self.routes.len() > 4096 {
+            range("routes", "at most 4096 routes")?;
+        }
         let mut prefixes = std::collections::HashSet::new();
+        let mut names = std::collections::HashSet::new();
         for route in &self.routes {
             if !prefixes.insert(route.prefix.as_str()) {
                 return Err(ConfigError::Route {
                     prefix: route.prefix.clone(),
                     problem: RouteProblem::DuplicatePrefix,
+                });
+            }
+            if !names.insert(route.name()) {
+                return Err(ConfigError::Route {
+                    prefix: route.prefix.clone(),
+                    problem: RouteProblem::DuplicateName(route.name().to_owned()),
                 });
             }
             route.validate().map_err(|problem| ConfigError::Route {
@@ -744,9 +779,24 @@ impl Config {
 
 impl RouteConfig {
     /// The checks of one route on its own.
+    /// The route's name: `name`, or the prefix.
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.prefix)
+    }
+
+    /// The `aud` of this route's assertions: `audience`, or the name.
+    pub fn audience(&self) -> &str {
+        self.audience.as_deref().unwrap_or_else(|| self.name())
+    }
+
     fn validate(&self) -> Result<(), RouteProblem> {
         if !self.prefix.starts_with('/') {
             return Err(RouteProblem::RelativePrefix);
+        }
+        if self.name.as_deref().is_some_and(str::is_empty)
+            || self.audience.as_deref().is_some_and(str::is_empty)
+        {
+            return Err(RouteProblem::EmptyName);
         }
         if self.upstreams.is_empty() {
             return Err(RouteProblem::NoUpstreams);
@@ -908,6 +958,46 @@ pub(crate) mod tests {
             e.contains("trust_domain") && e.contains("invalid trust domain"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn every_route_has_its_own_audience() {
+        let routes = |extra: &str| {
+            let text = format!(
+                "{MINIMAL}\n[[routes]]\nprefix = \"/a\"\nupstreams = [\"127.0.0.1:1\"]\n\
+                 [[routes]]\nname = \"workers\"\nprefix = \"/b\"\nupstreams = [\"127.0.0.1:1\"]\n{extra}\n"
+            );
+            Config::from_toml(&text, Path::new("t")).unwrap().validate()
+        };
+        let c = routes("").unwrap();
+        assert_eq!(
+            (c.routes[0].audience(), c.routes[1].audience()),
+            ("/a", "workers")
+        );
+        let c = routes("audience = \"billing\"").unwrap();
+        assert_eq!(
+            (c.routes[1].name(), c.routes[1].audience()),
+            ("workers", "billing")
+        );
+        let dup = format!(
+            "{MINIMAL}\n[[routes]]\nname = \"x\"\nprefix = \"/a\"\nupstreams = [\"127.0.0.1:1\"]\n\
+             [[routes]]\nname = \"x\"\nprefix = \"/b\"\nupstreams = [\"127.0.0.1:1\"]\n"
+        );
+        let e = Config::from_toml(&dup, Path::new("t"))
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("name \"x\" appears twice"), "{e}");
+        let e = routes("audience = \"\"").unwrap_err().to_string();
+        assert!(e.contains("must not be empty"), "{e}");
+        // The one audience every route used to share is refused, saying why.
+        let global = format!("{MINIMAL}\n[assertion]\naudience = \"x\"\n");
+        let e = Config::from_toml(&global, Path::new("t"))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("routes.audience"), "{e}");
     }
 
     #[test]

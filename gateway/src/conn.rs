@@ -10,6 +10,7 @@ use oneprotect_identity::{headers, AgentIdentity, KeySchema};
 use time::format_description::well_known::Rfc3339;
 
 use crate::assertion::{AssertionService, SignedAssertion};
+use crate::routes::Route;
 
 /// What the handshake callback needs to build a [`ConnIdentity`].
 #[derive(Debug)]
@@ -115,15 +116,17 @@ impl ConnIdentity {
         [&self.cert_key, &self.agent_key]
     }
 
-    /// A current signed assertion (re-signed shortly before expiry).
-    pub fn assertion(&self, service: &AssertionService, now: i64) -> HeaderValue {
+    /// A current signed assertion for `route` (re-signed shortly before
+    /// expiry, for another route, or after a signing key change).
+    pub fn assertion(&self, service: &AssertionService, route: &Route, now: i64) -> HeaderValue {
         let current = self.assertion.load();
         if let Some(a) = current.as_ref() {
-            if now < a.refresh_at {
+            if now < a.refresh_at && a.route == route.index && a.generation == service.generation()
+            {
                 return a.value.clone();
             }
         }
-        let fresh = service.get(&self.identity, now);
+        let fresh = service.get(&self.identity, route.index, &route.audience, now);
         let value = fresh.value.clone();
         self.assertion.store(Some(fresh));
         value
@@ -213,10 +216,31 @@ mod tests {
             )
         );
         assert_eq!(conn.redis_keys()[0], format!("p:cert:{}", id.serial()));
-        // Signed once, then reused until shortly before expiry.
-        let a = conn.assertion(&assertions, 1_000);
-        assert_eq!(conn.assertion(&assertions, 1_030), a);
-        assert_ne!(conn.assertion(&assertions, 1_041), a);
+        // Signed once per route, then reused until shortly before expiry.
+        let route = |prefix: &str, index: u32| {
+            let mut rc: crate::config::RouteConfig = toml::from_str(&format!(
+                "prefix = \"{prefix}\"\nupstreams = [\"127.0.0.1:1\"]\nhealth_check_secs = 0"
+            ))
+            .unwrap();
+            rc.name = Some(prefix.trim_start_matches('/').to_owned());
+            crate::routes::Route::new(&rc, index, Default::default()).unwrap()
+        };
+        let (api, ws) = (route("/api", 0), route("/ws", 1));
+        let a = conn.assertion(&assertions, &api, 1_000);
+        assert_eq!(conn.assertion(&assertions, &api, 1_030), a);
+        assert_ne!(conn.assertion(&assertions, &api, 1_041), a);
+        let claims = |v: &HeaderValue| {
+            oneprotect_identity::AssertionVerifier::new("ws")
+                .add_key("k", assertions.public_key())
+                .verify(v.to_str().unwrap(), 1_045)
+        };
+        let for_ws = conn.assertion(&assertions, &ws, 1_045);
+        assert_eq!(claims(&for_ws).unwrap().claims.aud, "ws");
+        let for_api = conn.assertion(&assertions, &api, 1_045);
+        assert_eq!(
+            claims(&for_api),
+            Err(oneprotect_identity::AssertionError::WrongAudience)
+        );
         // Forwarding values: formatted on first use, then the same ones.
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
         let first = conn.forwarding(ip);

@@ -133,8 +133,9 @@ pub fn load_server_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, Fil
     Ok(Arc::new(certify("server key", key, chain, &key_der)?))
 }
 
-/// Loads an Ed25519 PKCS#8 assertion signing key (DER, or PEM `PRIVATE KEY`).
-pub fn load_signer(path: &Path, kid: &str) -> Result<AssertionSigner, FileError> {
+/// Loads an Ed25519 PKCS#8 assertion signing key (DER, or PEM `PRIVATE KEY`)
+/// under `kid`, or under the key's RFC 7638 thumbprint when `kid` is `None`.
+pub fn load_signer(path: &Path, kid: Option<&str>) -> Result<AssertionSigner, FileError> {
     let err = |p| FileError::new("assertion signing key", path, p);
     let bytes = std::fs::read(path).map_err(|e| err(FileProblem::Read(e)))?;
     let der = if bytes.starts_with(b"-----BEGIN") {
@@ -145,7 +146,11 @@ pub fn load_signer(path: &Path, kid: &str) -> Result<AssertionSigner, FileError>
     } else {
         bytes
     };
-    AssertionSigner::from_pkcs8(kid, &der).map_err(|e| err(FileProblem::NotEd25519(e)))
+    match kid {
+        Some(kid) => AssertionSigner::from_pkcs8(kid, &der),
+        None => AssertionSigner::from_pkcs8_thumbprint_kid(&der),
+    }
+    .map_err(|e| err(FileProblem::NotEd25519(e)))
 }
 
 #[cfg(test)]
@@ -179,7 +184,7 @@ mod tests {
     #[test]
     fn errors_name_the_file_and_keep_the_cause() {
         let missing = Path::new("/nonexistent/signing.key");
-        let e = load_signer(missing, "k").unwrap_err();
+        let e = load_signer(missing, Some("k")).unwrap_err();
         assert!(e
             .to_string()
             .starts_with("assertion signing key /nonexistent/signing.key: "));

@@ -39,9 +39,10 @@ struct Args {
     /// overwrite an existing file.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["check", "print_assertion_key"])]
     generate_assertion_key: Option<PathBuf>,
-    /// The key id for --generate-assertion-key.
-    #[arg(long, default_value = "gateway-1", requires = "generate_assertion_key")]
-    kid: String,
+    /// The key id for --generate-assertion-key. Defaults to the key's RFC
+    /// 7638 thumbprint (what the gateway uses when `assertion.kid` is unset).
+    #[arg(long, requires = "generate_assertion_key")]
+    kid: Option<String>,
     #[command(flatten)]
     log: oneprotect_logging::LogArgs,
 }
@@ -56,11 +57,17 @@ fn trusted_key_toml(signer: &oneprotect_identity::AssertionSigner) -> String {
     )
 }
 
-fn generate_key(path: &std::path::Path, kid: &str) -> anyhow::Result<()> {
+fn generate_key(path: &std::path::Path, kid: Option<&str>) -> anyhow::Result<()> {
+    use oneprotect_identity::AssertionSigner;
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    let (signer, pkcs8) = oneprotect_identity::AssertionSigner::generate(kid)
-        .map_err(|_| anyhow::anyhow!("cannot generate an Ed25519 key"))?;
+    let no_key = |_| anyhow::anyhow!("cannot generate an Ed25519 key");
+    let (_, pkcs8) = AssertionSigner::generate("new").map_err(no_key)?;
+    let signer = match kid {
+        Some(kid) => AssertionSigner::from_pkcs8(kid, &pkcs8),
+        None => AssertionSigner::from_pkcs8_thumbprint_kid(&pkcs8),
+    }
+    .map_err(no_key)?;
     let pem = pem_encode("PRIVATE KEY", &pkcs8);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -105,7 +112,7 @@ fn run() -> anyhow::Result<()> {
         "info",
     );
     if let Some(path) = &args.generate_assertion_key {
-        return generate_key(path, &args.kid);
+        return generate_key(path, args.kid.as_deref());
     }
     // Every file is read here, once: --check, --print-assertion-key and the
     // gateway itself use the same prepared material.

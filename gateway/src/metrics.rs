@@ -33,6 +33,8 @@ pub struct Metrics {
     pub revocation_cache_resets: IntCounter,
     /// Trust bundle reloads by outcome (`ok`, `error`).
     pub trust_bundle_reloads: IntCounterVec,
+    /// Assertion signing key reloads, by outcome (`ok`, `error`).
+    pub assertion_key_reloads: IntCounterVec,
     /// Upstream response latency (request sent to response header), seconds.
     pub upstream_latency: HistogramVec,
     /// Connections the gateway closed, by reason: HTTP/1.1 `idle_timeout`,
@@ -123,6 +125,14 @@ impl Metrics {
             &["outcome"],
         )
         .expect("static metric");
+        let assertion_key_reloads = IntCounterVec::new(
+            Opts::new(
+                "assertion_key_reloads_total",
+                "Assertion signing key changes applied (ok) or refused (error)",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric");
         let upstream_latency = HistogramVec::new(
             HistogramOpts::new("upstream_latency_seconds", "Upstream response latency").buckets(
                 vec![
@@ -165,6 +175,7 @@ impl Metrics {
             Box::new(revocation_staleness_ms.clone()),
             Box::new(revocation_cache_resets.clone()),
             Box::new(trust_bundle_reloads.clone()),
+            Box::new(assertion_key_reloads.clone()),
             Box::new(upstream_latency.clone()),
             Box::new(connections_closed.clone()),
             Box::new(tunnels_opened.clone()),
@@ -185,6 +196,7 @@ impl Metrics {
             revocation_staleness_ms,
             revocation_cache_resets,
             trust_bundle_reloads,
+            assertion_key_reloads,
             upstream_latency,
             connections_closed,
             tunnels_opened,

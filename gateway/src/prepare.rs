@@ -62,7 +62,7 @@ impl Prepared {
         let server_key = load_server_key(&l.cert, &l.key)?;
         let trust = TrustStore::load(&l.trust_bundle)?;
         let signer = match &config.assertion.key_file {
-            Some(path) => Some(load_signer(path, &config.assertion.kid)?),
+            Some(path) => Some(load_signer(path, config.assertion.kid.as_deref())?),
             None => None,
         };
         let upstream_tls = config

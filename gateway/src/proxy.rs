@@ -399,8 +399,8 @@ impl ProxyHttp for Gateway {
             }
         }
         if ctx.inject {
-            if let Some(conn) = ctx.identity() {
-                let assertion = conn.assertion(&self.assertions, unix_now());
+            if let (Some(conn), Some(route)) = (ctx.identity(), ctx.route.as_deref()) {
+                let assertion = conn.assertion(&self.assertions, route, unix_now());
                 inject_identity(upstream_request, conn, assertion)?;
             }
         }

@@ -168,14 +168,19 @@ impl BackgroundService for Subscriber {
     }
 }
 
-struct TrustReloader {
+/// Reloads the files that may change while the gateway runs: the trust
+/// bundle and the assertion signing key. On SIGHUP, and every `poll` when
+/// set (the trust bundle when its file changed; the key file is small and
+/// is compared by its public key).
+struct FileReloader {
     trust: Arc<TrustStore>,
+    assertions: Arc<AssertionService>,
     poll: Option<Duration>,
     metrics: Metrics,
 }
 
-impl TrustReloader {
-    fn record(&self, res: Result<usize, FileError>) {
+impl FileReloader {
+    fn record_trust(&self, res: Result<usize, FileError>) {
         match res {
             Ok(n) => {
                 self.metrics
@@ -193,10 +198,30 @@ impl TrustReloader {
             }
         }
     }
+
+    fn reload_key(&self) {
+        match self.assertions.reload() {
+            Ok(None) => {}
+            Ok(Some(kid)) => {
+                self.metrics
+                    .assertion_key_reloads
+                    .with_label_values(&["ok"])
+                    .inc();
+                tracing::info!(%kid, "assertion signing key replaced: new assertions use it");
+            }
+            Err(e) => {
+                self.metrics
+                    .assertion_key_reloads
+                    .with_label_values(&["error"])
+                    .inc();
+                tracing::error!(error = %e, "assertion key reload refused; signing with the old key");
+            }
+        }
+    }
 }
 
 #[async_trait]
-impl BackgroundService for TrustReloader {
+impl BackgroundService for FileReloader {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let poll = self.poll.unwrap_or(Duration::from_secs(3600));
@@ -205,12 +230,14 @@ impl BackgroundService for TrustReloader {
         loop {
             tokio::select! {
                 _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
-                    self.record(self.trust.reload());
+                    self.record_trust(self.trust.reload());
+                    self.reload_key();
                 }
                 _ = tick.tick(), if self.poll.is_some() => {
                     if let Some(res) = self.trust.reload_if_changed() {
-                        self.record(res);
+                        self.record_trust(res);
                     }
+                    self.reload_key();
                 }
                 _ = shutdown.changed() => return,
             }
@@ -259,11 +286,15 @@ fn build_inner(
     let signer = match signer {
         Some(signer) => signer,
         None => {
-            let (signer, _) =
-                oneprotect_identity::AssertionSigner::generate(cfg.assertion.kid.clone())
-                    .map_err(BuildError::EphemeralKey)?;
+            let (_, pkcs8) = oneprotect_identity::AssertionSigner::generate("ephemeral")
+                .map_err(BuildError::EphemeralKey)?;
+            let signer = match &cfg.assertion.kid {
+                Some(kid) => oneprotect_identity::AssertionSigner::from_pkcs8(kid.clone(), &pkcs8),
+                None => oneprotect_identity::AssertionSigner::from_pkcs8_thumbprint_kid(&pkcs8),
+            }
+            .map_err(BuildError::EphemeralKey)?;
             tracing::warn!(
-                kid = %cfg.assertion.kid,
+                kid = %signer.kid(),
                 "no assertion.key_file: generated an ephemeral signing key (development only)"
             );
             signer
@@ -306,8 +337,9 @@ fn build_inner(
     });
 
     let mut routes = Vec::new();
-    for (rc, upstream_tls) in cfg.routes.iter().zip(upstream_tls) {
-        let route = Route::new(rc, upstream_tls)?;
+    for (index, (rc, upstream_tls)) in cfg.routes.iter().zip(upstream_tls).enumerate() {
+        // validate() allows at most 4096 routes.
+        let route = Route::new(rc, index as u32, upstream_tls)?;
         if rc.health_check_secs > 0 {
             let pool = route.pool.clone();
             server.add_service(background_service(
@@ -392,9 +424,10 @@ fn build_inner(
         Subscriber(revocation.clone()),
     ));
     server.add_service(background_service(
-        "trust bundle reloader",
-        TrustReloader {
+        "trust bundle and assertion key reloader",
+        FileReloader {
             trust: trust.clone(),
+            assertions: assertions.clone(),
             poll: (cfg.listener.trust_bundle_poll_secs > 0)
                 .then(|| Duration::from_secs(cfg.listener.trust_bundle_poll_secs)),
             metrics: metrics.clone(),

@@ -140,6 +140,14 @@ impl AssertionSigner {
         })
     }
 
+    /// Loads a signer whose key id is the key's RFC 7638 thumbprint
+    /// ([`crate::jwk::thumbprint`]): a new key always gets a new id.
+    pub fn from_pkcs8_thumbprint_kid(pkcs8: &[u8]) -> Result<Self, KeyError> {
+        let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8).map_err(|_| KeyError)?;
+        let public: [u8; 32] = key.public_key().as_ref().try_into().map_err(|_| KeyError)?;
+        Self::from_pkcs8(crate::jwk::thumbprint(&public), pkcs8)
+    }
+
     /// Generates a fresh key; returns the signer and its PKCS#8 document (to
     /// store with mode 0600).
     pub fn generate(kid: impl Into<String>) -> Result<(Self, Vec<u8>), KeyError> {
@@ -216,6 +224,28 @@ impl AssertionVerifier {
     pub fn add_key(mut self, kid: impl Into<String>, public_key: [u8; 32]) -> Self {
         self.keys.insert(kid.into(), public_key);
         self
+    }
+
+    /// Trusts every Ed25519 signature key of a JWK Set (as the enroll-api
+    /// publishes them), in addition to the keys already trusted.
+    pub fn add_jwks(mut self, set: &crate::jwk::JwkSet) -> Result<Self, crate::jwk::JwkError> {
+        self.keys.extend(set.ed25519_keys()?);
+        Ok(self)
+    }
+
+    /// Replaces the trusted keys (a refreshed JWK Set).
+    pub fn set_keys(&mut self, keys: impl IntoIterator<Item = (String, [u8; 32])>) {
+        self.keys = keys.into_iter().collect();
+    }
+
+    /// Whether a key with id `kid` is trusted.
+    pub fn has_key(&self, kid: &str) -> bool {
+        self.keys.contains_key(kid)
+    }
+
+    /// The audience this verifier requires.
+    pub fn audience(&self) -> &str {
+        &self.audience
     }
 
     /// Verifies `token` at time `now` (unix seconds).

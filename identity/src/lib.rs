@@ -20,6 +20,8 @@
 //!   a Redis key).
 //! - [`assertion`]: the short-lived signed identity assertion (an EdDSA JWT)
 //!   that the gateway injects and upstreams verify.
+//! - [`jwk`]: the assertion verification keys as a JWK Set (RFC 7517/8037)
+//!   and their RFC 7638 thumbprints.
 //! - [`events`]: the lifecycle event types and their envelope.
 //! - [`problem`]: the RFC 9457 problem document shared by every HTTP edge.
 //!
@@ -40,6 +42,7 @@ pub mod chain;
 pub mod events;
 pub mod headers;
 pub mod ids;
+pub mod jwk;
 pub mod net;
 pub mod problem;
 pub mod profile;
@@ -55,5 +58,6 @@ pub use chain::{AgentIdentity, ChainError};
 pub use ids::{
     AdminKeySecret, AgentId, CertFingerprint, IdError, SerialNumber, TenantId, TokenId, TokenSecret,
 };
+pub use jwk::{Jwk, JwkError, JwkSet};
 pub use revocation::{AgentStatus, Announcement, CertStatus, KeySchema, SupersededUse};
 pub use uri::{AgentUri, TenantCaUri, TrustDomain, UriError};

@@ -12,6 +12,7 @@ mod agents;
 mod ca;
 mod exchange;
 mod health;
+pub mod keys;
 mod rotation;
 mod tokens;
 
@@ -72,6 +73,8 @@ pub struct Inner {
     pub projection: Option<crate::projection::Projection>,
     /// Verifies the gateway's identity assertions on the agent endpoints.
     pub assertions: oneprotect_identity::AssertionVerifier,
+    /// The same gateway keys, published as a JWK Set for upstreams.
+    pub jwks: keys::PublishedKeys,
     /// How long a rotated-away-from certificate stays accepted when the new
     /// one is not seen earlier.
     pub rotation_grace: time::Duration,
@@ -118,6 +121,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/tenants/{tenant_id}/crl"),
     ("GET", "/api/v1/tenants/{tenant_id}/crl-chain"),
     ("GET", "/api/v1/crl"),
+    ("GET", "/.well-known/jwks.json"),
 ];
 
 /// The whole API.
@@ -131,6 +135,7 @@ pub fn router(state: AppState) -> Router {
         .merge(agents::router())
         .merge(rotation::router())
         .merge(ca::router())
+        .merge(keys::router())
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

@@ -77,7 +77,11 @@ async fn fixture_with(per_token_burst: u32, per_address_burst: u32) -> Fixture {
         body_read_timeout: std::time::Duration::from_secs(10),
         trusted_proxies: Default::default(),
         projection: None,
-        assertions: oneprotect_identity::AssertionVerifier::new("oneprotect-upstream"),
+        assertions: oneprotect_identity::AssertionVerifier::new("enroll-api"),
+        jwks: super::keys::PublishedKeys::new(&[crate::config::TrustedKey {
+            kid: "gw-a".into(),
+            public_key: "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo".into(),
+        }]),
         rotation_grace: time::Duration::hours(1),
         reuse_window: std::time::Duration::from_secs(3600),
         metrics: crate::metrics::Metrics::new(),
@@ -774,4 +778,35 @@ fn request_bodies_must_be_objects() {
             other => panic!("{}: {other:?}", String::from_utf8_lossy(body)),
         }
     }
+}
+
+#[tokio::test]
+async fn jwks_publishes_the_gateway_keys_with_cache_headers() {
+    let f = fixture().await;
+    let r = call(&f, Method::GET, "/.well-known/jwks.json", None, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers["content-type"], "application/jwk-set+json");
+    assert_eq!(r.headers["cache-control"], "public, max-age=60");
+    let set = oneprotect_identity::JwkSet::parse(r.body.to_string().as_bytes()).unwrap();
+    let keys = set.ed25519_keys().unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].0, "gw-a");
+    assert_eq!(r.body["keys"][0]["alg"], "EdDSA");
+    assert_eq!(r.body["keys"][0]["crv"], "Ed25519");
+
+    let etag = r.headers["etag"].to_str().unwrap().to_owned();
+    let req = Request::builder()
+        .uri("/.well-known/jwks.json")
+        .header("if-none-match", format!("\"other\", {etag}"))
+        .body(Body::empty())
+        .unwrap();
+    let r = send(&f, req).await;
+    assert_eq!(r.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(r.headers["etag"], etag.as_str());
+    let req = Request::builder()
+        .uri("/.well-known/jwks.json")
+        .header("if-none-match", "\"stale\"")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&f, req).await.status, StatusCode::OK);
 }

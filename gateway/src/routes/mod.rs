@@ -29,6 +29,10 @@ pub struct RouteError {
 pub struct Route {
     /// The path prefix (also the metrics label).
     pub prefix: String,
+    /// The route's position in the configuration (keys its assertions).
+    pub index: u32,
+    /// The `aud` of this route's identity assertions.
+    pub audience: String,
     /// Whether a verified identity is required.
     pub require_identity: bool,
     /// Upstream TLS.
@@ -61,7 +65,11 @@ impl std::fmt::Debug for Route {
 impl Route {
     /// Builds the route and its pool (not yet health-checked) over the
     /// route's loaded upstream TLS material.
-    pub fn new(cfg: &RouteConfig, upstream_tls: UpstreamTls) -> Result<Self, RouteError> {
+    pub fn new(
+        cfg: &RouteConfig,
+        index: u32,
+        upstream_tls: UpstreamTls,
+    ) -> Result<Self, RouteError> {
         let mut pool =
             LoadBalancer::<RoundRobin>::try_from_iter(cfg.upstreams.iter().map(String::as_str))
                 .map_err(|source| RouteError {
@@ -81,6 +89,8 @@ impl Route {
         }
         Ok(Self {
             prefix: cfg.prefix.clone(),
+            index,
+            audience: cfg.audience().to_owned(),
             require_identity: cfg.require_identity,
             tls: cfg.tls,
             sni: cfg.sni.clone(),
@@ -140,6 +150,8 @@ mod tests {
             Route::new(
                 &RouteConfig {
                     prefix: prefix.into(),
+                    name: None,
+                    audience: None,
                     upstreams: vec!["127.0.0.1:1".into()],
                     require_identity: true,
                     tls: false,
@@ -153,6 +165,7 @@ mod tests {
                     health_check_secs: 0,
                     upgrade_protocols: Vec::new(),
                 },
+                0,
                 UpstreamTls::default(),
             )
             .unwrap(),

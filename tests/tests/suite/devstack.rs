@@ -383,7 +383,7 @@ fn demo(up: &Up) -> Result<()> {
         text(&o.stderr)
     );
     for must in [
-        "assertion: verified with the gateway's key",
+        "assertion: verified with published gateway key",
         "every client-sent identity header stripped",
         "403 certificate_superseded",
         "403 agent_revoked",

@@ -115,7 +115,7 @@ fn assertion(env: &Env, signer: &AssertionSigner, agent: &str, serial: &str) -> 
         sub: format!("spiffe://{TD}/tenant/{}/agent/{agent}", env.tenant)
             .parse()
             .unwrap(),
-        aud: "oneprotect-upstream".into(),
+        aud: "enroll-api".into(),
         iat: now,
         exp: now + 60,
         tenant_id: env.tenant,

@@ -7,69 +7,25 @@
 //! `cargo test -p oneprotect-tests --test suite rotation::`
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 
 use crate::support::gateway::TD;
 use crate::support::metrics::value as metric;
 use crate::support::stack::{Stack, GATEWAY_KID};
 use oneprotect_agent::client::Endpoint;
-use oneprotect_agent::enroll::{enroll, AgentMetadata, Enrolled};
+use oneprotect_agent::enroll::Enrolled;
 use oneprotect_agent::rotate::{confirm, rotate};
-use oneprotect_agent::state::{AgentConfig, StateDir};
 use oneprotect_agent::AgentError;
 use oneprotect_identity::headers::IDENTITY_ASSERTION;
-use oneprotect_identity::{AgentId, AssertionClaims, AssertionSigner, SerialNumber, TokenSecret};
+use oneprotect_identity::{AgentId, AssertionClaims, AssertionSigner, SerialNumber};
 
 /// Poll attempts (50 ms apart) before a wait gives up.
 const POLLS: usize = 600;
 
-struct Device {
-    state: StateDir,
-    roots: rustls::RootCertStore,
-    url: String,
-}
-
 impl Stack {
-    async fn token(&self) -> Result<String> {
-        let (_, token) = self
-            .client
-            .create_token(&self.key, json!({"ttl_seconds": 600}))
-            .await?;
-        Ok(token)
-    }
-
-    /// Enrolls a device through the gateway; stores its identity.
-    async fn device(&self, dir: &Path) -> Result<Device> {
-        let roots_pem = std::fs::read(&self.gateway().roots)?;
-        let roots = oneprotect_agent::tls::roots_from_pem(&roots_pem)?;
-        let server = Endpoint::new(
-            &self.gateway().url,
-            oneprotect_agent::tls::server_only(roots.clone())?,
-        )?;
-        let token = TokenSecret::new(self.token().await?);
-        let enrolled = enroll(&server, &token, &AgentMetadata::this_host()).await?;
-        let state = StateDir::open(dir)?;
-        state.store_config(
-            &AgentConfig {
-                enroll_url: self.gateway().url.clone(),
-                gateway_url: self.gateway().url.clone(),
-            },
-            &roots_pem,
-        )?;
-        state.store(&enrolled)?;
-        Ok(Device {
-            state,
-            roots,
-            url: self.gateway().url.clone(),
-        })
-    }
-
     async fn wait_cert(&self, serial: SerialNumber, want: &str) -> Result<()> {
         let key = self.keys.cert_status(&serial);
         let mut last = None;
@@ -152,7 +108,7 @@ impl Stack {
             sub: format!("spiffe://{TD}/tenant/{}/agent/{agent}", self.tenant)
                 .parse()
                 .expect("uri"),
-            aud: "oneprotect-upstream".into(),
+            aud: "enroll-api".into(),
             iat: now,
             exp: now + 30,
             tenant_id: self.tenant,
@@ -174,7 +130,8 @@ impl Stack {
             .await
     }
 
-    /// A plain-HTTP request to a loopback listener (`/metrics` etc.).
+    /// A plain-HTTP request to a loopback listener (`/metrics` etc.): a
+    /// POST when there is a body or the path confirms, else a GET.
     async fn plain(
         &self,
         addr: SocketAddr,
@@ -182,56 +139,12 @@ impl Stack {
         headers: &[(&str, String)],
         body: Option<Value>,
     ) -> Result<(u16, Value)> {
-        let tcp = tokio::net::TcpStream::connect(addr).await?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
-        tokio::spawn(conn);
-        let mut req = http::Request::builder()
-            .method(if body.is_some() || path.ends_with("confirm") {
-                "POST"
-            } else {
-                "GET"
-            })
-            .uri(path)
-            .header("host", "localhost");
-        for (k, v) in headers {
-            req = req.header(*k, v);
-        }
-        let bytes = match body {
-            Some(v) => {
-                req = req.header("content-type", "application/json");
-                Bytes::from(v.to_string())
-            }
-            None => Bytes::new(),
+        let method = if body.is_some() || path.ends_with("confirm") {
+            "POST"
+        } else {
+            "GET"
         };
-        let resp = sender.send_request(req.body(Full::new(bytes))?).await?;
-        let status = resp.status().as_u16();
-        let raw = resp.into_body().collect().await?.to_bytes();
-        let body = serde_json::from_slice(&raw)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into_owned()));
-        Ok((status, body))
-    }
-}
-
-impl Device {
-    fn identity(&self) -> Result<oneprotect_agent::state::Identity> {
-        Ok(self.state.load()?)
-    }
-
-    /// An endpoint presenting the stored identity.
-    fn endpoint(&self) -> Result<Endpoint> {
-        let id = self.identity()?;
-        Ok(Endpoint::new(
-            &self.url,
-            id.mtls_config(self.roots.clone())?,
-        )?)
-    }
-
-    fn endpoint_of(&self, id: &oneprotect_agent::state::Identity) -> Result<Endpoint> {
-        Ok(Endpoint::new(
-            &self.url,
-            id.mtls_config(self.roots.clone())?,
-        )?)
+        crate::support::stack::plain(addr, method, path, headers, body).await
     }
 }
 
@@ -414,7 +327,7 @@ async fn rotation_is_two_phase_through_the_gateway_and_flags_reuse() -> Result<(
     let forged = forger.sign(&AssertionClaims {
         iss: "oneprotect-gateway".into(),
         sub: format!("spiffe://{TD}/tenant/{}/agent/{agent}", stack.tenant).parse()?,
-        aud: "oneprotect-upstream".into(),
+        aud: "enroll-api".into(),
         iat: now,
         exp: now + 30,
         tenant_id: stack.tenant,

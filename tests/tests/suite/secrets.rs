@@ -118,7 +118,7 @@ public_key = "{public}"
         &prefix,
     )
     .route(RouteToml::new("/api/v1/agent-enrollment/exchange", http).without_identity())
-    .route(RouteToml::new("/api/v1/agents", http))
+    .route(RouteToml::new("/api/v1/agents", http).named("enroll-api"))
     .route(RouteToml::new("/api", echo));
     conf.assertion = Some((key_file, "gw-secrets".to_owned()));
     let gw_conf = write(&dir, "gateway.toml", &conf.render());

@@ -241,7 +241,7 @@ impl Fleet {
         conf.threads = Some(1);
         if let Some((key, http)) = &self.rotation {
             conf.assertion = Some((key.clone(), FLEET_KID.to_owned()));
-            conf = conf.route(RouteToml::new("/api/v1/agents", http));
+            conf = conf.route(RouteToml::new("/api/v1/agents", http).named("enroll-api"));
         }
         let toml = conf.render();
         let cfg_path = write(&self.dir, &format!("gateway-{n}.toml"), &toml);

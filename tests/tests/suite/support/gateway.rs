@@ -171,7 +171,7 @@ pub(crate) async fn start_gateway(opts: Opts) -> Gw {
         conf = conf.route(RouteToml::new(EXCHANGE, echo).without_identity());
     }
     conf.extra = opts.extra_routes;
-    conf = conf.route(RouteToml::new("/api", echo)).route(
+    conf = conf.route(RouteToml::new("/api", echo).named("api")).route(
         RouteToml::new("/dead", format!("127.0.0.1:{dead}"))
             .without_health_check()
             .connect_timeout_ms(500),
@@ -187,8 +187,9 @@ pub(crate) async fn start_gateway(opts: Opts) -> Gw {
         .await
         .unwrap();
     let trust = app.trust.clone();
-    let verifier = AssertionVerifier::new("oneprotect-upstream")
-        .add_key(app.assertions.kid(), app.assertions.public_key());
+    // The "/api" route's audience.
+    let verifier =
+        AssertionVerifier::new("api").add_key(app.assertions.kid(), app.assertions.public_key());
     let running = app.spawn();
     let gw = Gw {
         dir,

@@ -33,8 +33,14 @@ pub(crate) struct GatewayToml {
     pub(crate) require_client_cert: Option<bool>,
     /// More `[listener]` keys, as TOML lines.
     pub(crate) listener_extra: String,
-    /// `[assertion]`: the signing key file and its kid; unset by default.
+    /// `[assertion]`: the signing key file and its kid (empty: unset, the
+    /// key's thumbprint); unset by default.
     pub(crate) assertion: Option<(PathBuf, String)>,
+    /// More `[assertion]` keys (with `assertion`).
+    pub(crate) assertion_extra: String,
+    /// `listener.trust_bundle_poll_secs` (also the assertion key file's
+    /// poll); 0 (never: tests reload explicitly) by default.
+    pub(crate) bundle_poll_secs: u64,
     /// `[revocation] redis_url`.
     pub(crate) redis_url: String,
     /// `[revocation] key_prefix`.
@@ -56,6 +62,8 @@ pub(crate) struct GatewayToml {
 #[derive(Clone, Debug)]
 pub(crate) struct RouteToml {
     pub(crate) prefix: String,
+    /// `name` (and so the assertion audience); unset: the prefix.
+    pub(crate) name: Option<String>,
     pub(crate) upstreams: Vec<String>,
     /// `require_identity`; unset (the gateway's default: required).
     pub(crate) require_identity: Option<bool>,
@@ -70,12 +78,19 @@ impl RouteToml {
     pub(crate) fn new(prefix: &str, upstream: impl ToString) -> Self {
         Self {
             prefix: prefix.to_owned(),
+            name: None,
             upstreams: vec![upstream.to_string()],
             require_identity: None,
             health_check_secs: None,
             connect_timeout_ms: None,
             upgrade_protocols: Vec::new(),
         }
+    }
+
+    /// Named `name`: its assertions' audience.
+    pub(crate) fn named(mut self, name: &str) -> Self {
+        self.name = Some(name.to_owned());
+        self
     }
 
     /// Served without a client identity (`require_identity = false`).
@@ -104,6 +119,9 @@ impl RouteToml {
     fn render(&self, out: &mut String) {
         let upstreams: Vec<String> = self.upstreams.iter().map(|u| format!("\"{u}\"")).collect();
         let _ = writeln!(out, "[[routes]]");
+        if let Some(name) = &self.name {
+            let _ = writeln!(out, "name = \"{name}\"");
+        }
         let _ = writeln!(out, "prefix = \"{}\"", self.prefix);
         let _ = writeln!(out, "upstreams = [{}]", upstreams.join(", "));
         if let Some(b) = self.require_identity {
@@ -148,6 +166,8 @@ impl GatewayToml {
             require_client_cert: None,
             listener_extra: String::new(),
             assertion: None,
+            assertion_extra: String::new(),
+            bundle_poll_secs: 0,
             redis_url: redis_url.to_owned(),
             key_prefix: key_prefix.to_owned(),
             max_staleness_ms: None,
@@ -164,8 +184,8 @@ impl GatewayToml {
         self
     }
 
-    /// The configuration file's text. The trust bundle is never polled
-    /// (`trust_bundle_poll_secs = 0`: tests reload it explicitly) and
+    /// The configuration file's text. The trust bundle is not polled
+    /// unless `bundle_poll_secs` says so (tests reload it explicitly) and
     /// shutdown does not wait (`graceful_shutdown_secs = 0`).
     pub(crate) fn render(&self) -> String {
         let mut out = String::new();
@@ -175,18 +195,18 @@ impl GatewayToml {
         let _ = writeln!(out, "key = \"{}\"", self.key.display());
         let _ = writeln!(out, "trust_bundle = \"{}\"", self.bundle.display());
         let _ = writeln!(out, "trust_domain = \"{}\"", self.trust_domain);
-        let _ = writeln!(out, "trust_bundle_poll_secs = 0");
+        let _ = writeln!(out, "trust_bundle_poll_secs = {}", self.bundle_poll_secs);
         if let Some(b) = self.require_client_cert {
             let _ = writeln!(out, "require_client_cert = {b}");
         }
         let _ = writeln!(out, "{}\n", self.listener_extra);
         let _ = writeln!(out, "[admin]\nlisten = \"{}\"\n", self.admin);
         if let Some((key_file, kid)) = &self.assertion {
-            let _ = writeln!(
-                out,
-                "[assertion]\nkey_file = \"{}\"\nkid = \"{kid}\"\n",
-                key_file.display()
-            );
+            let _ = writeln!(out, "[assertion]\nkey_file = \"{}\"", key_file.display());
+            if !kid.is_empty() {
+                let _ = writeln!(out, "kid = \"{kid}\"");
+            }
+            let _ = writeln!(out, "{}\n", self.assertion_extra);
         }
         let _ = writeln!(out, "[revocation]");
         let _ = writeln!(out, "redis_url = \"{}\"", self.redis_url);

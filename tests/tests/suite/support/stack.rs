@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use oneprotect_agent::client::Endpoint;
 use oneprotect_enroll_api::config::{Config, TrustedKey};
 use oneprotect_enroll_api::{cli, service};
 use oneprotect_identity::{AssertionSigner, KeySchema, TenantId};
@@ -39,6 +40,8 @@ pub(crate) struct StackBuilder {
     grace_secs: Option<u64>,
     leaf_lifetime_secs: u64,
     tweaks: Vec<Tweak>,
+    routes: Vec<RouteToml>,
+    rotatable_key: bool,
 }
 
 /// A running enroll-api (and gateway, if asked for), its admin client and
@@ -77,6 +80,8 @@ pub(crate) struct StackGateway {
     /// The gateway's signing key, to forge what a gateway with a stale
     /// cache would send.
     pub(crate) signer: AssertionSigner,
+    /// The file the gateway loads its signing key from.
+    pub(crate) key_file: PathBuf,
 }
 
 impl Drop for Stack {
@@ -105,6 +110,8 @@ impl Stack {
             grace_secs: None,
             leaf_lifetime_secs: 3600,
             tweaks: Vec::new(),
+            routes: Vec::new(),
+            rotatable_key: false,
         }
     }
 
@@ -142,6 +149,20 @@ impl StackBuilder {
     /// enroll-api pins ([`GATEWAY_KID`]).
     pub(crate) fn gateway(mut self) -> Self {
         self.gateway = true;
+        self
+    }
+
+    /// The gateway's assertion key replaceable while it runs: no pinned
+    /// kid (the key's thumbprint, which the enroll-api pins), the key file
+    /// polled every second, assertions living 4 s (re-signed 1 s before).
+    pub(crate) fn rotatable_assertion_key(mut self) -> Self {
+        self.rotatable_key = true;
+        self
+    }
+
+    /// One more gateway route (after the enroll-api's).
+    pub(crate) fn gateway_route(mut self, route: RouteToml) -> Self {
+        self.routes.push(route);
         self
     }
 
@@ -194,16 +215,16 @@ impl StackBuilder {
             // enroll-api pins.
             let (signer, pkcs8) = AssertionSigner::generate(GATEWAY_KID)
                 .map_err(|_| anyhow::anyhow!("generate key"))?;
+            let signer = if self.rotatable_key {
+                AssertionSigner::from_pkcs8_thumbprint_kid(&pkcs8)
+                    .map_err(|_| anyhow::anyhow!("load key"))?
+            } else {
+                signer
+            };
             let key_file = dir.join("assertion.pk8");
             std::fs::write(&key_file, pkcs8)?;
-            use base64::Engine as _;
-            let public =
-                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signer.public_key());
             cfg.listen.http = "127.0.0.1:0".into();
-            cfg.rotation.assertion.keys = vec![TrustedKey {
-                kid: GATEWAY_KID.into(),
-                public_key: public,
-            }];
+            cfg.rotation.assertion.keys = vec![trusted_key(&signer)];
             Some((signer, key_file))
         } else {
             None
@@ -234,20 +255,41 @@ impl StackBuilder {
         };
         if let Some((signer, key_file)) = assertion {
             let upstream = http.context("no http listener")?;
-            stack.gateway = Some(start_gateway(&stack, upstream, signer, key_file).await?);
+            let key = GatewayKey {
+                signer,
+                file: key_file,
+                rotatable: self.rotatable_key,
+            };
+            stack.gateway = Some(start_gateway(&stack, upstream, key, self.routes).await?);
             stack.wait_gateway().await?;
         }
         Ok(stack)
     }
 }
 
+/// The enroll-api's entry for the gateway key of `signer`.
+pub(crate) fn trusted_key(signer: &AssertionSigner) -> TrustedKey {
+    use base64::Engine as _;
+    TrustedKey {
+        kid: signer.kid().to_owned(),
+        public_key: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signer.public_key()),
+    }
+}
+
+/// A stack gateway's assertion key.
+struct GatewayKey {
+    signer: AssertionSigner,
+    file: PathBuf,
+    rotatable: bool,
+}
+
 /// The in-process gateway for `stack`, trusting its enroll-api's bundle,
-/// routing to `upstream`, signing with `signer` (its key in `key_file`).
+/// routing to `upstream`, signing with `key`.
 async fn start_gateway(
     stack: &Stack,
     upstream: SocketAddr,
-    signer: AssertionSigner,
-    key_file: PathBuf,
+    key: GatewayKey,
+    routes: Vec<RouteToml>,
 ) -> Result<StackGateway> {
     let dir = &stack.dir;
     let bundle = stack
@@ -276,9 +318,16 @@ async fn start_gateway(
         stack.keys.prefix(),
     )
     .route(RouteToml::new("/api/v1/agent-enrollment/exchange", upstream).without_identity())
-    .route(RouteToml::new("/api/v1/agents", upstream))
+    .route(RouteToml::new("/api/v1/agents", upstream).named("enroll-api"))
     .route(RouteToml::new("/healthz", upstream));
-    conf.assertion = Some((key_file, GATEWAY_KID.to_owned()));
+    conf.routes.extend(routes);
+    if key.rotatable {
+        conf.assertion = Some((key.file.clone(), String::new()));
+        conf.assertion_extra = "lifetime_secs = 4\nrefresh_before_secs = 1".into();
+        conf.bundle_poll_secs = 1;
+    } else {
+        conf.assertion = Some((key.file.clone(), GATEWAY_KID.to_owned()));
+    }
     let toml = conf.render();
     let cfg_path = write("gateway.toml", &toml)?;
     let gcfg = oneprotect_gateway::Prepared::load(oneprotect_gateway::Config::from_toml(
@@ -292,11 +341,39 @@ async fn start_gateway(
         admin,
         roots,
         upstream,
-        signer,
+        signer: key.signer,
+        key_file: key.file,
     })
 }
 
 impl Stack {
+    /// Stops the enroll-api and starts it again on the same addresses with
+    /// `tweak` applied to its configuration (a new set of gateway keys).
+    pub(crate) async fn restart_enroll_api(
+        &mut self,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Result<()> {
+        let running = self
+            .running
+            .take()
+            .context("the enroll-api is not running")?;
+        let (https, http) = (running.https_addr, running.http_addr);
+        running.shutdown().await;
+        let mut cfg = self.cfg.clone();
+        if let Some(a) = https {
+            cfg.listen.https = a.to_string();
+        }
+        if let Some(a) = http {
+            cfg.listen.http = a.to_string();
+        }
+        tweak(&mut cfg);
+        let cfg = cfg.validate()?;
+        let state = service::build_state(&cfg, service::system_clock()).await?;
+        self.running = Some(service::start(&cfg, state).await?);
+        self.cfg = cfg;
+        Ok(())
+    }
+
     /// Waits (bounded) until the gateway's mTLS listener accepts.
     async fn wait_gateway(&self) -> Result<()> {
         let addr = self.gateway().addr;
@@ -308,4 +385,110 @@ impl Stack {
         }
         anyhow::bail!("gateway did not start listening")
     }
+}
+
+/// An agent enrolled through a stack's gateway, its identity in a state
+/// directory as the agent keeps it.
+pub(crate) struct Device {
+    pub(crate) state: oneprotect_agent::state::StateDir,
+    roots: rustls::RootCertStore,
+    url: String,
+}
+
+impl Stack {
+    /// A one-use enrollment token of the stack's tenant.
+    pub(crate) async fn token(&self) -> Result<String> {
+        let (_, token) = self
+            .client
+            .create_token(&self.key, serde_json::json!({"ttl_seconds": 600}))
+            .await?;
+        Ok(token)
+    }
+
+    /// Enrolls a device through the gateway; stores its identity in `dir`.
+    pub(crate) async fn device(&self, dir: &std::path::Path) -> Result<Device> {
+        use oneprotect_agent::enroll::{enroll, AgentMetadata};
+        use oneprotect_agent::state::{AgentConfig, StateDir};
+        let roots_pem = std::fs::read(&self.gateway().roots)?;
+        let roots = oneprotect_agent::tls::roots_from_pem(&roots_pem)?;
+        let server = Endpoint::new(
+            &self.gateway().url,
+            oneprotect_agent::tls::server_only(roots.clone())?,
+        )?;
+        let token = oneprotect_identity::TokenSecret::new(self.token().await?);
+        let enrolled = enroll(&server, &token, &AgentMetadata::this_host()).await?;
+        let state = StateDir::open(dir)?;
+        state.store_config(
+            &AgentConfig {
+                enroll_url: self.gateway().url.clone(),
+                gateway_url: self.gateway().url.clone(),
+            },
+            &roots_pem,
+        )?;
+        state.store(&enrolled)?;
+        Ok(Device {
+            state,
+            roots,
+            url: self.gateway().url.clone(),
+        })
+    }
+}
+
+impl Device {
+    /// The stored identity.
+    pub(crate) fn identity(&self) -> Result<oneprotect_agent::state::Identity> {
+        Ok(self.state.load()?)
+    }
+
+    /// An endpoint presenting the stored identity.
+    pub(crate) fn endpoint(&self) -> Result<Endpoint> {
+        let id = self.identity()?;
+        self.endpoint_of(&id)
+    }
+
+    /// An endpoint presenting `id`.
+    pub(crate) fn endpoint_of(&self, id: &oneprotect_agent::state::Identity) -> Result<Endpoint> {
+        Ok(Endpoint::new(
+            &self.url,
+            id.mtls_config(self.roots.clone())?,
+        )?)
+    }
+}
+
+/// A plain-HTTP/1.1 request to a loopback listener; the status and the body
+/// as JSON (a string when it is not JSON).
+pub(crate) async fn plain(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Option<serde_json::Value>,
+) -> Result<(u16, serde_json::Value)> {
+    use http_body_util::BodyExt as _;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost");
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    let bytes = match body {
+        Some(v) => {
+            req = req.header("content-type", "application/json");
+            bytes::Bytes::from(v.to_string())
+        }
+        None => bytes::Bytes::new(),
+    };
+    let resp = sender
+        .send_request(req.body(http_body_util::Full::new(bytes))?)
+        .await?;
+    let status = resp.status().as_u16();
+    let raw = resp.into_body().collect().await?.to_bytes();
+    let body = serde_json::from_slice(&raw)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&raw).into_owned()));
+    Ok((status, body))
 }
