@@ -249,6 +249,10 @@ async fn success_headers_listed_in_the_spec_are_sent() -> Result<()> {
         )
         .await?;
     let root_crl = env.client.send("GET", "/api/v1/crl", None, None).await?;
+    let jwks = env
+        .client
+        .send("GET", "/.well-known/jwks.json", None, None)
+        .await?;
     let live: std::collections::BTreeMap<&str, &Reply> = [
         ("createEnrollmentToken", &created),
         ("exchangeEnrollmentToken", &enrolled),
@@ -257,6 +261,7 @@ async fn success_headers_listed_in_the_spec_are_sent() -> Result<()> {
         ("getTenantCrl", &crl),
         ("getTenantCrlChain", &crl_chain),
         ("getRootCrl", &root_crl),
+        ("getAssertionKeys", &jwks),
     ]
     .into_iter()
     .collect();
