@@ -12,7 +12,8 @@
 #    since PostgreSQL refuses root), trust auth, a database `test`.
 # 3. Redis: uses ONEPROTECT_TEST_REDIS_URL when it is set and answers; otherwise starts
 #    `redis-server --port <free> --save ''` in the same temp dir.
-# 4. Runs `cargo test --workspace --locked` with both URLs exported.
+# 4. Runs `cargo test --workspace --locked` with both URLs exported (only the named
+#    packages when the arguments carry `-p`).
 # 5. Stops what it started and removes the temp dir on exit, Ctrl-C or failure: nothing
 #    is left running and no system service is touched. Two runs in parallel (two clones)
 #    get their own ports and directories.
@@ -173,5 +174,10 @@ fi
 # agent, bench); build them all in one go first (tests/src/lib.rs ensure_binary).
 say "cargo build --workspace --bins --locked (the first build takes 25-30 minutes on 2 cores)"
 cargo build --workspace --bins --locked
-say "cargo test --workspace --locked $*"
-cargo test --workspace --locked "$@"
+# Every package, unless the arguments name some (`scripts/test.sh -p oneprotect-identity`).
+scope=(--workspace)
+for a in "$@"; do
+  case $a in -p | -p* | --package | --package=*) scope=() ;; esac
+done
+say "cargo test ${scope[*]} --locked $*"
+cargo test "${scope[@]}" --locked "$@"
