@@ -6,6 +6,7 @@
 
 mod badinput;
 mod bench;
+mod cli;
 mod contracts;
 mod devstack;
 mod enroll;
