@@ -15,6 +15,6 @@ cd "$(dirname "$0")/.."
 
 ensure_prereqs build
 if [ ! -x "${CARGO_TARGET_DIR:-target}/debug/oneprotect-dev" ]; then
-  prereq_say "building oneprotect-dev (the first build takes about 15-25 minutes on 2 cores)"
+  prereq_say "building oneprotect-dev (the first build takes about 10 minutes on 2 cores)"
 fi
 exec cargo run --locked -p oneprotect-dev -- up "$@"

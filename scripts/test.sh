@@ -172,7 +172,7 @@ fi
 
 # The end-to-end tests run the workspace's binaries (gateway, enroll-api, dev stack,
 # agent, bench); build them all in one go first (tests/src/lib.rs ensure_binary).
-say "cargo build --workspace --bins --locked (the first build takes 25-30 minutes on 2 cores)"
+say "cargo build --workspace --bins --locked (from nothing the first build takes about 20 minutes on 2 cores)"
 cargo build --workspace --bins --locked
 # Every package, unless the arguments name some (`scripts/test.sh -p oneprotect-identity`).
 scope=(--workspace)
