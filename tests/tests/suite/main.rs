@@ -13,6 +13,7 @@ mod faults;
 mod gateway;
 mod hardening_api;
 mod hardening_gateway;
+mod kit_metrics;
 mod lifecycle;
 mod redis_ha;
 mod rotation;
