@@ -2,7 +2,7 @@
 # Installs what OneProtect needs from the system package manager, only when missing.
 #
 #   scripts/prereqs.sh build   # cmake, make and a C compiler (pingora's zlib-ng, ring)
-#   scripts/prereqs.sh test    # build + PostgreSQL, Redis, openssl, curl, nginx, python3
+#   scripts/prereqs.sh test    # build + PostgreSQL, Redis, openssl, curl, nginx, python3, promtool
 #
 # Sourced by scripts/run.sh, scripts/test.sh and .ci/run; runnable on its own.
 #
@@ -27,6 +27,7 @@ _PREREQ_TEST=(
   "curl curl curl curl curl (an independent HTTP client in tests)"
   "nginx nginx nginx nginx nginx (CRL interoperability test)"
   "python3 python3 python3 python python3 (independent h2/raw-socket clients in tests)"
+  "promtool prometheus golang-github-prometheus prometheus promtool (checks deploy/prometheus alert rules)"
 )
 
 prereq_say() { printf '==> %s\n' "$*" >&2; }

@@ -4,7 +4,7 @@
 #   scripts/test.sh [extra cargo test arguments]       (README's test command: `make test`)
 #
 # 1. Installs what is missing (scripts/prereqs.sh test): cmake, a C compiler, PostgreSQL,
-#    Redis, openssl, curl, nginx, python3; and the Python example upstream's venv
+#    Redis, openssl, curl, nginx, python3, promtool; and the Python example upstream's venv
 #    (.venv/upstream-python: PyJWT, for the suite's kit_upstream tests).
 # 2. PostgreSQL: uses ONEPROTECT_TEST_DATABASE_URL when it is set and answers; otherwise
 #    starts a private, throwaway server: initdb into a temp dir, `postgres` on a free

@@ -1,11 +1,31 @@
 //! Prometheus metrics of one enroll-api instance, in their own registry (so
 //! several instances can run in one test process). Served on `GET /metrics`
 //! to loopback peers only.
+//!
+//! Counters whose label values form a small known set are created with
+//! every value at 0, so a family is on the page from the start and
+//! `rate()`/`increase()` see its first event (a series that appears at 1 has
+//! no earlier sample to differ from). `deploy/grafana/` and
+//! `deploy/prometheus/` name these metrics; `tests/tests/suite/kit_metrics.rs`
+//! checks that every name they use is exported.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
+use std::time::Duration;
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use time::OffsetDateTime;
 
 use oneprotect_identity::events::AgentOperation;
+use oneprotect_identity::problem;
 use oneprotect_identity::AssertionError;
+
+use crate::store::{AnyStore, Store};
+
+/// The outbox gauges count at most this many pending rows (the scrape reads
+/// them); a page showing it means "at least this many".
+pub const OUTBOX_COUNT_CAP: u32 = 1000;
+/// How long the scrape waits for the outbox read before giving up (the
+/// gauges then read -1).
+const OUTBOX_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Every metric the enroll-api exports.
 #[derive(Clone)]
@@ -17,6 +37,10 @@ pub struct Metrics {
     reuse_reports: IntCounterVec,
     assertion_refusals: IntCounterVec,
     grace_expired: IntCounter,
+    requests: IntCounterVec,
+    problems: IntCounterVec,
+    outbox_pending: IntGauge,
+    outbox_oldest_pending: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -32,9 +56,41 @@ impl Default for Metrics {
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("static metric");
+    counter_vec_n(r, name, help, &[label])
+}
+
+fn counter_vec_n(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric");
     r.register(Box::new(c.clone())).expect("registered once");
     c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("static metric");
+    r.register(Box::new(g.clone())).expect("registered once");
+    g
+}
+
+/// Creates the series of every value in `values` at 0.
+fn zero(c: &IntCounterVec, values: &[&str]) {
+    for v in values {
+        c.with_label_values(&[v]);
+    }
+}
+
+/// The `method` label: the request method when it is a standard one, else
+/// `other` (any token is a valid method; the label set stays bounded).
+fn method_label(m: &axum::http::Method) -> &'static str {
+    match m.as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    }
 }
 
 impl Metrics {
@@ -80,6 +136,46 @@ impl Metrics {
         registry
             .register(Box::new(grace_expired.clone()))
             .expect("registered once");
+        let requests = counter_vec_n(
+            &registry,
+            "requests_total",
+            "Requests by method, route template (`none`: no route matched) and response status",
+            &["method", "route", "status"],
+        );
+        let problems = counter_vec(
+            &registry,
+            "problems_total",
+            "Problem (error) answers by problem code",
+            "code",
+        );
+        let outbox_pending = gauge(
+            &registry,
+            "outbox_pending",
+            "Outbox events of every tenant not yet relayed to Redis (read on scrape, at most OUTBOX_COUNT_CAP; -1: the store could not be read)",
+        );
+        let outbox_oldest_pending = gauge(
+            &registry,
+            "outbox_oldest_pending_seconds",
+            "Age of the oldest outbox event not yet relayed, seconds (0: none pending; -1: the store could not be read)",
+        );
+        zero(&rotations, &["rotated", "refused"]);
+        zero(&confirmations, &["completed", "no_op", "refused"]);
+        zero(
+            &superseded_use,
+            &[
+                AgentOperation::Rotate,
+                AgentOperation::Confirm,
+                AgentOperation::Request,
+            ]
+            .map(AgentOperation::as_str),
+        );
+        zero(
+            &reuse_reports,
+            &["recorded", "duplicate", "not_superseded", "invalid"],
+        );
+        for kind in problem::ALL {
+            problems.with_label_values(&[kind.code]);
+        }
         Self {
             registry,
             rotations,
@@ -88,6 +184,64 @@ impl Metrics {
             reuse_reports,
             assertion_refusals,
             grace_expired,
+            requests,
+            problems,
+            outbox_pending,
+            outbox_oldest_pending,
+        }
+    }
+
+    /// Counts one answered request: `route` is the matched route template
+    /// (`None`: no route matched), `problem` the problem code of an error
+    /// answer.
+    pub fn request(
+        &self,
+        method: &axum::http::Method,
+        route: Option<&str>,
+        status: axum::http::StatusCode,
+        problem: Option<&str>,
+    ) {
+        self.requests
+            .with_label_values(&[
+                method_label(method),
+                route.unwrap_or("none"),
+                status.as_str(),
+            ])
+            .inc();
+        if let Some(code) = problem {
+            self.problems.with_label_values(&[code]).inc();
+        }
+    }
+
+    /// Reads the outbox backlog into the outbox gauges: how many events are
+    /// pending (capped at [`OUTBOX_COUNT_CAP`]) and how old the oldest is at
+    /// `now`. Both read -1 when the store does not answer within a bound.
+    /// The relay reads the same rows (oldest first) on every pass, so this
+    /// is one more such read per scrape, and an empty one when all is well.
+    pub async fn update_outbox(&self, store: &AnyStore, now: OffsetDateTime) {
+        let read = tokio::time::timeout(
+            OUTBOX_READ_TIMEOUT,
+            store.list_pending_events(OUTBOX_COUNT_CAP),
+        )
+        .await;
+        match read {
+            Ok(Ok(rows)) => {
+                let age = rows
+                    .first()
+                    .map_or(0, |r| (now - r.event.occurred_at).whole_seconds().max(0));
+                self.outbox_pending.set(rows.len() as i64);
+                self.outbox_oldest_pending.set(age);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "metrics: outbox backlog not readable");
+                self.outbox_pending.set(-1);
+                self.outbox_oldest_pending.set(-1);
+            }
+            Err(_) => {
+                tracing::warn!("metrics: outbox backlog read timed out");
+                self.outbox_pending.set(-1);
+                self.outbox_oldest_pending.set(-1);
+            }
         }
     }
 

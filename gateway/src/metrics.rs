@@ -1,10 +1,54 @@
 //! Prometheus metrics of one gateway instance, in their own registry (so
 //! several gateways can run in one test process).
+//!
+//! Counters whose label values form a small known set are created with
+//! every value at 0, so a family is on the page from the start and
+//! `rate()`/`increase()` see its first event. `deploy/grafana/` and
+//! `deploy/prometheus/` name these metrics; `tests/tests/suite/kit_metrics.rs`
+//! checks that every name they use is exported.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
+
+use oneprotect_identity::problem;
+
+/// Every `reason` of `connections_closed_total` (see [`Metrics::connections_closed`]).
+pub const CLOSE_REASONS: [&str; 9] = [
+    "idle_timeout",
+    "header_timeout",
+    "header_too_large",
+    "unauthenticated_timeout",
+    "unauthenticated_per_source",
+    "tunnel_agent_revoked",
+    "tunnel_certificate_revoked",
+    "tunnel_certificate_superseded",
+    "tunnel_revocation_unavailable",
+];
+
+/// Every `code` of `revocation_refusals_total`.
+pub const REFUSAL_CODES: [&str; 4] = [
+    problem::AGENT_REVOKED.code,
+    problem::CERTIFICATE_REVOKED.code,
+    problem::CERTIFICATE_SUPERSEDED.code,
+    problem::REVOCATION_UNAVAILABLE.code,
+];
+
+/// The buckets of `client_certificate_remaining_seconds`: 10 min, 1 h,
+/// 6 h, 1 d, 3 d, 7 d, 30 d, 90 d, 1 y. Agents rotate at two thirds of the
+/// lifetime (default 30 days, so about 10 days left).
+const REMAINING_BUCKETS: [f64; 9] = [
+    600.0,
+    3_600.0,
+    21_600.0,
+    86_400.0,
+    259_200.0,
+    604_800.0,
+    2_592_000.0,
+    7_776_000.0,
+    31_536_000.0,
+];
 
 /// Every metric the gateway exports on the admin listener's `/metrics`.
 #[derive(Clone)]
@@ -51,6 +95,11 @@ pub struct Metrics {
     /// (request path), `sent` (appended to the reports stream), `dropped`
     /// (queue or hold full); counted in uses.
     pub superseded_reports: IntCounterVec,
+    /// Time left until the client certificate's `notAfter` (seconds; 0 if
+    /// past), observed once per verified client certificate, i.e. per full
+    /// handshake. Certificates near expiry still in use mean agents that do
+    /// not rotate.
+    pub client_cert_remaining: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -163,6 +212,14 @@ impl Metrics {
             &["outcome"],
         )
         .expect("static metric");
+        let client_cert_remaining = Histogram::with_opts(
+            HistogramOpts::new(
+                "client_certificate_remaining_seconds",
+                "Time left until the presented client certificate expires, per verified certificate",
+            )
+            .buckets(REMAINING_BUCKETS.to_vec()),
+        )
+        .expect("static metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(handshake_failures.clone()),
@@ -180,9 +237,21 @@ impl Metrics {
             Box::new(connections_closed.clone()),
             Box::new(tunnels_opened.clone()),
             Box::new(superseded_reports.clone()),
+            Box::new(client_cert_remaining.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
+        fn zero(c: &IntCounterVec, values: &[&str]) {
+            for v in values {
+                c.with_label_values(&[v]);
+            }
+        }
+        zero(&handshake_failures, &crate::handshake::REASONS);
+        zero(&handshake_failures, &crate::tls::chain::VERIFY_REASONS);
+        zero(&revocation_refusals, &REFUSAL_CODES);
+        zero(&trust_bundle_reloads, &["ok", "error"]);
+        zero(&connections_closed, &CLOSE_REASONS);
+        zero(&superseded_reports, &["queued", "sent", "dropped"]);
         Self {
             registry,
             requests,
@@ -201,6 +270,7 @@ impl Metrics {
             connections_closed,
             tunnels_opened,
             superseded_reports,
+            client_cert_remaining,
         }
     }
 
@@ -216,5 +286,45 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The families with a known label set are on the page before any event.
+    #[test]
+    fn bounded_label_sets_start_at_zero() {
+        let page = String::from_utf8(Metrics::new().render()).unwrap();
+        let mut want = Vec::new();
+        for r in crate::handshake::REASONS
+            .iter()
+            .chain(&crate::tls::chain::VERIFY_REASONS)
+        {
+            want.push(format!(
+                "oneprotect_gateway_handshake_failures_total{{reason=\"{r}\"}} 0"
+            ));
+        }
+        for c in REFUSAL_CODES {
+            want.push(format!(
+                "oneprotect_gateway_revocation_refusals_total{{code=\"{c}\"}} 0"
+            ));
+        }
+        for r in CLOSE_REASONS {
+            want.push(format!(
+                "oneprotect_gateway_connections_closed_total{{reason=\"{r}\"}} 0"
+            ));
+        }
+        for o in ["queued", "sent", "dropped"] {
+            want.push(format!(
+                "oneprotect_gateway_superseded_reports_total{{outcome=\"{o}\"}} 0"
+            ));
+        }
+        want.push("oneprotect_gateway_trust_bundle_reloads_total{outcome=\"error\"} 0".into());
+        want.push("oneprotect_gateway_client_certificate_remaining_seconds_count 0".into());
+        for line in want {
+            assert!(page.contains(&line), "{line} missing:\n{page}");
+        }
     }
 }

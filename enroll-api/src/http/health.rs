@@ -29,6 +29,10 @@ async fn metrics(
     if !client.is_some_and(|c| c.is_loopback()) {
         return Err(ApiError::new(problem::ROUTE_NOT_FOUND));
     }
+    state
+        .metrics
+        .update_outbox(&state.store, state.clock.now())
+        .await;
     Ok((
         [(CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

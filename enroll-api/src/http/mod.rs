@@ -21,13 +21,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, Request};
+use axum::extract::{
+    ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Request, State,
+};
 use axum::http::header::{
     AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, LOCATION, PRAGMA, RETRY_AFTER,
     WWW_AUTHENTICATE,
 };
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use bytes::Bytes;
@@ -139,6 +142,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_request,
+        ))
         .layer(
             tower_http::trace::TraceLayer::new_for_http()
                 .make_span_with(move |req: &Request| {
@@ -246,10 +253,15 @@ impl From<StoreError> for ApiError {
 
 const STORAGE_RETRY_AFTER_SECS: u64 = 5;
 
+/// The problem code of an error answer, kept in the response's extensions
+/// for the request counter ([`count_request`]).
+#[derive(Debug, Clone, Copy)]
+struct ProblemCode(&'static str);
+
 fn problem_response(kind: ProblemKind, detail: Option<String>) -> Response {
     let p = Problem::new(kind, detail);
     let status = StatusCode::from_u16(kind.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (
+    let mut r = (
         status,
         [(
             CONTENT_TYPE,
@@ -257,7 +269,26 @@ fn problem_response(kind: ProblemKind, detail: Option<String>) -> Response {
         )],
         p.to_json(),
     )
-        .into_response()
+        .into_response();
+    r.extensions_mut().insert(ProblemCode(kind.code));
+    r
+}
+
+/// Counts every answer in `requests_total{method,route,status}` (the route
+/// template, so the label set stays bounded) and every problem answer in
+/// `problems_total{code}`.
+async fn count_request(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let r = next.run(req).await;
+    let code = r.extensions().get::<ProblemCode>().map(|c| c.0);
+    state.metrics.request(
+        &method,
+        route.as_ref().map(MatchedPath::as_str),
+        r.status(),
+        code,
+    );
+    r
 }
 
 impl IntoResponse for ApiError {

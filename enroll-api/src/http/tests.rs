@@ -810,3 +810,87 @@ async fn jwks_publishes_the_gateway_keys_with_cache_headers() {
         .unwrap();
     assert_eq!(send(&f, req).await.status, StatusCode::OK);
 }
+
+/// `requests_total` counts by route template and status, `problems_total`
+/// by problem code (every code exported at 0 from the start), and the outbox
+/// gauges show the backlog the relay (absent here) has not sent.
+#[tokio::test]
+async fn requests_problems_and_outbox_backlog_are_metered() {
+    let f = fixture().await;
+    let m = &f.state.metrics;
+    let page = m.render();
+    for kind in problem::ALL {
+        let line = format!(
+            "oneprotect_enroll_problems_total{{code=\"{}\"}} 0",
+            kind.code
+        );
+        assert!(page.contains(&line), "{line} missing:\n{page}");
+    }
+    assert!(page.contains("oneprotect_enroll_rotations_total{outcome=\"refused\"} 0"));
+
+    let (_, token) = new_token(&f, json!({"ttl_seconds": 600, "max_uses": 1})).await;
+    let r = call(
+        &f,
+        Method::POST,
+        EXCHANGE,
+        None,
+        Some(exchange_body(&token, &csr(&rcgen::PKCS_ECDSA_P256_SHA256))),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let r = call(
+        &f,
+        Method::POST,
+        EXCHANGE,
+        None,
+        Some(exchange_body(&token, &csr(&rcgen::PKCS_ECDSA_P256_SHA256))),
+    )
+    .await;
+    assert_problem(&r, problem::INVALID_TOKEN);
+    call(&f, Method::GET, "/no/such/route", None, None).await;
+
+    f.clock.advance(std::time::Duration::from_secs(42));
+    m.update_outbox(&f.state.store, f.state.clock.now()).await;
+    let page = m.render();
+    for line in [
+        "oneprotect_enroll_requests_total{method=\"POST\",route=\"/api/v1/agent-enrollment/tokens\",status=\"201\"} 1",
+        "oneprotect_enroll_requests_total{method=\"POST\",route=\"/api/v1/agent-enrollment/exchange\",status=\"201\"} 1",
+        "oneprotect_enroll_requests_total{method=\"POST\",route=\"/api/v1/agent-enrollment/exchange\",status=\"401\"} 1",
+        "oneprotect_enroll_requests_total{method=\"GET\",route=\"none\",status=\"404\"} 1",
+        "oneprotect_enroll_problems_total{code=\"invalid_token\"} 1",
+        "oneprotect_enroll_problems_total{code=\"route_not_found\"} 1",
+        "oneprotect_enroll_outbox_oldest_pending_seconds 42",
+    ] {
+        assert!(page.contains(line), "{line} missing:\n{page}");
+    }
+    let pending = gauge(&page, "oneprotect_enroll_outbox_pending");
+    let rows = f.state.store.list_pending_events(100).await.unwrap();
+    assert!(!rows.is_empty());
+    assert_eq!(pending, rows.len() as i64);
+
+    // Sent rows leave the backlog.
+    for r in &rows {
+        f.state
+            .store
+            .mark_event_sent(r.seq, f.state.clock.now())
+            .await
+            .unwrap();
+    }
+    m.update_outbox(&f.state.store, f.state.clock.now()).await;
+    let page = m.render();
+    assert_eq!(gauge(&page, "oneprotect_enroll_outbox_pending"), 0);
+    assert_eq!(
+        gauge(&page, "oneprotect_enroll_outbox_oldest_pending_seconds"),
+        0
+    );
+}
+
+/// The value of the label-less sample `name`.
+fn gauge(page: &str, name: &str) -> i64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} missing:\n{page}"))
+        .trim()
+        .parse()
+        .unwrap()
+}

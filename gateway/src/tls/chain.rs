@@ -27,8 +27,22 @@ pub enum VerifyError {
     TrustDomain,
 }
 
+/// Every label [`VerifyError::reason`] returns (the metrics export each at 0
+/// from the start).
+pub const VERIFY_REASONS: [&str; 9] = [
+    "expired",
+    "not_yet_valid",
+    "unknown_issuer",
+    "bad_signature",
+    "bad_eku",
+    "invalid_path",
+    "tenant_mismatch",
+    "invalid_identity",
+    "trust_domain",
+];
+
 impl VerifyError {
-    /// A short stable label for metrics.
+    /// A short stable label for metrics (one of [`VERIFY_REASONS`]).
     pub fn reason(&self) -> &'static str {
         match self {
             VerifyError::Path(webpki::Error::CertExpired { .. }) => "expired",

@@ -96,6 +96,9 @@ impl ClientCertVerifier for AgentCertVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         match self.validator.validate(end_entity, intermediates, now) {
             Ok(id) => {
+                let now_secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+                let left = id.not_after().saturating_sub(now_secs).max(0);
+                self.metrics.client_cert_remaining.observe(left as f64);
                 self.verified.insert(id.fingerprint(), Arc::new(id));
                 Ok(ClientCertVerified::assertion())
             }

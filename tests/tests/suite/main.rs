@@ -14,6 +14,7 @@ mod faults;
 mod gateway;
 mod hardening_api;
 mod hardening_gateway;
+mod kit_metrics;
 mod kit_upstream;
 mod lifecycle;
 mod redis_ha;
