@@ -277,6 +277,11 @@ impl MemoryBus {
         self.lock().built_at = Some(unix_secs);
     }
 
+    /// When the projection was built (unix seconds); `None` on a new bus.
+    pub fn built_at(&self) -> Option<i64> {
+        self.lock().built_at
+    }
+
     /// Whether the projection has been built (a new bus has not).
     pub fn is_built(&self) -> bool {
         self.lock().built_at.is_some()

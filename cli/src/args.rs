@@ -109,6 +109,10 @@ pub enum Command {
     /// trust bundle.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// The revocation projection the gateways read, as the server sees it:
+    /// backend, reachable, last build, announcement sequence, outbox backlog.
+    /// Exits 6 when the projection does not answer.
+    Projection,
     /// Fetch a certificate revocation list: the key's tenant CA's (default),
     /// another tenant's (--tenant), the root's (--root), or the tenant's
     /// chain file (--chain: tenant then root, PEM).

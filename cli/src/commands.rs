@@ -478,6 +478,27 @@ pub async fn agents(ctx: &Ctx, cmd: &AgentCommand, out: &mut dyn Write) -> Resul
     }
 }
 
+/// `projection`: the server's view of the revocation projection; exit 6
+/// (unavailable) when the projection does not answer, so a script can
+/// alert on it.
+pub async fn projection(ctx: &Ctx, out: &mut dyn Write) -> Result<(), CliError> {
+    let client = ctx.client()?;
+    let key = ctx.settings.admin_key()?;
+    let r = client
+        .get("/api/v1/projection", Some(&key))
+        .await?
+        .success()?;
+    let v = r.json()?;
+    one(ctx, &r, out, output::projection_details)?;
+    if v["reachable"] == Value::Bool(false) {
+        return Err(CliError::Unavailable(format!(
+            "the revocation projection does not answer: {}",
+            v["error"].as_str().unwrap_or("no detail")
+        )));
+    }
+    Ok(())
+}
+
 /// `ca …`.
 pub async fn ca(ctx: &Ctx, cmd: &CaCommand, out: &mut dyn Write) -> Result<(), CliError> {
     let client = ctx.client()?;

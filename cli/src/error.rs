@@ -92,6 +92,10 @@ pub enum CliError {
     /// The answer was not what the API documents (too large, not JSON).
     #[error("unexpected answer: {0}")]
     Protocol(String),
+    /// The server answered, and says a part it depends on is unavailable
+    /// (`projection`: the revocation projection does not answer).
+    #[error("{0}")]
+    Unavailable(String),
     /// A local file could not be read or written.
     #[error("{what}: {source}")]
     Io {
@@ -132,7 +136,9 @@ impl CliError {
         match self {
             CliError::Usage(_) => exit::USAGE,
             CliError::Api { status, .. } => exit_for_status(*status),
-            CliError::Connect { .. } | CliError::Timeout { .. } => exit::UNAVAILABLE,
+            CliError::Connect { .. } | CliError::Timeout { .. } | CliError::Unavailable(_) => {
+                exit::UNAVAILABLE
+            }
             CliError::Tls { .. } | CliError::Protocol(_) | CliError::Io { .. } => exit::OTHER,
         }
     }

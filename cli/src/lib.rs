@@ -75,6 +75,7 @@ pub async fn run(
         Command::Agents(c) => commands::agents(&ctx, c, out).await,
         Command::Ca(c) => commands::ca(&ctx, c, out).await,
         Command::Crl(a) => commands::crl(&ctx, a, out).await,
+        Command::Projection => commands::projection(&ctx, out).await,
         Command::Completions { .. } => Ok(()),
     }
 }

@@ -207,6 +207,22 @@ pub fn agent_details(a: &Value) -> String {
     ])
 }
 
+/// `ProjectionStatus` as key/value lines.
+pub fn projection_details(p: &Value) -> String {
+    key_values(&[
+        ("backend", cell(p, "backend")),
+        ("reachable", cell(p, "reachable")),
+        ("error", cell(p, "error")),
+        ("built_at", cell(p, "built_at")),
+        ("sequence", cell(p, "sequence")),
+        ("outbox_pending", cell(p, "outbox_pending")),
+        (
+            "outbox_oldest_pending_seconds",
+            cell(p, "outbox_oldest_pending_seconds"),
+        ),
+    ])
+}
+
 /// An agent's events (`EventList`) as a table, oldest first.
 pub fn events_table(list: &Value) -> String {
     let mut t = Table::new(&["OCCURRED_AT", "TYPE", "ACTOR", "EVENT_ID"]);

@@ -157,6 +157,14 @@ impl Projection {
         &self.keys
     }
 
+    /// `redis` or `memory` (the in-process bus).
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Redis(_) => "redis",
+            Backend::Memory(_) => "memory",
+        }
+    }
+
     /// Opens a connection (connect and response timeouts of 5 s).
     /// (An in-process bus needs no connection.)
     pub async fn connect(&self) -> Result<ProjectionConn, ProjectionError> {
@@ -378,6 +386,22 @@ impl ProjectionConn {
             .query_async(conn)
             .await?;
         Ok(stats)
+    }
+
+    /// When the projection was last built (unix seconds) and the last
+    /// announcement sequence written: `{prefix}projection:built_at` and
+    /// `{prefix}revocation:seq`, read in one `MGET` (one hash slot).
+    pub async fn status(&mut self) -> Result<(Option<i64>, Option<u64>), ProjectionError> {
+        let conn = match &mut self.conn {
+            Conn::Redis(c) => c,
+            Conn::Memory(bus) => return Ok((bus.built_at(), bus.seq())),
+        };
+        let (built_at, seq): (Option<i64>, Option<u64>) = redis::cmd("MGET")
+            .arg(self.keys.projection_built_at())
+            .arg(self.keys.revocation_seq())
+            .query_async(conn)
+            .await?;
+        Ok((built_at, seq))
     }
 
     /// Whether `{prefix}projection:built_at` exists (a flushed or new Redis

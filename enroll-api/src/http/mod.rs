@@ -13,6 +13,7 @@ mod ca;
 mod exchange;
 mod health;
 pub mod keys;
+mod projection;
 mod rotation;
 mod tokens;
 
@@ -125,6 +126,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/tenants/{tenant_id}/crl-chain"),
     ("GET", "/api/v1/crl"),
     ("GET", "/.well-known/jwks.json"),
+    ("GET", "/api/v1/projection"),
 ];
 
 /// The whole API.
@@ -139,6 +141,7 @@ pub fn router(state: AppState) -> Router {
         .merge(rotation::router())
         .merge(ca::router())
         .merge(keys::router())
+        .merge(projection::router())
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

@@ -53,6 +53,14 @@ async fn tenant(state: &AppState) -> TenantId {
 }
 
 async fn fixture_with(per_token_burst: u32, per_address_burst: u32) -> Fixture {
+    fixture_full(per_token_burst, per_address_burst, None).await
+}
+
+async fn fixture_full(
+    per_token_burst: u32,
+    per_address_burst: u32,
+    projection: Option<crate::projection::Projection>,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let clock = FixedClock::new(OffsetDateTime::now_utc());
     let shared: crate::clock::SharedClock = Arc::new(clock.clone());
@@ -76,7 +84,7 @@ async fn fixture_with(per_token_burst: u32, per_address_burst: u32) -> Fixture {
         max_body_bytes: 16 * 1024,
         body_read_timeout: std::time::Duration::from_secs(10),
         trusted_proxies: Default::default(),
-        projection: None,
+        projection,
         assertions: oneprotect_identity::AssertionVerifier::new("enroll-api"),
         jwks: super::keys::PublishedKeys::new(&[crate::config::TrustedKey {
             kid: "gw-a".into(),
@@ -893,4 +901,46 @@ fn gauge(page: &str, name: &str) -> i64 {
         .trim()
         .parse()
         .unwrap()
+}
+
+#[tokio::test]
+async fn projection_status_reports_backend_reachability_and_backlog() {
+    // No projection configured: said so, with the outbox backlog.
+    let f = fixture().await;
+    new_token(&f, json!({"ttl_seconds": 600})).await;
+    assert_problem(
+        &call(&f, Method::GET, "/api/v1/projection", None, None).await,
+        problem::UNAUTHORIZED,
+    );
+    let r = call(&f, Method::GET, "/api/v1/projection", Some(&f.key), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["backend"], "none");
+    assert_eq!(r.body["reachable"], Value::Null);
+    assert!(
+        r.body["outbox_pending"].as_u64().unwrap() >= 1,
+        "{:?}",
+        r.body
+    );
+
+    // A Redis that does not answer: 200, reachable false, a reason.
+    let down = crate::projection::Projection::new("redis://127.0.0.1:1", "p:").unwrap();
+    let f = fixture_full(100, 100, Some(down)).await;
+    let r = call(&f, Method::GET, "/api/v1/projection", Some(&f.key), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["backend"], "redis");
+    assert_eq!(r.body["reachable"], false);
+    assert!(r.body["error"].as_str().is_some_and(|e| !e.is_empty()));
+    assert_eq!(r.body["sequence"], Value::Null);
+
+    // The in-process bus: built and announced.
+    let bus = oneprotect_revocation_bus::MemoryBus::new();
+    bus.mark_built(1_800_000_000);
+    let projection = crate::projection::Projection::memory(bus.clone(), "p:");
+    bus.announce(&oneprotect_identity::revocation::Change::Resync);
+    let f = fixture_full(100, 100, Some(projection)).await;
+    let r = call(&f, Method::GET, "/api/v1/projection", Some(&f.key), None).await;
+    assert_eq!(r.body["backend"], "memory");
+    assert_eq!(r.body["reachable"], true);
+    assert_eq!(r.body["built_at"], 1_800_000_000);
+    assert_eq!(r.body["sequence"], 1);
 }

@@ -710,3 +710,118 @@ async fn cli_reads_settings_from_config_env_and_flags() -> Result<()> {
     cli.assert_never_printed(&bad_key);
     Ok(())
 }
+
+/// `oneprotect projection` against an enroll-api writing a real Redis
+/// projection: reachable, built, a sequence that moves with a revocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_reports_the_redis_projection() -> Result<()> {
+    let stack = crate::support::stack::Stack::builder("cli_projection")
+        .start()
+        .await?;
+    let addr = stack
+        .running
+        .as_ref()
+        .and_then(|r| r.https_addr)
+        .context("https listener")?;
+    let work = tempfile::tempdir()?;
+    let cli = Cli {
+        bin: oneprotect_tests::ensure_binary("oneprotect-cli", "oneprotect"),
+        home: work.path().to_owned(),
+        key: stack.key.clone(),
+        printed: Arc::default(),
+    };
+    let server = format!("https://127.0.0.1:{}", addr.port());
+    let ca = stack.dir.join("tls/dev-cert.pem");
+    let ca = ca.to_str().context("utf-8 path")?;
+    let status = |out: Out| -> Value { out.json() };
+    let args = [
+        "--server",
+        &server,
+        "--ca-file",
+        ca,
+        "-o",
+        "json",
+        "projection",
+    ];
+    let mut before = Value::Null;
+    // The enroll-api builds the projection at start, in the background.
+    for _ in 0..200 {
+        before = status(cli.expect(0, &args, Key::Good).await?);
+        if before["built_at"].is_i64() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(before["backend"], "redis", "{before}");
+    assert_eq!(before["reachable"], true, "{before}");
+    assert!(before["built_at"].is_i64(), "{before}");
+    let seq = before["sequence"].as_u64().context("sequence")?;
+
+    // A token revocation writes no projection key; an agent's does. Enroll
+    // one and revoke it: the sequence moves on.
+    let token = stack.token().await?;
+    let dir = tempfile::tempdir()?;
+    let csr = openssl_csr(dir.path(), "agent")?;
+    let enrolled = stack
+        .client
+        .send(
+            "POST",
+            "/api/v1/agent-enrollment/exchange",
+            None,
+            Some(exchange_body(&token, &csr)),
+        )
+        .await?;
+    let agent = enrolled.body["agent_id"].as_str().context("agent_id")?;
+    cli.expect(
+        0,
+        &[
+            "--server",
+            &server,
+            "--ca-file",
+            ca,
+            "agents",
+            "revoke",
+            agent,
+            "--reason",
+            "test",
+        ],
+        Key::Good,
+    )
+    .await?;
+    let mut after = Value::Null;
+    for _ in 0..200 {
+        after = status(cli.expect(0, &args, Key::Good).await?);
+        if after["sequence"].as_u64() > Some(seq) && after["outbox_pending"] == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        after["sequence"].as_u64() > Some(seq),
+        "{before} -> {after}"
+    );
+    assert_eq!(after["outbox_pending"], 0, "{after}");
+    let table = cli
+        .expect(
+            0,
+            &[
+                "--server",
+                &server,
+                "--ca-file",
+                ca,
+                "-o",
+                "table",
+                "projection",
+            ],
+            Key::Good,
+        )
+        .await?
+        .text();
+    assert!(
+        table.contains("reachable") && table.contains("true"),
+        "{table}"
+    );
+    cli.expect(4, &args, Key::This("opak_wrong")).await?;
+    cli.assert_never_printed(&stack.key);
+    Ok(())
+}
