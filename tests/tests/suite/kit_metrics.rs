@@ -20,8 +20,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 
 use crate::support::stack::Stack;
@@ -428,36 +426,19 @@ fn kit_metrics_systemd_units_verify() {
     }
 }
 
-/// A plain-HTTP request to a loopback listener.
+/// A plain-HTTP request to a loopback listener; the body as text.
 async fn plain(
     addr: SocketAddr,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
-    body: Option<Value>,
 ) -> Result<(u16, String)> {
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
-    let mut req = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "localhost");
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let bytes = match body {
-        Some(v) => {
-            req = req.header("content-type", "application/json");
-            Bytes::from(v.to_string())
-        }
-        None => Bytes::new(),
-    };
-    let resp = sender.send_request(req.body(Full::new(bytes))?).await?;
-    let status = resp.status().as_u16();
-    let raw = resp.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&raw).into_owned()))
+    let headers: Vec<(&str, String)> = headers.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
+    let (status, body) = crate::support::stack::plain(addr, method, path, &headers, None).await?;
+    Ok(match body {
+        Value::String(text) => (status, text),
+        other => (status, other.to_string()),
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -509,14 +490,13 @@ async fn kit_metrics_every_name_in_dashboard_and_rules_is_exported() -> Result<(
         "POST",
         &format!("/api/v1/agents/{agent}/certificate/confirm"),
         &[(IDENTITY_ASSERTION, "not-an-assertion")],
-        None,
     )
     .await?;
     ensure!(status == 401, "forged assertion: {status} {body}");
 
-    let (status, gw_page) = plain(gw.admin, "GET", "/metrics", &[], None).await?;
+    let (status, gw_page) = plain(gw.admin, "GET", "/metrics", &[]).await?;
     ensure!(status == 200, "gateway /metrics: {status}");
-    let (status, api_page) = plain(gw.upstream, "GET", "/metrics", &[], None).await?;
+    let (status, api_page) = plain(gw.upstream, "GET", "/metrics", &[]).await?;
     ensure!(status == 200, "enroll-api /metrics: {status}");
     let gw_families = families(&gw_page);
     let api_families = families(&api_page);
