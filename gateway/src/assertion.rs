@@ -170,3 +170,64 @@ impl AssertionService {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_file(dir: &std::path::Path, name: &str) -> (PathBuf, [u8; 32]) {
+        let (signer, pkcs8) = AssertionSigner::generate("x").unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, pkcs8).unwrap();
+        (path, signer.public_key())
+    }
+
+    fn service(file: &std::path::Path, kid: Option<&str>) -> AssertionService {
+        let cfg = AssertionConfig {
+            key_file: Some(file.to_owned()),
+            kid: kid.map(str::to_owned),
+            ..AssertionConfig::default()
+        };
+        let signer = load_signer(file, kid).unwrap();
+        AssertionService::new(signer, &cfg)
+    }
+
+    #[test]
+    fn a_new_key_file_signs_at_once_under_its_thumbprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, first) = key_file(dir.path(), "k");
+        let svc = service(&file, None);
+        assert_eq!(svc.kid(), oneprotect_identity::jwk::thumbprint(&first));
+        // The same key: nothing to do.
+        assert_eq!(svc.reload().unwrap(), None);
+        assert_eq!(svc.generation(), 0);
+        // A new key renamed over the file: a new kid and generation.
+        let (staged, second) = key_file(dir.path(), "staged");
+        std::fs::rename(&staged, &file).unwrap();
+        let kid = svc.reload().unwrap().unwrap();
+        assert_eq!(kid, oneprotect_identity::jwk::thumbprint(&second));
+        assert_eq!((svc.kid(), svc.public_key()), (kid, second));
+        assert_eq!(svc.generation(), 1);
+        // A file that is not a key: refused, the key in use stays.
+        std::fs::write(&file, b"not a key").unwrap();
+        assert!(matches!(svc.reload(), Err(KeyReloadError::File(_))));
+        assert_eq!(svc.public_key(), second);
+    }
+
+    #[test]
+    fn a_pinned_kid_refuses_a_different_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, first) = key_file(dir.path(), "k");
+        let svc = service(&file, Some("gateway-1"));
+        let (staged, _) = key_file(dir.path(), "staged");
+        std::fs::rename(&staged, &file).unwrap();
+        let e = svc.reload().unwrap_err();
+        assert!(matches!(e, KeyReloadError::PinnedKid(ref k) if k == "gateway-1"));
+        assert!(e.to_string().contains("leave kid unset"), "{e}");
+        assert_eq!(
+            (svc.kid(), svc.public_key()),
+            ("gateway-1".to_owned(), first)
+        );
+        assert_eq!(svc.generation(), 0);
+    }
+}
