@@ -111,7 +111,8 @@ pub enum Command {
     Ca(CaCommand),
     /// The revocation projection the gateways read, as the server sees it:
     /// backend, reachable, last build, announcement sequence, outbox backlog.
-    /// Exits 6 when the projection does not answer.
+    /// Exits 6 when the projection does not answer. For operators: the server
+    /// answers loopback clients only (its host, or an SSH tunnel).
     Projection,
     /// Fetch a certificate revocation list: the key's tenant CA's (default),
     /// another tenant's (--tenant), the root's (--root), or the tenant's

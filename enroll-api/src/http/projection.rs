@@ -1,5 +1,9 @@
 //! `GET /api/v1/projection`: the state of the revocation projection the
-//! gateways read, as this replica sees it (admin).
+//! gateways read, as this replica sees it. For operators: an admin key from
+//! a loopback client (on the enroll-api's host, or through an SSH tunnel),
+//! like `/metrics`; anyone else gets 404 `route_not_found`. The figures are
+//! deployment-wide (every tenant's outbox rows, the Redis error text), which
+//! a tenant admin elsewhere has no business seeing.
 //!
 //! Which backend it is, whether it answers, when it was last built, the last
 //! announcement sequence written, and the outbox rows not yet relayed (and
@@ -15,7 +19,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 
-use super::{AdminAuth, ApiError, AppState};
+use oneprotect_identity::problem;
+
+use super::{AdminAuth, ApiError, AppState, ClientAddr};
 use crate::store::Store;
 
 /// How long the projection and the outbox may take to answer.
@@ -48,8 +54,16 @@ struct ProjectionStatus {
 
 async fn status(
     State(state): State<AppState>,
-    _auth: AdminAuth,
+    ClientAddr(client): ClientAddr,
+    auth: Result<AdminAuth, ApiError>,
 ) -> Result<Json<ProjectionStatus>, ApiError> {
+    // The client, not merely the TCP peer (a trusted gateway's forwarded
+    // request from elsewhere is not a loopback caller); checked before the
+    // key, so the route does not exist for anyone else.
+    if !client.is_some_and(|c| c.is_loopback()) {
+        return Err(ApiError::new(problem::ROUTE_NOT_FOUND));
+    }
+    auth?;
     let mut out = ProjectionStatus {
         backend: "none",
         reachable: None,

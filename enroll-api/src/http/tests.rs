@@ -724,9 +724,10 @@ async fn every_listed_route_is_served() {
     let f = fixture().await;
     let id = Uuid::new_v4().to_string();
     for (method, template) in ROUTES {
-        if *template == "/metrics" {
+        if *template == "/metrics" || *template == "/api/v1/projection" {
             // Loopback peers only; this in-process call has no peer address
-            // (answered 404, checked below). Served: tests/suite/rotation.rs.
+            // (answered 404, checked below). Served: tests/suite/rotation.rs,
+            // projection_status_reports_backend_reachability_and_backlog.
             continue;
         }
         let uri = template
@@ -903,16 +904,41 @@ fn gauge(page: &str, name: &str) -> i64 {
         .unwrap()
 }
 
+/// `GET /api/v1/projection` from `peer` with `key`.
+async fn projection_status(f: &Fixture, peer: &str, key: Option<&str>) -> Resp {
+    let mut b = Request::builder().uri("/api/v1/projection");
+    if let Some(k) = key {
+        b = b.header("authorization", format!("Bearer {k}"));
+    }
+    let mut req = b.body(Body::empty()).unwrap();
+    let peer: std::net::SocketAddr = peer.parse().unwrap();
+    req.extensions_mut()
+        .insert(axum::extract::ConnectInfo(peer));
+    send(f, req).await
+}
+
 #[tokio::test]
 async fn projection_status_reports_backend_reachability_and_backlog() {
-    // No projection configured: said so, with the outbox backlog.
+    // Operators only: a loopback client with an admin key. Anyone else is
+    // told the route does not exist, key or not.
     let f = fixture().await;
     new_token(&f, json!({"ttl_seconds": 600})).await;
+    for key in [Some(f.key.as_str()), None] {
+        assert_problem(
+            &projection_status(&f, "192.0.2.7:4000", key).await,
+            problem::ROUTE_NOT_FOUND,
+        );
+    }
     assert_problem(
-        &call(&f, Method::GET, "/api/v1/projection", None, None).await,
+        &call(&f, Method::GET, "/api/v1/projection", Some(&f.key), None).await,
+        problem::ROUTE_NOT_FOUND,
+    );
+    assert_problem(
+        &projection_status(&f, "127.0.0.1:4000", None).await,
         problem::UNAUTHORIZED,
     );
-    let r = call(&f, Method::GET, "/api/v1/projection", Some(&f.key), None).await;
+    // No projection configured: said so, with the outbox backlog.
+    let r = projection_status(&f, "127.0.0.1:4000", Some(&f.key)).await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     assert_eq!(r.body["backend"], "none");
     assert_eq!(r.body["reachable"], Value::Null);
@@ -925,7 +951,7 @@ async fn projection_status_reports_backend_reachability_and_backlog() {
     // A Redis that does not answer: 200, reachable false, a reason.
     let down = crate::projection::Projection::new("redis://127.0.0.1:1", "p:").unwrap();
     let f = fixture_full(100, 100, Some(down)).await;
-    let r = call(&f, Method::GET, "/api/v1/projection", Some(&f.key), None).await;
+    let r = projection_status(&f, "[::1]:4000", Some(&f.key)).await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     assert_eq!(r.body["backend"], "redis");
     assert_eq!(r.body["reachable"], false);
@@ -938,7 +964,7 @@ async fn projection_status_reports_backend_reachability_and_backlog() {
     let projection = crate::projection::Projection::memory(bus.clone(), "p:");
     bus.announce(&oneprotect_identity::revocation::Change::Resync);
     let f = fixture_full(100, 100, Some(projection)).await;
-    let r = call(&f, Method::GET, "/api/v1/projection", Some(&f.key), None).await;
+    let r = projection_status(&f, "127.0.0.1:4000", Some(&f.key)).await;
     assert_eq!(r.body["backend"], "memory");
     assert_eq!(r.body["reachable"], true);
     assert_eq!(r.body["built_at"], 1_800_000_000);
