@@ -2,7 +2,7 @@
 # Installs what OneProtect needs from the system package manager, only when missing.
 #
 #   scripts/prereqs.sh build   # cmake, make and a C compiler (pingora's zlib-ng, ring)
-#   scripts/prereqs.sh test    # build + PostgreSQL, Redis, openssl, curl, nginx, python3, promtool
+#   scripts/prereqs.sh test    # build + PostgreSQL, Redis, openssl, curl, nginx, haproxy, python3, promtool
 #
 # Sourced by scripts/run.sh, scripts/test.sh and .ci/run; runnable on its own.
 #
@@ -25,7 +25,8 @@ _PREREQ_TEST=(
   "redis-cli redis-tools redis redis redis-cli (the Sentinel and Cluster tests)"
   "openssl openssl openssl openssl the openssl CLI (an independent TLS client in tests)"
   "curl curl curl curl curl (an independent HTTP client in tests)"
-  "nginx nginx nginx nginx nginx (CRL interoperability test)"
+  "nginx nginx nginx nginx nginx (CRL interoperability test, bench baseline)"
+  "haproxy haproxy haproxy haproxy haproxy (bench baseline)"
   "python3 python3 python3 python python3 (independent h2/raw-socket clients in tests)"
   "promtool prometheus golang-github-prometheus prometheus promtool (checks deploy/prometheus alert rules)"
 )

@@ -146,17 +146,18 @@ pub fn wrapper(var: &str) -> Vec<String> {
 
 /// The command that runs `bin`: under `wrapper` when one is given (its
 /// figures are then the profiler's, not the machine's), else pinned to CPU
-/// `cpu` with `taskset` when both are available.
-pub fn command(bin: &Path, cpu: Option<usize>, wrapper: &[String]) -> Command {
+/// `cpus` (a `taskset -c` list: `0`, `0,1`, `0-1`) with `taskset` when both
+/// are available.
+pub fn command(bin: &Path, cpus: Option<&str>, wrapper: &[String]) -> Command {
     if let Some((first, rest)) = wrapper.split_first() {
         let mut cmd = Command::new(first);
         cmd.args(rest).arg(bin);
         return cmd;
     }
-    match (cpu, which("taskset")) {
+    match (cpus, which("taskset")) {
         (Some(c), Some(taskset)) => {
             let mut cmd = Command::new(taskset);
-            cmd.arg("-c").arg(c.to_string()).arg(bin);
+            cmd.arg("-c").arg(c).arg(bin);
             cmd
         }
         _ => Command::new(bin),

@@ -172,13 +172,19 @@ relay_poll_interval_ms = 200
     }
 
     /// Revokes `agent` through the admin API; returns once it answered 200.
-    pub async fn revoke(&self, agent: AgentId) -> anyhow::Result<()> {
-        self.call(
-            Method::POST,
-            &format!("/api/v1/agents/{agent}/revoke"),
-            Some(serde_json::json!({"reason": "bench revocation"})),
-        )
-        .await
-        .map(|_| ())
+    /// Revokes `agent` through the admin API, waiting for the gateways
+    /// (ADR-0022); returns the answer's `enforcement.outcome`.
+    pub async fn revoke(&self, agent: AgentId) -> anyhow::Result<String> {
+        let body = self
+            .call(
+                Method::POST,
+                &format!("/api/v1/agents/{agent}/revoke"),
+                Some(serde_json::json!({"reason": "bench revocation"})),
+            )
+            .await?;
+        Ok(body["enforcement"]["outcome"]
+            .as_str()
+            .unwrap_or("missing")
+            .to_owned())
     }
 }

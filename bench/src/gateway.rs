@@ -25,6 +25,15 @@ pub struct Gateway {
     pub admin: SocketAddr,
 }
 
+/// The gateway settings a bench run varies.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    /// `listener.read_buffer_bytes` (the gateway's default when `None`).
+    pub read_buffer: Option<usize>,
+    /// `runtime.threads`.
+    pub threads: usize,
+}
+
 /// Writes the gateway configuration.
 pub fn config(
     listen: SocketAddr,
@@ -33,9 +42,12 @@ pub fn config(
     files: &ServerFiles,
     redis_url: &str,
     prefix: &str,
-    read_buffer: Option<usize>,
+    tuning: Tuning,
 ) -> String {
-    let read_buffer = read_buffer.map_or(String::new(), |b| format!("read_buffer_bytes = {b}\n"));
+    let threads = tuning.threads;
+    let read_buffer = tuning
+        .read_buffer
+        .map_or(String::new(), |b| format!("read_buffer_bytes = {b}\n"));
     format!(
         r#"[listener]
 listen = "{listen}"
@@ -51,7 +63,7 @@ redis_url = "{redis_url}"
 key_prefix = "{prefix}"
 
 [runtime]
-threads = 1
+threads = {threads}
 graceful_shutdown_secs = 0
 
 [[routes]]
@@ -72,8 +84,8 @@ pub fn start(
     files: &ServerFiles,
     redis_url: &str,
     prefix: &str,
-    cpu: Option<usize>,
-    read_buffer: Option<usize>,
+    cpus: Option<&str>,
+    tuning: Tuning,
 ) -> anyhow::Result<Gateway> {
     let bin = sibling_binary("oneprotect-gateway")?;
     let listen: SocketAddr = format!("127.0.0.1:{}", crate::child::free_port()?).parse()?;
@@ -82,18 +94,10 @@ pub fn start(
     let conf = dir.join("gateway.toml");
     std::fs::write(
         &conf,
-        config(
-            listen,
-            admin,
-            upstream,
-            files,
-            redis_url,
-            prefix,
-            read_buffer,
-        ),
+        config(listen, admin, upstream, files, redis_url, prefix, tuning),
     )?;
     let wrapper = crate::child::wrapper("ONEPROTECT_BENCH_GATEWAY_WRAPPER");
-    let mut cmd = crate::child::command(&bin, cpu, &wrapper);
+    let mut cmd = crate::child::command(&bin, cpus, &wrapper);
     cmd.arg("--config").arg(&conf).env("RUST_LOG", "warn");
     let log = dir.join("gateway.log");
     let mut server = Server::spawn("gateway", cmd, &log)?;

@@ -2,8 +2,9 @@
 //! fleet, and we use to hold the performance goals.
 //!
 //! Every figure is reported next to a baseline measured in the same run —
-//! the upstream directly, and nginx with `ssl_verify_client on` when it is
-//! installed — and as work per *server* CPU-second (from `/proc`), because
+//! the upstream directly, nginx with `ssl_verify_client on` and HAProxy with
+//! `verify required` (both with every CA's CRL) when they are installed — and
+//! as work per *server* CPU-second (from `/proc`), because
 //! the load generator shares the machine's cores with the server under test.
 //!
 //! Scenarios ([`scenarios`]): keep-alive (HTTP/1.1 and h2, one agent per
@@ -25,6 +26,7 @@ pub mod child;
 pub mod cpu;
 pub mod enroll;
 pub mod gateway;
+pub mod haproxy;
 pub mod load;
 pub mod nginx;
 pub mod pki;

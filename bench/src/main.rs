@@ -19,7 +19,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Every scenario against the gateway, the upstream directly and nginx.
+    /// Every scenario against the gateway, the upstream directly, nginx and HAProxy.
     All {
         /// Small sizes: every scenario in well under two minutes.
         #[arg(long, conflicts_with = "tiny")]
@@ -40,12 +40,20 @@ enum Command {
             default_value = "redis://127.0.0.1:6379"
         )]
         redis_url: String,
-        /// Pin the server under test to this CPU (taskset); the load runs on the others.
-        #[arg(long)]
-        server_cpu: Option<usize>,
+        /// Pin the servers under test to these CPUs (a `taskset -c` list: 0,
+        /// 0,1 or 0-1); the load runs wherever the scheduler puts it.
+        #[arg(long, value_parser = parse_cpu_list)]
+        server_cpu: Option<String>,
+        /// Worker threads of every server under test: gateway
+        /// `runtime.threads`, nginx `worker_processes`, HAProxy `nbthread`.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        server_threads: u16,
         /// Skip the nginx baseline.
         #[arg(long)]
         no_nginx: bool,
+        /// Skip the HAProxy baseline.
+        #[arg(long)]
+        no_haproxy: bool,
         /// How the revocation scenario revokes: through the real enroll-api's
         /// admin API (agents enrolled through the real exchange; measures the
         /// whole path), or by writing the Redis projection directly (the
@@ -93,6 +101,20 @@ enum Command {
     },
 }
 
+/// A `taskset -c` CPU list: digits, commas and dashes only.
+fn parse_cpu_list(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.split(',').all(|part| {
+            let mut ends = part.splitn(2, '-');
+            ends.all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        });
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?} is not a CPU list (e.g. 0, 0,1 or 0-1)"))
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -122,7 +144,9 @@ fn main() -> anyhow::Result<()> {
             cache,
             redis_url,
             server_cpu,
+            server_threads,
             no_nginx,
+            no_haproxy,
             revoke_via,
             duration,
             concurrency,
@@ -173,7 +197,9 @@ fn main() -> anyhow::Result<()> {
                 cache,
                 redis_url,
                 server_cpu,
+                server_threads: usize::from(server_threads),
                 no_nginx,
+                no_haproxy,
                 revoke_via,
                 command: std::env::args().collect::<Vec<_>>().join(" "),
                 only,

@@ -1,5 +1,5 @@
-//! The nginx baseline: `ssl_verify_client on` with the same certificates,
-//! one worker, identity headers to the same upstream over pooled keep-alive
+//! The nginx baseline: `ssl_verify_client on` with the same certificates and
+//! every CA's CRL (`ssl_crl`), `--server-threads` workers, identity headers to the same upstream over pooled keep-alive
 //! connections. Optional: skipped with a clear message when nginx is absent.
 //!
 //! Pitfall this config avoids: a `location` that sets any `proxy_set_header`
@@ -29,10 +29,11 @@ pub fn config(
     upstream: SocketAddr,
     files: &ServerFiles,
     single_process: bool,
+    workers: usize,
 ) -> String {
     let master = if single_process { "off" } else { "on" };
     format!(
-        r#"worker_processes 1;
+        r#"worker_processes {workers};
 daemon off;
 master_process {master};
 pid {dir}/nginx.pid;
@@ -57,6 +58,7 @@ http {{
         ssl_client_certificate {roots};
         ssl_verify_client on;
         ssl_verify_depth 2;
+        ssl_crl {crls};
         ssl_protocols TLSv1.3;
         location / {{
             proxy_pass http://app;
@@ -77,17 +79,19 @@ http {{
         cert = files.cert.display(),
         key = files.key.display(),
         roots = files.client_roots_and_cas.display(),
+        crls = files.crls.display(),
     )
 }
 
-/// Writes the config into `dir` and starts nginx, pinned to CPU `cpu` with
-/// `taskset` when available. Returns `Ok(None)` when nginx is not installed.
+/// Writes the config into `dir` and starts nginx with `workers` worker
+/// processes, pinned to `cpus` with `taskset` when available. Returns `Ok(None)` when nginx is not installed.
 pub fn start(
     dir: &Path,
     listen: SocketAddr,
     upstream: SocketAddr,
     files: &ServerFiles,
-    cpu: Option<usize>,
+    cpus: Option<&str>,
+    workers: usize,
 ) -> anyhow::Result<Option<Server>> {
     let Some(nginx) = find() else {
         return Ok(None);
@@ -97,9 +101,9 @@ pub fn start(
     let wrapper = crate::child::wrapper("ONEPROTECT_BENCH_NGINX_WRAPPER");
     std::fs::write(
         &conf,
-        config(dir, listen, upstream, files, !wrapper.is_empty()),
+        config(dir, listen, upstream, files, !wrapper.is_empty(), workers),
     )?;
-    let mut cmd = crate::child::command(&nginx, cpu, &wrapper);
+    let mut cmd = crate::child::command(&nginx, cpus, &wrapper);
     cmd.arg("-p").arg(dir).arg("-c").arg(&conf);
     let log = dir.join("stdout.log");
     let mut s = Server::spawn("nginx", cmd, &log)?;

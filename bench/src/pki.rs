@@ -45,7 +45,20 @@ pub struct BenchPki {
     pub agents: Vec<AgentCreds>,
     /// Unix time the leaves expire; a cache past 90% of it is re-minted.
     pub not_after: i64,
+    /// CRLs, PEM: the root's, then each tenant CA's (each lists
+    /// [`REVOKED_PER_CRL`] serials, the tenant 0 one also `revoked_agent`'s),
+    /// for the baselines' `ssl_crl` / `crl-file`. Empty in an old cache (then
+    /// re-minted).
+    #[serde(default)]
+    pub crls_pem: Vec<String>,
+    /// An identity whose serial is on its CA's CRL: the baselines must refuse
+    /// it at the handshake (checked before every run).
+    #[serde(default)]
+    pub revoked_agent: Option<AgentCreds>,
 }
+
+/// Random revoked serials on each CRL, so a lookup is not of an empty list.
+pub const REVOKED_PER_CRL: usize = 64;
 
 impl BenchPki {
     /// Mints `agents` identities over `tenants` tenants.
@@ -75,6 +88,37 @@ impl BenchPki {
             });
         }
         let server = pki.server_cert(&["127.0.0.1", "localhost"]);
+        // One more agent of tenant 0, revoked on its CA's CRL.
+        let mut spec =
+            oneprotect_testpki::LeafSpec::agent(&cas[0], &uuid::Uuid::new_v4().to_string());
+        let revoked_serial = uuid::Uuid::new_v4().as_bytes().to_vec();
+        spec.serial = Some(revoked_serial.clone());
+        let leaf = cas[0].leaf(&spec);
+        let revoked_agent = AgentCreds {
+            tenant: cas[0].tenant.clone(),
+            agent: spec.uris[0]
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+            cert_pem: leaf.cert_pem,
+            chain_pem: cas[0].cert_pem.clone(),
+            key_pem: leaf.key_pem,
+        };
+        let random = || -> Vec<Vec<u8>> {
+            (0..REVOKED_PER_CRL)
+                .map(|_| uuid::Uuid::new_v4().as_bytes().to_vec())
+                .collect()
+        };
+        let valid = time::Duration::days(2);
+        let mut crls_pem = vec![pki.crl_pem(&random(), valid)];
+        for (i, ca) in cas.iter().enumerate() {
+            let mut revoked = random();
+            if i == 0 {
+                revoked.push(revoked_serial.clone());
+            }
+            crls_pem.push(ca.crl_pem(&revoked, valid));
+        }
         Self {
             root_pem: pki.root_pem(),
             tenant_cas_pem: cas.iter().map(|c| c.cert_pem.clone()).collect(),
@@ -82,6 +126,8 @@ impl BenchPki {
             server_key_pem: server.key_pem,
             agents: out,
             not_after,
+            crls_pem,
+            revoked_agent: Some(revoked_agent),
         }
     }
 
@@ -94,6 +140,8 @@ impl BenchPki {
             if let Ok(p) = serde_json::from_slice::<BenchPki>(&bytes) {
                 if p.agents.len() >= agents
                     && p.tenant_cas_pem.len() == tenants.max(1)
+                    && p.crls_pem.len() == p.tenant_cas_pem.len() + 1
+                    && p.revoked_agent.is_some()
                     && p.not_after > now + 3600
                 {
                     return Ok(p.truncated(agents));
@@ -120,7 +168,14 @@ impl BenchPki {
             key: dir.join("server.key"),
             client_roots: dir.join("client-roots.pem"),
             client_roots_and_cas: dir.join("client-roots-and-cas.pem"),
+            cert_and_key: dir.join("server-cert-and-key.pem"),
+            crls: dir.join("crls.pem"),
         };
+        std::fs::write(
+            &f.cert_and_key,
+            format!("{}{}", self.server_cert_pem, self.server_key_pem),
+        )?;
+        std::fs::write(&f.crls, self.crls_pem.concat())?;
         std::fs::write(&f.cert, &self.server_cert_pem)?;
         std::fs::write(&f.key, &self.server_key_pem)?;
         std::fs::write(&f.client_roots, &self.root_pem)?;
@@ -189,4 +244,9 @@ pub struct ServerFiles {
     pub client_roots: PathBuf,
     /// The root and every tenant CA (for servers that want the whole set).
     pub client_roots_and_cas: PathBuf,
+    /// Server certificate followed by its key (HAProxy's `crt`).
+    pub cert_and_key: PathBuf,
+    /// The root's and every tenant CA's CRL (nginx `ssl_crl`, HAProxy
+    /// `crl-file`: both check every certificate of the chain).
+    pub crls: PathBuf,
 }

@@ -110,10 +110,15 @@ pub struct Options {
     pub cache: PathBuf,
     /// Redis for the revocation projection.
     pub redis_url: String,
-    /// Pin servers under test to this CPU (taskset), if any.
-    pub server_cpu: Option<usize>,
+    /// Pin servers under test to these CPUs (a `taskset -c` list), if any.
+    pub server_cpu: Option<String>,
+    /// Worker threads (gateway `runtime.threads`, HAProxy `nbthread`) and
+    /// worker processes (nginx `worker_processes`) of the servers under test.
+    pub server_threads: usize,
     /// Skip nginx even if installed.
     pub no_nginx: bool,
+    /// Skip HAProxy even if installed.
+    pub no_haproxy: bool,
     /// How the revocation scenario revokes.
     pub revoke_via: RevokeVia,
     /// The command line, for the report.
@@ -251,6 +256,7 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
             .unwrap_or_default(),
         command: opts.command.clone(),
         machine: machine(),
+        server_threads: opts.server_threads,
         ..Report::default()
     };
     let pki = BenchPki::load_or_mint(&opts.cache, s.agents, s.tenants)?;
@@ -308,8 +314,11 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
             &files,
             &opts.redis_url,
             keys.prefix(),
-            opts.server_cpu,
-            opts.gateway_read_buffer,
+            opts.server_cpu.as_deref(),
+            crate::gateway::Tuning {
+                read_buffer: opts.gateway_read_buffer,
+                threads: opts.server_threads,
+            },
         )?;
         let nginx_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let nginx = if opts.no_nginx {
@@ -321,7 +330,8 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
                 nginx_addr,
                 upstream_addr,
                 &files,
-                opts.server_cpu,
+                opts.server_cpu.as_deref(),
+                opts.server_threads,
             )?;
             if n.is_none() {
                 report.notes.push(
@@ -329,6 +339,27 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
                 );
             }
             n
+        };
+        let haproxy_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let haproxy = if opts.no_haproxy {
+            report.notes.push("HAProxy skipped (--no-haproxy)".into());
+            None
+        } else {
+            let h = crate::haproxy::start(
+                &opts.out.join("haproxy"),
+                haproxy_addr,
+                upstream_addr,
+                &files,
+                opts.server_cpu.as_deref(),
+                opts.server_threads,
+            )?;
+            if h.is_none() {
+                report.notes.push(
+                    "HAProxy not installed: HAProxy baseline skipped (apt-get install haproxy)"
+                        .into(),
+                );
+            }
+            h
         };
 
         let direct = Target {
@@ -349,9 +380,27 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
             tls: true,
             path: "/".into(),
         };
+        let haproxy_t = Target {
+            name: "haproxy".into(),
+            addr: haproxy_addr,
+            tls: true,
+            path: "/".into(),
+        };
         let mut targets: Vec<(&Target, u32)> = vec![(&gateway, gw.server.pid())];
         if let Some(n) = &nginx {
             targets.push((&nginx_t, n.pid()));
+        }
+        if let Some(h) = &haproxy {
+            targets.push((&haproxy_t, h.pid()));
+        }
+        // The baselines must have their revocation check on: a certificate
+        // on its CA's CRL is refused, one that is not is served.
+        for (t, _) in targets.iter().skip(1) {
+            refuses_revoked(&env, t).await?;
+            report.notes.push(format!(
+                "{}: checked before the runs: a certificate on its CA's CRL is refused, a good one served",
+                t.name
+            ));
         }
 
         let closed = |proto| LoadSpec {
@@ -422,6 +471,7 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
             );
         }
         drop(enroll_api);
+        drop(haproxy);
         drop(nginx);
         drop(gw);
         anyhow::Ok(())
@@ -430,6 +480,46 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
     crate::gateway::cleanup(&mut redis, &keys).await;
     result?;
     Ok(report)
+}
+
+/// Fails unless `target` serves a good agent and refuses the agent whose
+/// certificate is on its CA's CRL (at the handshake or, TLS 1.3 sending the
+/// server's verdict after the client's Finished, on the first request).
+async fn refuses_revoked(env: &Env, target: &Target) -> anyhow::Result<()> {
+    let roots = oneprotect_agent::tls::roots_from_pem(env.pki.root_pem.as_bytes())?;
+    let revoked = env
+        .pki
+        .revoked_agent
+        .as_ref()
+        .context("the bench PKI has no revoked agent")?;
+    let good = env.pki.agents.first().context("no agents")?;
+    let mut outcome = Vec::new();
+    for a in [good, revoked] {
+        let cfg = crate::pki::client_config(
+            &roots,
+            &a.cert_pem,
+            &a.chain_pem,
+            &a.key_pem,
+            Proto::H1.alpn(),
+            false,
+        )?;
+        let mut scratch = load::LoadResult::empty();
+        let served = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut s = load::open(target, Some(cfg), Proto::H1, &mut scratch).await?;
+            s.send(load::request(target, Proto::H1, false)).await
+        })
+        .await
+        .is_ok_and(|r| r.is_ok_and(|st| st.is_success()));
+        outcome.push(served);
+    }
+    anyhow::ensure!(
+        outcome == [true, false],
+        "{}: a good certificate served: {}, a certificate on the CRL served: {} (the baseline must verify clients and check the CRLs)",
+        target.name,
+        outcome[0],
+        outcome[1]
+    );
+    Ok(())
 }
 
 async fn idle(env: &Env, target: &Target, pid: u32, count: usize) -> anyhow::Result<IdleRecord> {
@@ -535,6 +625,7 @@ async fn revocation(
     let refused_at: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
     let accepted_after = Arc::new(AtomicU64::new(0));
     let accepted_after_bound = Arc::new(AtomicU64::new(0));
+    let accepted_after_answer = Arc::new(AtomicU64::new(0));
     let bound_ns = (s.revocation_bound_ms * 1e6) as u64;
     let deadline = start + Duration::from_secs(10 + n as u64 / 5);
 
@@ -579,12 +670,13 @@ async fn revocation(
     let mut tasks = Vec::new();
     for (i, cfg) in configs.into_iter().enumerate() {
         let target = gateway.clone();
-        let (revoked_at, visible_at, refused_at, acc, acc_b) = (
+        let (revoked_at, visible_at, refused_at, acc, acc_b, acc_a) = (
             revoked_at.clone(),
             visible_at.clone(),
             refused_at.clone(),
             accepted_after.clone(),
             accepted_after_bound.clone(),
+            accepted_after_answer.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let mut scratch = load::LoadResult::empty();
@@ -609,6 +701,9 @@ async fn revocation(
                 let vis = visible_at[i].load(Ordering::Acquire);
                 match status {
                     Ok(st) if st.is_success() => {
+                        if rv != 0 && sent > rv {
+                            acc_a.fetch_add(1, Ordering::Relaxed);
+                        }
                         if vis != 0 && sent > vis {
                             acc.fetch_add(1, Ordering::Relaxed);
                             if sent > vis + bound_ns {
@@ -628,11 +723,19 @@ async fn revocation(
     }
     // Let every agent get going, then revoke them one by one.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut answers: Vec<f64> = Vec::with_capacity(n);
+    let mut confirmed = 0;
     for i in 0..n {
+        let t0 = Instant::now();
         match enroll {
-            Some(api) => api.revoke(agents[i]).await?,
+            Some(api) => {
+                if api.revoke(agents[i]).await? == "confirmed" {
+                    confirmed += 1;
+                }
+            }
             None => crate::gateway::revoke(redis, keys, &ids[i]).await?,
         }
+        answers.push(t0.elapsed().as_secs_f64() * 1e3);
         revoked_at[i].store(nanos().max(1), Ordering::Release);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -666,6 +769,10 @@ async fn revocation(
     let apct = |p: f64| {
         (!announce.is_empty()).then(|| announce[((announce.len() - 1) as f64 * p).round() as usize])
     };
+    answers.sort_by(f64::total_cmp);
+    let answer_pct = |p: f64| {
+        (!answers.is_empty()).then(|| answers[((answers.len() - 1) as f64 * p).round() as usize])
+    };
     Ok(RevocationRecord {
         via: match enroll {
             Some(_) => "enroll-api".into(),
@@ -681,5 +788,9 @@ async fn revocation(
         accepted_after_visible: accepted_after.load(Ordering::Relaxed),
         accepted_after_bound: accepted_after_bound.load(Ordering::Relaxed),
         bound_ms: s.revocation_bound_ms,
+        answer_p50_ms: enroll.and(answer_pct(0.5)),
+        answer_p99_ms: enroll.and(answer_pct(0.99)),
+        answers_confirmed: enroll.map(|_| confirmed),
+        accepted_after_answer: accepted_after_answer.load(Ordering::Relaxed),
     })
 }

@@ -20,8 +20,9 @@
 #![allow(clippy::expect_used)]
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer,
+    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair,
+    KeyUsagePurpose, RevokedCertParams, SanType, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -152,6 +153,12 @@ impl TestPki {
         self.root.pem()
     }
 
+    /// A CRL signed by the root listing `revoked` serials (big-endian bytes),
+    /// PEM, valid from an hour ago for `valid_for`.
+    pub fn crl_pem(&self, revoked: &[Vec<u8>], valid_for: Duration) -> String {
+        crl_pem(&self.root, revoked, valid_for)
+    }
+
     /// A tenant issuing CA for `tenant` with the correct profile.
     pub fn tenant_ca(&self, tenant: &str) -> TenantCa {
         self.tenant_ca_with_uri(
@@ -189,7 +196,38 @@ impl TestPki {
     }
 }
 
+fn crl_pem(issuer: &Issuer<'_, KeyPair>, revoked: &[Vec<u8>], valid_for: Duration) -> String {
+    let now = OffsetDateTime::now_utc();
+    let params = CertificateRevocationListParams {
+        this_update: now - Duration::hours(1),
+        next_update: now + valid_for,
+        crl_number: SerialNumber::from_slice(&random_serial()),
+        issuing_distribution_point: None,
+        revoked_certs: revoked
+            .iter()
+            .map(|serial| RevokedCertParams {
+                serial_number: SerialNumber::from_slice(serial),
+                revocation_time: now - Duration::minutes(30),
+                reason_code: None,
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    params
+        .signed_by(issuer)
+        .expect("sign CRL")
+        .pem()
+        .expect("encode CRL")
+}
+
 impl TenantCa {
+    /// A CRL signed by this CA listing `revoked` serials (big-endian bytes),
+    /// PEM, valid from an hour ago for `valid_for`.
+    pub fn crl_pem(&self, revoked: &[Vec<u8>], valid_for: Duration) -> String {
+        crl_pem(&self.issuer, revoked, valid_for)
+    }
+
     /// A correct agent leaf for `agent`.
     pub fn agent(&self, agent: &str) -> Leaf {
         self.leaf(&LeafSpec::agent(self, agent))

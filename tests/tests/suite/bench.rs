@@ -1,6 +1,6 @@
 //! The bench harness in its smallest mode, so it cannot rot: every scenario
-//! runs against the real gateway binary, the direct upstream and (when
-//! installed) nginx, and writes its JSON, Markdown and SVG. Figures are not
+//! runs against the real gateway binary, the direct upstream, nginx and
+//! HAProxy (both installed by scripts/prereqs.sh), and writes its JSON, Markdown and SVG. Figures are not
 //! asserted — speed is measured by benchmarks, not tests — but every
 //! scenario must have produced successful requests and the revocation
 //! scenario (through the real enroll-api) must have refused every revoked
@@ -36,12 +36,28 @@ fn bench_all_tiny_runs_every_scenario_and_writes_reports() {
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
     let runs = json["runs"].as_array().unwrap();
-    let nginx = runs.iter().any(|r| r["target"] == "nginx");
+    // scripts/prereqs.sh installs both baselines.
+    let baselines = ["nginx", "haproxy"];
+    for b in baselines {
+        assert!(
+            runs.iter().any(|r| r["target"] == b),
+            "no {b} runs: {json:#}"
+        );
+    }
     // keepalive, latency, latency-seq1, latency-seq8 direct (4); per proxy:
     // keepalive h1 and h2, latency, latency-seq1, latency-seq8, handshake,
     // handshake-resumed (7).
-    let expected = if nginx { 18 } else { 11 };
-    assert_eq!(runs.len(), expected, "{json:#}");
+    assert_eq!(runs.len(), 4 + 7 * (1 + baselines.len()), "{json:#}");
+    // Each baseline refused a certificate on its CA's CRL before the runs.
+    let notes = json["notes"].to_string();
+    for b in baselines {
+        assert!(
+            notes.contains(&format!(
+                "{b}: checked before the runs: a certificate on its CA's CRL is refused"
+            )),
+            "{notes}"
+        );
+    }
     for r in runs {
         assert!(r["ok"].as_u64().unwrap() > 0, "no successful request: {r}");
         assert_eq!(r["errors"].as_object().unwrap().len(), 0, "errors: {r}");
@@ -57,6 +73,10 @@ fn bench_all_tiny_runs_every_scenario_and_writes_reports() {
     assert_eq!(rev["accepted_after_bound"], 0, "{rev}");
     let md = std::fs::read_to_string(out.path().join("results.md")).unwrap();
     assert!(md.contains("| keepalive | gateway | h1 |"), "{md}");
+    assert!(
+        md.contains("| **keepalive h1 per server CPU-s vs the better baseline"),
+        "{md}"
+    );
     for conns in [1, 8] {
         assert!(
             md.contains(&format!(
