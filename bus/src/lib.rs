@@ -100,6 +100,8 @@ struct State {
     events: VecDeque<LoggedEvent>,
     events_total: u64,
     reports: VecDeque<Arc<str>>,
+    /// The live-gateway hash (`{prefix}gateways`): gateway id → presence JSON.
+    gateways: HashMap<String, Arc<str>>,
 }
 
 struct Inner {
@@ -108,6 +110,8 @@ struct Inner {
     clock: Clock,
     /// Woken when a report is queued.
     report_queued: tokio::sync::Notify,
+    /// Woken (every waiter) when a gateway's presence changes.
+    gateways_changed: tokio::sync::Notify,
 }
 
 /// The in-memory revocation bus. Cheap to clone: clones share one bus.
@@ -165,6 +169,7 @@ impl MemoryBus {
                 tx,
                 clock,
                 report_queued: tokio::sync::Notify::new(),
+                gateways_changed: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -333,6 +338,35 @@ impl MemoryBus {
         self.inner.report_queued.notified().await;
     }
 
+    /// Records a gateway's presence (`HSET {prefix}gateways <id> <json>`)
+    /// and wakes everyone waiting in [`MemoryBus::gateways_changed`].
+    pub fn put_gateway(&self, id: &str, json: Arc<str>) {
+        self.lock().gateways.insert(id.to_owned(), json);
+        self.inner.gateways_changed.notify_waiters();
+    }
+
+    /// Removes a gateway's presence (`HDEL`), e.g. on a clean shutdown.
+    pub fn remove_gateway(&self, id: &str) {
+        self.lock().gateways.remove(id);
+        self.inner.gateways_changed.notify_waiters();
+    }
+
+    /// Every gateway presence recorded (`HGETALL`), as id and JSON.
+    pub fn gateways(&self) -> Vec<(String, Arc<str>)> {
+        self.lock()
+            .gateways
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Resolves at the next presence change. Create the future (and
+    /// `enable` it) before reading [`MemoryBus::gateways`] so a change in
+    /// between is not missed.
+    pub fn gateways_changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.inner.gateways_changed.notified()
+    }
+
     /// Drops every key and the built marker, keeping the sequence (as a
     /// Redis `FLUSHDB` would not: there the counter restarts; here keeping
     /// it lets tests check that a rebuild is announced with a fresh number).
@@ -373,6 +407,27 @@ mod tests {
         assert_eq!(bus.set_status(k, "revoked", None, &c, false), Some(0));
         assert_eq!(bus.get(&[k]), vec![Some("revoked".into())]);
         assert_eq!(bus.seq(), Some(4));
+    }
+
+    #[tokio::test]
+    async fn gateway_presence_is_kept_and_wakes_waiters() {
+        let bus = MemoryBus::new();
+        assert!(bus.gateways().is_empty());
+        let changed = bus.gateways_changed();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        bus.put_gateway("g1", "{\"applied\":1}".into());
+        // Woken by the write made after the future was enabled.
+        tokio::time::timeout(std::time::Duration::from_secs(5), changed)
+            .await
+            .expect("woken");
+        bus.put_gateway("g1", "{\"applied\":2}".into());
+        assert_eq!(
+            bus.gateways(),
+            vec![("g1".to_owned(), "{\"applied\":2}".into())]
+        );
+        bus.remove_gateway("g1");
+        assert!(bus.gateways().is_empty());
     }
 
     #[test]

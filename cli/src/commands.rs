@@ -466,7 +466,7 @@ pub async fn agents(ctx: &Ctx, cmd: &AgentCommand, out: &mut dyn Write) -> Resul
                 )
                 .await?
                 .success()?;
-            one(ctx, &r, out, output::agent_details)
+            one(ctx, &r, out, output::revoked_agent)
         }
         AgentCommand::Events { agent_id } => {
             let r = client

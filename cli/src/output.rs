@@ -207,6 +207,35 @@ pub fn agent_details(a: &Value) -> String {
     ])
 }
 
+/// A revoked agent (`RevokedAgent`): the agent, then what the gateways
+/// confirmed (ADR-0022), one line per lagging gateway.
+pub fn revoked_agent(a: &Value) -> String {
+    let e = &a["enforcement"];
+    let mut out = agent_details(a);
+    let confirmed = format!(
+        "{} of {} live gateways",
+        cell(e, "gateways_confirmed"),
+        cell(e, "gateways_live")
+    );
+    out.push_str(&key_values(&[
+        ("enforcement", cell(e, "outcome")),
+        ("confirmed", confirmed),
+        ("elapsed_ms", cell(e, "elapsed_ms")),
+        ("detail", cell(e, "detail")),
+    ]));
+    for g in e["lagging"].as_array().into_iter().flatten() {
+        let line = format!(
+            "{} {} applied {}, fails closed by {}",
+            cell(g, "name"),
+            cell(g, "addr"),
+            cell(g, "applied"),
+            cell(g, "fails_closed_by")
+        );
+        out.push_str(&key_values(&[("lagging", line)]));
+    }
+    out
+}
+
 /// `ProjectionStatus` as key/value lines.
 pub fn projection_details(p: &Value) -> String {
     key_values(&[

@@ -298,6 +298,12 @@ pub struct RedisConfig {
     /// How long one `WAIT` may take, milliseconds. Defaults to 1000;
     /// 1 ..= 60000.
     pub wait_timeout_ms: u64,
+    /// How long a revocation (and a rotation's confirmation) waits, after
+    /// its commit, for every live gateway to apply it before answering
+    /// (ADR-0022), milliseconds. A gateway still lagging then is named in
+    /// the answer. Defaults to 500; 1 ..= 10000. A caller can skip the wait
+    /// with `?wait=false`.
+    pub enforcement_deadline_ms: u64,
 }
 
 impl Default for RedisConfig {
@@ -309,6 +315,7 @@ impl Default for RedisConfig {
             rebuild_if_missing: true,
             wait_replicas: 0,
             wait_timeout_ms: 1000,
+            enforcement_deadline_ms: 500,
         }
     }
 }
@@ -598,12 +605,13 @@ impl Config {
         let lifetime = MIN_LEAF_LIFETIME.as_secs()..=MAX_LEAF_LIFETIME.as_secs();
         // One line per numeric key: the key operators see, its value, the range.
         #[rustfmt::skip]
-        let ranges: [(&'static str, u64, RangeInclusive<u64>); 9] = [
+        let ranges: [(&'static str, u64, RangeInclusive<u64>); 10] = [
             ("ca.default_leaf_lifetime_secs", self.ca.default_leaf_lifetime_secs, lifetime),
             ("limits.max_body_bytes", l.max_body_bytes as u64, 1024..=1024 * 1024),
             ("limits.body_read_timeout_ms", l.body_read_timeout_ms, 100..=300_000),
             ("database.max_connections", self.database.max_connections.into(), 1..=256),
             ("redis.wait_timeout_ms", r.wait_timeout_ms, 1..=60_000),
+            ("redis.enforcement_deadline_ms", r.enforcement_deadline_ms, 1..=10_000),
             ("redis.relay_poll_interval_ms", r.relay_poll_interval_ms, 10..=60_000),
             ("rotation.grace_secs", self.rotation.grace_secs, 10..=604_800),
             ("rotation.sweep_interval_ms", self.rotation.sweep_interval_ms, 100..=600_000),
@@ -779,7 +787,7 @@ mod tests {
     #[test]
     fn range_errors_name_their_key() {
         type Set = fn(&mut Config);
-        let cases: [(&str, Set); 14] = [
+        let cases: [(&str, Set); 15] = [
             ("ca.default_leaf_lifetime_secs", |c| {
                 c.ca.default_leaf_lifetime_secs = 59
             }),
@@ -808,6 +816,9 @@ mod tests {
             }),
             ("redis.relay_poll_interval_ms", |c| {
                 c.redis.relay_poll_interval_ms = 9
+            }),
+            ("redis.enforcement_deadline_ms", |c| {
+                c.redis.enforcement_deadline_ms = 10_001
             }),
             ("rotation.grace_secs", |c| c.rotation.grace_secs = 604_801),
             ("rotation.sweep_interval_ms", |c| {

@@ -30,6 +30,7 @@ pub mod ca;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod enforce;
 pub mod forwarded;
 pub mod http;
 pub mod metrics;

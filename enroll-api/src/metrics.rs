@@ -11,7 +11,10 @@
 
 use std::time::Duration;
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
 use time::OffsetDateTime;
 
 use oneprotect_identity::events::AgentOperation;
@@ -41,6 +44,9 @@ pub struct Metrics {
     problems: IntCounterVec,
     outbox_pending: IntGauge,
     outbox_oldest_pending: IntGauge,
+    enforcements: IntCounterVec,
+    enforcement_seconds: Histogram,
+    lagging_gateways: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -158,6 +164,37 @@ impl Metrics {
             "outbox_oldest_pending_seconds",
             "Age of the oldest outbox event not yet relayed, seconds (0: none pending; -1: the store could not be read)",
         );
+        let enforcements = counter_vec(
+            &registry,
+            "revocation_enforcements_total",
+            "Revocations and supersessions answered, by what the gateways confirmed (confirmed, lagging, unconfirmed, not_waited)",
+            "outcome",
+        );
+        let enforcement_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "revocation_enforcement_seconds",
+                "From a revocation's commit to the last live gateway's confirmation (or the deadline), seconds",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0,
+            ]),
+        )
+        .expect("static metric");
+        registry
+            .register(Box::new(enforcement_seconds.clone()))
+            .expect("registered once");
+        let lagging_gateways = IntCounter::new(
+            "revocation_lagging_gateways_total",
+            "Live gateways that had not applied a revocation when its deadline passed (summed over answers)",
+        )
+        .expect("static metric");
+        registry
+            .register(Box::new(lagging_gateways.clone()))
+            .expect("registered once");
+        zero(
+            &enforcements,
+            &["confirmed", "lagging", "unconfirmed", "not_waited"],
+        );
         zero(&rotations, &["rotated", "refused"]);
         zero(&confirmations, &["completed", "no_op", "refused"]);
         zero(
@@ -188,7 +225,20 @@ impl Metrics {
             problems,
             outbox_pending,
             outbox_oldest_pending,
+            enforcements,
+            enforcement_seconds,
+            lagging_gateways,
         }
+    }
+
+    /// Counts one enforcement (ADR-0022): its outcome, the time from commit
+    /// to answer (when it waited) and the gateways that lagged.
+    pub fn enforcement(&self, outcome: &str, elapsed: Duration, lagging: usize) {
+        self.enforcements.with_label_values(&[outcome]).inc();
+        if outcome != "not_waited" {
+            self.enforcement_seconds.observe(elapsed.as_secs_f64());
+        }
+        self.lagging_gateways.inc_by(lagging as u64);
     }
 
     /// Counts one answered request: `route` is the matched route template

@@ -43,7 +43,7 @@ use time::OffsetDateTime;
 
 use oneprotect_identity::events::{Event, Payload};
 use oneprotect_identity::revocation::Change;
-use oneprotect_identity::{AgentId, AgentStatus, KeySchema, TenantId};
+use oneprotect_identity::{AgentId, AgentStatus, GatewayPresence, KeySchema, TenantId};
 use oneprotect_redis::{OpenError, RedisClient, RedisConnection};
 use oneprotect_revocation_bus::{LoggedEvent, MemoryBus};
 
@@ -70,6 +70,9 @@ pub enum ProjectionError {
     /// An announcement did not serialise (a bug).
     #[error("announcement: {0}")]
     Encode(#[from] serde_json::Error),
+    /// No Redis is configured (`redis.url`), so there is nothing to write.
+    #[error("no revocation projection configured (redis.url)")]
+    NotConfigured,
     /// Fewer replicas than `redis.wait_replicas` confirmed a write in time.
     #[error("redis: {acked} of {wanted} replicas confirmed the write within the wait timeout")]
     NotReplicated {
@@ -193,11 +196,14 @@ pub struct RebuildStats {
 }
 
 /// One connection to the projection's Redis (or a handle on the bus).
+/// Cloning shares the multiplexed connection.
+#[derive(Clone)]
 pub struct ProjectionConn {
     conn: Conn,
     keys: KeySchema,
 }
 
+#[derive(Clone)]
 enum Conn {
     Redis(RedisConnection),
     Memory(MemoryBus),
@@ -450,6 +456,56 @@ impl ProjectionConn {
 }
 
 impl ProjectionConn {
+    /// Every gateway presence in the live set (`HGETALL {prefix}gateways`);
+    /// an entry that does not parse is skipped (and logged): it names no
+    /// gateway that could be waited for.
+    pub async fn gateways(&mut self) -> Result<Vec<GatewayPresence>, ProjectionError> {
+        let raw: Vec<(String, String)> = match &mut self.conn {
+            Conn::Memory(bus) => bus
+                .gateways()
+                .into_iter()
+                .map(|(k, v)| (k, v.to_string()))
+                .collect(),
+            Conn::Redis(c) => {
+                redis::cmd("HGETALL")
+                    .arg(self.keys.gateways())
+                    .query_async(c)
+                    .await?
+            }
+        };
+        Ok(raw
+            .into_iter()
+            .filter_map(
+                |(id, json)| match serde_json::from_str::<GatewayPresence>(&json) {
+                    Ok(p) if p.gateway_id == id => Some(p),
+                    _ => {
+                        tracing::warn!(gateway_id = %id, "unreadable gateway presence skipped");
+                        None
+                    }
+                },
+            )
+            .collect())
+    }
+
+    /// Removes gateways from the live set (`HDEL`).
+    pub async fn remove_gateways(&mut self, ids: &[String]) -> Result<(), ProjectionError> {
+        match &mut self.conn {
+            Conn::Memory(bus) => {
+                for id in ids {
+                    bus.remove_gateway(id);
+                }
+            }
+            Conn::Redis(c) => {
+                redis::cmd("HDEL")
+                    .arg(self.keys.gateways())
+                    .arg(ids)
+                    .query_async::<i64>(c)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// The Redis connection, unless this is the in-process bus.
     pub(crate) fn redis(&mut self) -> Option<&mut RedisConnection> {
         match &mut self.conn {

@@ -185,6 +185,10 @@ pub async fn build_state_with_projection(
         max_body_bytes: l.max_body_bytes,
         body_read_timeout: Duration::from_millis(l.body_read_timeout_ms),
         trusted_proxies: cfg.forwarded.trusted(),
+        enforcer: crate::enforce::Enforcer::new(
+            projection.clone(),
+            Duration::from_millis(cfg.redis.enforcement_deadline_ms),
+        ),
         projection,
         assertions,
         jwks: crate::http::keys::PublishedKeys::new(&trust.keys),

@@ -99,6 +99,10 @@ async fn secrets_never_reach_the_logs() {
         rotation_grace: time::Duration::hours(1),
         reuse_window: std::time::Duration::from_secs(3600),
         metrics: oneprotect_enroll_api::metrics::Metrics::new(),
+        enforcer: oneprotect_enroll_api::enforce::Enforcer::new(
+            None,
+            std::time::Duration::from_millis(500),
+        ),
     });
     let tenant = Tenant {
         id: TenantId::random(),

@@ -393,6 +393,10 @@ pub struct RevocationConfig {
     /// Defaults to 1.
     #[serde(default = "default_retry_after")]
     pub retry_after_secs: u64,
+    /// This gateway's name in the live set the enroll-api waits on before
+    /// answering a revocation (ADR-0022). Defaults to the host name.
+    #[serde(default)]
+    pub gateway_name: Option<String>,
 }
 
 impl Default for RevocationConfig {
@@ -406,6 +410,7 @@ impl Default for RevocationConfig {
             cache_capacity: default_cache_capacity(),
             cache_ttl_secs: default_cache_ttl(),
             retry_after_secs: default_retry_after(),
+            gateway_name: None,
         }
     }
 }

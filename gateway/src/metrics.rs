@@ -75,6 +75,9 @@ pub struct Metrics {
     pub revocation_staleness_ms: IntGauge,
     /// Sequence gaps and reconnects that made the cache distrusted.
     pub revocation_cache_resets: IntCounter,
+    /// Presence writes to the live set (after applied announcements and on
+    /// heartbeats), ADR-0022.
+    pub presence_writes: IntCounter,
     /// Trust bundle reloads by outcome (`ok`, `error`).
     pub trust_bundle_reloads: IntCounterVec,
     /// Assertion signing key reloads, by outcome (`ok`, `error`).
@@ -164,6 +167,11 @@ impl Metrics {
             "Milliseconds since Redis was last confirmed",
         )
         .expect("static metric");
+        let presence_writes = IntCounter::new(
+            "revocation_presence_writes_total",
+            "Writes of this gateway's presence and applied sequence to the live set",
+        )
+        .expect("static metric");
         let revocation_cache_resets = IntCounter::new(
             "revocation_cache_resets_total",
             "Cache distrusted after a sequence gap or reconnect",
@@ -231,6 +239,7 @@ impl Metrics {
             Box::new(revocation_seq_lag.clone()),
             Box::new(revocation_staleness_ms.clone()),
             Box::new(revocation_cache_resets.clone()),
+            Box::new(presence_writes.clone()),
             Box::new(trust_bundle_reloads.clone()),
             Box::new(assertion_key_reloads.clone()),
             Box::new(upstream_latency.clone()),
@@ -264,6 +273,7 @@ impl Metrics {
             revocation_seq_lag,
             revocation_staleness_ms,
             revocation_cache_resets,
+            presence_writes,
             trust_bundle_reloads,
             assertion_key_reloads,
             upstream_latency,

@@ -48,7 +48,8 @@ use futures_util::StreamExt;
 use oneprotect_identity::problem::{self, ProblemKind};
 use oneprotect_identity::revocation::Change;
 use oneprotect_identity::{
-    AgentId, AgentStatus, Announcement, CertStatus, KeySchema, SerialNumber, TenantId,
+    AgentId, AgentStatus, Announcement, CertStatus, GatewayPresence, KeySchema, SerialNumber,
+    TenantId,
 };
 use oneprotect_redis::{OpenError, RedisClient, RedisConnection};
 use oneprotect_revocation_bus::MemoryBus;
@@ -57,6 +58,23 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::config::{redact_url, RevocationConfig};
 use crate::conn::ConnIdentity;
 use crate::metrics::Metrics;
+
+/// Unix milliseconds now.
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The host name (the kernel's), or `gateway` when it cannot be read.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "gateway".to_owned())
+}
 
 /// The outcome of the check for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +133,17 @@ pub struct Revocation {
     /// Woken when a certificate or agent turns revoked or superseded (the
     /// tunnels re-check at once).
     refused: tokio::sync::Notify,
+    /// The last announcement sequence applied (0: none yet); reported in
+    /// this gateway's presence ([`GatewayPresence`]).
+    applied: AtomicU64,
+    /// Woken when `applied` moves: the presence writer reports it at once.
+    applied_changed: tokio::sync::Notify,
+    /// This gateway process' id in the live set (a random UUID).
+    gateway_id: String,
+    /// Its name in the live set.
+    gateway_name: String,
+    /// The addresses it serves agents on (set once the listener is known).
+    gateway_addr: std::sync::OnceLock<String>,
     metrics: Metrics,
 }
 
@@ -165,6 +194,11 @@ impl Revocation {
             last_ok_ms: AtomicU64::new(0),
             redis_down: AtomicBool::new(false),
             refused: tokio::sync::Notify::new(),
+            applied: AtomicU64::new(0),
+            applied_changed: tokio::sync::Notify::new(),
+            gateway_id: uuid::Uuid::new_v4().to_string(),
+            gateway_name: cfg.gateway_name.clone().unwrap_or_else(host_name),
+            gateway_addr: std::sync::OnceLock::new(),
             metrics,
             cfg: cfg.clone(),
         }
@@ -173,6 +207,131 @@ impl Revocation {
     /// The key schema.
     pub fn keys(&self) -> &KeySchema {
         &self.keys
+    }
+
+    /// This gateway process' id in the live set.
+    pub fn gateway_id(&self) -> &str {
+        &self.gateway_id
+    }
+
+    /// Records the addresses this gateway serves agents on, as its presence
+    /// shows them (the first call wins).
+    pub fn set_gateway_addr(&self, addr: String) {
+        let _ = self.gateway_addr.set(addr);
+    }
+
+    /// The last announcement sequence applied (0: none yet).
+    pub fn applied_seq(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
+    /// Records the subscriber's cursor as applied, waking the presence
+    /// writer when it moved.
+    fn note_applied(&self, last_seq: Option<u64>) {
+        let seq = last_seq.unwrap_or(0);
+        if self.applied.swap(seq, Ordering::AcqRel) != seq {
+            self.applied_changed.notify_one();
+        }
+    }
+
+    /// This gateway's presence now, or `None` while Redis is not confirmed
+    /// (then it is not renewed, and drops out of the live set when its
+    /// cached answers stop being trusted).
+    pub fn presence(&self) -> Option<GatewayPresence> {
+        let staleness = self.staleness()?;
+        let left = self.cfg.max_staleness().checked_sub(staleness)?;
+        Some(GatewayPresence {
+            gateway_id: self.gateway_id.clone(),
+            name: self.gateway_name.clone(),
+            addr: self.gateway_addr.get().cloned().unwrap_or_default(),
+            applied: self.applied_seq(),
+            confirmed_until_ms: unix_ms().saturating_add(left.as_millis() as i64),
+        })
+    }
+
+    /// Writes this gateway's presence to the live set (`HSET
+    /// {prefix}gateways`), if it is confirmed. A failure is logged at debug
+    /// and retried on the next change or heartbeat.
+    async fn write_presence(&self) {
+        let Some(p) = self.presence() else {
+            return;
+        };
+        // A presence always serialises (strings and numbers).
+        let json = serde_json::to_string(&p).expect("a presence serialises");
+        match &self.source {
+            Source::Memory(bus) => {
+                bus.put_gateway(&self.gateway_id, json.into());
+                self.metrics.presence_writes.inc();
+            }
+            Source::Redis(_) => {
+                let Some(mut conn) = self.connection().await else {
+                    return;
+                };
+                let timeout = Duration::from_millis(self.cfg.redis_timeout_ms);
+                let res = tokio::time::timeout(
+                    timeout,
+                    redis::cmd("HSET")
+                        .arg(self.keys.gateways())
+                        .arg(&self.gateway_id)
+                        .arg(json)
+                        .query_async::<i64>(&mut conn),
+                )
+                .await;
+                match res {
+                    Ok(Ok(_)) => self.metrics.presence_writes.inc(),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "presence write failed");
+                        self.conn.store(None);
+                    }
+                    Err(_) => {
+                        tracing::debug!("presence write timed out");
+                        self.conn.store(None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes this gateway from the live set (a clean shutdown), so no
+    /// revocation waits for it.
+    async fn remove_presence(&self) {
+        match &self.source {
+            Source::Memory(bus) => bus.remove_gateway(&self.gateway_id),
+            Source::Redis(_) => {
+                let Some(mut conn) = self.connection().await else {
+                    return;
+                };
+                let timeout = Duration::from_millis(self.cfg.redis_timeout_ms);
+                let _ = tokio::time::timeout(
+                    timeout,
+                    redis::cmd("HDEL")
+                        .arg(self.keys.gateways())
+                        .arg(&self.gateway_id)
+                        .query_async::<i64>(&mut conn),
+                )
+                .await;
+            }
+        }
+    }
+
+    /// Reports this gateway's presence until `shutdown`: at once after each
+    /// applied announcement (a burst is folded into one write: the writer
+    /// reports the cursor as it is when it runs), and every `heartbeat_ms`;
+    /// removes it on shutdown.
+    async fn run_presence(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let every = Duration::from_millis(self.cfg.heartbeat_ms.max(1));
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            self.write_presence().await;
+            tokio::select! {
+                () = self.applied_changed.notified() => {}
+                () = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        self.remove_presence().await;
     }
 
     fn now_ms(&self) -> u64 {
@@ -402,10 +561,23 @@ impl Revocation {
     /// revocation channel, applies announcements, PINGs every
     /// `heartbeat_ms` to confirm the link, and reconnects (distrusting the
     /// cache) after any failure.
-    pub async fn run_subscriber(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        if let Source::Memory(bus) = &self.source {
-            return self.run_bus_subscriber(bus, shutdown).await;
-        }
+    ///
+    /// Beside it runs the presence writer: this gateway's entry in the live
+    /// set, renewed on every applied announcement and heartbeat while Redis
+    /// is confirmed (ADR-0022).
+    pub async fn run_subscriber(&self, shutdown: tokio::sync::watch::Receiver<bool>) {
+        let presence = self.run_presence(shutdown.clone());
+        let subscriber = async {
+            if let Source::Memory(bus) = &self.source {
+                self.run_bus_subscriber(bus, shutdown).await
+            } else {
+                self.run_redis_subscriber(shutdown).await
+            }
+        };
+        tokio::join!(presence, subscriber);
+    }
+
+    async fn run_redis_subscriber(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let heartbeat = Duration::from_millis(self.cfg.heartbeat_ms);
         let timeout = Duration::from_millis(self.cfg.redis_timeout_ms);
         let channel = self.keys.revocation_channel();
@@ -425,6 +597,7 @@ impl Revocation {
                     self.metrics.redis_connected.set(1);
                     tracing::info!(channel = %channel, %node, "revocation subscription up");
                     let mut last_seq = baseline;
+                    self.note_applied(last_seq);
                     let mut lagging = false;
                     let mut tick = tokio::time::interval(heartbeat);
                     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -434,6 +607,7 @@ impl Revocation {
                                 Some(m) => {
                                     self.apply(m.get_payload_bytes(), &mut last_seq);
                                     self.mark_ok();
+                                    self.note_applied(last_seq);
                                 }
                                 None => break,
                             },
@@ -443,6 +617,7 @@ impl Revocation {
                                     _ => break,
                                 }
                                 self.check_lag(&mut last_seq, &mut lagging).await;
+                                self.note_applied(last_seq);
                             }
                             _ = shutdown.changed() => return,
                         }
@@ -529,6 +704,7 @@ impl Revocation {
         self.metrics.redis_connected.set(1);
         tracing::info!("revocation subscription up (in-process bus)");
         let mut last_seq = baseline;
+        self.note_applied(last_seq);
         let mut lagging = false;
         let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.heartbeat_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -538,17 +714,20 @@ impl Revocation {
                     Ok(payload) => {
                         self.apply(payload.as_bytes(), &mut last_seq);
                         self.mark_ok();
+                        self.note_applied(last_seq);
                     }
                     Err(RecvError::Lagged(missed)) => {
                         tracing::warn!(missed, "revocation announcements missed (subscriber lagged)");
                         self.reset("announcement sequence gap");
                         last_seq = bus.seq();
+                        self.note_applied(last_seq);
                     }
                     Err(RecvError::Closed) => break,
                 },
                 _ = tick.tick() => {
                     self.mark_ok();
                     self.check_lag(&mut last_seq, &mut lagging).await;
+                    self.note_applied(last_seq);
                 }
                 _ = shutdown.changed() => return,
             }

@@ -419,6 +419,7 @@ fn build_inner(
         bound: listening.clone(),
     });
 
+    revocation.set_gateway_addr(cfg.listener.listen.to_string());
     server.add_service(background_service(
         "revocation subscriber",
         Subscriber(revocation.clone()),

@@ -59,5 +59,7 @@ pub use ids::{
     AdminKeySecret, AgentId, CertFingerprint, IdError, SerialNumber, TenantId, TokenId, TokenSecret,
 };
 pub use jwk::{Jwk, JwkError, JwkSet};
-pub use revocation::{AgentStatus, Announcement, CertStatus, KeySchema, SupersededUse};
+pub use revocation::{
+    AgentStatus, Announcement, CertStatus, GatewayPresence, KeySchema, SupersededUse,
+};
 pub use uri::{AgentUri, TenantCaUri, TrustDomain, UriError};

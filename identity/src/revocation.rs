@@ -179,6 +179,32 @@ pub struct SupersededUse {
     pub source_ip: Option<std::net::IpAddr>,
 }
 
+/// One gateway's entry in the live set (`{prefix}gateways`, a hash: field =
+/// [`GatewayPresence::gateway_id`], value = this as JSON), written by the
+/// gateway after it applies announcements and on every confirmed heartbeat
+/// (ADR-0022). The enroll-api reads it to learn which gateways hold a
+/// revocation before it answers.
+///
+/// `confirmed_until_ms` is when the gateway stops trusting its cached
+/// answers unless it confirms Redis again (its last confirmation plus its
+/// `max_staleness`): a gateway past it is not live, and refuses what it
+/// cannot confirm, so nothing needs to wait for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayPresence {
+    /// Unique per gateway process (a random UUID chosen at start).
+    pub gateway_id: String,
+    /// The gateway's name: `revocation.gateway_name`, else the host name.
+    pub name: String,
+    /// The addresses it serves agents on.
+    pub addr: String,
+    /// The last announcement sequence number the gateway has applied: every
+    /// announcement up to it is in its cache (or its cache was distrusted
+    /// after it, which is as good).
+    pub applied: u64,
+    /// Unix milliseconds until which the gateway trusts cached answers.
+    pub confirmed_until_ms: i64,
+}
+
 /// Every Redis key and channel name, derived from one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeySchema {
@@ -239,6 +265,12 @@ impl KeySchema {
     /// enroll-api (consumer group `enroll-api`).
     pub fn reports_stream(&self) -> String {
         format!("{}reports", self.prefix)
+    }
+
+    /// The hash of live gateways: field = gateway id, value = a
+    /// [`GatewayPresence`] as JSON.
+    pub fn gateways(&self) -> String {
+        format!("{}gateways", self.prefix)
     }
 
     /// A pattern matching every key of this schema (for `SCAN` in tests and

@@ -1,5 +1,6 @@
 //! Agents: list, get, revoke, audit history. A revocation answers 200 once the store has
-//! committed it; the outbox relay then pushes it to Redis.
+//! committed it and (unless `?wait=false`) every live gateway has applied it or the
+//! enforcement deadline passed (ADR-0022, [`crate::enforce`]).
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -12,7 +13,8 @@ use oneprotect_identity::events::Actor;
 use oneprotect_identity::problem;
 use oneprotect_identity::{AgentId, AgentStatus, SerialNumber, TenantId};
 
-use super::{next_cursor, path_id, AdminAuth, ApiError, ApiJson, AppState, ListQuery};
+use super::{next_cursor, path_id, AdminAuth, ApiError, ApiJson, AppState, ListQuery, WaitQuery};
+use crate::enforce::Enforcement;
 use crate::store::{AgentRecord, Store};
 
 pub(crate) fn router() -> Router<AppState> {
@@ -71,6 +73,14 @@ impl From<AgentRecord> for AgentView {
 struct AgentList {
     items: Vec<AgentView>,
     next_cursor: Option<String>,
+}
+
+/// `RevokedAgent`: the agent and what the gateways confirmed.
+#[derive(Debug, Serialize)]
+pub(crate) struct RevokedAgent {
+    #[serde(flatten)]
+    agent: AgentView,
+    enforcement: Enforcement,
 }
 
 /// `RevokeAgentRequest`.
@@ -148,9 +158,11 @@ async fn revoke(
     State(state): State<AppState>,
     auth: AdminAuth,
     Path(id): Path<String>,
+    q: Result<Query<WaitQuery>, QueryRejection>,
     ApiJson(req): ApiJson<RevokeRequest>,
-) -> Result<Json<AgentView>, ApiError> {
+) -> Result<Json<RevokedAgent>, ApiError> {
     let id: AgentId = path_id(&id)?;
+    let wait = WaitQuery::wait(q)?;
     crate::text::check("reason", &req.reason, 1, 256)?;
     let a = state
         .store
@@ -164,7 +176,30 @@ async fn revoke(
         .await?
         .ok_or(ApiError::new(problem::NOT_FOUND))?;
     // Committed: the store woke the relay, which pushes the revocation to
-    // Redis at once (and retries from the outbox if Redis is down).
-    tracing::info!(tenant = %auth.tenant, agent = %id, "agent revoked");
-    Ok(Json(a.into()))
+    // Redis (and retries from the outbox if Redis is down); the enforcer
+    // writes it at once and waits for the gateways.
+    let enforcement = state
+        .enforcer
+        .enforce(
+            &state.store,
+            &state.clock,
+            &state.metrics,
+            auth.tenant,
+            id,
+            wait,
+        )
+        .await;
+    tracing::info!(
+        tenant = %auth.tenant,
+        agent = %id,
+        outcome = enforcement.outcome,
+        gateways_live = enforcement.gateways_live,
+        gateways_confirmed = enforcement.gateways_confirmed,
+        elapsed_ms = enforcement.elapsed_ms,
+        "agent revoked"
+    );
+    Ok(Json(RevokedAgent {
+        agent: a.into(),
+        enforcement,
+    }))
 }

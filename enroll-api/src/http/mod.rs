@@ -86,6 +86,8 @@ pub struct Inner {
     pub reuse_window: std::time::Duration,
     /// The metrics.
     pub metrics: crate::metrics::Metrics,
+    /// Waits for the gateways after revocations and supersessions.
+    pub enforcer: crate::enforce::Enforcer,
 }
 
 impl AppState {
@@ -542,6 +544,31 @@ pub(crate) struct ListQuery {
 
 pub(crate) const DEFAULT_PAGE: u32 = 100;
 pub(crate) const MAX_PAGE: u32 = 500;
+
+/// `?wait=true|false` of the calls that revoke or supersede (ADR-0022):
+/// whether to wait for the gateways before answering (default true).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WaitQuery {
+    wait: Option<String>,
+}
+
+impl WaitQuery {
+    /// The `wait` parameter, or 422 `invalid_request` for anything but
+    /// `true` / `false` (or another parameter).
+    pub(crate) fn wait(
+        q: Result<axum::extract::Query<WaitQuery>, QueryRejection>,
+    ) -> Result<bool, ApiError> {
+        match q.map(|q| q.0.wait) {
+            Ok(None) => Ok(true),
+            Ok(Some(w)) if w == "true" => Ok(true),
+            Ok(Some(w)) if w == "false" => Ok(false),
+            _ => Err(ApiError::invalid(
+                "the only query parameter is wait=true|false",
+            )),
+        }
+    }
+}
 
 impl ListQuery {
     pub(crate) fn from_rejection(

@@ -8,7 +8,8 @@
 //! network path. The asserted agent must be the path's agent. A superseded
 //! certificate is 403 `certificate_superseded` (and recorded).
 
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::routing::post;
 use axum::Router;
@@ -85,6 +86,9 @@ pub(crate) struct Confirmation {
     agent_id: AgentId,
     serial: SerialNumber,
     superseded_serial: Option<SerialNumber>,
+    /// What the gateways confirmed about the supersession (none when
+    /// nothing was superseded).
+    enforcement: Option<crate::enforce::Enforcement>,
 }
 
 /// The asserted agent must be the path's; anything else is 403.
@@ -161,12 +165,31 @@ async fn confirm(
     State(state): State<AppState>,
     auth: AgentAuth,
     Path(agent): Path<String>,
+    q: Result<Query<super::WaitQuery>, QueryRejection>,
 ) -> Result<Sensitive<Confirmation>, ApiError> {
     check_path(&auth, &agent)?;
+    let wait = super::WaitQuery::wait(q)?;
     let superseded = workflow::confirm(&state, &auth.presenter()).await?;
+    let enforcement = match superseded {
+        Some(_) => Some(
+            state
+                .enforcer
+                .enforce(
+                    &state.store,
+                    &state.clock,
+                    &state.metrics,
+                    auth.tenant,
+                    auth.agent,
+                    wait,
+                )
+                .await,
+        ),
+        None => None,
+    };
     Ok(Sensitive::ok(Confirmation {
         agent_id: auth.agent,
         serial: auth.serial,
         superseded_serial: superseded,
+        enforcement,
     }))
 }

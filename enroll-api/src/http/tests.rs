@@ -84,6 +84,10 @@ async fn fixture_full(
         max_body_bytes: 16 * 1024,
         body_read_timeout: std::time::Duration::from_secs(10),
         trusted_proxies: Default::default(),
+        enforcer: crate::enforce::Enforcer::new(
+            projection.clone(),
+            std::time::Duration::from_millis(500),
+        ),
         projection,
         assertions: oneprotect_identity::AssertionVerifier::new("enroll-api"),
         jwks: super::keys::PublishedKeys::new(&[crate::config::TrustedKey {

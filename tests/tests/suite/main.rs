@@ -4,6 +4,7 @@
 //! Run everything with `cargo test --workspace`; one area with e.g.
 //! `cargo test -p oneprotect-tests --test suite contracts::`.
 
+mod acked_revocation;
 mod badinput;
 mod bench;
 mod cli;

@@ -362,6 +362,32 @@ impl Fleet {
         anyhow::bail!("{} never became {want} in Redis", a.id)
     }
 
+    /// The live gateways' presences (`{prefix}gateways`, ADR-0022): those
+    /// whose `confirmed_until_ms` is still ahead; empty when Redis does not
+    /// answer.
+    pub(crate) async fn live_gateways(&self) -> Vec<serde_json::Value> {
+        let fut = async {
+            let mut c = self.redis.connect().await.ok()?;
+            redis::cmd("HGETALL")
+                .arg(self.keys.gateways())
+                .query_async::<Vec<(String, String)>>(&mut c)
+                .await
+                .ok()
+        };
+        let raw = tokio::time::timeout(Duration::from_secs(2), fut)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        raw.into_iter()
+            .filter_map(|(_, json)| serde_json::from_str::<serde_json::Value>(&json).ok())
+            .filter(|p| p["confirmed_until_ms"].as_i64().is_some_and(|t| t > now))
+            .collect()
+    }
+
     pub(crate) async fn revoke(&self, a: &Agent) -> Result<Reply> {
         self.client
             .send(
