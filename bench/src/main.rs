@@ -60,6 +60,11 @@ enum Command {
         /// gateway's propagation alone).
         #[arg(long, value_enum, default_value = "enroll-api")]
         revoke_via: scenarios::RevokeVia,
+        /// With `--revoke-via enroll-api`, the revocation scenario runs a
+        /// second time with this many gateway processes (agents spread across
+        /// them; the revoke API waits for all of them, ADR-0022). 1: once.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
+        revocation_gateways: u16,
         /// Override: seconds per load run.
         #[arg(long)]
         duration: Option<f64>,
@@ -148,6 +153,7 @@ fn main() -> anyhow::Result<()> {
             no_nginx,
             no_haproxy,
             revoke_via,
+            revocation_gateways,
             duration,
             concurrency,
             agents,
@@ -201,6 +207,7 @@ fn main() -> anyhow::Result<()> {
                 no_nginx,
                 no_haproxy,
                 revoke_via,
+                revocation_gateways: usize::from(revocation_gateways),
                 command: std::env::args().collect::<Vec<_>>().join(" "),
                 only,
                 gateway_read_buffer,

@@ -121,6 +121,9 @@ pub struct RevocationRecord {
     pub accepted_after_bound: u64,
     /// The bound, ms.
     pub bound_ms: f64,
+    /// Gateway processes the agents were spread over.
+    #[serde(default = "one")]
+    pub gateways: usize,
     /// Via the enroll-api: time from the revoke API's 200 to the agent's
     /// announcement on the revocation channel, p50 ms.
     #[serde(default)]
@@ -176,6 +179,10 @@ pub struct Report {
     pub runs: Vec<RunRecord>,
     /// Revocation propagation.
     pub revocation: Option<RevocationRecord>,
+    /// The same scenario with several gateway processes
+    /// (`--revocation-gateways`).
+    #[serde(default)]
+    pub revocation_fleet: Option<RevocationRecord>,
     /// Idle memory.
     pub idle: Vec<IdleRecord>,
     /// Skipped parts and caveats.
@@ -362,11 +369,11 @@ impl Report {
                 i.target, i.per_connection_kib
             );
         }
-        if let Some(r) = &self.revocation {
+        for r in self.revocation.iter().chain(&self.revocation_fleet) {
             let _ = writeln!(
                 s,
-                "\n**Revocation** (via {}): {} revoked, {} refused; time to first refusal p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; requests accepted after the revocation was visible: {} ({} after the {:.0} ms bound).",
-                r.via, r.revocations, r.refused, r.p50_ms, r.p99_ms, r.max_ms, r.accepted_after_visible, r.accepted_after_bound, r.bound_ms
+                "\n**Revocation** (via {}, {} gateway{}): {} revoked, {} refused; time to first refusal p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; requests accepted after the revocation was visible: {} ({} after the {:.0} ms bound).",
+                r.via, r.gateways, if r.gateways == 1 { "" } else { "s" }, r.revocations, r.refused, r.p50_ms, r.p99_ms, r.max_ms, r.accepted_after_visible, r.accepted_after_bound, r.bound_ms
             );
             if let (Some(p50), Some(p99), Some(ok)) =
                 (r.answer_p50_ms, r.answer_p99_ms, r.answers_confirmed)

@@ -121,6 +121,8 @@ pub struct Options {
     pub no_haproxy: bool,
     /// How the revocation scenario revokes.
     pub revoke_via: RevokeVia,
+    /// Gateways of the revocation scenario's second run (1: no second run).
+    pub revocation_gateways: usize,
     /// The command line, for the report.
     pub command: String,
     /// Run only these scenarios (`keepalive`, `latency`, `latency-seq1`,
@@ -459,7 +461,7 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
             report.revocation = Some(
                 revocation(
                     &env,
-                    &gateway,
+                    std::slice::from_ref(&gateway),
                     &ids,
                     &keys,
                     &mut redis,
@@ -469,6 +471,48 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
                 )
                 .await?,
             );
+            if enroll_api.is_some() && opts.revocation_gateways > 1 {
+                // More gateway processes on the same Redis: the revoke API
+                // waits for every one of them (ADR-0022).
+                let mut extra = Vec::new();
+                let mut fleet = vec![gateway.clone()];
+                for i in 1..opts.revocation_gateways {
+                    let g = crate::gateway::start(
+                        &opts.out.join(format!("gateway-{}", i + 1)),
+                        upstream_addr,
+                        &files,
+                        &opts.redis_url,
+                        keys.prefix(),
+                        opts.server_cpu.as_deref(),
+                        crate::gateway::Tuning {
+                            read_buffer: opts.gateway_read_buffer,
+                            threads: opts.server_threads,
+                        },
+                    )?;
+                    fleet.push(Target {
+                        name: format!("gateway-{}", i + 1),
+                        addr: g.listen,
+                        tls: true,
+                        path: "/".into(),
+                    });
+                    extra.push(g);
+                }
+                wait_live_gateways(&mut redis, &keys, fleet.len()).await?;
+                report.revocation_fleet = Some(
+                    revocation(
+                        &env,
+                        &fleet,
+                        &ids,
+                        &keys,
+                        &mut redis,
+                        &opts.redis_url,
+                        enroll_api.as_ref(),
+                        s,
+                    )
+                    .await?,
+                );
+                drop(extra);
+            }
         }
         drop(enroll_api);
         drop(haproxy);
@@ -597,6 +641,35 @@ async fn revocation_agents(
     anyhow::bail!("the enroll-api did not project the enrolled agents to Redis within 20 s")
 }
 
+/// Waits (at most 20 s) until `n` gateways are live in `{prefix}gateways`
+/// (ADR-0022): each registers once it has confirmed Redis.
+async fn wait_live_gateways(
+    redis: &mut redis::aio::MultiplexedConnection,
+    keys: &KeySchema,
+    n: usize,
+) -> anyhow::Result<()> {
+    let mut live = 0;
+    for _ in 0..400 {
+        let raw: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(keys.gateways())
+            .query_async(redis)
+            .await?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+        live = raw
+            .iter()
+            .filter_map(|(_, j)| {
+                serde_json::from_str::<oneprotect_identity::GatewayPresence>(j).ok()
+            })
+            .filter(|p| i128::from(p.confirmed_until_ms) > now)
+            .count();
+        if live >= n {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("only {live} of {n} gateways became live within 20 s")
+}
+
 /// Revokes agents one by one while each keeps sending on its own keep-alive
 /// connection: through the enroll-api's admin API (measured from its 200
 /// answer) or by a direct projection write. Measures the time to each
@@ -606,7 +679,7 @@ async fn revocation_agents(
 #[allow(clippy::too_many_arguments)]
 async fn revocation(
     env: &Env,
-    gateway: &Target,
+    gateways: &[Target],
     ids: &[oneprotect_identity::AgentIdentity],
     keys: &KeySchema,
     redis: &mut redis::aio::MultiplexedConnection,
@@ -669,7 +742,8 @@ async fn revocation(
 
     let mut tasks = Vec::new();
     for (i, cfg) in configs.into_iter().enumerate() {
-        let target = gateway.clone();
+        // Agents spread over the gateways.
+        let target = gateways[i % gateways.len()].clone();
         let (revoked_at, visible_at, refused_at, acc, acc_b, acc_a) = (
             revoked_at.clone(),
             visible_at.clone(),
@@ -788,6 +862,7 @@ async fn revocation(
         accepted_after_visible: accepted_after.load(Ordering::Relaxed),
         accepted_after_bound: accepted_after_bound.load(Ordering::Relaxed),
         bound_ms: s.revocation_bound_ms,
+        gateways: gateways.len(),
         answer_p50_ms: enroll.and(answer_pct(0.5)),
         answer_p99_ms: enroll.and(answer_pct(0.99)),
         answers_confirmed: enroll.map(|_| confirmed),

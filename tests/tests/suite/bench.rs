@@ -71,7 +71,19 @@ fn bench_all_tiny_runs_every_scenario_and_writes_reports() {
     // By default through the real enroll-api's admin API.
     assert_eq!(rev["via"], "enroll-api", "{rev}");
     assert_eq!(rev["accepted_after_bound"], 0, "{rev}");
+    // Acknowledged revocation (ADR-0022): with one gateway and with three,
+    // every answer confirmed, and nothing accepted after an answer.
+    for (rev, gateways) in [(rev, 1), (&json["revocation_fleet"], 3)] {
+        assert_eq!(rev["gateways"], gateways, "{rev}");
+        assert_eq!(rev["answers_confirmed"], rev["revocations"], "{rev}");
+        assert_eq!(rev["accepted_after_answer"], 0, "{rev}");
+        assert_eq!(rev["revocations"], rev["refused"], "{rev}");
+    }
     let md = std::fs::read_to_string(out.path().join("results.md")).unwrap();
+    assert!(
+        md.contains("**Revocation** (via enroll-api, 3 gateways)"),
+        "{md}"
+    );
     assert!(md.contains("| keepalive | gateway | h1 |"), "{md}");
     assert!(
         md.contains("| **keepalive h1 per server CPU-s vs the better baseline"),
