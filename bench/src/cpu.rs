@@ -24,6 +24,26 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     Some(after.split_whitespace().map(str::to_owned).collect())
 }
 
+fn comm(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+/// The root of the process tree named `name` (e.g. PostgreSQL's postmaster:
+/// a `postgres` whose parent is not one), if one runs.
+pub fn find_root_process(name: &str) -> Option<u32> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| comm(*p).as_deref() == Some(name))
+        .find(|p| {
+            let ppid = stat_fields(*p).and_then(|f| f.get(1)?.parse::<u32>().ok());
+            ppid.and_then(comm).as_deref() != Some(name)
+        })
+}
+
 /// `pid` and all its descendants.
 pub fn process_tree(pid: u32) -> Vec<u32> {
     let mut parents: Vec<(u32, u32)> = Vec::new();

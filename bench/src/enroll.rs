@@ -45,8 +45,20 @@ fn run_cli(bin: &Path, conf: &Path, args: &[&str]) -> anyhow::Result<String> {
 }
 
 impl EnrollApi {
-    /// Starts it in `dir` with Redis at `redis_url` under `prefix`.
+    /// Starts it in `dir` with Redis at `redis_url` under `prefix`, on
+    /// SQLite in `dir`.
     pub fn start(dir: &Path, redis_url: &str, prefix: &str) -> anyhow::Result<Self> {
+        Self::start_on(dir, redis_url, prefix, None)
+    }
+
+    /// [`EnrollApi::start`] on PostgreSQL when `database` is (URL, schema):
+    /// the schema must exist.
+    pub fn start_on(
+        dir: &Path,
+        redis_url: &str,
+        prefix: &str,
+        database: Option<(&str, &str)>,
+    ) -> anyhow::Result<Self> {
         let bin = sibling_binary("oneprotect-enroll-api")?;
         std::fs::create_dir_all(dir)?;
         let data: PathBuf = dir.join("data");
@@ -69,9 +81,15 @@ exchange_per_token_burst = 100000
 url = "{redis_url}"
 key_prefix = "{prefix}"
 relay_poll_interval_ms = 200
-"#,
+{database}"#,
                 td = crate::pki::TRUST_DOMAIN,
                 data = data.display(),
+                database = match database {
+                    Some((url, schema)) => format!(
+                        "[database]\nurl = \"{url}\"\nschema = \"{schema}\"\nmax_connections = 32\n"
+                    ),
+                    None => String::new(),
+                },
             ),
         )?;
         let tenant = run_cli(&bin, &conf, &["tenant", "create", "--name", "bench"])?;
@@ -171,10 +189,47 @@ relay_poll_interval_ms = 200
         Ok(out)
     }
 
-    /// Revokes `agent` through the admin API; returns once it answered 200.
+    /// Enrolls `n` agents through the real exchange, `concurrency` at a time
+    /// (each: a fresh P-256 key and CSR, one token with `max_uses = n`).
+    /// Returns how many enrolled and the errors (first few kept).
+    pub async fn enroll_concurrently(
+        &self,
+        n: usize,
+        concurrency: usize,
+    ) -> anyhow::Result<(usize, Vec<String>)> {
+        use futures_util::StreamExt as _;
+        let created = self
+            .call(
+                Method::POST,
+                "/api/v1/agent-enrollment/tokens",
+                Some(serde_json::json!({"ttl_seconds": 3600, "max_uses": n.max(1)})),
+            )
+            .await?;
+        let token = TokenSecret::new(created["token"].as_str().context("token")?);
+        let meta = AgentMetadata::this_host();
+        let results: Vec<anyhow::Result<Enrolled>> = futures_util::stream::iter(0..n)
+            .map(|_| async {
+                enroll(&self.client, &token, &meta)
+                    .await
+                    .map_err(anyhow::Error::from)
+            })
+            .buffer_unordered(concurrency.max(1))
+            .collect()
+            .await;
+        let ok = results.iter().filter(|r| r.is_ok()).count();
+        let errors = results
+            .into_iter()
+            .filter_map(Result::err)
+            .take(5)
+            .map(|e| format!("{e:#}"))
+            .collect();
+        Ok((ok, errors))
+    }
+
     /// Revokes `agent` through the admin API, waiting for the gateways
-    /// (ADR-0022); returns the answer's `enforcement.outcome`.
-    pub async fn revoke(&self, agent: AgentId) -> anyhow::Result<String> {
+    /// (ADR-0022); returns the answer's `enforcement.outcome` and
+    /// `elapsed_ms` (commit → answer, measured by the enroll-api).
+    pub async fn revoke(&self, agent: AgentId) -> anyhow::Result<(String, f64)> {
         let body = self
             .call(
                 Method::POST,
@@ -182,9 +237,106 @@ relay_poll_interval_ms = 200
                 Some(serde_json::json!({"reason": "bench revocation"})),
             )
             .await?;
-        Ok(body["enforcement"]["outcome"]
-            .as_str()
-            .unwrap_or("missing")
-            .to_owned())
+        let e = &body["enforcement"];
+        Ok((
+            e["outcome"].as_str().unwrap_or("missing").to_owned(),
+            e["elapsed_ms"].as_f64().unwrap_or(f64::NAN),
+        ))
     }
+}
+
+fn psql(url: &str, sql: &str) -> anyhow::Result<()> {
+    let out = Command::new("psql")
+        .arg(url)
+        .args(["-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
+        .output()
+        .context("run psql (the PostgreSQL client)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "psql {sql:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// `oneprotect-bench enroll`: enrollments per second through the real
+/// exchange (the enroll-api binary on PostgreSQL in a private schema, or on
+/// SQLite), `concurrency` agents at a time, after a warm-up of 50. Returns a
+/// one-line summary: wall rate, enroll-api CPU per enrollment and, when a
+/// local PostgreSQL server is found, its CPU too. Drops the schema and the
+/// Redis keys afterwards.
+pub async fn throughput(
+    out: &Path,
+    redis_url: &str,
+    database_url: Option<&str>,
+    count: usize,
+    concurrency: usize,
+    server_cpu: Option<&str>,
+) -> anyhow::Result<String> {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let keys = oneprotect_identity::KeySchema::new(format!("bench-enroll:{id}:"));
+    let schema = format!("bench_enroll_{id}");
+    if let Some(url) = database_url {
+        psql(url, &format!("CREATE SCHEMA {schema}"))?;
+    }
+    let res = async {
+        let api = EnrollApi::start_on(
+            out,
+            redis_url,
+            keys.prefix(),
+            database_url.map(|u| (u, schema.as_str())),
+        )?;
+        if let Some(cpus) = server_cpu {
+            let st = Command::new("taskset")
+                .args(["-a", "-p", "-c", cpus, &api.server.pid().to_string()])
+                .output()
+                .context("taskset")?;
+            anyhow::ensure!(st.status.success(), "taskset failed");
+        }
+        let (warm, errors) = api.enroll_concurrently(50.min(count), concurrency).await?;
+        anyhow::ensure!(errors.is_empty(), "warm-up: {warm} enrolled; {errors:?}");
+        let postgres = database_url.and_then(|_| crate::cpu::find_root_process("postgres"));
+        let pg_meter = postgres.map(crate::cpu::CpuMeter::start);
+        let own = crate::cpu::CpuMeter::start(std::process::id());
+        let meter = crate::cpu::CpuMeter::start(api.server.pid());
+        let t0 = std::time::Instant::now();
+        let (ok, errors) = api.enroll_concurrently(count, concurrency).await?;
+        let wall = t0.elapsed().as_secs_f64();
+        let cpu = meter.elapsed_cpu();
+        // The enroll-api is this process' child: its CPU is in `own` too.
+        let client = (own.elapsed_cpu() - cpu).max(0.0);
+        anyhow::ensure!(errors.is_empty(), "{ok} of {count} enrolled; {errors:?}");
+        let store = if database_url.is_some() {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        };
+        let mut line = format!(
+            "enroll: {ok} enrollments on {store}, {concurrency} in flight: {:.0} enrollments/s \
+             (wall, {wall:.2} s); enroll-api {cpu:.2} CPU-s = {:.0} enrollments per enroll-api \
+             CPU-s; this client (keys, CSRs, TLS) {client:.2} CPU-s",
+            ok as f64 / wall,
+            ok as f64 / cpu.max(1e-9),
+        );
+        if let Some(m) = pg_meter {
+            let pg = m.elapsed_cpu();
+            line.push_str(&format!(
+                "; PostgreSQL server {pg:.2} CPU-s = {:.0} enrollments per PostgreSQL CPU-s",
+                ok as f64 / pg.max(1e-9)
+            ));
+        }
+        anyhow::Ok(line)
+    }
+    .await;
+    if let Some(url) = database_url {
+        if let Err(e) = psql(url, &format!("DROP SCHEMA {schema} CASCADE")) {
+            eprintln!("warning: {e:#}");
+        }
+    }
+    if let Ok(client) = redis::Client::open(redis_url) {
+        if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+            crate::gateway::cleanup(&mut c, &keys).await;
+        }
+    }
+    res
 }

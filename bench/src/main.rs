@@ -89,6 +89,29 @@ enum Command {
         #[arg(long, value_enum)]
         proto: Option<oneprotect_bench::load::Proto>,
     },
+    /// Enrollments per second through the real exchange on PostgreSQL (or
+    /// SQLite): the enroll-api binary, a private schema, concurrent agents.
+    Enroll {
+        /// PostgreSQL URL (a private schema is created and dropped with
+        /// `psql`); SQLite in the output directory when absent.
+        #[arg(long)]
+        database_url: Option<String>,
+        /// Redis for the projection the relay writes.
+        #[arg(long, default_value = "redis://127.0.0.1:6379")]
+        redis_url: String,
+        /// Enrollments (1..=100000).
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        count: u32,
+        /// Enrollments in flight at once (1..=1024).
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
+        concurrency: u32,
+        /// Pin the enroll-api to these CPUs (a `taskset -c` list).
+        #[arg(long, value_parser = parse_cpu_list)]
+        server_cpu: Option<String>,
+        /// Output directory (enroll-api config, data and log).
+        #[arg(long, default_value = "bench/out/enroll")]
+        out: PathBuf,
+    },
     /// Re-render results.md and results.svg from a results.json.
     Render {
         /// The results.json of a run.
@@ -132,6 +155,30 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(oneprotect_bench::upstream::run(listen))
+        }
+        Command::Enroll {
+            database_url,
+            redis_url,
+            count,
+            concurrency,
+            server_cpu,
+            out,
+        } => {
+            std::fs::create_dir_all(&out).context("create the output directory")?;
+            let out = std::fs::canonicalize(&out).context("output directory")?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let line = rt.block_on(oneprotect_bench::enroll::throughput(
+                &out,
+                &redis_url,
+                database_url.as_deref(),
+                count as usize,
+                concurrency as usize,
+                server_cpu.as_deref(),
+            ))?;
+            println!("{line}");
+            Ok(())
         }
         Command::Render { json, out } => {
             let report: oneprotect_bench::report::Report =

@@ -798,14 +798,17 @@ async fn revocation(
     // Let every agent get going, then revoke them one by one.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut answers: Vec<f64> = Vec::with_capacity(n);
+    let mut server_side: Vec<f64> = Vec::with_capacity(n);
     let mut confirmed = 0;
     for i in 0..n {
         let t0 = Instant::now();
         match enroll {
             Some(api) => {
-                if api.revoke(agents[i]).await? == "confirmed" {
+                let (outcome, elapsed_ms) = api.revoke(agents[i]).await?;
+                if outcome == "confirmed" {
                     confirmed += 1;
                 }
+                server_side.push(elapsed_ms);
             }
             None => crate::gateway::revoke(redis, keys, &ids[i]).await?,
         }
@@ -844,6 +847,11 @@ async fn revocation(
         (!announce.is_empty()).then(|| announce[((announce.len() - 1) as f64 * p).round() as usize])
     };
     answers.sort_by(f64::total_cmp);
+    server_side.sort_by(f64::total_cmp);
+    let server_pct = |p: f64| {
+        (!server_side.is_empty())
+            .then(|| server_side[((server_side.len() - 1) as f64 * p).round() as usize])
+    };
     let answer_pct = |p: f64| {
         (!answers.is_empty()).then(|| answers[((answers.len() - 1) as f64 * p).round() as usize])
     };
@@ -866,6 +874,8 @@ async fn revocation(
         answer_p50_ms: enroll.and(answer_pct(0.5)),
         answer_p99_ms: enroll.and(answer_pct(0.99)),
         answers_confirmed: enroll.map(|_| confirmed),
+        enforcement_p50_ms: server_pct(0.5),
+        enforcement_p99_ms: server_pct(0.99),
         accepted_after_answer: accepted_after_answer.load(Ordering::Relaxed),
     })
 }

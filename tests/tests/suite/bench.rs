@@ -100,3 +100,45 @@ fn bench_all_tiny_runs_every_scenario_and_writes_reports() {
     let svg = std::fs::read_to_string(out.path().join("results.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
 }
+
+/// `oneprotect-bench enroll` on PostgreSQL: the real exchange through the
+/// enroll-api binary in a private schema; every enrollment succeeds, the
+/// summary names the store and the rate, and the schema is dropped after.
+#[test]
+fn bench_enroll_measures_the_exchange_on_postgres_and_cleans_up() {
+    let redis = oneprotect_tests::require_redis();
+    let pg = oneprotect_tests::require_postgres();
+    oneprotect_tests::ensure_binary("oneprotect-enroll-api", "oneprotect-enroll-api");
+    let bench = oneprotect_tests::ensure_binary("oneprotect-bench", "oneprotect-bench");
+    let out = tempfile::tempdir().unwrap();
+    let output = Command::new(&bench)
+        .args(["enroll", "--count", "20", "--concurrency", "4", "--out"])
+        .arg(out.path())
+        .args(["--redis-url", &redis, "--database-url", &pg])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "bench enroll failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("enroll: 20 enrollments on PostgreSQL, 4 in flight:"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("enrollments per enroll-api CPU-s"),
+        "{stdout}"
+    );
+    // The private schema is gone.
+    let left = Command::new("psql")
+        .arg(&pg)
+        .args([
+            "-Atc",
+            "SELECT count(*) FROM information_schema.schemata WHERE schema_name LIKE 'bench_enroll_%'",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&left.stdout).trim(), "0");
+}
