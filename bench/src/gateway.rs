@@ -32,6 +32,8 @@ pub struct Tuning {
     pub read_buffer: Option<usize>,
     /// `runtime.threads`.
     pub threads: usize,
+    /// `runtime.work_stealing`.
+    pub work_stealing: bool,
 }
 
 /// Writes the gateway configuration.
@@ -45,6 +47,7 @@ pub fn config(
     tuning: Tuning,
 ) -> String {
     let threads = tuning.threads;
+    let work_stealing = tuning.work_stealing;
     let read_buffer = tuning
         .read_buffer
         .map_or(String::new(), |b| format!("read_buffer_bytes = {b}\n"));
@@ -64,6 +67,7 @@ key_prefix = "{prefix}"
 
 [runtime]
 threads = {threads}
+work_stealing = {work_stealing}
 graceful_shutdown_secs = 0
 
 [[routes]]

@@ -85,6 +85,10 @@ enum Command {
         /// (`listener.read_buffer_bytes`); default: the gateway's default.
         #[arg(long, value_name = "BYTES")]
         gateway_read_buffer: Option<usize>,
+        /// The gateway's `runtime.work_stealing` (pingora: one work-stealing
+        /// runtime, or one single-threaded runtime per thread).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        gateway_work_stealing: bool,
         /// Only this protocol for the load runs (default: both).
         #[arg(long, value_enum)]
         proto: Option<oneprotect_bench::load::Proto>,
@@ -207,6 +211,7 @@ fn main() -> anyhow::Result<()> {
             revocations,
             only,
             gateway_read_buffer,
+            gateway_work_stealing,
             proto,
         } => {
             if let Some(bad) = only
@@ -258,6 +263,7 @@ fn main() -> anyhow::Result<()> {
                 command: std::env::args().collect::<Vec<_>>().join(" "),
                 only,
                 gateway_read_buffer,
+                gateway_work_stealing,
                 proto,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -131,6 +131,8 @@ pub struct Options {
     pub only: Vec<String>,
     /// The gateway's `listener.read_buffer_bytes` (its default when `None`).
     pub gateway_read_buffer: Option<usize>,
+    /// The gateway's `runtime.work_stealing`.
+    pub gateway_work_stealing: bool,
     /// Keep-alive runs only over this protocol (`None`: HTTP/1.1 and h2).
     pub proto: Option<Proto>,
 }
@@ -319,6 +321,7 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
             opts.server_cpu.as_deref(),
             crate::gateway::Tuning {
                 read_buffer: opts.gateway_read_buffer,
+                work_stealing: opts.gateway_work_stealing,
                 threads: opts.server_threads,
             },
         )?;
@@ -486,6 +489,7 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
                         opts.server_cpu.as_deref(),
                         crate::gateway::Tuning {
                             read_buffer: opts.gateway_read_buffer,
+                work_stealing: opts.gateway_work_stealing,
                             threads: opts.server_threads,
                         },
                     )?;

@@ -509,6 +509,12 @@ pub struct RuntimeConfig {
     /// Defaults to 10.
     #[serde(default = "default_grace")]
     pub graceful_shutdown_secs: u64,
+    /// pingora's runtime flavour: `true` (default) one multi-threaded tokio
+    /// runtime whose workers steal each other's tasks; `false` one
+    /// single-threaded runtime per thread, each connection living on the
+    /// thread that accepted it (bench/RESULTS.md compares them).
+    #[serde(default = "default_work_stealing")]
+    pub work_stealing: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -516,8 +522,13 @@ impl Default for RuntimeConfig {
         Self {
             threads: default_threads(),
             graceful_shutdown_secs: default_grace(),
+            work_stealing: default_work_stealing(),
         }
     }
+}
+
+fn default_work_stealing() -> bool {
+    true
 }
 
 fn default_listen() -> SocketAddr {

@@ -276,6 +276,7 @@ fn build_inner(
 
     let conf = ServerConf {
         threads: cfg.runtime.threads,
+        work_stealing: cfg.runtime.work_stealing,
         grace_period_seconds: Some(cfg.runtime.graceful_shutdown_secs),
         graceful_shutdown_timeout_seconds: Some(cfg.runtime.graceful_shutdown_secs),
         ..ServerConf::default()

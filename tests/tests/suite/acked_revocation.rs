@@ -27,8 +27,11 @@ use tokio::net::TcpStream;
 use crate::support::fleet::{Agent, Fleet, GwTuning, Sender, POLLS};
 use crate::support::gateway::{read, request};
 
+/// `max_staleness` above the fleet's 2 s enforcement deadline: a frozen
+/// gateway is still live (it may still trust its cache) when the deadline
+/// passes, so the answer must name it.
 const TUNING: GwTuning = GwTuning {
-    max_staleness_ms: 3000,
+    max_staleness_ms: 6000,
     heartbeat_ms: 200,
 };
 
@@ -277,10 +280,9 @@ async fn a_frozen_gateway_is_named_and_refuses_once_resumed() -> Result<()> {
             "the frozen gateway is named: {body}"
         );
         ensure!(lagging[0]["fails_closed_by"].is_string(), "{body}");
-        // It waited for the deadline (500 ms by default), not longer than
-        // it said.
+        // It waited for the deadline (the fleet's 2 s).
         ensure!(
-            e["elapsed_ms"].as_f64().is_some_and(|ms| ms >= 500.0),
+            e["elapsed_ms"].as_f64().is_some_and(|ms| ms >= 2000.0),
             "{body}"
         );
         for g in (0..3).filter(|g| *g != frozen) {

@@ -160,6 +160,9 @@ impl Fleet {
         cfg.redis.url = Some(redis_url.to_owned());
         cfg.redis.key_prefix = prefix.clone();
         cfg.redis.relay_poll_interval_ms = 200;
+        // Revocations wait up to 2 s for the gateways (ADR-0022): a loaded
+        // machine may starve a gateway process for a moment.
+        cfg.redis.enforcement_deadline_ms = 2000;
         let mut assertion_key = None;
         if let Some(grace) = rotation_grace_secs {
             use base64::Engine as _;
