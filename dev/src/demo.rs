@@ -335,7 +335,21 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
         view["status"]
     );
     let revoked_at = Instant::now();
-    d.ok(t, &format!("{} agent status revoked", resp.status.as_u16()));
+    let e = &view["enforcement"];
+    ensure!(
+        e["outcome"] == "confirmed",
+        "the gateway did not confirm the revocation: {e}"
+    );
+    d.ok(
+        t,
+        &format!(
+            "{} agent status revoked; {} of {} live gateway(s) applied it {} ms after the commit",
+            resp.status.as_u16(),
+            e["gateways_confirmed"],
+            e["gateways_live"],
+            e["elapsed_ms"]
+        ),
+    );
 
     // 7. Refused.
     let t = d.begin("call again with the revoked agent's certificate");
