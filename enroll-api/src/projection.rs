@@ -267,10 +267,11 @@ impl ProjectionConn {
         now: OffsetDateTime,
         announce: bool,
     ) -> Result<usize, ProjectionError> {
-        let Some(record) = store.fetch_agent(tenant, agent).await? else {
+        // One read transaction for both (the relay and every revocation
+        // call this).
+        let Some((record, certs)) = store.fetch_agent_projection(tenant, agent).await? else {
             return Ok(0);
         };
-        let certs = store.list_agent_certificates(tenant, agent).await?;
         let mut written = 0;
         // On revocation the agent key first: one announcement stops every
         // certificate of the agent at the gateways. On enrollment the

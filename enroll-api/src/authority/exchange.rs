@@ -168,7 +168,9 @@ pub async fn exchange(state: &Inner, req: ExchangeRequest<'_>) -> Result<Enrolle
     let now = state.clock.now();
     // A pre-check for a precise audit reason and to spare the CA work; the
     // conditional update below is what decides.
-    let found = state.store.fetch_token(tenant, token_id).await?;
+    // The tenant comes with it (one read transaction): its leaf lifetime is
+    // needed once the CSR passed.
+    let (found, tenant_record) = state.store.fetch_token_and_tenant(tenant, token_id).await?;
     if let Some(refusal) = TokenRefusal::of(found.as_ref(), now) {
         tracing::info!(%tenant, %token_id, ?refusal, "exchange refused: token not usable");
         return Err(refuse_token(state, tenant, token_id, refusal, now).await);
@@ -183,11 +185,9 @@ pub async fn exchange(state: &Inner, req: ExchangeRequest<'_>) -> Result<Enrolle
         }
     };
 
-    let lifetime = state
-        .store
-        .fetch_tenant(tenant)
-        .await?
-        .map(|t| leaf_lifetime(&t))
+    let lifetime = tenant_record
+        .as_ref()
+        .map(leaf_lifetime)
         .ok_or(ExchangeError::TenantMissing(tenant))?;
     let agent_id = AgentId::random();
     let leaf = state

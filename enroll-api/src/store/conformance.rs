@@ -546,6 +546,14 @@ pub async fn tokens_round_trip_and_isolate_tenants<S: Store>(s: &S) {
         s.fetch_token(b, id).await.unwrap().is_none(),
         "other tenant sees the token"
     );
+    // The combined read is the two reads, tenant-scoped alike.
+    let (tok, ten) = s.fetch_token_and_tenant(a, id).await.unwrap();
+    assert_eq!(tok, Some(t.clone()));
+    assert_eq!(ten, s.fetch_tenant(a).await.unwrap());
+    assert!(ten.is_some());
+    let (tok, ten) = s.fetch_token_and_tenant(b, id).await.unwrap();
+    assert!(tok.is_none(), "other tenant sees the token");
+    assert_eq!(ten, s.fetch_tenant(b).await.unwrap());
     assert!(s
         .revoke_token(b, id, now(), Actor::System)
         .await
@@ -910,6 +918,20 @@ pub async fn relay_reads_pending_events_and_certificates<S: Store>(s: &S) {
         .await
         .unwrap()
         .is_empty());
+    // The projection's combined read is the two reads; another tenant's
+    // agent is unknown.
+    let (agent, with) = s
+        .fetch_agent_projection(t, e.agent.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(Some(agent), s.fetch_agent(t, e.agent.id).await.unwrap());
+    assert_eq!(with, certs);
+    assert!(s
+        .fetch_agent_projection(other, e.agent.id)
+        .await
+        .unwrap()
+        .is_none());
     // Drain: every pending row (of every tenant) is listed until marked sent.
     for _ in 0..1000 {
         let pending = s.list_pending_events(50).await.unwrap();

@@ -360,6 +360,14 @@ pub trait Store: Send + Sync + Clone + 'static {
         tenant: TenantId,
         id: TokenId,
     ) -> impl Future<Output = Result<Option<TokenRecord>, StoreError>> + Send;
+    /// [`Store::fetch_token`] and [`Store::fetch_tenant`] in one read
+    /// transaction (the exchange's pre-checks: one round of transaction
+    /// statements instead of two).
+    fn fetch_token_and_tenant(
+        &self,
+        tenant: TenantId,
+        id: TokenId,
+    ) -> impl Future<Output = Result<(Option<TokenRecord>, Option<Tenant>), StoreError>> + Send;
     /// Lists `tenant`'s tokens by id, optionally only those with `status` at `now`.
     fn list_tokens(
         &self,
@@ -450,6 +458,14 @@ pub trait Store: Send + Sync + Clone + 'static {
         tenant: TenantId,
         id: AgentId,
     ) -> impl Future<Output = Result<Option<AgentRecord>, StoreError>> + Send;
+    /// [`Store::fetch_agent`] and [`Store::list_agent_certificates`] in one
+    /// read transaction (what the projection writes for one agent); `None`
+    /// for an unknown agent.
+    fn fetch_agent_projection(
+        &self,
+        tenant: TenantId,
+        id: AgentId,
+    ) -> impl Future<Output = Result<Option<(AgentRecord, Vec<CertificateState>)>, StoreError>> + Send;
     /// Lists `tenant`'s agents by id, optionally only those with `status`.
     fn list_agents(
         &self,

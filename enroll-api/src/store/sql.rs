@@ -286,6 +286,13 @@ async fn insert_event(tx: &mut Tx, event: &Event) -> Result<(), StoreError> {
     Ok(())
 }
 
+const SELECT_TENANT: &str =
+    "SELECT id, name, leaf_lifetime_secs, created_at FROM tenants WHERE id = $1";
+
+const SELECT_AGENT_CERTIFICATES: &str =
+    "SELECT serial, agent_id, status, not_after FROM certificates \
+     WHERE tenant_id = $1 AND agent_id = $2 ORDER BY serial";
+
 async fn fetch_token_in(
     tx: &mut Tx,
     tenant: TenantId,
@@ -486,13 +493,7 @@ impl Store for AnyStore {
     }
 
     async fn fetch_tenant(&self, id: TenantId) -> Result<Option<Tenant>, StoreError> {
-        let row: Option<TenantRow> = self
-            .read_optional(
-                id,
-                "SELECT id, name, leaf_lifetime_secs, created_at FROM tenants WHERE id = $1",
-                &[id.into()],
-            )
-            .await?;
+        let row: Option<TenantRow> = self.read_optional(id, SELECT_TENANT, &[id.into()]).await?;
         row.map(Tenant::try_from).transpose()
     }
 
@@ -564,6 +565,21 @@ impl Store for AnyStore {
         let t = fetch_token_in(&mut tx, tenant, id).await?;
         tx.commit().await?;
         Ok(t)
+    }
+
+    async fn fetch_token_and_tenant(
+        &self,
+        tenant: TenantId,
+        id: TokenId,
+    ) -> Result<(Option<TokenRecord>, Option<Tenant>), StoreError> {
+        let mut tx = self.begin(tenant).await?;
+        let t = fetch_token_in(&mut tx, tenant, id).await?;
+        let row: Option<TenantRow> = tx
+            .conn()
+            .fetch_optional(SELECT_TENANT, &[tenant.into()])
+            .await?;
+        tx.commit().await?;
+        Ok((t, row.map(Tenant::try_from).transpose()?))
     }
 
     async fn list_tokens(
@@ -839,12 +855,29 @@ impl Store for AnyStore {
         let rows: Vec<CertificateRow> = self
             .read_all(
                 tenant,
-                "SELECT serial, agent_id, status, not_after FROM certificates \
-                 WHERE tenant_id = $1 AND agent_id = $2 ORDER BY serial",
+                SELECT_AGENT_CERTIFICATES,
                 &[tenant.into(), agent.into()],
             )
             .await?;
         records(rows)
+    }
+
+    async fn fetch_agent_projection(
+        &self,
+        tenant: TenantId,
+        id: AgentId,
+    ) -> Result<Option<(AgentRecord, Vec<CertificateState>)>, StoreError> {
+        let mut tx = self.begin(tenant).await?;
+        let Some(agent) = fetch_agent_in(&mut tx, tenant, id).await? else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let rows: Vec<CertificateRow> = tx
+            .conn()
+            .fetch_all(SELECT_AGENT_CERTIFICATES, &[tenant.into(), id.into()])
+            .await?;
+        tx.commit().await?;
+        Ok(Some((agent, records(rows)?)))
     }
 
     async fn fetch_agent(
