@@ -174,8 +174,8 @@ enforcement_deadline_ms = 2000
         Ok(String::from_utf8(r.body.to_vec())?)
     }
 
-    /// Enrolls `n` agents through the real exchange (one token, `n` uses).
-    pub async fn enroll_agents(&self, n: usize) -> anyhow::Result<Vec<Enrolled>> {
+    /// A new enrollment token for `n` uses, valid an hour.
+    async fn token(&self, n: usize) -> anyhow::Result<TokenSecret> {
         let created = self
             .call(
                 Method::POST,
@@ -183,7 +183,14 @@ enforcement_deadline_ms = 2000
                 Some(serde_json::json!({"ttl_seconds": 3600, "max_uses": n.max(1)})),
             )
             .await?;
-        let token = TokenSecret::new(created["token"].as_str().context("token")?);
+        Ok(TokenSecret::new(
+            created["token"].as_str().context("token")?,
+        ))
+    }
+
+    /// Enrolls `n` agents through the real exchange (one token, `n` uses).
+    pub async fn enroll_agents(&self, n: usize) -> anyhow::Result<Vec<Enrolled>> {
+        let token = self.token(n).await?;
         let meta = AgentMetadata::this_host();
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
@@ -201,14 +208,7 @@ enforcement_deadline_ms = 2000
         concurrency: usize,
     ) -> anyhow::Result<(usize, Vec<String>)> {
         use futures_util::StreamExt as _;
-        let created = self
-            .call(
-                Method::POST,
-                "/api/v1/agent-enrollment/tokens",
-                Some(serde_json::json!({"ttl_seconds": 3600, "max_uses": n.max(1)})),
-            )
-            .await?;
-        let token = TokenSecret::new(created["token"].as_str().context("token")?);
+        let token = self.token(n).await?;
         let meta = AgentMetadata::this_host();
         let results: Vec<anyhow::Result<Enrolled>> = futures_util::stream::iter(0..n)
             .map(|_| async {

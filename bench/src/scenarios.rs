@@ -325,47 +325,39 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
                 threads: opts.server_threads,
             },
         )?;
-        let nginx_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let nginx = if opts.no_nginx {
-            report.notes.push("nginx skipped (--no-nginx)".into());
-            None
-        } else {
-            let n = crate::nginx::start(
-                &opts.out.join("nginx"),
-                nginx_addr,
+        // A baseline: skipped on request or when not installed, with a note.
+        type Start = fn(
+            &std::path::Path,
+            SocketAddr,
+            SocketAddr,
+            &crate::pki::ServerFiles,
+            Option<&str>,
+            usize,
+        ) -> anyhow::Result<Option<Server>>;
+        let mut baseline = |name: &str, pkg: &str, skip: bool, start: Start| {
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+            if skip {
+                report.notes.push(format!("{name} skipped (--no-{pkg})"));
+                return anyhow::Ok((addr, None));
+            }
+            let server = start(
+                &opts.out.join(pkg),
+                addr,
                 upstream_addr,
                 &files,
                 opts.server_cpu.as_deref(),
                 opts.server_threads,
             )?;
-            if n.is_none() {
-                report.notes.push(
-                    "nginx not installed: nginx baseline skipped (apt-get install nginx)".into(),
-                );
+            if server.is_none() {
+                report.notes.push(format!(
+                    "{name} not installed: {name} baseline skipped (apt-get install {pkg})"
+                ));
             }
-            n
+            Ok((addr, server))
         };
-        let haproxy_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let haproxy = if opts.no_haproxy {
-            report.notes.push("HAProxy skipped (--no-haproxy)".into());
-            None
-        } else {
-            let h = crate::haproxy::start(
-                &opts.out.join("haproxy"),
-                haproxy_addr,
-                upstream_addr,
-                &files,
-                opts.server_cpu.as_deref(),
-                opts.server_threads,
-            )?;
-            if h.is_none() {
-                report.notes.push(
-                    "HAProxy not installed: HAProxy baseline skipped (apt-get install haproxy)"
-                        .into(),
-                );
-            }
-            h
-        };
+        let (nginx_addr, nginx) = baseline("nginx", "nginx", opts.no_nginx, crate::nginx::start)?;
+        let (haproxy_addr, haproxy) =
+            baseline("HAProxy", "haproxy", opts.no_haproxy, crate::haproxy::start)?;
 
         let direct = Target {
             name: "direct".into(),

@@ -55,7 +55,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Redis connect and response timeout.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
-fn unix_ms() -> i64 {
+/// Unix milliseconds now.
+pub(crate) fn unix_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))

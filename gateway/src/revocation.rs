@@ -59,13 +59,6 @@ use crate::config::{redact_url, RevocationConfig};
 use crate::conn::ConnIdentity;
 use crate::metrics::Metrics;
 
-/// Unix milliseconds now.
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// The host name (the kernel's), or `gateway` when it cannot be read.
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -245,7 +238,7 @@ impl Revocation {
             name: self.gateway_name.clone(),
             addr: self.gateway_addr.get().cloned().unwrap_or_default(),
             applied: self.applied_seq(),
-            confirmed_until_ms: unix_ms().saturating_add(left.as_millis() as i64),
+            confirmed_until_ms: crate::reports::unix_ms().saturating_add(left.as_millis() as i64),
         })
     }
 
@@ -264,30 +257,36 @@ impl Revocation {
                 self.metrics.presence_writes.inc();
             }
             Source::Redis(_) => {
-                let Some(mut conn) = self.connection().await else {
-                    return;
-                };
-                let timeout = Duration::from_millis(self.cfg.redis_timeout_ms);
-                let res = tokio::time::timeout(
-                    timeout,
-                    redis::cmd("HSET")
-                        .arg(self.keys.gateways())
-                        .arg(&self.gateway_id)
-                        .arg(json)
-                        .query_async::<i64>(&mut conn),
-                )
-                .await;
-                match res {
-                    Ok(Ok(_)) => self.metrics.presence_writes.inc(),
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "presence write failed");
-                        self.conn.store(None);
-                    }
-                    Err(_) => {
-                        tracing::debug!("presence write timed out");
-                        self.conn.store(None);
-                    }
+                let mut cmd = redis::cmd("HSET");
+                cmd.arg(self.keys.gateways())
+                    .arg(&self.gateway_id)
+                    .arg(json);
+                if self.presence_command(cmd).await {
+                    self.metrics.presence_writes.inc();
                 }
+            }
+        }
+    }
+
+    /// Runs one live-set command on the command connection, with the lookup
+    /// timeout; a failure is logged at debug and drops the connection (the
+    /// next change or heartbeat retries). Whether it succeeded.
+    async fn presence_command(&self, cmd: redis::Cmd) -> bool {
+        let Some(mut conn) = self.connection().await else {
+            return false;
+        };
+        let timeout = Duration::from_millis(self.cfg.redis_timeout_ms);
+        match tokio::time::timeout(timeout, cmd.query_async::<i64>(&mut conn)).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "live-set write failed");
+                self.conn.store(None);
+                false
+            }
+            Err(_) => {
+                tracing::debug!("live-set write timed out");
+                self.conn.store(None);
+                false
             }
         }
     }
@@ -298,18 +297,9 @@ impl Revocation {
         match &self.source {
             Source::Memory(bus) => bus.remove_gateway(&self.gateway_id),
             Source::Redis(_) => {
-                let Some(mut conn) = self.connection().await else {
-                    return;
-                };
-                let timeout = Duration::from_millis(self.cfg.redis_timeout_ms);
-                let _ = tokio::time::timeout(
-                    timeout,
-                    redis::cmd("HDEL")
-                        .arg(self.keys.gateways())
-                        .arg(&self.gateway_id)
-                        .query_async::<i64>(&mut conn),
-                )
-                .await;
+                let mut cmd = redis::cmd("HDEL");
+                cmd.arg(self.keys.gateways()).arg(&self.gateway_id);
+                self.presence_command(cmd).await;
             }
         }
     }

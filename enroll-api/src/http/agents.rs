@@ -178,17 +178,7 @@ async fn revoke(
     // Committed: the store woke the relay, which pushes the revocation to
     // Redis (and retries from the outbox if Redis is down); the enforcer
     // writes it at once and waits for the gateways.
-    let enforcement = state
-        .enforcer
-        .enforce(
-            &state.store,
-            &state.clock,
-            &state.metrics,
-            auth.tenant,
-            id,
-            wait,
-        )
-        .await;
+    let enforcement = state.enforce(auth.tenant, id, wait).await;
     tracing::info!(
         tenant = %auth.tenant,
         agent = %id,

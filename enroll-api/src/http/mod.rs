@@ -97,6 +97,21 @@ impl AppState {
     }
 }
 
+impl AppState {
+    /// After `agent`'s revocation or supersession committed: project it and,
+    /// with `wait`, wait for the live gateways (ADR-0022).
+    pub(crate) async fn enforce(
+        &self,
+        tenant: TenantId,
+        agent: oneprotect_identity::AgentId,
+        wait: bool,
+    ) -> crate::enforce::Enforcement {
+        self.enforcer
+            .enforce(&self.store, &self.clock, &self.metrics, tenant, agent, wait)
+            .await
+    }
+}
+
 impl std::ops::Deref for AppState {
     type Target = Inner;
     fn deref(&self) -> &Inner {

@@ -171,19 +171,7 @@ async fn confirm(
     let wait = super::WaitQuery::wait(q)?;
     let superseded = workflow::confirm(&state, &auth.presenter()).await?;
     let enforcement = match superseded {
-        Some(_) => Some(
-            state
-                .enforcer
-                .enforce(
-                    &state.store,
-                    &state.clock,
-                    &state.metrics,
-                    auth.tenant,
-                    auth.agent,
-                    wait,
-                )
-                .await,
-        ),
+        Some(_) => Some(state.enforce(auth.tenant, auth.agent, wait).await),
         None => None,
     };
     Ok(Sensitive::ok(Confirmation {
