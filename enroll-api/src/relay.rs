@@ -147,9 +147,6 @@ pub async fn drain(
                     .await?;
             }
             conn.publish_event(e).await?;
-            if settings.wait_replicas == 0 {
-                store.mark_event_sent(row.seq, clock.now()).await?;
-            }
             tracing::debug!(seq = row.seq, event_id = %e.event_id, r#type = e.payload.event_type(), "event relayed");
         }
         if settings.wait_replicas > 0 {
@@ -159,10 +156,11 @@ pub async fn drain(
             // at least once), so a failover cannot lose a row marked sent.
             conn.wait_replicated(settings.wait_replicas, settings.wait_timeout)
                 .await?;
-            for row in &rows {
-                store.mark_event_sent(row.seq, clock.now()).await?;
-            }
         }
+        // The whole batch in one statement. A failure before it leaves the
+        // batch pending: written again on the next pass (at least once).
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        store.mark_events_sent(&seqs, clock.now()).await?;
         if rows.len() < BATCH as usize {
             return Ok(());
         }

@@ -952,6 +952,28 @@ pub async fn relay_reads_pending_events_and_certificates<S: Store>(s: &S) {
     let pending = s.list_pending_events(50).await.unwrap();
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].event.payload.event_type(), "agent.revoked");
+    // Batch marking: exactly the listed rows, idempotent, empty is a no-op.
+    // (Another tenant's row: the outbox is listed across tenants.)
+    s.create_event(&oneprotect_identity::events::Event::new(
+        other,
+        Actor::System,
+        now(),
+        oneprotect_identity::events::Payload::Revoked {
+            agent_id: AgentId::random(),
+            reason: "second".into(),
+            revoked_serials: vec![],
+        },
+    ))
+    .await
+    .unwrap();
+    let two = s.list_pending_events(50).await.unwrap();
+    assert_eq!(two.len(), 2);
+    s.mark_events_sent(&[], now()).await.unwrap();
+    s.mark_events_sent(&[two[1].seq], now()).await.unwrap();
+    s.mark_events_sent(&[two[1].seq], now()).await.unwrap();
+    let left = s.list_pending_events(50).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].seq, two[0].seq);
     let certs = s.list_agent_certificates(t, e.agent.id).await.unwrap();
     assert_eq!(certs[0].status, oneprotect_identity::CertStatus::Revoked);
     s.mark_event_sent(pending[0].seq, now()).await.unwrap();

@@ -44,6 +44,9 @@ pub(crate) struct DialectSql {
     pub(crate) outbox_pending: &'static str,
     /// Marks outbox row `$1` sent at `$2` (if not yet).
     pub(crate) outbox_mark_sent: &'static str,
+    /// The statement marking `n` outbox rows sent: `$1` the time, `$2 ..
+    /// $n+1` the rows' seqs (each only if not yet sent).
+    pub(crate) outbox_mark_sent_many: fn(usize) -> String,
     /// Every tenant id, in id order.
     pub(crate) tenant_ids: &'static str,
     /// `(tenant_id, agent_id)` of up to `$2` agents of every tenant whose
@@ -53,6 +56,12 @@ pub(crate) struct DialectSql {
     /// previous_valid_until`, read to decide a rotation step and write it in
     /// the same transaction.
     pub(crate) rotation_state: &'static str,
+}
+
+/// `n` numbered placeholders from `$first`, each preceded by `, ` (a
+/// statement's tail): `placeholders(2, 3)` is `, $2, $3, $4`.
+pub(crate) fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n).map(|i| format!(", ${i}")).collect()
 }
 
 /// A UUID column that is not one of the identity newtypes (admin key ids,

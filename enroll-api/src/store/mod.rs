@@ -444,6 +444,13 @@ pub trait Store: Send + Sync + Clone + 'static {
         seq: i64,
         now: OffsetDateTime,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Marks the outbox events `seqs` sent at `now` in one statement
+    /// (idempotent; an empty list does nothing).
+    fn mark_events_sent(
+        &self,
+        seqs: &[i64],
+        now: OffsetDateTime,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Every tenant id (for a full projection rebuild), in id order.
     fn list_tenant_ids(&self) -> impl Future<Output = Result<Vec<TenantId>, StoreError>> + Send;
     /// Every certificate of one agent of `tenant`, by serial.

@@ -134,6 +134,13 @@ pub(super) const SQL: DialectSql = DialectSql {
     admin_key_ref_by_hash: "SELECT key_id, tenant_id FROM oneprotect_admin_key_ref($1)",
     outbox_pending: "SELECT seq, body FROM oneprotect_outbox_pending($1)",
     outbox_mark_sent: "SELECT oneprotect_outbox_mark_sent($1, $2)",
+    // A VARIADIC function: the seqs as separate parameters, no array type.
+    outbox_mark_sent_many: |n| {
+        format!(
+            "SELECT oneprotect_outbox_mark_sent_many($1{})",
+            crate::store::db::placeholders(2, n)
+        )
+    },
     tenant_ids: "SELECT tenant_id FROM oneprotect_tenant_ids()",
     rotations_due: "SELECT tenant_id, agent_id FROM oneprotect_rotations_due($1, $2)",
     // `FOR UPDATE`: the row lock makes a concurrent rotation step of the same

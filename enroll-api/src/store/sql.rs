@@ -837,6 +837,18 @@ impl Store for AnyStore {
         Ok(())
     }
 
+    async fn mark_events_sent(&self, seqs: &[i64], now: OffsetDateTime) -> Result<(), StoreError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let sql = (self.dialect().outbox_mark_sent_many)(seqs.len());
+        let mut args: Vec<Arg<'_>> = Vec::with_capacity(seqs.len() + 1);
+        args.push(now.into());
+        args.extend(seqs.iter().map(|s| Arg::from(*s)));
+        self.pooled().await?.conn().execute(&sql, &args).await?;
+        Ok(())
+    }
+
     async fn list_tenant_ids(&self) -> Result<Vec<TenantId>, StoreError> {
         let ids: Vec<(TenantId,)> = self
             .pooled()

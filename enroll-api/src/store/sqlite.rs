@@ -70,6 +70,13 @@ pub(super) const SQL: DialectSql = DialectSql {
                      ORDER BY seq LIMIT $1",
     outbox_mark_sent: "UPDATE events_outbox SET published_at = $2 \
                        WHERE seq = $1 AND published_at IS NULL",
+    outbox_mark_sent_many: |n| {
+        format!(
+            "UPDATE events_outbox SET published_at = $1 \
+             WHERE published_at IS NULL AND seq IN ({})",
+            crate::store::db::placeholders(2, n).trim_start_matches(", ")
+        )
+    },
     tenant_ids: "SELECT id FROM tenants ORDER BY id",
     rotations_due: "SELECT tenant_id, id FROM agents \
                     WHERE previous_valid_until IS NOT NULL AND previous_valid_until <= $1 \
