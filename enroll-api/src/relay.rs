@@ -2,9 +2,11 @@
 //! rows to Redis and keeps the revocation projection in step.
 //!
 //! For each pending row, oldest first: apply its projection effect (re-read
-//! the agent from the store and write its statuses, announcing each),
-//! `XADD` the event to `{prefix}events`, then mark the row sent. A failure at
-//! any step leaves the row pending and the relay retries it after a backoff
+//! the agent from the store and write its statuses, announcing each) and
+//! `XADD` the event to `{prefix}events`; then mark the whole batch sent in
+//! one statement. A failure at any step leaves the batch's rows pending
+//! (those already written are written again: at least once) and the relay
+//! retries after a backoff
 //! (in order: later rows wait), so a Redis outage delays the projection and
 //! the stream but loses nothing. A crash between the Redis writes and the
 //! mark gives a duplicate on restart: delivery is at least once, consumers
