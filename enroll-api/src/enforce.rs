@@ -47,6 +47,8 @@ use crate::store::AnyStore;
 const FIRST_POLL: Duration = Duration::from_micros(250);
 /// The longest interval between two reads of the live set.
 const MAX_POLL: Duration = Duration::from_millis(5);
+/// The longest a read of the live set may take once the deadline is near.
+const READ_GRACE: Duration = Duration::from_millis(50);
 /// A presence whose `confirmed_until_ms` passed this long ago is deleted.
 pub const PRUNE_AFTER: Duration = Duration::from_secs(60);
 
@@ -213,11 +215,20 @@ impl Enforcer {
                 .into();
             return finish(e, committed);
         }
-        let seq = match self.project(store, clock, tenant, agent).await {
-            Ok(seq) => seq,
-            Err(err) => {
+        // Every Redis step is bounded by the deadline too: an unreachable
+        // Redis (connect timeout 5 s) must not hold the answer longer.
+        let until = tokio::time::Instant::from_std(committed + self.deadline);
+        let seq = match tokio::time::timeout_at(until, self.project(store, clock, tenant, agent))
+            .await
+        {
+            Ok(Ok(seq)) => seq,
+            failed => {
                 self.forget_connection();
-                tracing::warn!(error = %err, %tenant, %agent, "revocation committed but not yet projected; the outbox relay retries");
+                let why = match failed {
+                    Ok(Err(err)) => err.to_string(),
+                    _ => format!("no answer within {} ms", self.deadline.as_millis()),
+                };
+                tracing::warn!(error = %why, %tenant, %agent, "revocation committed but not yet projected; the outbox relay retries");
                 e.outcome = "unconfirmed";
                 e.detail = "committed, but the revocation state could not be written to Redis \
                             now: the outbox relay retries it; a gateway that cannot reach Redis \
@@ -227,12 +238,17 @@ impl Enforcer {
             }
         };
         e.seq = Some(seq);
-        let until = committed + self.deadline;
+        let until_std = committed + self.deadline;
         let mut poll = FIRST_POLL;
         loop {
-            let mut conn = match self.connection().await {
-                Ok(c) => c,
-                Err(err) => return self.unreadable(e, err, committed),
+            // The read at the deadline itself gets a short grace: the answer
+            // is then given from it (at most READ_GRACE late when Redis is
+            // slow, never Redis' 5 s timeout).
+            let read_until = until.max(tokio::time::Instant::now() + READ_GRACE);
+            let mut conn = match tokio::time::timeout_at(read_until, self.connection()).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(err)) => return self.unreadable(e, &err, committed),
+                Err(_) => return self.unreadable(e, &"no answer by the deadline", committed),
             };
             // On the bus, registered before the read: a change in between
             // still wakes the wait below.
@@ -242,9 +258,10 @@ impl Enforcer {
             if let Some(c) = changed.as_mut().as_pin_mut() {
                 c.enable();
             }
-            let presences = match conn.gateways().await {
-                Ok(p) => p,
-                Err(err) => return self.unreadable(e, err, committed),
+            let presences = match tokio::time::timeout_at(read_until, conn.gateways()).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(err)) => return self.unreadable(e, &err, committed),
+                Err(_) => return self.unreadable(e, &"no answer by the deadline", committed),
             };
             let (live, confirmed, prune) = assess(presences, seq, unix_ms());
             if !prune.is_empty() {
@@ -252,7 +269,7 @@ impl Enforcer {
                 let _ = conn.remove_gateways(&prune).await;
             }
             let now = Instant::now();
-            if confirmed == live.len() || now >= until {
+            if confirmed == live.len() || now >= until_std {
                 e.gateways_live = live.len();
                 e.gateways_confirmed = confirmed;
                 e.lagging = live
@@ -295,7 +312,7 @@ impl Enforcer {
                 }
                 return finish(e, committed);
             }
-            let left = until - now;
+            let left = until_std - now;
             match changed.as_mut().as_pin_mut() {
                 Some(c) => {
                     let _ = tokio::time::timeout(left, c).await;
@@ -311,7 +328,7 @@ impl Enforcer {
     fn unreadable(
         &self,
         mut e: Enforcement,
-        err: ProjectionError,
+        err: &dyn std::fmt::Display,
         committed: Instant,
     ) -> Enforcement {
         self.forget_connection();

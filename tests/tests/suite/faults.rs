@@ -69,6 +69,14 @@ async fn faults_redis_killed_mid_load_and_restarted_empty() -> Result<()> {
     // Revoked while Redis is down: committed to the store, relayed later.
     let r = fleet.revoke(&agents[during]).await?;
     assert_eq!(r.status, 200, "{}", r.body);
+    // The answer says the gateways could not be told (ADR-0022), within
+    // the enforcement deadline, not after Redis' connect timeout.
+    assert_eq!(
+        r.body["enforcement"]["outcome"], "unconfirmed",
+        "{}",
+        r.body
+    );
+    assert!(r.body["enforcement"]["seq"].is_null(), "{}", r.body);
     let during_revoked = Instant::now();
     // Every gateway fails closed for the good agent, and says it is not ready.
     for (g, addr) in addrs.iter().enumerate() {
