@@ -30,11 +30,13 @@
 //! confirmed.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 use time::OffsetDateTime;
+use tokio::time::Instant;
 
+use oneprotect_identity::revocation::unix_ms_now;
 use oneprotect_identity::{AgentId, GatewayPresence, TenantId};
 
 use crate::clock::SharedClock;
@@ -52,17 +54,50 @@ const READ_GRACE: Duration = Duration::from_millis(50);
 /// A presence whose `confirmed_until_ms` passed this long ago is deleted.
 pub const PRUNE_AFTER: Duration = Duration::from_secs(60);
 
+/// What the gateways confirmed (`Enforcement.outcome` in
+/// `specs/openapi.yaml`; the `outcome` label of
+/// `revocation_enforcements_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Every live gateway applied the change (also when none is live).
+    Confirmed,
+    /// The deadline passed first; see [`Enforcement::lagging`].
+    Lagging,
+    /// The change could not be written to Redis, or the live set read, now
+    /// (the outbox relay retries; gateways that cannot reach Redis fail
+    /// closed at their `max_staleness`).
+    Unconfirmed,
+    /// The caller asked for `wait=false`.
+    NotWaited,
+}
+
+impl Outcome {
+    /// Every outcome, in spec order.
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Confirmed,
+        Outcome::Lagging,
+        Outcome::Unconfirmed,
+        Outcome::NotWaited,
+    ];
+
+    /// The wire and label spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Confirmed => "confirmed",
+            Outcome::Lagging => "lagging",
+            Outcome::Unconfirmed => "unconfirmed",
+            Outcome::NotWaited => "not_waited",
+        }
+    }
+}
+
 /// What the gateways confirmed about one revocation or supersession
 /// (`Enforcement` in `specs/openapi.yaml`).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Enforcement {
-    /// `confirmed`: every live gateway applied the change (also when no
-    /// gateway is live); `lagging`: the deadline passed first, see
-    /// `lagging`; `unconfirmed`: the change could not be written to Redis
-    /// now (the outbox relay retries it; gateways that cannot reach Redis
-    /// fail closed at their `max_staleness`); `not_waited`: the caller
-    /// asked for `wait=false`.
-    pub outcome: &'static str,
+    /// What happened.
+    pub outcome: Outcome,
     /// The announcement sequence number the gateways had to reach.
     pub seq: Option<u64>,
     /// Gateways live when the answer was given.
@@ -94,6 +129,21 @@ pub struct LaggingGateway {
     pub fails_closed_by: OffsetDateTime,
 }
 
+impl From<GatewayPresence> for LaggingGateway {
+    fn from(p: GatewayPresence) -> Self {
+        Self {
+            fails_closed_by: OffsetDateTime::from_unix_timestamp_nanos(
+                i128::from(p.confirmed_until_ms) * 1_000_000,
+            )
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+            gateway_id: p.gateway_id,
+            name: p.name,
+            addr: p.addr,
+            applied: p.applied,
+        }
+    }
+}
+
 /// Splits the live set at `now_ms` into (live, to prune) and counts the
 /// live gateways that applied `seq`. Pure; the unit tests pin it.
 pub fn assess(
@@ -105,7 +155,7 @@ pub fn assess(
     let mut live = Vec::new();
     let mut prune = Vec::new();
     for p in presences {
-        if p.confirmed_until_ms > now_ms {
+        if p.is_live(now_ms) {
             live.push(p);
         } else if p.confirmed_until_ms.saturating_add(prune_ms) < now_ms {
             prune.push(p.gateway_id);
@@ -113,12 +163,6 @@ pub fn assess(
     }
     let confirmed = live.iter().filter(|p| p.applied >= seq).count();
     (live, confirmed, prune)
-}
-
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Waits for the gateways after revocations and supersessions.
@@ -129,6 +173,81 @@ pub struct Enforcer {
     /// One multiplexed connection, reconnected after a failure.
     conn: Mutex<Option<ProjectionConn>>,
 }
+
+/// One answer under construction: the commit instant and the deadline.
+struct Wait {
+    committed: Instant,
+    until: Instant,
+    deadline: Duration,
+}
+
+impl Wait {
+    /// The answer with `outcome`, `detail` and what the live set showed.
+    fn answer(
+        &self,
+        outcome: Outcome,
+        detail: String,
+        seq: Option<u64>,
+        live: usize,
+        confirmed: usize,
+        lagging: Vec<LaggingGateway>,
+    ) -> Enforcement {
+        Enforcement {
+            outcome,
+            seq,
+            gateways_live: live,
+            gateways_confirmed: confirmed,
+            lagging,
+            elapsed_ms: (self.committed.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+            detail,
+        }
+    }
+
+    /// `unconfirmed`, with `detail`.
+    fn unconfirmed(&self, detail: &str, seq: Option<u64>) -> Enforcement {
+        self.answer(Outcome::Unconfirmed, detail.into(), seq, 0, 0, Vec::new())
+    }
+
+    /// The answer from one read of the live set: `confirmed` or `lagging`.
+    fn settle(&self, seq: u64, live: Vec<GatewayPresence>, confirmed: usize) -> Enforcement {
+        let n = live.len();
+        let lagging: Vec<LaggingGateway> = live
+            .into_iter()
+            .filter(|p| p.applied < seq)
+            .map(LaggingGateway::from)
+            .collect();
+        let (outcome, detail) = match (lagging.is_empty(), n) {
+            (true, 0) => (
+                Outcome::Confirmed,
+                "no gateway is live: none can serve from a cache that predates the revocation"
+                    .to_owned(),
+            ),
+            (true, _) => (
+                Outcome::Confirmed,
+                format!(
+                    "every live gateway ({n}) applied the change: each refuses the revoked \
+                     certificate on its next request"
+                ),
+            ),
+            (false, _) => (
+                Outcome::Lagging,
+                format!(
+                    "{confirmed} of {n} live gateways confirmed within {} ms; each lagging \
+                     gateway refuses every request it cannot confirm in Redis (which holds \
+                     the revocation) by its fails_closed_by",
+                    self.deadline.as_millis()
+                ),
+            ),
+        };
+        self.answer(outcome, detail, Some(seq), n, confirmed, lagging)
+    }
+}
+
+const NOT_PROJECTED: &str = "committed, but the revocation state could not be written to \
+     Redis now: the outbox relay retries it; a gateway that cannot reach Redis refuses every \
+     request once its max_staleness passes";
+const UNREADABLE: &str = "committed and written to Redis, but the live gateway set could not \
+     be read: gateways refuse the revoked certificate within their propagation bound";
 
 impl Enforcer {
     /// An enforcer over `projection` (none: Redis not configured) waiting at
@@ -141,19 +260,10 @@ impl Enforcer {
         }
     }
 
-    /// The longest wait for the gateways.
-    pub fn deadline(&self) -> Duration {
-        self.deadline
-    }
-
-    async fn connection(&self) -> Result<ProjectionConn, ProjectionError> {
+    async fn connection(&self, projection: &Projection) -> Result<ProjectionConn, ProjectionError> {
         if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             return Ok(c);
         }
-        let projection = self
-            .projection
-            .as_ref()
-            .ok_or(ProjectionError::NotConfigured)?;
         let c = projection.connect().await?;
         *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
         Ok(c)
@@ -163,10 +273,9 @@ impl Enforcer {
         *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    /// After `agent`'s revocation or supersession committed at `committed`:
-    /// projects it and, with `wait`, waits until every live gateway applied
-    /// it or the deadline passed. Never fails: what happened is the
-    /// [`Enforcement`].
+    /// After `agent`'s revocation or supersession committed: projects it
+    /// and, with `wait`, waits until every live gateway applied it or the
+    /// deadline passed. Never fails: what happened is the [`Enforcement`].
     pub async fn enforce(
         &self,
         store: &AnyStore,
@@ -177,50 +286,55 @@ impl Enforcer {
         wait: bool,
     ) -> Enforcement {
         let committed = Instant::now();
-        let e = self
-            .enforce_inner(store, clock, tenant, agent, wait, committed)
-            .await;
+        let w = Wait {
+            committed,
+            until: committed + self.deadline,
+            deadline: self.deadline,
+        };
+        let e = match (&self.projection, wait) {
+            (_, false) => w.answer(
+                Outcome::NotWaited,
+                "wait=false: answered at commit; the outbox relay announces the change and \
+                 every gateway refuses it within its propagation bound"
+                    .into(),
+                None,
+                0,
+                0,
+                Vec::new(),
+            ),
+            (None, true) => w.unconfirmed(
+                "committed, but no revocation projection is configured (redis.url): no \
+                 gateway can learn of it until one is",
+                None,
+            ),
+            (Some(p), true) => self.wait(p, &w, store, clock, tenant, agent).await,
+        };
         metrics.enforcement(e.outcome, committed.elapsed(), e.lagging.len());
         e
     }
 
-    async fn enforce_inner(
+    /// Projects the change and reads the live set until it is confirmed or
+    /// the deadline passes. Every Redis step is bounded by the deadline (the
+    /// read at the deadline gets [`READ_GRACE`]): an unreachable Redis (5 s
+    /// connect timeout) does not hold the answer.
+    async fn wait(
         &self,
+        projection: &Projection,
+        w: &Wait,
         store: &AnyStore,
         clock: &SharedClock,
         tenant: TenantId,
         agent: AgentId,
-        wait: bool,
-        committed: Instant,
     ) -> Enforcement {
-        let mut e = Enforcement {
-            outcome: "not_waited",
-            seq: None,
-            gateways_live: 0,
-            gateways_confirmed: 0,
-            lagging: Vec::new(),
-            elapsed_ms: 0.0,
-            detail: String::new(),
-        };
-        if !wait {
-            e.detail = "wait=false: answered at commit; the outbox relay announces the change \
-                        and every gateway refuses it within its propagation bound"
-                .into();
-            return finish(e, committed);
-        }
-        if self.projection.is_none() {
-            e.outcome = "unconfirmed";
-            e.detail = "committed, but no revocation projection is configured (redis.url): no \
-                        gateway can learn of it until one is"
-                .into();
-            return finish(e, committed);
-        }
-        // Every Redis step is bounded by the deadline too: an unreachable
-        // Redis (connect timeout 5 s) must not hold the answer longer.
-        let until = tokio::time::Instant::from_std(committed + self.deadline);
-        let seq = match tokio::time::timeout_at(until, self.project(store, clock, tenant, agent))
-            .await
-        {
+        let projected = tokio::time::timeout_at(w.until, async {
+            let mut conn = self.connection(projection).await?;
+            conn.project_agent(store, tenant, agent, clock.now(), true)
+                .await?;
+            let (_, seq) = conn.status().await?;
+            Ok::<_, ProjectionError>(seq.unwrap_or(0))
+        })
+        .await;
+        let seq = match projected {
             Ok(Ok(seq)) => seq,
             failed => {
                 self.forget_connection();
@@ -229,137 +343,57 @@ impl Enforcer {
                     _ => format!("no answer within {} ms", self.deadline.as_millis()),
                 };
                 tracing::warn!(error = %why, %tenant, %agent, "revocation committed but not yet projected; the outbox relay retries");
-                e.outcome = "unconfirmed";
-                e.detail = "committed, but the revocation state could not be written to Redis \
-                            now: the outbox relay retries it; a gateway that cannot reach Redis \
-                            refuses every request once its max_staleness passes"
-                    .into();
-                return finish(e, committed);
+                return w.unconfirmed(NOT_PROJECTED, None);
             }
         };
-        e.seq = Some(seq);
-        let until_std = committed + self.deadline;
         let mut poll = FIRST_POLL;
         loop {
-            // The read at the deadline itself gets a short grace: the answer
-            // is then given from it (at most READ_GRACE late when Redis is
-            // slow, never Redis' 5 s timeout).
-            let read_until = until.max(tokio::time::Instant::now() + READ_GRACE);
-            let mut conn = match tokio::time::timeout_at(read_until, self.connection()).await {
-                Ok(Ok(c)) => c,
-                Ok(Err(err)) => return self.unreadable(e, &err, committed),
-                Err(_) => return self.unreadable(e, &"no answer by the deadline", committed),
-            };
-            // On the bus, registered before the read: a change in between
-            // still wakes the wait below.
-            let bus = conn.bus().cloned();
-            let changed = bus.as_ref().map(|b| b.gateways_changed());
+            // On the bus, registered before the read: a presence change in
+            // between still wakes the wait below.
+            let changed = projection.bus().map(|b| b.gateways_changed());
             tokio::pin!(changed);
             if let Some(c) = changed.as_mut().as_pin_mut() {
                 c.enable();
             }
-            let presences = match tokio::time::timeout_at(read_until, conn.gateways()).await {
-                Ok(Ok(p)) => p,
-                Ok(Err(err)) => return self.unreadable(e, &err, committed),
-                Err(_) => return self.unreadable(e, &"no answer by the deadline", committed),
+            let read_until = w.until.max(Instant::now() + READ_GRACE);
+            let read = tokio::time::timeout_at(read_until, async {
+                let mut conn = self.connection(projection).await?;
+                let presences = conn.gateways().await?;
+                Ok::<_, ProjectionError>((conn, presences))
+            })
+            .await;
+            let (mut conn, presences) = match read {
+                Ok(Ok(read)) => read,
+                failed => {
+                    self.forget_connection();
+                    let why = match failed {
+                        Ok(Err(err)) => err.to_string(),
+                        _ => "no answer by the deadline".to_owned(),
+                    };
+                    tracing::warn!(error = %why, "revocation projected, but the live gateway set could not be read");
+                    return w.unconfirmed(UNREADABLE, Some(seq));
+                }
             };
-            let (live, confirmed, prune) = assess(presences, seq, unix_ms());
+            let (live, confirmed, prune) = assess(presences, seq, unix_ms_now());
             if !prune.is_empty() {
                 // Best effort: a failure leaves them for the next revocation.
                 let _ = conn.remove_gateways(&prune).await;
             }
             let now = Instant::now();
-            if confirmed == live.len() || now >= until_std {
-                e.gateways_live = live.len();
-                e.gateways_confirmed = confirmed;
-                e.lagging = live
-                    .into_iter()
-                    .filter(|p| p.applied < seq)
-                    .map(|p| LaggingGateway {
-                        fails_closed_by: OffsetDateTime::from_unix_timestamp_nanos(
-                            i128::from(p.confirmed_until_ms) * 1_000_000,
-                        )
-                        .unwrap_or(OffsetDateTime::UNIX_EPOCH),
-                        gateway_id: p.gateway_id,
-                        name: p.name,
-                        addr: p.addr,
-                        applied: p.applied,
-                    })
-                    .collect();
-                if e.lagging.is_empty() {
-                    e.outcome = "confirmed";
-                    e.detail = if e.gateways_live == 0 {
-                        "no gateway is live: none can serve from a cache that predates the \
-                         revocation"
-                            .into()
-                    } else {
-                        format!(
-                            "every live gateway ({}) applied the change: each refuses the \
-                             revoked certificate on its next request",
-                            e.gateways_live
-                        )
-                    };
-                } else {
-                    e.outcome = "lagging";
-                    e.detail = format!(
-                        "{} of {} live gateways confirmed within {} ms; each lagging gateway \
-                         refuses every request it cannot confirm in Redis (which holds the \
-                         revocation) by its fails_closed_by",
-                        e.gateways_confirmed,
-                        e.gateways_live,
-                        self.deadline.as_millis()
-                    );
-                }
-                return finish(e, committed);
+            if confirmed == live.len() || now >= w.until {
+                return w.settle(seq, live, confirmed);
             }
-            let left = until_std - now;
             match changed.as_mut().as_pin_mut() {
                 Some(c) => {
-                    let _ = tokio::time::timeout(left, c).await;
+                    let _ = tokio::time::timeout_at(w.until, c).await;
                 }
                 None => {
-                    tokio::time::sleep(poll.min(left)).await;
+                    tokio::time::sleep(poll.min(w.until - now)).await;
                     poll = (poll * 2).min(MAX_POLL);
                 }
             }
         }
     }
-
-    fn unreadable(
-        &self,
-        mut e: Enforcement,
-        err: &dyn std::fmt::Display,
-        committed: Instant,
-    ) -> Enforcement {
-        self.forget_connection();
-        tracing::warn!(error = %err, "revocation projected, but the live gateway set could not be read");
-        e.outcome = "unconfirmed";
-        e.detail = "committed and written to Redis, but the live gateway set could not be read: \
-                    gateways refuse the revoked certificate within their propagation bound"
-            .into();
-        finish(e, committed)
-    }
-
-    /// Writes the agent's state to Redis (announced) and returns the
-    /// announcement counter after it.
-    async fn project(
-        &self,
-        store: &AnyStore,
-        clock: &SharedClock,
-        tenant: TenantId,
-        agent: AgentId,
-    ) -> Result<u64, ProjectionError> {
-        let mut conn = self.connection().await?;
-        conn.project_agent(store, tenant, agent, clock.now(), true)
-            .await?;
-        let (_, seq) = conn.status().await?;
-        Ok(seq.unwrap_or(0))
-    }
-}
-
-fn finish(mut e: Enforcement, committed: Instant) -> Enforcement {
-    e.elapsed_ms = (committed.elapsed().as_secs_f64() * 1e6).round() / 1e3;
-    e
 }
 
 #[cfg(test)]

@@ -193,7 +193,7 @@ impl Metrics {
             .expect("registered once");
         zero(
             &enforcements,
-            &["confirmed", "lagging", "unconfirmed", "not_waited"],
+            &crate::enforce::Outcome::ALL.map(crate::enforce::Outcome::as_str),
         );
         zero(&rotations, &["rotated", "refused"]);
         zero(&confirmations, &["completed", "no_op", "refused"]);
@@ -233,9 +233,11 @@ impl Metrics {
 
     /// Counts one enforcement (ADR-0022): its outcome, the time from commit
     /// to answer (when it waited) and the gateways that lagged.
-    pub fn enforcement(&self, outcome: &str, elapsed: Duration, lagging: usize) {
-        self.enforcements.with_label_values(&[outcome]).inc();
-        if outcome != "not_waited" {
+    pub fn enforcement(&self, outcome: crate::enforce::Outcome, elapsed: Duration, lagging: usize) {
+        self.enforcements
+            .with_label_values(&[outcome.as_str()])
+            .inc();
+        if outcome != crate::enforce::Outcome::NotWaited {
             self.enforcement_seconds.observe(elapsed.as_secs_f64());
         }
         self.lagging_gateways.inc_by(lagging as u64);

@@ -70,9 +70,6 @@ pub enum ProjectionError {
     /// An announcement did not serialise (a bug).
     #[error("announcement: {0}")]
     Encode(#[from] serde_json::Error),
-    /// No Redis is configured (`redis.url`), so there is nothing to write.
-    #[error("no revocation projection configured (redis.url)")]
-    NotConfigured,
     /// Fewer replicas than `redis.wait_replicas` confirmed a write in time.
     #[error("redis: {acked} of {wanted} replicas confirmed the write within the wait timeout")]
     NotReplicated {
@@ -158,6 +155,14 @@ impl Projection {
     /// The key schema.
     pub fn keys(&self) -> &KeySchema {
         &self.keys
+    }
+
+    /// The in-process bus, if the projection lives on one.
+    pub(crate) fn bus(&self) -> Option<&MemoryBus> {
+        match &self.backend {
+            Backend::Redis(_) => None,
+            Backend::Memory(bus) => Some(bus),
+        }
     }
 
     /// `redis` or `memory` (the in-process bus).

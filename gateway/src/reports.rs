@@ -27,7 +27,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use oneprotect_identity::{KeySchema, SerialNumber, SupersededUse};
@@ -55,13 +55,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Redis connect and response timeout.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Unix milliseconds now.
-pub(crate) fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// The request path's end: queues a report without waiting.
 #[derive(Debug, Clone)]
 pub struct Reporter {
@@ -78,7 +71,7 @@ impl Reporter {
             tenant_id: id.tenant(),
             agent_id: id.agent(),
             serial: id.serial(),
-            first_seen_ms: unix_ms(),
+            first_seen_ms: oneprotect_identity::revocation::unix_ms_now(),
             uses: 1,
             route: route.to_owned(),
             source_ip: source,

@@ -202,24 +202,16 @@ impl Revocation {
         &self.keys
     }
 
-    /// This gateway process' id in the live set.
-    pub fn gateway_id(&self) -> &str {
-        &self.gateway_id
-    }
-
     /// Records the addresses this gateway serves agents on, as its presence
     /// shows them (the first call wins).
     pub fn set_gateway_addr(&self, addr: String) {
         let _ = self.gateway_addr.set(addr);
     }
 
-    /// The last announcement sequence applied (0: none yet).
-    pub fn applied_seq(&self) -> u64 {
-        self.applied.load(Ordering::Acquire)
-    }
-
     /// Records the subscriber's cursor as applied, waking the presence
-    /// writer when it moved.
+    /// writer when it moved. Called wherever the cursor moves (a
+    /// subscription's baseline, [`Self::apply`], a lag or gap), so the
+    /// presence never runs ahead of the cache.
     fn note_applied(&self, last_seq: Option<u64>) {
         let seq = last_seq.unwrap_or(0);
         if self.applied.swap(seq, Ordering::AcqRel) != seq {
@@ -230,15 +222,16 @@ impl Revocation {
     /// This gateway's presence now, or `None` while Redis is not confirmed
     /// (then it is not renewed, and drops out of the live set when its
     /// cached answers stop being trusted).
-    pub fn presence(&self) -> Option<GatewayPresence> {
+    fn presence(&self) -> Option<GatewayPresence> {
         let staleness = self.staleness()?;
         let left = self.cfg.max_staleness().checked_sub(staleness)?;
         Some(GatewayPresence {
             gateway_id: self.gateway_id.clone(),
             name: self.gateway_name.clone(),
             addr: self.gateway_addr.get().cloned().unwrap_or_default(),
-            applied: self.applied_seq(),
-            confirmed_until_ms: crate::reports::unix_ms().saturating_add(left.as_millis() as i64),
+            applied: self.applied.load(Ordering::Acquire),
+            confirmed_until_ms: oneprotect_identity::revocation::unix_ms_now()
+                .saturating_add(left.as_millis() as i64),
         })
     }
 
@@ -515,6 +508,7 @@ impl Revocation {
         if refuses {
             self.refused.notify_waiters();
         }
+        self.note_applied(*last_seq);
     }
 
     /// Watches a tunnel's connection (after an allowed upgrade) until its
@@ -597,7 +591,6 @@ impl Revocation {
                                 Some(m) => {
                                     self.apply(m.get_payload_bytes(), &mut last_seq);
                                     self.mark_ok();
-                                    self.note_applied(last_seq);
                                 }
                                 None => break,
                             },
@@ -607,7 +600,6 @@ impl Revocation {
                                     _ => break,
                                 }
                                 self.check_lag(&mut last_seq, &mut lagging).await;
-                                self.note_applied(last_seq);
                             }
                             _ = shutdown.changed() => return,
                         }
@@ -674,6 +666,7 @@ impl Revocation {
             self.metrics.revocation_last_seq.set(current as i64);
             self.metrics.revocation_seq_lag.set(0);
             *lagging = false;
+            self.note_applied(*last_seq);
         } else {
             *lagging = true;
         }
@@ -704,7 +697,6 @@ impl Revocation {
                     Ok(payload) => {
                         self.apply(payload.as_bytes(), &mut last_seq);
                         self.mark_ok();
-                        self.note_applied(last_seq);
                     }
                     Err(RecvError::Lagged(missed)) => {
                         tracing::warn!(missed, "revocation announcements missed (subscriber lagged)");
@@ -717,7 +709,6 @@ impl Revocation {
                 _ = tick.tick() => {
                     self.mark_ok();
                     self.check_lag(&mut last_seq, &mut lagging).await;
-                    self.note_applied(last_seq);
                 }
                 _ = shutdown.changed() => return,
             }

@@ -205,6 +205,23 @@ pub struct GatewayPresence {
     pub confirmed_until_ms: i64,
 }
 
+impl GatewayPresence {
+    /// Whether the gateway is live at `now_ms` (unix milliseconds): it may
+    /// still answer from its cache, so a revocation must wait for it.
+    pub fn is_live(&self, now_ms: i64) -> bool {
+        self.confirmed_until_ms > now_ms
+    }
+}
+
+/// Unix milliseconds now, on the wall clock: the clock of
+/// [`GatewayPresence::confirmed_until_ms`], which gateways write and the
+/// enroll-api compares across processes (not a service's injectable clock).
+pub fn unix_ms_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// Every Redis key and channel name, derived from one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeySchema {

@@ -182,7 +182,7 @@ async fn revoke(
     tracing::info!(
         tenant = %auth.tenant,
         agent = %id,
-        outcome = enforcement.outcome,
+        outcome = enforcement.outcome.as_str(),
         gateways_live = enforcement.gateways_live,
         gateways_confirmed = enforcement.gateways_confirmed,
         elapsed_ms = enforcement.elapsed_ms,

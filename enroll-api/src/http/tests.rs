@@ -885,7 +885,7 @@ async fn requests_problems_and_outbox_backlog_are_metered() {
     for r in &rows {
         f.state
             .store
-            .mark_event_sent(r.seq, f.state.clock.now())
+            .mark_events_sent(&[r.seq], f.state.clock.now())
             .await
             .unwrap();
     }

@@ -941,8 +941,8 @@ pub async fn relay_reads_pending_events_and_certificates<S: Store>(s: &S) {
         let seqs: Vec<i64> = pending.iter().map(|p| p.seq).collect();
         assert!(seqs.windows(2).all(|w| w[0] < w[1]), "oldest first");
         for p in &pending {
-            s.mark_event_sent(p.seq, now()).await.unwrap();
-            s.mark_event_sent(p.seq, now()).await.unwrap();
+            s.mark_events_sent(&[p.seq], now()).await.unwrap();
+            s.mark_events_sent(&[p.seq], now()).await.unwrap();
         }
     }
     assert!(s.list_pending_events(50).await.unwrap().is_empty());
@@ -976,7 +976,7 @@ pub async fn relay_reads_pending_events_and_certificates<S: Store>(s: &S) {
     assert_eq!(left[0].seq, two[0].seq);
     let certs = s.list_agent_certificates(t, e.agent.id).await.unwrap();
     assert_eq!(certs[0].status, oneprotect_identity::CertStatus::Revoked);
-    s.mark_event_sent(pending[0].seq, now()).await.unwrap();
+    s.mark_events_sent(&[pending[0].seq], now()).await.unwrap();
     assert_eq!(
         s.list_revoked_certificates(t, now()).await.unwrap(),
         vec![(e.certificate.serial, now())]

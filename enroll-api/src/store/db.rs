@@ -42,8 +42,6 @@ pub(crate) struct DialectSql {
     pub(crate) admin_key_ref_by_hash: &'static str,
     /// `(seq, body)` of up to `$1` unsent outbox rows of every tenant, oldest first.
     pub(crate) outbox_pending: &'static str,
-    /// Marks outbox row `$1` sent at `$2` (if not yet).
-    pub(crate) outbox_mark_sent: &'static str,
     /// The statement marking `n` outbox rows sent: `$1` the time, `$2 ..
     /// $n+1` the rows' seqs (each only if not yet sent).
     pub(crate) outbox_mark_sent_many: fn(usize) -> String,

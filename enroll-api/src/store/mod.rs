@@ -438,12 +438,6 @@ pub trait Store: Send + Sync + Clone + 'static {
         &self,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<OutboxEvent>, StoreError>> + Send;
-    /// Marks outbox event `seq` sent at `now` (idempotent).
-    fn mark_event_sent(
-        &self,
-        seq: i64,
-        now: OffsetDateTime,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Marks the outbox events `seqs` sent at `now` in one statement
     /// (idempotent; an empty list does nothing).
     fn mark_events_sent(

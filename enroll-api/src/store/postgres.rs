@@ -133,7 +133,6 @@ pub(super) const SQL: DialectSql = DialectSql {
     token_ref_by_hash: "SELECT token_id, tenant_id FROM oneprotect_token_ref($1)",
     admin_key_ref_by_hash: "SELECT key_id, tenant_id FROM oneprotect_admin_key_ref($1)",
     outbox_pending: "SELECT seq, body FROM oneprotect_outbox_pending($1)",
-    outbox_mark_sent: "SELECT oneprotect_outbox_mark_sent($1, $2)",
     // A VARIADIC function: the seqs as separate parameters, no array type.
     outbox_mark_sent_many: |n| {
         format!(

@@ -828,15 +828,6 @@ impl Store for AnyStore {
         records(rows)
     }
 
-    async fn mark_event_sent(&self, seq: i64, now: OffsetDateTime) -> Result<(), StoreError> {
-        self.pooled()
-            .await?
-            .conn()
-            .execute(self.dialect().outbox_mark_sent, &[seq.into(), now.into()])
-            .await?;
-        Ok(())
-    }
-
     async fn mark_events_sent(&self, seqs: &[i64], now: OffsetDateTime) -> Result<(), StoreError> {
         if seqs.is_empty() {
             return Ok(());

@@ -68,8 +68,6 @@ pub(super) const SQL: DialectSql = DialectSql {
                             WHERE key_hash = $1 AND revoked_at IS NULL",
     outbox_pending: "SELECT seq, body FROM events_outbox WHERE published_at IS NULL \
                      ORDER BY seq LIMIT $1",
-    outbox_mark_sent: "UPDATE events_outbox SET published_at = $2 \
-                       WHERE seq = $1 AND published_at IS NULL",
     outbox_mark_sent_many: |n| {
         format!(
             "UPDATE events_outbox SET published_at = $1 \
