@@ -144,6 +144,29 @@ pub fn wrapper(var: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Spawns `cmd` (made by [`command`] with `wrapper`) as server `name`
+/// logging to `log`, and waits until it listens on `listen`: within
+/// `ready_secs`, or 180 s under a profiler wrapper (which starts the binary
+/// many times slower, and also gets 120 s to stop). `ready_log` is the log
+/// shown if it never listens.
+pub fn spawn_ready(
+    name: &str,
+    cmd: Command,
+    log: &Path,
+    listen: std::net::SocketAddr,
+    wrapper: &[String],
+    ready_secs: u64,
+    ready_log: &Path,
+) -> anyhow::Result<Server> {
+    let mut server = Server::spawn(name, cmd, log)?;
+    let ready = if wrapper.is_empty() { ready_secs } else { 180 };
+    if !wrapper.is_empty() {
+        server.set_stop_grace(Duration::from_secs(120));
+    }
+    server.wait_ready(listen, Duration::from_secs(ready), ready_log)?;
+    Ok(server)
+}
+
 /// The command that runs `bin`: under `wrapper` when one is given (its
 /// figures are then the profiler's, not the machine's), else pinned to CPU
 /// `cpus` (a `taskset -c` list: `0`, `0,1`, `0-1`) with `taskset` when both

@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use oneprotect_identity::revocation::{Announcement, Change};
@@ -104,13 +103,7 @@ pub fn start(
     let mut cmd = crate::child::command(&bin, cpus, &wrapper);
     cmd.arg("--config").arg(&conf).env("RUST_LOG", "warn");
     let log = dir.join("gateway.log");
-    let mut server = Server::spawn("gateway", cmd, &log)?;
-    // A profiler (valgrind) starts the binary many times slower.
-    let ready = if wrapper.is_empty() { 20 } else { 180 };
-    if !wrapper.is_empty() {
-        server.set_stop_grace(Duration::from_secs(120));
-    }
-    server.wait_ready(listen, Duration::from_secs(ready), &log)?;
+    let server = crate::child::spawn_ready("gateway", cmd, &log, listen, &wrapper, 20, &log)?;
     Ok(Gateway {
         server,
         listen,

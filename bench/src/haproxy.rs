@@ -11,7 +11,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use crate::child::{which, Server};
 use crate::pki::ServerFiles;
@@ -107,12 +106,7 @@ pub fn start(
     // -db: foreground, no daemon; one process whose CPU time is measured.
     cmd.arg("-db").arg("-f").arg(&conf);
     let log = dir.join("haproxy.log");
-    let mut s = Server::spawn("haproxy", cmd, &log)?;
-    let ready = if wrapper.is_empty() { 10 } else { 180 };
-    if !wrapper.is_empty() {
-        s.set_stop_grace(Duration::from_secs(120));
-    }
-    s.wait_ready(listen, Duration::from_secs(ready), &log)?;
+    let s = crate::child::spawn_ready("haproxy", cmd, &log, listen, &wrapper, 10, &log)?;
     Ok(Some(s))
 }
 

@@ -9,7 +9,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use crate::child::{which, Server};
 use crate::pki::ServerFiles;
@@ -106,11 +105,14 @@ pub fn start(
     let mut cmd = crate::child::command(&nginx, cpus, &wrapper);
     cmd.arg("-p").arg(dir).arg("-c").arg(&conf);
     let log = dir.join("stdout.log");
-    let mut s = Server::spawn("nginx", cmd, &log)?;
-    let ready = if wrapper.is_empty() { 10 } else { 180 };
-    if !wrapper.is_empty() {
-        s.set_stop_grace(Duration::from_secs(120));
-    }
-    s.wait_ready(listen, Duration::from_secs(ready), &dir.join("error.log"))?;
+    let s = crate::child::spawn_ready(
+        "nginx",
+        cmd,
+        &log,
+        listen,
+        &wrapper,
+        10,
+        &dir.join("error.log"),
+    )?;
     Ok(Some(s))
 }

@@ -89,18 +89,14 @@ impl BenchPki {
         }
         let server = pki.server_cert(&["127.0.0.1", "localhost"]);
         // One more agent of tenant 0, revoked on its CA's CRL.
-        let mut spec =
-            oneprotect_testpki::LeafSpec::agent(&cas[0], &uuid::Uuid::new_v4().to_string());
+        let revoked_id = uuid::Uuid::new_v4().to_string();
+        let mut spec = oneprotect_testpki::LeafSpec::agent(&cas[0], &revoked_id);
         let revoked_serial = uuid::Uuid::new_v4().as_bytes().to_vec();
         spec.serial = Some(revoked_serial.clone());
         let leaf = cas[0].leaf(&spec);
         let revoked_agent = AgentCreds {
             tenant: cas[0].tenant.clone(),
-            agent: spec.uris[0]
-                .rsplit('/')
-                .next()
-                .unwrap_or_default()
-                .to_owned(),
+            agent: revoked_id,
             cert_pem: leaf.cert_pem,
             chain_pem: cas[0].cert_pem.clone(),
             key_pem: leaf.key_pem,

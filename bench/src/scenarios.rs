@@ -312,19 +312,23 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
             }
             _ => None,
         };
-        let gw = crate::gateway::start(
-            &opts.out.join("gateway"),
-            upstream_addr,
-            &files,
-            &opts.redis_url,
-            keys.prefix(),
-            opts.server_cpu.as_deref(),
-            crate::gateway::Tuning {
-                read_buffer: opts.gateway_read_buffer,
-                work_stealing: opts.gateway_work_stealing,
-                threads: opts.server_threads,
-            },
-        )?;
+        // Every gateway process of the run: same files, Redis and tuning.
+        let start_gateway = |dir: &str| {
+            crate::gateway::start(
+                &opts.out.join(dir),
+                upstream_addr,
+                &files,
+                &opts.redis_url,
+                keys.prefix(),
+                opts.server_cpu.as_deref(),
+                crate::gateway::Tuning {
+                    read_buffer: opts.gateway_read_buffer,
+                    work_stealing: opts.gateway_work_stealing,
+                    threads: opts.server_threads,
+                },
+            )
+        };
+        let gw = start_gateway("gateway")?;
         // A baseline: skipped on request or when not installed, with a note.
         type Start = fn(
             &std::path::Path,
@@ -472,19 +476,7 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
                 let mut extra = Vec::new();
                 let mut fleet = vec![gateway.clone()];
                 for i in 1..opts.revocation_gateways {
-                    let g = crate::gateway::start(
-                        &opts.out.join(format!("gateway-{}", i + 1)),
-                        upstream_addr,
-                        &files,
-                        &opts.redis_url,
-                        keys.prefix(),
-                        opts.server_cpu.as_deref(),
-                        crate::gateway::Tuning {
-                            read_buffer: opts.gateway_read_buffer,
-                work_stealing: opts.gateway_work_stealing,
-                            threads: opts.server_threads,
-                        },
-                    )?;
+                    let g = start_gateway(&format!("gateway-{}", i + 1))?;
                     fleet.push(Target {
                         name: format!("gateway-{}", i + 1),
                         addr: g.listen,
@@ -650,13 +642,13 @@ async fn wait_live_gateways(
             .arg(keys.gateways())
             .query_async(redis)
             .await?;
-        let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+        let now = oneprotect_identity::revocation::unix_ms_now();
         live = raw
             .iter()
             .filter_map(|(_, j)| {
                 serde_json::from_str::<oneprotect_identity::GatewayPresence>(j).ok()
             })
-            .filter(|p| i128::from(p.confirmed_until_ms) > now)
+            .filter(|p| p.is_live(now))
             .count();
         if live >= n {
             return Ok(());

@@ -26,6 +26,7 @@ use tokio::net::TcpStream;
 
 use crate::support::fleet::{Agent, Fleet, GwTuning, Sender, POLLS};
 use crate::support::gateway::{read, request};
+use oneprotect_identity::GatewayPresence;
 
 /// `max_staleness` above the fleet's 2 s enforcement deadline: a frozen
 /// gateway is still live (it may still trust its cache) when the deadline
@@ -128,7 +129,7 @@ async fn revoke(fleet: &Fleet, a: &Agent, query: &str) -> Result<(u16, Value)> {
 }
 
 /// Waits (bounded) until the live set lists `n` gateways.
-async fn wait_live(fleet: &Fleet, n: usize) -> Result<Vec<Value>> {
+async fn wait_live(fleet: &Fleet, n: usize) -> Result<Vec<GatewayPresence>> {
     let mut last = Vec::new();
     for _ in 0..POLLS {
         last = fleet.live_gateways().await;
@@ -153,10 +154,7 @@ async fn revoke_answers_once_every_gateway_refuses() -> Result<()> {
         fleet.add_gateway(TUNING).await?;
     }
     let live = wait_live(&fleet, 3).await?;
-    let mut addrs: Vec<String> = live
-        .iter()
-        .map(|g| g["addr"].as_str().unwrap().to_owned())
-        .collect();
+    let mut addrs: Vec<String> = live.iter().map(|g| g.addr.clone()).collect();
     addrs.sort();
     let mut want: Vec<String> = fleet.gateways.iter().map(|g| g.addr.to_string()).collect();
     want.sort();
@@ -305,7 +303,7 @@ async fn a_frozen_gateway_is_named_and_refuses_once_resumed() -> Result<()> {
         let live = fleet.live_gateways().await;
         if live
             .iter()
-            .any(|g| g["addr"] == id_of_frozen.as_str() && g["applied"].as_u64() >= Some(seq))
+            .any(|g| g.addr == id_of_frozen && g.applied >= seq)
         {
             caught_up = true;
             break;

@@ -368,7 +368,7 @@ impl Fleet {
     /// The live gateways' presences (`{prefix}gateways`, ADR-0022): those
     /// whose `confirmed_until_ms` is still ahead; empty when Redis does not
     /// answer.
-    pub(crate) async fn live_gateways(&self) -> Vec<serde_json::Value> {
+    pub(crate) async fn live_gateways(&self) -> Vec<oneprotect_identity::GatewayPresence> {
         let fut = async {
             let mut c = self.redis.connect().await.ok()?;
             redis::cmd("HGETALL")
@@ -382,12 +382,10 @@ impl Fleet {
             .ok()
             .flatten()
             .unwrap_or_default();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
+        let now = oneprotect_identity::revocation::unix_ms_now();
         raw.into_iter()
-            .filter_map(|(_, json)| serde_json::from_str::<serde_json::Value>(&json).ok())
-            .filter(|p| p["confirmed_until_ms"].as_i64().is_some_and(|t| t > now))
+            .filter_map(|(_, json)| serde_json::from_str(&json).ok())
+            .filter(|p: &oneprotect_identity::GatewayPresence| p.is_live(now))
             .collect()
     }
 
