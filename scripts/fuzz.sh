@@ -11,7 +11,7 @@ cd "$(dirname "$0")/../fuzz"
 SECS=${FUZZ_SECONDS:-60}
 export RUSTC_BOOTSTRAP=1
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
-for t in identity_uri agent_identity_from_chain assertion_verify csr_check; do
+for t in identity_uri agent_identity_from_chain assertion_verify csr_check fast_path_http1; do
   echo "==> $t (${SECS}s)"
   # New inputs go to corpus/<target> (not committed); seeds/<target> holds
   # small committed starting points (valid URIs, a real CA chain, a CSR).

@@ -266,6 +266,15 @@ pub struct ListenerConfig {
     /// Defaults to 32.
     #[serde(default = "default_unauthenticated_per_source")]
     pub unauthenticated_max_per_source: u32,
+    /// Serve the common HTTP/1.1 request — no body or a `Content-Length`
+    /// body, on a route that requires identity, allowed by the revocation
+    /// check — on the gateway's own fast path, which rewrites the request
+    /// head as bytes in one pass, instead of pingora's per-request session
+    /// (ADR-0023). Every other request, and every refusal, takes pingora's
+    /// path either way; the headers an upstream receives are the same.
+    /// Defaults to `true`; `false` sends everything through pingora.
+    #[serde(default = "default_true")]
+    pub http1_fast_path: bool,
 }
 
 /// The admin listener.

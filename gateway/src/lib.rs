@@ -38,6 +38,7 @@ pub mod admin;
 pub mod assertion;
 pub mod config;
 pub mod conn;
+pub mod fast;
 pub mod files;
 pub mod handshake;
 pub mod headers;

@@ -94,6 +94,9 @@ pub struct Metrics {
     pub connections_closed: IntCounterVec,
     /// Tunnels opened (an upstream's 101 to an allowed upgrade).
     pub tunnels_opened: IntCounter,
+    /// HTTP/1.1 requests of verified identities by what the fast path did
+    /// (ADR-0023): `served` by it, `declined` to pingora's path.
+    pub fast_path: IntCounterVec,
     /// Reports of refused superseded certificates by outcome: `queued`
     /// (request path), `sent` (appended to the reports stream), `dropped`
     /// (queue or hold full); counted in uses.
@@ -212,6 +215,14 @@ impl Metrics {
             "Tunnels opened by an upstream's 101 to an allowed upgrade",
         )
         .expect("static metric");
+        let fast_path = IntCounterVec::new(
+            Opts::new(
+                "fast_path_requests_total",
+                "HTTP/1.1 requests of verified identities served by the fast path or declined to pingora's path",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric");
         let superseded_reports = IntCounterVec::new(
             Opts::new(
                 "superseded_reports_total",
@@ -245,6 +256,7 @@ impl Metrics {
             Box::new(upstream_latency.clone()),
             Box::new(connections_closed.clone()),
             Box::new(tunnels_opened.clone()),
+            Box::new(fast_path.clone()),
             Box::new(superseded_reports.clone()),
             Box::new(client_cert_remaining.clone()),
         ] {
@@ -261,6 +273,7 @@ impl Metrics {
         zero(&trust_bundle_reloads, &["ok", "error"]);
         zero(&connections_closed, &CLOSE_REASONS);
         zero(&superseded_reports, &["queued", "sent", "dropped"]);
+        zero(&fast_path, &["served", "declined"]);
         Self {
             registry,
             requests,
@@ -279,6 +292,7 @@ impl Metrics {
             upstream_latency,
             connections_closed,
             tunnels_opened,
+            fast_path,
             superseded_reports,
             client_cert_remaining,
         }

@@ -54,6 +54,7 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::conn::ConnIdentity;
+use crate::fast::{FastPath, Served};
 use crate::handshake::Handshaker;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
@@ -140,6 +141,8 @@ pub struct GatewayApp {
     unauthenticated: PerSource,
     /// Set when some route allows upgrades: tunnels watch their state here.
     tunnels: Option<Arc<Revocation>>,
+    /// The HTTP/1.1 fast path (`listener.http1_fast_path`).
+    fast: Option<FastPath>,
 }
 
 impl GatewayApp {
@@ -152,6 +155,7 @@ impl GatewayApp {
         handshaker: Arc<Handshaker>,
         metrics: Metrics,
         tunnels: Option<Arc<Revocation>>,
+        fast: Option<FastPath>,
     ) -> Self {
         Self {
             proxy: Arc::new(proxy),
@@ -160,6 +164,7 @@ impl GatewayApp {
             metrics,
             unauthenticated: PerSource::default(),
             tunnels,
+            fast,
         }
     }
 
@@ -204,14 +209,22 @@ impl GatewayApp {
     async fn serve_h1(&self, mut stream: Stream, shutdown: &ShutdownWatch) {
         let mut watch = shutdown.clone();
         let mut settings: Option<HttpPersistentSettings> = None;
-        // Held for the connection's life: its identity, when a tunnel on
-        // it would be watched.
-        let digest = self.tunnels.as_ref().and_then(|_| stream.get_ssl_digest());
-        let watched = self.tunnels.as_deref().zip(
-            digest
-                .as_ref()
-                .and_then(|d| d.extension.get::<ConnIdentity>()),
-        );
+        // Held for the connection's life: its identity, for the fast path
+        // and when a tunnel on it would be watched.
+        let digest = stream.get_ssl_digest();
+        let identity = digest
+            .as_ref()
+            .and_then(|d| d.extension.get::<ConnIdentity>());
+        let watched = self.tunnels.as_deref().zip(identity);
+        // The fast path serves verified identities, with the client address
+        // pingora's path would forward (the TCP peer or a PROXY header's).
+        let fast = self.fast.as_ref().zip(identity).and_then(|(fast, conn)| {
+            let client = match stream.get_socket_digest()?.peer_addr()? {
+                SocketAddr::Inet(a) => a.ip(),
+                _ => return None,
+            };
+            Some((fast, conn, conn.forwarding(client)))
+        });
         loop {
             let head = match read_head(&mut stream, &mut watch, &self.limits).await {
                 Head::Ready(head) => head,
@@ -230,6 +243,30 @@ impl GatewayApp {
                     answer_and_close(stream, problem::REQUEST_HEADER_TOO_LARGE).await;
                     return;
                 }
+            };
+            let head = match &fast {
+                Some((fast, conn, forwarding)) => {
+                    let closing = *shutdown.borrow();
+                    // Boxed: the request's state is not held by idle
+                    // connections.
+                    let served =
+                        Box::pin(fast.serve(&mut stream, head, conn, forwarding, closing)).await;
+                    match served {
+                        Served::Declined(head) => head,
+                        Served::Done { keep_alive: true } => continue,
+                        Served::Done { keep_alive: false } => {
+                            let close = pingora::protocols::Shutdown::shutdown(&mut *stream);
+                            let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
+                            return;
+                        }
+                        Served::Failed(kind) => {
+                            answer_and_close(stream, kind).await;
+                            return;
+                        }
+                        Served::Aborted => return,
+                    }
+                }
+                None => head,
             };
             let mut session = ServerSession::new_http1(stream);
             match settings.take() {
@@ -546,7 +583,7 @@ async fn read_head<S: tokio::io::AsyncRead + Unpin>(
 }
 
 /// Polls a future once, without a waker that anything will call.
-fn poll_once<F: Future>(fut: F) -> Option<F::Output> {
+pub(crate) fn poll_once<F: Future>(fut: F) -> Option<F::Output> {
     let mut cx = Context::from_waker(Waker::noop());
     match pin!(fut).poll(&mut cx) {
         Poll::Ready(out) => Some(out),
@@ -617,11 +654,14 @@ async fn answer_and_close(mut stream: Stream, kind: ProblemKind) {
     out.extend_from_slice(
         format!(
             "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\n\
-             cache-control: no-store\r\nconnection: close\r\n\r\n",
+             cache-control: no-store\r\ndate: {}\r\nconnection: close\r\n\r\n",
             kind.status,
             kind.title,
             problem::CONTENT_TYPE,
-            body.len()
+            body.len(),
+            pingora::protocols::http::date::get_cached_date()
+                .to_str()
+                .unwrap_or_default(),
         )
         .as_bytes(),
     );

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use pingora::connectors::{ConnectorOptions, TransportConnector};
 use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
@@ -17,6 +18,7 @@ use pingora::services::{ServiceReadyNotifier, ServiceWithDependents};
 use crate::admin::AdminApp;
 use crate::assertion::AssertionService;
 use crate::conn::IdentityContext;
+use crate::fast::FastPath;
 use crate::files::FileError;
 use crate::handshake::Handshaker;
 use crate::headers::StripPolicy;
@@ -352,15 +354,28 @@ fn build_inner(
     }
     let router = Arc::new(Router::new(routes));
 
+    let strip = StripPolicy {
+        drop_underscored: !cfg.headers.allow_underscores,
+    };
+    let fast = cfg.listener.http1_fast_path.then(|| {
+        FastPath::new(
+            router.clone(),
+            revocation.clone(),
+            assertions.clone(),
+            metrics.clone(),
+            strip,
+            TransportConnector::new(Some(ConnectorOptions::from_server_conf(
+                &server.configuration,
+            ))),
+        )
+    });
     let gateway = Gateway::new(
         router,
         revocation.clone(),
         reporter,
         assertions.clone(),
         metrics.clone(),
-        StripPolicy {
-            drop_underscored: !cfg.headers.allow_underscores,
-        },
+        strip,
     );
     let limits = ConnLimits {
         idle: Duration::from_secs(cfg.listener.idle_timeout_secs),
@@ -403,6 +418,7 @@ fn build_inner(
                 .iter()
                 .any(|r| !r.upgrade_protocols.is_empty())
                 .then(|| revocation.clone()),
+            fast,
         ),
     );
     proxy.add_listener(

@@ -11,6 +11,7 @@ mod cli;
 mod contracts;
 mod devstack;
 mod enroll;
+mod fastpath;
 mod faults;
 mod gateway;
 mod hardening_api;
