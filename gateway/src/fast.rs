@@ -36,7 +36,6 @@
 //! problem+json (502 `bad_gateway`, 504 `gateway_timeout`) and closes, as
 //! pingora's path does; after the response started, the connection is cut.
 
-use std::collections::HashMap;
 use std::io;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -543,13 +542,17 @@ impl ChunkedScan {
 /// A pool key: the route (its upstream TLS settings) and the backend.
 type PoolKey = (u32, pingora::protocols::l4::socket::SocketAddr);
 
+/// Per key, its idle connections, each with when it was released.
+type Idle = Vec<(PoolKey, Vec<(Stream, Instant)>)>;
+
 /// Idle keep-alive upstream connections of the fast path, per route and
 /// backend, most recently used first out. A connection is checked before
 /// reuse (closed or with unexpected bytes: dropped) and not kept past
 /// [`UpstreamPool::IDLE`].
 #[derive(Default)]
 pub struct UpstreamPool {
-    idle: Mutex<HashMap<PoolKey, Vec<(Stream, Instant)>>>,
+    /// Per key (a handful: routes × backends), scanned without hashing.
+    idle: Mutex<Idle>,
 }
 
 impl UpstreamPool {
@@ -558,13 +561,17 @@ impl UpstreamPool {
     /// How many idle connections are kept per route and backend.
     pub const PER_BACKEND: usize = 256;
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<(Stream, Instant)>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn take(&self, key: &PoolKey) -> Option<Stream> {
         loop {
-            let (mut s, since) = self.lock().get_mut(key)?.pop()?;
+            let (mut s, since) = {
+                let mut idle = self.lock();
+                let (_, list) = idle.iter_mut().find(|(k, _)| k == key)?;
+                list.pop()?
+            };
             if since.elapsed() < Self::IDLE && still_idle(&mut s) {
                 return Some(s);
             }
@@ -573,7 +580,14 @@ impl UpstreamPool {
 
     fn put(&self, key: PoolKey, s: Stream) {
         let mut idle = self.lock();
-        let list = idle.entry(key).or_default();
+        let at = match idle.iter().position(|(k, _)| *k == key) {
+            Some(at) => at,
+            None => {
+                idle.push((key, Vec::new()));
+                idle.len() - 1
+            }
+        };
+        let list = &mut idle[at].1;
         if list
             .first()
             .is_some_and(|(_, since)| since.elapsed() >= Self::IDLE)
@@ -587,7 +601,7 @@ impl UpstreamPool {
 
     /// How many idle connections the pool holds.
     pub fn len(&self) -> usize {
-        self.lock().values().map(Vec::len).sum()
+        self.lock().iter().map(|(_, list)| list.len()).sum()
     }
 
     /// Whether the pool holds none.
@@ -608,6 +622,7 @@ enum Io {
     Failed,
 }
 
+/// Runs an I/O step bounded by `limit`.
 async fn timed<T>(
     limit: Duration,
     f: impl std::future::Future<Output = io::Result<T>>,
@@ -649,6 +664,9 @@ pub struct FastPath {
     pool: UpstreamPool,
     served: prometheus::IntCounter,
     declined: prometheus::IntCounter,
+    /// Per route (by index): its upstream latency and its 200 counter,
+    /// resolved once (a labelled lookup hashes the labels every time).
+    per_route: Vec<(prometheus::Histogram, prometheus::IntCounter)>,
 }
 
 impl FastPath {
@@ -662,7 +680,25 @@ impl FastPath {
         strip: StripPolicy,
         connector: TransportConnector,
     ) -> Self {
+        // Indexed by the route's position in the configuration (the
+        // router keeps them longest prefix first).
+        let mut routes: Vec<_> = router.routes().to_vec();
+        routes.sort_by_key(|r| r.index);
+        let per_route = routes
+            .iter()
+            .map(|r| {
+                (
+                    metrics
+                        .upstream_latency
+                        .with_label_values(&[r.prefix.as_str()]),
+                    metrics
+                        .requests
+                        .with_label_values(&[r.prefix.as_str(), "200"]),
+                )
+            })
+            .collect();
         Self {
+            per_route,
             served: metrics.fast_path.with_label_values(&["served"]),
             declined: metrics.fast_path.with_label_values(&["declined"]),
             router,
@@ -714,7 +750,9 @@ impl FastPath {
         let (mut upstream, mut buf, resp, interim) = loop {
             let (stream, reused) = match self.pool.take(&key) {
                 Some(s) => (s, true),
-                None => match self.connect(&route, &backend).await {
+                // Boxed: a new connection's state (TLS included) is rare
+                // and large; inline it would be copied into every request.
+                None => match Box::pin(self.connect(&route, &backend)).await {
                     Ok(s) => (s, false),
                     Err(kind) => return Served::Failed(kind),
                 },
@@ -731,10 +769,16 @@ impl FastPath {
                 Attempt::Aborted => return Served::Aborted,
             }
         };
-        self.metrics
-            .upstream_latency
-            .with_label_values(&[route.prefix.as_str()])
-            .observe(sent.elapsed().as_secs_f64());
+        // Route indices are 0..n in configuration order (server::build).
+        let counted = self.per_route.get(route.index as usize);
+        match counted {
+            Some((latency, _)) => latency.observe(sent.elapsed().as_secs_f64()),
+            None => self
+                .metrics
+                .upstream_latency
+                .with_label_values(&[route.prefix.as_str()])
+                .observe(sent.elapsed().as_secs_f64()),
+        }
         let keep_alive = !client_close && !pipelined && !closing;
         let mut to_client = interim;
         to_client.reserve(resp.head_len + 128 + buf.len());
@@ -745,15 +789,18 @@ impl FastPath {
             resp.framing == Framing::UntilClose,
         );
         buf.advance(resp.head_len);
-        let status = http::StatusCode::from_u16(resp.status).ok();
         let relayed = relay_body(client, &mut upstream, buf, to_client, resp.framing, &route).await;
-        self.metrics
-            .requests
-            .with_label_values(&[
-                route.prefix.as_str(),
-                status.as_ref().map_or("0", |s| s.as_str()),
-            ])
-            .inc();
+        match counted {
+            Some((_, ok)) if resp.status == 200 => ok.inc(),
+            _ => {
+                let status = http::StatusCode::from_u16(resp.status).ok();
+                let status = status.as_ref().map_or("0", |s| s.as_str());
+                self.metrics
+                    .requests
+                    .with_label_values(&[route.prefix.as_str(), status])
+                    .inc();
+            }
+        }
         match relayed {
             Ok(clean) => {
                 if clean && resp.reusable {

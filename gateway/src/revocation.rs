@@ -355,16 +355,24 @@ impl Revocation {
 
     /// The per-request check for the connection's identity.
     pub async fn check(&self, conn: &ConnIdentity) -> Decision {
+        match self.check_cached(conn) {
+            Some(decision) => decision,
+            // Boxed: the Redis lookup's state would otherwise enlarge every
+            // request's future, also where the cache answers (nearly always).
+            None => Box::pin(self.check_uncached(conn)).await,
+        }
+    }
+
+    /// The answer from the cache, when it has a trusted one.
+    fn check_cached(&self, conn: &ConnIdentity) -> Option<Decision> {
         let id = conn.identity();
-        let serial = id.serial();
-        let agent_key = (id.tenant(), id.agent());
         let epoch = self.epoch.load(Ordering::Acquire);
-        let cert = self.certs.get(&serial);
-        let agent = self.agents.get(&agent_key);
+        let cert = self.certs.get(&id.serial());
+        let agent = self.agents.get(&(id.tenant(), id.agent()));
         let cached = decide(cert.map(|c| c.status), agent.map(|a| a.status));
         if let Decision::Refuse(_) = cached {
             self.metrics.revocation_cache_hits.inc();
-            return cached;
+            return Some(cached);
         }
         if cached == Decision::Allow
             && cert.is_some_and(|c| c.epoch == epoch)
@@ -372,8 +380,17 @@ impl Revocation {
             && self.is_confirmed()
         {
             self.metrics.revocation_cache_hits.inc();
-            return Decision::Allow;
+            return Some(Decision::Allow);
         }
+        None
+    }
+
+    /// The check when the cache has no trusted answer: one Redis lookup.
+    async fn check_uncached(&self, conn: &ConnIdentity) -> Decision {
+        let id = conn.identity();
+        let serial = id.serial();
+        let agent_key = (id.tenant(), id.agent());
+        let epoch = self.epoch.load(Ordering::Acquire);
         self.metrics.revocation_cache_misses.inc();
         if self.redis_down.load(Ordering::Acquire) && !self.is_confirmed() {
             return Decision::Unavailable;
