@@ -334,7 +334,9 @@ impl ServerApp for GatewayApp {
     ) -> Option<Stream> {
         // The listener is plain TCP: TLS (and a PROXY header from a trusted
         // balancer) is done here, bounded, counted and rate-limit logged.
-        let stream = self.handshaker.accept(stream).await?;
+        // Boxed, as is the HTTP/2 loop: inline, their state would stay part
+        // of every connection's future (an idle HTTP/1.1 connection too).
+        let stream = Box::pin(self.handshaker.accept(stream)).await?;
         // A connection without a verified client certificate can only reach
         // the certificate-less routes (the exchange): a short life, and a
         // few per source address.
@@ -366,7 +368,9 @@ impl ServerApp for GatewayApp {
         }
         let serve = async {
             match stream.selected_alpn_proto() {
-                Some(ALPN::H2) | Some(ALPN::Custom(_)) => self.serve_h2(stream, shutdown).await,
+                Some(ALPN::H2) | Some(ALPN::Custom(_)) => {
+                    Box::pin(self.serve_h2(stream, shutdown)).await
+                }
                 _ => {
                     self.serve_h1(stream, shutdown).await;
                     None
