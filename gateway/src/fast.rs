@@ -46,7 +46,6 @@ use oneprotect_identity::problem::{self, ProblemKind};
 use pingora::connectors::TransportConnector;
 use pingora::lb::Backend;
 use pingora::protocols::Stream;
-use pingora::upstreams::peer::HttpPeer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::assertion::AssertionService;
@@ -451,6 +450,15 @@ enum Chunk {
 pub struct BadChunk;
 
 impl ChunkedScan {
+    /// Moves to `next` if `b` is the `want`ed line-end byte.
+    fn expect(&mut self, b: u8, want: u8, next: Chunk) -> Result<(), BadChunk> {
+        if b != want {
+            return Err(BadChunk);
+        }
+        self.state = next;
+        Ok(())
+    }
+
     /// Scans `buf`, the next bytes of the body: `Ok(Some(n))` when the body
     /// ends after `n` of them, `Ok(None)` when it goes on.
     pub fn feed(&mut self, buf: &[u8]) -> Result<Option<usize>, BadChunk> {
@@ -496,18 +504,8 @@ impl ChunkedScan {
                     }
                     continue;
                 }
-                Chunk::DataCr => {
-                    if b != b'\r' {
-                        return Err(BadChunk);
-                    }
-                    self.state = Chunk::DataLf;
-                }
-                Chunk::DataLf => {
-                    if b != b'\n' {
-                        return Err(BadChunk);
-                    }
-                    self.state = Chunk::Size;
-                }
+                Chunk::DataCr => self.expect(b, b'\r', Chunk::DataLf)?,
+                Chunk::DataLf => self.expect(b, b'\n', Chunk::Size)?,
                 Chunk::TrailerStart => match b {
                     b'\r' => self.state = Chunk::EndLf,
                     b'\t' | 0x20..=0x7e => self.state = Chunk::Trailer,
@@ -518,17 +516,9 @@ impl ChunkedScan {
                     b'\t' | 0x20..=0x7e | 0x80..=0xff => {}
                     _ => return Err(BadChunk),
                 },
-                Chunk::TrailerLf => {
-                    if b != b'\n' {
-                        return Err(BadChunk);
-                    }
-                    self.state = Chunk::TrailerStart;
-                }
+                Chunk::TrailerLf => self.expect(b, b'\n', Chunk::TrailerStart)?,
                 Chunk::EndLf => {
-                    if b != b'\n' {
-                        return Err(BadChunk);
-                    }
-                    self.state = Chunk::Done;
+                    self.expect(b, b'\n', Chunk::Done)?;
                     return Ok(Some(i + 1));
                 }
                 Chunk::Done => return Ok(Some(i)),
@@ -859,13 +849,7 @@ impl FastPath {
     }
 
     async fn connect(&self, route: &Route, backend: &Backend) -> Result<Stream, ProblemKind> {
-        let mut peer = HttpPeer::new(backend.addr.clone(), route.tls, route.sni.clone());
-        peer.options.connection_timeout = Some(route.connect_timeout);
-        peer.options.read_timeout = Some(route.timeout);
-        peer.options.write_timeout = Some(route.timeout);
-        peer.options.ca = route.upstream_tls.ca.clone();
-        peer.client_cert_key = route.upstream_tls.client.clone();
-        peer.group_key = route.upstream_tls.pool_group;
+        let peer = route.peer(backend.clone());
         self.connector.new_stream(&peer).await.map_err(|e| {
             tracing::warn!(error = %e, route = %route.prefix, "upstream connection failed");
             match e.etype() {

@@ -363,17 +363,7 @@ impl ProxyHttp for Gateway {
             .pool
             .select(b"", 256)
             .ok_or_else(|| Error::explain(ErrorType::HTTPStatus(503), "no healthy upstream"))?;
-        let mut peer = HttpPeer::new(backend.addr, route.tls, route.sni.clone());
-        peer.options.connection_timeout = Some(route.connect_timeout);
-        peer.options.read_timeout = Some(route.timeout);
-        peer.options.write_timeout = Some(route.timeout);
-        // Arc clones: the material was loaded and checked at start.
-        peer.options.ca = route.upstream_tls.ca.clone();
-        peer.client_cert_key = route.upstream_tls.client.clone();
-        // Keeps connections verified against different CA sets apart in the
-        // pool (pingora's pool key leaves the CA list out).
-        peer.group_key = route.upstream_tls.pool_group;
-        Ok(Box::new(peer))
+        Ok(Box::new(route.peer(backend)))
     }
 
     async fn upstream_request_filter(

@@ -63,6 +63,24 @@ impl std::fmt::Debug for Route {
 }
 
 impl Route {
+    /// The upstream peer for `backend` with this route's timeouts and TLS
+    /// (CA roots, client certificate, pool group), for pingora's proxy and
+    /// connector alike.
+    pub fn peer(&self, backend: pingora::lb::Backend) -> pingora::upstreams::peer::HttpPeer {
+        let mut peer =
+            pingora::upstreams::peer::HttpPeer::new(backend.addr, self.tls, self.sni.clone());
+        peer.options.connection_timeout = Some(self.connect_timeout);
+        peer.options.read_timeout = Some(self.timeout);
+        peer.options.write_timeout = Some(self.timeout);
+        // Arc clones: the material was loaded and checked at start.
+        peer.options.ca = self.upstream_tls.ca.clone();
+        peer.client_cert_key = self.upstream_tls.client.clone();
+        // Keeps connections verified against different CA sets apart in the
+        // pool (pingora's pool key leaves the CA list out).
+        peer.group_key = self.upstream_tls.pool_group;
+        peer
+    }
+
     /// Builds the route and its pool (not yet health-checked) over the
     /// route's loaded upstream TLS material.
     pub fn new(
