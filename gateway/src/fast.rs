@@ -643,6 +643,21 @@ enum Attempt {
     Aborted,
 }
 
+/// A request the fast path took, ready to send: the parsed head is gone.
+struct Taken {
+    route: std::sync::Arc<Route>,
+    backend: Backend,
+    /// The upstream head (body bytes are appended to it).
+    out: Vec<u8>,
+    head_len: usize,
+    length: u64,
+    client_close: bool,
+    head_request: bool,
+    /// RFC 9110 §9.2.2: only these may go again after a failure that may
+    /// have reached the upstream.
+    idempotent: bool,
+}
+
 /// The fast path's parts.
 pub struct FastPath {
     router: std::sync::Arc<Router>,
@@ -715,8 +730,16 @@ impl FastPath {
     ) -> Served {
         // The parsed head (and its header table) is dropped before the
         // first await: it never enlarges the request's future.
-        let prepared = self.prepare(&head, conn, forwarding);
-        let Some((route, backend, mut out, head_len, length, client_close, is_head)) = prepared
+        let Some(Taken {
+            route,
+            backend,
+            mut out,
+            head_len,
+            length,
+            client_close,
+            head_request,
+            idempotent,
+        }) = self.prepare(&head, conn, forwarding)
         else {
             self.declined.inc();
             return Served::Declined(head);
@@ -748,12 +771,14 @@ impl FastPath {
                 },
             };
             match self
-                .exchange(client, stream, &out, rest, &route, is_head)
+                .exchange(client, stream, &out, rest, &route, head_request)
                 .await
             {
                 Attempt::Answered(s, b, r, i) => break (s, b, r, i),
-                // Only a request wholly in hand can go again.
-                Attempt::Stale if reused && rest == 0 && !retried => retried = true,
+                // Only an idempotent request wholly in hand goes again.
+                Attempt::Stale if reused && idempotent && rest == 0 && !retried => {
+                    retried = true;
+                }
                 Attempt::Stale => return Served::Failed(problem::BAD_GATEWAY),
                 Attempt::Failed(kind) => return Served::Failed(kind),
                 Attempt::Aborted => return Served::Aborted,
@@ -802,24 +827,8 @@ impl FastPath {
         }
     }
 
-    /// The route, backend and upstream head (less the assertion) for a head
-    /// the fast path takes, with the head's length, the body's length, and
-    /// whether the client asked to close and sent HEAD.
-    #[allow(clippy::type_complexity)]
-    fn prepare(
-        &self,
-        head: &[u8],
-        conn: &ConnIdentity,
-        forwarding: &Forwarding,
-    ) -> Option<(
-        std::sync::Arc<Route>,
-        Backend,
-        Vec<u8>,
-        usize,
-        u64,
-        bool,
-        bool,
-    )> {
+    /// The route, backend and upstream head for a head the fast path takes.
+    fn prepare(&self, head: &[u8], conn: &ConnIdentity, forwarding: &Forwarding) -> Option<Taken> {
         let req = parse_request(head).ok()?;
         let route = self.router.route(req.path())?;
         if !route.require_identity || req.content_length > route.max_body_bytes {
@@ -837,15 +846,19 @@ impl FastPath {
             conn.headers(),
             &assertion,
         );
-        Some((
-            route.clone(),
+        Some(Taken {
+            route: route.clone(),
             backend,
             out,
-            req.head_len,
-            req.content_length,
-            req.close,
-            req.method == "HEAD",
-        ))
+            head_len: req.head_len,
+            length: req.content_length,
+            client_close: req.close,
+            head_request: req.method == "HEAD",
+            idempotent: matches!(
+                req.method,
+                "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+            ),
+        })
     }
 
     async fn connect(&self, route: &Route, backend: &Backend) -> Result<Stream, ProblemKind> {
@@ -868,7 +881,7 @@ impl FastPath {
         out: &[u8],
         rest: u64,
         route: &Route,
-        is_head: bool,
+        head_request: bool,
     ) -> Attempt {
         let limit = route.timeout;
         if let Err(e) = timed(limit, upstream.write_all(out)).await {
@@ -895,7 +908,7 @@ impl FastPath {
         // Relayed as a proxy must (RFC 9110 §15.2), ahead of the final head.
         let mut interim = Vec::new();
         loop {
-            match parse_response(&buf, is_head) {
+            match parse_response(&buf, head_request) {
                 Ok(Some(r)) if (100..200).contains(&r.status) => {
                     informational += 1;
                     if informational > MAX_INFORMATIONAL {
