@@ -29,6 +29,10 @@ pub struct Gateway {
 pub struct Tuning {
     /// `listener.read_buffer_bytes` (the gateway's default when `None`).
     pub read_buffer: Option<usize>,
+    /// `listener.write_buffer_bytes` (the gateway's default when `None`).
+    pub write_buffer: Option<usize>,
+    /// `listener.http1_fast_path`.
+    pub http1_fast_path: bool,
     /// `runtime.threads`.
     pub threads: usize,
     /// `runtime.work_stealing`.
@@ -50,13 +54,18 @@ pub fn config(
     let read_buffer = tuning
         .read_buffer
         .map_or(String::new(), |b| format!("read_buffer_bytes = {b}\n"));
+    let write_buffer = tuning
+        .write_buffer
+        .map_or(String::new(), |b| format!("write_buffer_bytes = {b}\n"));
+    let fast_path = tuning.http1_fast_path;
     format!(
         r#"[listener]
 listen = "{listen}"
 cert = "{cert}"
 key = "{key}"
 trust_bundle = "{bundle}"
-{read_buffer}
+http1_fast_path = {fast_path}
+{read_buffer}{write_buffer}
 [admin]
 listen = "{admin}"
 

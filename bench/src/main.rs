@@ -85,6 +85,14 @@ enum Command {
         /// (`listener.read_buffer_bytes`); default: the gateway's default.
         #[arg(long, value_name = "BYTES")]
         gateway_read_buffer: Option<usize>,
+        /// The gateway's per-connection write buffer between TLS and the
+        /// socket (`listener.write_buffer_bytes`); default: the gateway's.
+        #[arg(long, value_name = "BYTES")]
+        gateway_write_buffer: Option<usize>,
+        /// The gateway's `listener.http1_fast_path` (ADR-0023): `false`
+        /// sends every request through pingora's path, for a same-run A/B.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        gateway_http1_fast_path: bool,
         /// The gateway's `runtime.work_stealing` (pingora: one work-stealing
         /// runtime, or one single-threaded runtime per thread).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -211,6 +219,8 @@ fn main() -> anyhow::Result<()> {
             revocations,
             only,
             gateway_read_buffer,
+            gateway_write_buffer,
+            gateway_http1_fast_path,
             gateway_work_stealing,
             proto,
         } => {
@@ -263,6 +273,8 @@ fn main() -> anyhow::Result<()> {
                 command: std::env::args().collect::<Vec<_>>().join(" "),
                 only,
                 gateway_read_buffer,
+                gateway_write_buffer,
+                gateway_http1_fast_path,
                 gateway_work_stealing,
                 proto,
             };

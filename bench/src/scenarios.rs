@@ -131,6 +131,10 @@ pub struct Options {
     pub only: Vec<String>,
     /// The gateway's `listener.read_buffer_bytes` (its default when `None`).
     pub gateway_read_buffer: Option<usize>,
+    /// The gateway's `listener.write_buffer_bytes` (its default when `None`).
+    pub gateway_write_buffer: Option<usize>,
+    /// The gateway's `listener.http1_fast_path`.
+    pub gateway_http1_fast_path: bool,
     /// The gateway's `runtime.work_stealing`.
     pub gateway_work_stealing: bool,
     /// Keep-alive runs only over this protocol (`None`: HTTP/1.1 and h2).
@@ -323,6 +327,8 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
                 opts.server_cpu.as_deref(),
                 crate::gateway::Tuning {
                     read_buffer: opts.gateway_read_buffer,
+                    write_buffer: opts.gateway_write_buffer,
+                    http1_fast_path: opts.gateway_http1_fast_path,
                     work_stealing: opts.gateway_work_stealing,
                     threads: opts.server_threads,
                 },
