@@ -8,7 +8,7 @@
 use libfuzzer_sys::fuzz_target;
 use oneprotect_gateway::conn::Forwarding;
 use oneprotect_gateway::fast::{
-    parse_request, parse_response, write_client_head, write_upstream_head, ChunkedScan,
+    parse_head, parse_request, write_upstream_head, ChunkedScan, Framing,
 };
 use oneprotect_gateway::headers::StripPolicy;
 
@@ -17,7 +17,10 @@ fuzz_target!(|data: &[u8]| {
         // Differential: pingora builds its request from the http crate's
         // types; the fast path must take nothing they would not.
         assert!(http::Method::from_bytes(req.method.as_bytes()).is_ok());
-        let uri: http::Uri = req.target.parse().expect("a target the fast path takes is a URI");
+        let uri: http::Uri = req
+            .target
+            .parse()
+            .expect("a target the fast path takes is a URI");
         assert_eq!(uri.path(), req.path(), "routes by the same path");
         for h in req.headers() {
             assert!(http::HeaderName::from_bytes(h.name.as_bytes()).is_ok());
@@ -27,19 +30,33 @@ fuzz_target!(|data: &[u8]| {
         let fwd = Forwarding::new("192.0.2.1".parse().unwrap());
         let assertion = http::HeaderValue::from_static("a.b.c");
         let mut out = Vec::new();
-        write_upstream_head(&mut out, &req, StripPolicy::default(), &fwd, &[], &assertion);
+        write_upstream_head(
+            &mut out,
+            &req,
+            StripPolicy::default(),
+            &fwd,
+            &[],
+            &assertion,
+        );
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut back = httparse::Request::new(&mut headers);
         assert_eq!(back.parse(&out), Ok(httparse::Status::Complete(out.len())));
         let policy = StripPolicy::default();
-        let spoofed = back.headers.iter().filter(|h| policy.removes(h.name)).count();
+        let spoofed = back
+            .headers
+            .iter()
+            .filter(|h| policy.removes(h.name))
+            .count();
         // Only the gateway's own forwarding headers and assertion remain.
         assert_eq!(spoofed, 4, "{}", String::from_utf8_lossy(&out));
     }
     let head_request = data.first().is_some_and(|b| b & 1 == 1);
-    if let Ok(Some(resp)) = parse_response(data, head_request) {
+    if let Ok(Some(head)) = parse_head(data) {
         let mut out = Vec::new();
-        write_client_head(&mut out, &data[..resp.head_len], true, false);
+        let rechunk = head
+            .facts(head_request)
+            .is_ok_and(|r| r.framing == Framing::UntilClose);
+        head.write_for_client(&mut out, true, rechunk);
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut back = httparse::Response::new(&mut headers);
         assert_eq!(back.parse(&out), Ok(httparse::Status::Complete(out.len())));

@@ -36,7 +36,7 @@
 //! problem+json (502 `bad_gateway`, 504 `gateway_timeout`) and closes, as
 //! pingora's path does; after the response started, the connection is cut.
 
-use std::io;
+use std::io::{self, Write};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -326,121 +326,160 @@ pub enum BadResponse {
     Framing,
 }
 
-/// Parses a response head in `buf`: `Ok(None)` needs more bytes;
-/// informational heads are reported with [`Framing::Empty`] and status
-/// 1xx: the caller relays them and reads on.
-pub fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<Response>, BadResponse> {
+/// An upstream response head, parsed once: [`ResponseHead::facts`] decides
+/// its framing and [`ResponseHead::write_for_client`] rewrites it from the
+/// same parse.
+pub struct ResponseHead<'b> {
+    code: u16,
+    version: u8,
+    reason: &'b str,
+    headers: [httparse::Header<'b>; MAX_HEADERS],
+    count: usize,
+    /// The head's length in the upstream's bytes.
+    pub len: usize,
+}
+
+/// Parses a response head at the start of `buf`: `Ok(None)` needs more
+/// bytes.
+pub fn parse_head(buf: &[u8]) -> Result<Option<ResponseHead<'_>>, BadResponse> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    let head_len = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(_) => return Err(BadResponse::Malformed),
+    let (code, version, reason, len, count) = {
+        let mut resp = httparse::Response::new(&mut headers);
+        let len = match resp.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(_) => return Err(BadResponse::Malformed),
+        };
+        (
+            resp.code.ok_or(BadResponse::Malformed)?,
+            resp.version.ok_or(BadResponse::Malformed)?,
+            resp.reason.unwrap_or_default(),
+            len,
+            resp.headers.len(),
+        )
     };
-    let status = resp.code.ok_or(BadResponse::Malformed)?;
-    let version = resp.version.ok_or(BadResponse::Malformed)?;
-    if status == 101 {
-        return Err(BadResponse::UnexpectedUpgrade);
-    }
-    if (100..200).contains(&status) {
-        return Ok(Some(Response {
-            status,
-            head_len,
-            framing: Framing::Empty,
-            reusable: true,
-        }));
-    }
-    let mut length = None;
-    let mut chunked = None;
-    let mut close = version == 0;
-    for h in resp.headers.iter() {
-        if h.name.eq_ignore_ascii_case("content-length") {
-            if length.is_some() {
-                return Err(BadResponse::Framing);
-            }
-            length = Some(parse_length(h.value).ok_or(BadResponse::Framing)?);
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            // The last coding of the last header decides (RFC 9112 §6.3).
-            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default();
-            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if h.name.eq_ignore_ascii_case("connection") {
-            for opt in h.value.split(|b| *b == b',') {
-                let opt = opt.trim_ascii();
-                if opt.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if version == 0 && opt.eq_ignore_ascii_case(b"keep-alive") {
-                    close = false;
-                }
-            }
-        }
-    }
-    let framing = if head_request || status == 204 || status == 304 {
-        Framing::Empty
-    } else {
-        match (chunked, length) {
-            (Some(_), Some(_)) => return Err(BadResponse::Framing),
-            (Some(true), None) => Framing::Chunked,
-            (Some(false), None) | (None, None) => Framing::UntilClose,
-            (None, Some(n)) => Framing::Length(n),
-        }
-    };
-    Ok(Some(Response {
-        status,
-        head_len,
-        framing,
-        reusable: !close && framing != Framing::UntilClose,
+    Ok(Some(ResponseHead {
+        code,
+        version,
+        reason,
+        headers,
+        count,
+        len,
     }))
 }
 
-/// Writes the client's response head for the upstream's head `raw` (already
-/// accepted by [`parse_response`]): status line as HTTP/1.1 with the
-/// upstream's reason, its headers less `Connection`, `Keep-Alive` and
-/// `Proxy-Connection`, a `date` when it sent none, and the gateway's
-/// `connection`. `rechunk`: the upstream's body runs until it closes, and
-/// goes to the client chunked (`transfer-encoding: chunked` is added), so
-/// the client's connection stays open, as pingora's path does. An
-/// informational (1xx) head gets neither `date` nor `connection`.
-pub fn write_client_head(out: &mut Vec<u8>, raw: &[u8], keep_alive: bool, rechunk: bool) {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    // parse_response took these bytes.
-    if !matches!(resp.parse(raw), Ok(httparse::Status::Complete(_))) {
-        return;
+impl ResponseHead<'_> {
+    fn headers(&self) -> &[httparse::Header<'_>] {
+        &self.headers[..self.count]
     }
-    let status = resp.code.unwrap_or(502);
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(itoa3(status).as_slice());
-    out.push(b' ');
-    out.extend_from_slice(resp.reason.unwrap_or_default().as_bytes());
-    out.extend_from_slice(b"\r\n");
-    let mut dated = false;
-    for h in resp.headers.iter() {
-        if is_any(h.name, &HOP_BY_HOP) {
-            continue;
+
+    /// Whether this is an informational (1xx) head, which the caller
+    /// relays before reading on to the final one.
+    pub fn informational(&self) -> bool {
+        (100..200).contains(&self.code)
+    }
+
+    /// Its status and framing (RFC 9112 §6.3), and whether the upstream
+    /// connection may be reused after it; informational heads are
+    /// [`Framing::Empty`].
+    pub fn facts(&self, head_request: bool) -> Result<Response, BadResponse> {
+        let status = self.code;
+        if status == 101 {
+            return Err(BadResponse::UnexpectedUpgrade);
         }
-        dated |= h.name.eq_ignore_ascii_case("date");
-        put_header(out, h.name, h.value);
+        if self.informational() {
+            return Ok(Response {
+                status,
+                head_len: self.len,
+                framing: Framing::Empty,
+                reusable: true,
+            });
+        }
+        let mut length = None;
+        let mut chunked = None;
+        let mut close = self.version == 0;
+        for h in self.headers() {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                if length.is_some() {
+                    return Err(BadResponse::Framing);
+                }
+                length = Some(parse_length(h.value).ok_or(BadResponse::Framing)?);
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                // The last coding of the last header decides (RFC 9112 §6.3).
+                let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default();
+                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if h.name.eq_ignore_ascii_case("connection") {
+                for opt in h.value.split(|b| *b == b',') {
+                    let opt = opt.trim_ascii();
+                    if opt.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if self.version == 0 && opt.eq_ignore_ascii_case(b"keep-alive") {
+                        close = false;
+                    }
+                }
+            }
+        }
+        let framing = if head_request || status == 204 || status == 304 {
+            Framing::Empty
+        } else {
+            match (chunked, length) {
+                (Some(_), Some(_)) => return Err(BadResponse::Framing),
+                (Some(true), None) => Framing::Chunked,
+                (Some(false), None) | (None, None) => Framing::UntilClose,
+                (None, Some(n)) => Framing::Length(n),
+            }
+        };
+        Ok(Response {
+            status,
+            head_len: self.len,
+            framing,
+            reusable: !close && framing != Framing::UntilClose,
+        })
     }
-    if (100..200).contains(&status) {
+
+    /// Writes the client's head: status line as HTTP/1.1 with the
+    /// upstream's reason, its headers less `Connection`, `Keep-Alive` and
+    /// `Proxy-Connection`, a `Date` when it sent none, and the gateway's
+    /// `Connection`. `rechunk`: the upstream's body runs until it closes,
+    /// and goes to the client chunked (`Transfer-Encoding: chunked` is
+    /// added), so the client's connection stays open, as pingora's path
+    /// does. An informational (1xx) head gets neither `Date` nor
+    /// `Connection`.
+    pub fn write_for_client(&self, out: &mut Vec<u8>, keep_alive: bool, rechunk: bool) {
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(itoa3(self.code).as_slice());
+        out.push(b' ');
+        out.extend_from_slice(self.reason.as_bytes());
         out.extend_from_slice(b"\r\n");
-        return;
+        let mut dated = false;
+        for h in self.headers() {
+            if is_any(h.name, &HOP_BY_HOP) {
+                continue;
+            }
+            dated |= h.name.eq_ignore_ascii_case("date");
+            put_header(out, h.name, h.value);
+        }
+        if self.informational() {
+            out.extend_from_slice(b"\r\n");
+            return;
+        }
+        if !dated {
+            // Capitalised as pingora writes the headers it adds.
+            put_header(
+                out,
+                "Date",
+                pingora::protocols::http::date::get_cached_date().as_bytes(),
+            );
+        }
+        if rechunk {
+            put_header(out, "Transfer-Encoding", b"chunked");
+        }
+        out.extend_from_slice(if keep_alive {
+            b"Connection: keep-alive\r\n\r\n"
+        } else {
+            b"Connection: close\r\n\r\n"
+        });
     }
-    if !dated {
-        // Capitalised as pingora writes the headers it adds.
-        put_header(
-            out,
-            "Date",
-            pingora::protocols::http::date::get_cached_date().as_bytes(),
-        );
-    }
-    if rechunk {
-        put_header(out, "Transfer-Encoding", b"chunked");
-    }
-    out.extend_from_slice(if keep_alive {
-        b"Connection: keep-alive\r\n\r\n"
-    } else {
-        b"Connection: close\r\n\r\n"
-    });
 }
 
 fn itoa3(n: u16) -> [u8; 3] {
@@ -621,16 +660,6 @@ impl UpstreamPool {
             list.push((s, Instant::now()));
         }
     }
-
-    /// How many idle connections the pool holds.
-    pub fn len(&self) -> usize {
-        self.lock().iter().map(|(_, list)| list.len()).sum()
-    }
-
-    /// Whether the pool holds none.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// An idle connection that has nothing to read (and is not closed).
@@ -666,14 +695,26 @@ fn upstream_problem(e: Io) -> ProblemKind {
 
 /// How a request's exchange with an upstream connection went.
 enum Attempt {
-    /// A response head arrived: the connection and what was read.
-    /// Informational heads before it come rewritten for the client.
+    /// A response head arrived: the connection, what was read past the
+    /// head, the head's facts, and the bytes for the client so far (the
+    /// informational heads and the final head, rewritten).
     Answered(Stream, BytesMut, Response, Vec<u8>),
     /// A reused connection failed before any response byte; the request
     /// may go again on a new one.
     Stale,
     Failed(ProblemKind),
     Aborted,
+}
+
+impl Attempt {
+    /// Sending the request failed: a failed write may be a reused
+    /// connection the upstream had closed.
+    fn unsent(e: Io) -> Self {
+        match e {
+            Io::Failed => Attempt::Stale,
+            Io::Timeout => Attempt::Failed(problem::GATEWAY_TIMEOUT),
+        }
+    }
 }
 
 /// A request the fast path took, ready to send: the parsed head is gone.
@@ -790,10 +831,18 @@ impl FastPath {
         let rest = length - body_here as u64;
         drop(head);
 
+        let keep_alive = !client_close && !pipelined && !closing;
         let key: PoolKey = (route.index, backend.addr.clone());
+        let outgoing = Outgoing {
+            out: &out,
+            rest,
+            route: &route,
+            head_request,
+            keep_alive,
+        };
         let sent = Instant::now();
         let mut retried = false;
-        let (mut upstream, mut buf, resp, interim) = loop {
+        let (mut upstream, buf, resp, to_client) = loop {
             let (stream, reused) = match self.pool.take(&key) {
                 Some(s) => (s, true),
                 // Boxed: a new connection's state (TLS included) is rare
@@ -803,10 +852,7 @@ impl FastPath {
                     Err(kind) => return Served::Failed(kind),
                 },
             };
-            match self
-                .exchange(client, stream, &out, rest, &route, head_request)
-                .await
-            {
+            match outgoing.exchange(client, stream).await {
                 Attempt::Answered(s, b, r, i) => break (s, b, r, i),
                 // Only an idempotent request wholly in hand goes again.
                 Attempt::Stale if reused && idempotent && rest == 0 && !retried => {
@@ -827,16 +873,6 @@ impl FastPath {
                 .with_label_values(&[route.prefix.as_str()])
                 .observe(sent.elapsed().as_secs_f64()),
         }
-        let keep_alive = !client_close && !pipelined && !closing;
-        let mut to_client = interim;
-        to_client.reserve(resp.head_len + 128 + buf.len());
-        write_client_head(
-            &mut to_client,
-            &buf[..resp.head_len],
-            keep_alive,
-            resp.framing == Framing::UntilClose,
-        );
-        buf.advance(resp.head_len);
         let relayed = relay_body(client, &mut upstream, buf, to_client, resp.framing, &route).await;
         match counted {
             Some((_, ok)) if resp.status == 200 => ok.inc(),
@@ -870,7 +906,7 @@ impl FastPath {
         let backend = route.pool.select(b"", 256)?;
         let mut out =
             Vec::with_capacity(req.head_len + 1024 + req.content_length.min(8192) as usize);
-        let assertion = conn.assertion(&self.assertions, route, unix_now());
+        let assertion = conn.assertion(&self.assertions, route, crate::proxy::unix_now());
         write_upstream_head(
             &mut out,
             &req,
@@ -904,24 +940,37 @@ impl FastPath {
             }
         })
     }
+}
 
+/// A request ready to go to an upstream, and how its answer is rewritten.
+#[derive(Clone, Copy)]
+struct Outgoing<'a> {
+    /// The upstream head and the body bytes already read.
+    out: &'a [u8],
+    /// Body bytes still to come from the client.
+    rest: u64,
+    route: &'a Route,
+    head_request: bool,
+    /// The gateway's `Connection` to the client.
+    keep_alive: bool,
+}
+
+impl Outgoing<'_> {
     /// Sends the request (`out`, then `rest` more body bytes from the
-    /// client) and reads the final response head.
-    async fn exchange(
-        &self,
-        client: &mut Stream,
-        mut upstream: Stream,
-        out: &[u8],
-        rest: u64,
-        route: &Route,
-        head_request: bool,
-    ) -> Attempt {
+    /// client), reads the final response head and rewrites it (and any
+    /// informational ones) for the client, with `keep_alive` as the
+    /// gateway's `Connection`.
+    async fn exchange(&self, client: &mut Stream, mut upstream: Stream) -> Attempt {
+        let Outgoing {
+            out,
+            rest,
+            route,
+            head_request,
+            keep_alive,
+        } = *self;
         let limit = route.timeout;
         if let Err(e) = timed(limit, upstream.write_all(out)).await {
-            return match e {
-                Io::Failed => Attempt::Stale,
-                Io::Timeout => Attempt::Failed(problem::GATEWAY_TIMEOUT),
-            };
+            return Attempt::unsent(e);
         }
         if rest > 0 {
             match copy_exact(client, &mut upstream, rest, limit).await {
@@ -931,27 +980,36 @@ impl FastPath {
             }
         }
         if let Err(e) = timed(limit, upstream.flush()).await {
-            return match e {
-                Io::Failed => Attempt::Stale,
-                Io::Timeout => Attempt::Failed(problem::GATEWAY_TIMEOUT),
-            };
+            return Attempt::unsent(e);
         }
         let mut buf = BytesMut::with_capacity(8192);
         let mut informational = 0;
-        // Relayed as a proxy must (RFC 9110 §15.2), ahead of the final head.
-        let mut interim = Vec::new();
+        // Informational heads are relayed as a proxy must (RFC 9110 §15.2),
+        // ahead of the final head.
+        let mut to_client = Vec::new();
         loop {
-            match parse_response(&buf, head_request) {
+            let parsed = parse_head(&buf).and_then(|head| {
+                head.map(|h| {
+                    let facts = h.facts(head_request)?;
+                    let rechunk = facts.framing == Framing::UntilClose;
+                    h.write_for_client(&mut to_client, keep_alive, rechunk);
+                    Ok(facts)
+                })
+                .transpose()
+            });
+            match parsed {
                 Ok(Some(r)) if (100..200).contains(&r.status) => {
                     informational += 1;
                     if informational > MAX_INFORMATIONAL {
                         return Attempt::Failed(problem::BAD_GATEWAY);
                     }
-                    write_client_head(&mut interim, &buf[..r.head_len], true, false);
                     buf.advance(r.head_len);
                     continue;
                 }
-                Ok(Some(r)) => return Attempt::Answered(upstream, buf, r, interim),
+                Ok(Some(r)) => {
+                    buf.advance(r.head_len);
+                    return Attempt::Answered(upstream, buf, r, to_client);
+                }
                 Ok(None) => {}
                 Err(why) => {
                     tracing::warn!(?why, route = %route.prefix, "upstream response refused");
@@ -1043,7 +1101,8 @@ async fn relay_body(
         };
         if framing == Framing::UntilClose {
             if take > 0 {
-                to_client.extend_from_slice(format!("{take:x}\r\n").as_bytes());
+                // Writing to a Vec cannot fail.
+                let _ = write!(to_client, "{take:x}\r\n");
                 to_client.extend_from_slice(&buf[..take]);
                 to_client.extend_from_slice(b"\r\n");
             }
@@ -1074,13 +1133,6 @@ async fn relay_body(
             Ok(_) => {}
         }
     }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -1209,7 +1261,15 @@ mod tests {
     }
 
     fn resp(raw: &str, head: bool) -> Result<Option<Response>, BadResponse> {
-        parse_response(raw.as_bytes(), head)
+        parse_head(raw.as_bytes())?
+            .map(|h| h.facts(head))
+            .transpose()
+    }
+
+    fn write_client_head(out: &mut Vec<u8>, raw: &[u8], keep_alive: bool, rechunk: bool) {
+        let head = parse_head(raw).unwrap().unwrap();
+        assert_eq!(head.len, raw.len());
+        head.write_for_client(out, keep_alive, rechunk);
     }
 
     #[test]

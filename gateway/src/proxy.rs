@@ -190,7 +190,8 @@ impl RequestCtx {
     }
 }
 
-fn unix_now() -> i64 {
+/// Seconds since the Unix epoch (the assertions' clock).
+pub(crate) fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)

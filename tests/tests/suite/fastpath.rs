@@ -105,12 +105,8 @@ async fn start_raw_upstream() -> (SocketAddr, Arc<Received>) {
                         .find_map(|l| l.strip_prefix("content-length: "))
                         .and_then(|v| v.trim().parse::<usize>().ok())
                     {
-                        while buf.len() < n {
-                            let mut chunk = [0u8; 16384];
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
-                            }
+                        if fill(&mut s, &mut buf, n).await.is_none() {
+                            return;
                         }
                         req.extend(buf.drain(..n));
                     }
@@ -213,26 +209,12 @@ async fn read_response<R: AsyncReadExt + Unpin>(
                 buf.drain(..e);
                 break;
             }
-            while buf.len() < size + 2 {
-                let mut chunk = [0u8; 16384];
-                let n = s.read(&mut chunk).await.ok()?;
-                if n == 0 {
-                    return None;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            }
+            fill(s, buf, size + 2).await?;
             body.extend(buf.drain(..size));
             buf.drain(..2);
         }
     } else if let Some(n) = length {
-        while buf.len() < n {
-            let mut chunk = [0u8; 16384];
-            let k = s.read(&mut chunk).await.ok()?;
-            if k == 0 {
-                return None;
-            }
-            buf.extend_from_slice(&chunk[..k]);
-        }
+        fill(s, buf, n).await?;
         body.extend(buf.drain(..n));
     } else {
         let _ = s.read_to_end(buf).await;
@@ -254,20 +236,24 @@ async fn read_until_blank_line<R: AsyncReadExt + Unpin>(
     s: &mut R,
     buf: &mut Vec<u8>,
 ) -> Option<usize> {
-    loop {
-        if buf.starts_with(b"\r\n") {
-            return Some(2);
-        }
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            return Some(i + 4);
-        }
-        let mut chunk = [0u8; 1024];
-        let n = s.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
+    fill(s, buf, 2).await?;
+    if buf.starts_with(b"\r\n") {
+        return Some(2);
     }
+    read_until(s, buf, b"\r\n\r\n").await
+}
+
+/// Reads into `buf` until it holds at least `n` bytes; `None` when the
+/// connection ends first.
+async fn fill<R: AsyncReadExt + Unpin>(s: &mut R, buf: &mut Vec<u8>, n: usize) -> Option<()> {
+    while buf.len() < n {
+        let mut chunk = [0u8; 16384];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+        }
+    }
+    Some(())
 }
 
 /// A request head as the upstream received it, normalised: the request
