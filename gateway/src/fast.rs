@@ -988,10 +988,14 @@ impl Outgoing<'_> {
         // ahead of the final head.
         let mut to_client = Vec::new();
         loop {
+            // Room for the rewritten head and the body bytes read with it,
+            // which the relay appends: one allocation.
+            let room = buf.len() + 128;
             let parsed = parse_head(&buf).and_then(|head| {
                 head.map(|h| {
                     let facts = h.facts(head_request)?;
                     let rechunk = facts.framing == Framing::UntilClose;
+                    to_client.reserve(room);
                     h.write_for_client(&mut to_client, keep_alive, rechunk);
                     Ok(facts)
                 })
