@@ -114,14 +114,25 @@ fn uuid_fragment() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago. Prefer binding port 0
-/// and reading the address back; use this only for child processes that must
-/// be told a port on the command line.
+/// A TCP port on 127.0.0.1 that was free a moment ago, and never handed out
+/// before by this test process (the kernel may offer a port again as soon
+/// as the probe closes it: two calls in a row once returned the same port
+/// for a gateway's listener and its admin listener). Prefer binding port 0
+/// and reading the address back; use this only for servers that must be
+/// told a port before they bind.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port on 127.0.0.1")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind an ephemeral port on 127.0.0.1");
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// The path of a workspace binary, building it first (debug profile, the
