@@ -144,7 +144,7 @@ pub async fn publish_active(
         let mut pipe = redis::pipe();
         for id in chunk {
             pipe.set_ex(
-                keys.cert_status(&id.serial()),
+                keys.cert_status(&id.tenant(), &id.serial()),
                 CertStatus::Active.as_str(),
                 86_400,
             )

@@ -620,7 +620,7 @@ async fn revocation_agents(
     // The relay projects each enrolment; wait until every certificate is active.
     let cert_keys: Vec<String> = enrolled
         .iter()
-        .map(|e| keys.cert_status(&e.issued.serial))
+        .map(|e| keys.cert_status(&e.issued.tenant_id, &e.issued.serial))
         .collect();
     for _ in 0..400 {
         let got: Vec<Option<String>> = redis::cmd("MGET")

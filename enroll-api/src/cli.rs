@@ -234,7 +234,8 @@ pub async fn admin_key_create(
 pub async fn projection_rebuild(cfg: &Config) -> Result<crate::projection::RebuildStats, CliError> {
     let url = cfg.redis.url.as_deref().ok_or(CliError::NoRedis)?;
     let store = service::open_store(cfg).await?;
-    let projection = crate::projection::Projection::new(url, &cfg.redis.key_prefix)?;
+    let projection =
+        crate::projection::Projection::new(url, &cfg.redis.key_prefix, cfg.redis.shards)?;
     let mut conn = projection.connect().await?;
     Ok(conn.rebuild(&store, service::system_clock().now()).await?)
 }

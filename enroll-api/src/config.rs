@@ -93,12 +93,9 @@ pub enum ConfigError {
     /// `redis.key_prefix` does not suit the Redis deployment.
     #[error("redis.key_prefix: {0}")]
     RedisPrefix(#[source] oneprotect_redis::PrefixError),
-    /// `redis.wait_replicas` with a Redis Cluster.
-    #[error(
-        "redis.wait_replicas is not supported with redis+cluster:// \
-         (WAIT covers one node's replicas)"
-    )]
-    WaitReplicasOnCluster,
+    /// `redis.shards` out of range or without a Cluster.
+    #[error("redis.shards: {0}")]
+    RedisShards(#[source] oneprotect_redis::ShardsError),
     /// A required text is empty.
     #[error("{keys} must not be empty")]
     Empty {
@@ -273,14 +270,23 @@ pub struct RedisConfig {
     /// master (`redis+sentinel://[user:pass@]host:port[,host:port…]/master[/db]`,
     /// credentials and db for the master) or a Redis Cluster
     /// (`redis+cluster://[user:pass@]host:port[,host:port…]`, needs a hash
-    /// tag in `key_prefix`). Defaults to unset: no projection, no event
+    /// tag in `key_prefix` unless `shards > 1`). Defaults to unset: no projection, no event
     /// relay (outbox rows stay pending until a replica with Redis publishes
     /// them).
     pub url: Option<String>,
     /// Prefix of every key and channel; must match the gateways'. Defaults
-    /// to `oneprotect:`. With a Redis Cluster it must contain a hash tag,
-    /// e.g. `{oneprotect}:`, so every key is in one slot.
+    /// to `oneprotect:`. With a Redis Cluster and `shards = 1` it must
+    /// contain a hash tag, e.g. `{oneprotect}:`, so every key is in one
+    /// slot; with `shards > 1` it must not.
     pub key_prefix: String,
+    /// Shards of the revocation projection (ADR-0024): 1 (the default)
+    /// keeps every key in one slot, one sequence, one `PUBLISH` channel;
+    /// N > 1 (only with `redis+cluster://`) spreads tenants over N hash
+    /// tags, each with its own sequence and `SPUBLISH` channel, evenly over
+    /// the cluster's slots. Must match the gateways' `revocation.shards`
+    /// (recorded in `{prefix}projection:shards`; a gateway configured
+    /// otherwise fails closed). 1 ..= 1024.
+    pub shards: u16,
     /// How often the outbox relay looks for pending rows besides the
     /// wake-up after each commit, milliseconds. Defaults to 1000; 10 ..= 60000.
     pub relay_poll_interval_ms: u64,
@@ -293,7 +299,9 @@ pub struct RedisConfig {
     /// within `wait_timeout_ms` and the event stays pending and is retried.
     /// A master that fails over before replicating then cannot lose a
     /// revocation the relay has marked sent: the new master gets it again.
-    /// Defaults to 0 (off). Not with `redis+cluster://`.
+    /// Defaults to 0 (off). On a Redis Cluster the `WAIT` goes to every
+    /// master and the fewest confirmations count (every master needs that
+    /// many replicas; ADR-0024).
     pub wait_replicas: u32,
     /// How long one `WAIT` may take, milliseconds. Defaults to 1000;
     /// 1 ..= 60000.
@@ -311,6 +319,7 @@ impl Default for RedisConfig {
         Self {
             url: None,
             key_prefix: oneprotect_identity::revocation::DEFAULT_PREFIX.into(),
+            shards: 1,
             relay_poll_interval_ms: 1000,
             rebuild_if_missing: true,
             wait_replicas: 0,
@@ -550,6 +559,11 @@ impl Config {
         if let Some(v) = get("ONEPROTECT_ENROLL_REDIS_KEY_PREFIX") {
             self.redis.key_prefix = v;
         }
+        if let Some(v) = get("ONEPROTECT_ENROLL_REDIS_SHARDS") {
+            self.redis.shards = v
+                .parse()
+                .map_err(|_| ConfigError::Env("ONEPROTECT_ENROLL_REDIS_SHARDS"))?;
+        }
         if let Some(v) = get("ONEPROTECT_ENROLL_ASSERTION_KEY") {
             // `kid:base64url`, one trusted gateway key.
             let (kid, key) = v
@@ -661,13 +675,14 @@ impl Config {
             // password).
             let target = oneprotect_redis::RedisTarget::parse(u).map_err(ConfigError::RedisUrl)?;
             target
-                .check_key_prefix(&self.redis.key_prefix)
+                .check_shards(
+                    self.redis.shards,
+                    oneprotect_identity::revocation::MAX_SHARDS,
+                )
+                .map_err(ConfigError::RedisShards)?;
+            target
+                .check_layout(&self.redis.key_prefix, self.redis.shards)
                 .map_err(ConfigError::RedisPrefix)?;
-            if self.redis.wait_replicas > 0
-                && target.topology() == oneprotect_redis::Topology::Cluster
-            {
-                return Err(ConfigError::WaitReplicasOnCluster);
-            }
         }
         let r = &self.rotation;
         if r.assertion.audience.is_empty() || r.assertion.issuer.is_empty() {
@@ -923,7 +938,30 @@ mod tests {
     }
 
     #[test]
-    fn replica_wait_is_bounded_and_not_for_a_cluster() {
+    fn shards_need_a_cluster_and_a_prefix_without_a_hash_tag() {
+        let with = |url: &str, prefix: &str, shards: u16| {
+            let mut c = Config::default();
+            c.redis.url = Some(url.into());
+            c.redis.key_prefix = prefix.into();
+            c.redis.shards = shards;
+            c.validate().map(|_| ()).map_err(|e| e.to_string())
+        };
+        with("redis+cluster://10.0.0.1:7000", "op:", 16).unwrap();
+        let e = with("redis+cluster://10.0.0.1:7000", "{op}:", 16).unwrap_err();
+        assert!(
+            e.contains("redis.key_prefix") && e.contains("must not"),
+            "{e}"
+        );
+        let e = with("redis://127.0.0.1:6379", "op:", 16).unwrap_err();
+        assert!(e.contains("redis.shards") && e.contains("Cluster"), "{e}");
+        let e = with("redis+cluster://10.0.0.1:7000", "op:", 0).unwrap_err();
+        assert!(e.contains("redis.shards: must be 1..=1024"), "{e}");
+        let e = with("redis+cluster://10.0.0.1:7000", "op:", 1025).unwrap_err();
+        assert!(e.contains("redis.shards"), "{e}");
+    }
+
+    #[test]
+    fn replica_wait_is_bounded() {
         let with = |url: &str, replicas: u32, timeout_ms: u64| {
             let mut c = Config::default();
             c.redis.url = Some(url.into());
@@ -934,8 +972,8 @@ mod tests {
         };
         with("redis://127.0.0.1:6379", 1, 1000).unwrap();
         with("redis+sentinel://10.0.0.1:26379/m", 2, 500).unwrap();
-        let e = with("redis+cluster://10.0.0.1:7000", 1, 1000).unwrap_err();
-        assert!(e.contains("wait_replicas"), "{e}");
+        // A Cluster too (ADR-0024): WAIT goes to every master.
+        with("redis+cluster://10.0.0.1:7000", 1, 1000).unwrap();
         with("redis+cluster://10.0.0.1:7000", 0, 1000).unwrap();
         let e = with("redis://127.0.0.1:6379", 1, 0).unwrap_err();
         assert!(e.contains("wait_timeout_ms"), "{e}");

@@ -8,10 +8,12 @@
 //!    forward-only writes as the outbox relay, announced on the channel),
 //!    instead of waiting for the relay's turn; the relay still sends the
 //!    outbox row (a duplicate announcement, harmless);
-//! 2. reads the announcement counter: every announcement of this change has
-//!    a number at most this target;
+//! 2. reads the announcement counter of the tenant's shard (ADR-0024; the
+//!    only one when unsharded): every announcement of this change has a
+//!    number at most this target;
 //! 3. reads the live set (`{prefix}gateways`, one [`GatewayPresence`] per
-//!    gateway process) until every live gateway reports `applied ≥ target`,
+//!    gateway process) until every live gateway reports, for that shard,
+//!    `applied ≥ target`,
 //!    or the deadline passes. It polls the hash (first after 250 µs, the
 //!    interval doubling to 5 ms); on the in-process bus it is woken by each
 //!    presence change instead.
@@ -100,6 +102,9 @@ pub struct Enforcement {
     pub outcome: Outcome,
     /// The announcement sequence number the gateways had to reach.
     pub seq: Option<u64>,
+    /// The shard whose sequence `seq` is (0 when unsharded); `None` when
+    /// the answer did not wait.
+    pub shard: Option<u16>,
     /// Gateways live when the answer was given.
     pub gateways_live: usize,
     /// Of those, the ones that had applied `seq`.
@@ -121,7 +126,7 @@ pub struct LaggingGateway {
     pub name: String,
     /// The addresses it serves agents on.
     pub addr: String,
-    /// The last announcement it had applied.
+    /// The last announcement it had applied on the change's shard.
     pub applied: u64,
     /// When it stops trusting its cache unless it confirms Redis again (then
     /// it refuses what it cannot confirm, and Redis holds the revocation).
@@ -129,9 +134,10 @@ pub struct LaggingGateway {
     pub fails_closed_by: OffsetDateTime,
 }
 
-impl From<GatewayPresence> for LaggingGateway {
-    fn from(p: GatewayPresence) -> Self {
+impl LaggingGateway {
+    fn new(p: GatewayPresence, shard: u16) -> Self {
         Self {
+            applied: p.applied_on(shard),
             fails_closed_by: OffsetDateTime::from_unix_timestamp_nanos(
                 i128::from(p.confirmed_until_ms) * 1_000_000,
             )
@@ -139,15 +145,15 @@ impl From<GatewayPresence> for LaggingGateway {
             gateway_id: p.gateway_id,
             name: p.name,
             addr: p.addr,
-            applied: p.applied,
         }
     }
 }
 
 /// Splits the live set at `now_ms` into (live, to prune) and counts the
-/// live gateways that applied `seq`. Pure; the unit tests pin it.
+/// live gateways that applied `seq` on `shard`. Pure; the unit tests pin it.
 pub fn assess(
     presences: Vec<GatewayPresence>,
+    shard: u16,
     seq: u64,
     now_ms: i64,
 ) -> (Vec<GatewayPresence>, usize, Vec<String>) {
@@ -161,7 +167,7 @@ pub fn assess(
             prune.push(p.gateway_id);
         }
     }
-    let confirmed = live.iter().filter(|p| p.applied >= seq).count();
+    let confirmed = live.iter().filter(|p| p.applied_on(shard) >= seq).count();
     (live, confirmed, prune)
 }
 
@@ -183,10 +189,12 @@ struct Wait {
 
 impl Wait {
     /// The answer with `outcome`, `detail` and what the live set showed.
+    #[allow(clippy::too_many_arguments)]
     fn answer(
         &self,
         outcome: Outcome,
         detail: String,
+        shard: Option<u16>,
         seq: Option<u64>,
         live: usize,
         confirmed: usize,
@@ -195,6 +203,7 @@ impl Wait {
         Enforcement {
             outcome,
             seq,
+            shard,
             gateways_live: live,
             gateways_confirmed: confirmed,
             lagging,
@@ -204,17 +213,31 @@ impl Wait {
     }
 
     /// `unconfirmed`, with `detail`.
-    fn unconfirmed(&self, detail: &str, seq: Option<u64>) -> Enforcement {
-        self.answer(Outcome::Unconfirmed, detail.into(), seq, 0, 0, Vec::new())
+    fn unconfirmed(&self, detail: &str, shard: u16, seq: Option<u64>) -> Enforcement {
+        self.answer(
+            Outcome::Unconfirmed,
+            detail.into(),
+            Some(shard),
+            seq,
+            0,
+            0,
+            Vec::new(),
+        )
     }
 
     /// The answer from one read of the live set: `confirmed` or `lagging`.
-    fn settle(&self, seq: u64, live: Vec<GatewayPresence>, confirmed: usize) -> Enforcement {
+    fn settle(
+        &self,
+        shard: u16,
+        seq: u64,
+        live: Vec<GatewayPresence>,
+        confirmed: usize,
+    ) -> Enforcement {
         let n = live.len();
         let lagging: Vec<LaggingGateway> = live
             .into_iter()
-            .filter(|p| p.applied < seq)
-            .map(LaggingGateway::from)
+            .filter(|p| p.applied_on(shard) < seq)
+            .map(|p| LaggingGateway::new(p, shard))
             .collect();
         let (outcome, detail) = match (lagging.is_empty(), n) {
             (true, 0) => (
@@ -239,7 +262,15 @@ impl Wait {
                 ),
             ),
         };
-        self.answer(outcome, detail, Some(seq), n, confirmed, lagging)
+        self.answer(
+            outcome,
+            detail,
+            Some(shard),
+            Some(seq),
+            n,
+            confirmed,
+            lagging,
+        )
     }
 }
 
@@ -298,6 +329,7 @@ impl Enforcer {
                  every gateway refuses it within its propagation bound"
                     .into(),
                 None,
+                None,
                 0,
                 0,
                 Vec::new(),
@@ -305,6 +337,7 @@ impl Enforcer {
             (None, true) => w.unconfirmed(
                 "committed, but no revocation projection is configured (redis.url): no \
                  gateway can learn of it until one is",
+                0,
                 None,
             ),
             (Some(p), true) => self.wait(p, &w, store, clock, tenant, agent).await,
@@ -326,11 +359,12 @@ impl Enforcer {
         tenant: TenantId,
         agent: AgentId,
     ) -> Enforcement {
+        let shard = projection.keys().shard_of(&tenant);
         let projected = tokio::time::timeout_at(w.until, async {
             let mut conn = self.connection(projection).await?;
             conn.project_agent(store, tenant, agent, clock.now(), true)
                 .await?;
-            let (_, seq) = conn.status().await?;
+            let seq = conn.shard_seq(shard).await?;
             Ok::<_, ProjectionError>(seq.unwrap_or(0))
         })
         .await;
@@ -343,7 +377,7 @@ impl Enforcer {
                     _ => format!("no answer within {} ms", self.deadline.as_millis()),
                 };
                 tracing::warn!(error = %why, %tenant, %agent, "revocation committed but not yet projected; the outbox relay retries");
-                return w.unconfirmed(NOT_PROJECTED, None);
+                return w.unconfirmed(NOT_PROJECTED, shard, None);
             }
         };
         let mut poll = FIRST_POLL;
@@ -371,17 +405,17 @@ impl Enforcer {
                         _ => "no answer by the deadline".to_owned(),
                     };
                     tracing::warn!(error = %why, "revocation projected, but the live gateway set could not be read");
-                    return w.unconfirmed(UNREADABLE, Some(seq));
+                    return w.unconfirmed(UNREADABLE, shard, Some(seq));
                 }
             };
-            let (live, confirmed, prune) = assess(presences, seq, unix_ms_now());
+            let (live, confirmed, prune) = assess(presences, shard, seq, unix_ms_now());
             if !prune.is_empty() {
                 // Best effort: a failure leaves them for the next revocation.
                 let _ = conn.remove_gateways(&prune).await;
             }
             let now = Instant::now();
             if confirmed == live.len() || now >= w.until {
-                return w.settle(seq, live, confirmed);
+                return w.settle(shard, seq, live, confirmed);
             }
             match changed.as_mut().as_pin_mut() {
                 Some(c) => {
@@ -406,6 +440,7 @@ mod tests {
             name: "gw".into(),
             addr: "127.0.0.1:8443".into(),
             applied,
+            applied_by_shard: Vec::new(),
             confirmed_until_ms: until,
         }
     }
@@ -423,6 +458,7 @@ mod tests {
                 p("expired", 1, now),
                 p("dead", 1, old),
             ],
+            0,
             10,
             now,
         );
@@ -433,8 +469,26 @@ mod tests {
     }
 
     #[test]
+    fn a_sharded_change_waits_for_its_own_shard() {
+        let now = 1_000_000;
+        let mut a = p("a", 0, now + 10);
+        a.applied_by_shard = vec![3, 10, 0];
+        let mut b = p("b", 0, now + 10);
+        b.applied_by_shard = vec![50, 9, 50];
+        // An unsharded presence has applied nothing on shard 1.
+        let c = p("c", 99, now + 10);
+        let (live, confirmed, _) = assess(vec![a.clone(), b.clone(), c], 1, 10, now);
+        assert_eq!(live.len(), 3);
+        assert_eq!(confirmed, 1, "only a reached 10 on shard 1");
+        let (_, confirmed, _) = assess(vec![a.clone(), b.clone()], 2, 1, now);
+        assert_eq!(confirmed, 1, "only b reached 1 on shard 2");
+        assert_eq!(LaggingGateway::new(b, 1).applied, 9);
+        assert_eq!(LaggingGateway::new(a, 3).applied, 0);
+    }
+
+    #[test]
     fn no_gateway_is_trivially_confirmed() {
-        let (live, confirmed, prune) = assess(vec![], 5, 0);
+        let (live, confirmed, prune) = assess(vec![], 0, 5, 0);
         assert!(live.is_empty() && prune.is_empty());
         assert_eq!(confirmed, 0);
     }

@@ -3,12 +3,18 @@
 //! The store is the source of truth; this module writes what gateways read
 //! (key names from [`KeySchema`] only):
 //!
-//! - `{prefix}cert:{serial}` = `active` / `superseded` / `revoked`, expiring
-//!   at the certificate's NotAfter (an expired certificate is refused by the
-//!   chain check anyway, so its key is not kept);
-//! - `{prefix}agent:{tenant}:{agent}` = `active` / `revoked` (no expiry);
-//! - after each key written: `INCR {prefix}revocation:seq`, then `PUBLISH
-//!   {prefix}revocation` an [`Announcement`] carrying that number.
+//! - `{prefix}{shard}cert:{serial}` = `active` / `superseded` / `revoked`,
+//!   expiring at the certificate's NotAfter (an expired certificate is
+//!   refused by the chain check anyway, so its key is not kept);
+//! - `{prefix}{shard}agent:{tenant}:{agent}` = `active` / `revoked` (no expiry);
+//! - after each key written: `INCR {prefix}{shard}revocation:seq`, then
+//!   `PUBLISH` (sharded: `SPUBLISH`) `{prefix}{shard}revocation` an
+//!   [`Announcement`] carrying that number.
+//!
+//! `{shard}` is empty unless `redis.shards > 1` (ADR-0024): then it is the
+//! hash tag of the tenant's shard ([`KeySchema::shard_of`]), so a tenant's
+//! keys, its shard's counter and channel share one slot of a Redis Cluster,
+//! and different tenants' shards sit on different masters.
 //!
 //! The write, the `INCR` and the `PUBLISH` run as one Lua script, so an
 //! announcement is never published for a write that did not happen, and a
@@ -19,11 +25,13 @@
 //! Redis is one node, a Sentinel-managed master or a Cluster, as `redis.url`
 //! says ([`oneprotect_redis`]). With Sentinel, every (re)connect asks the
 //! Sentinels for the master, so the relay follows a failover on its next
-//! reconnect (a write to a demoted master fails, the relay reconnects). On a
-//! Cluster the prefix must carry a hash tag, e.g. `{oneprotect}:`
-//! (validated at startup), so the status key and the counter share a slot
-//! and the scripts run on one node; `PUBLISH` from a script reaches every
-//! node of the cluster.
+//! reconnect (a write to a demoted master fails, the relay reconnects). On
+//! an unsharded Cluster the prefix must carry a hash tag, e.g.
+//! `{oneprotect}:` (validated at startup), so the status key and the counter
+//! share a slot and the scripts run on one node; `PUBLISH` from a script
+//! reaches every node of the cluster. Sharded, each shard's tag does that
+//! for its tenants, and `SPUBLISH` reaches the subscribers of the shard's
+//! slot (every gateway subscribes to every shard).
 //!
 //! What the relay applies per event is not a delta but the agent's current
 //! state re-read from the store ([`ProjectionConn::project_agent`]), so
@@ -80,11 +88,12 @@ pub enum ProjectionError {
     },
 }
 
-// KEYS[1] status key, KEYS[2] sequence counter. ARGV[1] new status,
-// ARGV[2] EXAT unix seconds or "" (no expiry), ARGV[3] channel, ARGV[4] the
-// announcement JSON without its opening `{` and without `seq`, ARGV[5] "1" to
-// announce. Returns -1 when a later status is already there (nothing
-// written), else the announcement's seq (0 when not announcing).
+// KEYS[1] status key, KEYS[2] sequence counter (same slot). ARGV[1] new
+// status, ARGV[2] EXAT unix seconds or "" (no expiry), ARGV[3] channel,
+// ARGV[4] the announcement JSON without its opening `{` and without `seq`,
+// ARGV[5] "1" to announce, ARGV[6] PUBLISH or SPUBLISH. Returns -1 when a
+// later status is already there (nothing written), else the announcement's
+// seq (0 when not announcing).
 const SET_STATUS: &str = r#"
 local rank = { active = 1, superseded = 2, revoked = 3 }
 local cur = redis.call('GET', KEYS[1])
@@ -100,14 +109,15 @@ if ARGV[5] ~= '1' then
   return 0
 end
 local seq = redis.call('INCR', KEYS[2])
-redis.call('PUBLISH', ARGV[3], '{"seq":' .. seq .. ',' .. ARGV[4])
+redis.call(ARGV[6], ARGV[3], '{"seq":' .. seq .. ',' .. ARGV[4])
 return seq
 "#;
 
-// KEYS[1] counter. ARGV[1] channel, ARGV[2] announcement tail as above.
+// KEYS[1] counter. ARGV[1] channel, ARGV[2] announcement tail as above,
+// ARGV[3] PUBLISH or SPUBLISH.
 const ANNOUNCE: &str = r#"
 local seq = redis.call('INCR', KEYS[1])
-redis.call('PUBLISH', ARGV[1], '{"seq":' .. seq .. ',' .. ARGV[2])
+redis.call(ARGV[3], ARGV[1], '{"seq":' .. seq .. ',' .. ARGV[2])
 return seq
 "#;
 
@@ -117,6 +127,16 @@ return seq
 fn announcement_tail(change: &Change) -> Result<String, serde_json::Error> {
     let json = serde_json::to_string(change)?;
     Ok(json.strip_prefix('{').unwrap_or(&json).to_owned())
+}
+
+/// How announcements are sent: `SPUBLISH` on a sharded projection, else
+/// `PUBLISH`.
+fn publish_command(keys: &KeySchema) -> &'static str {
+    if keys.is_sharded() {
+        "SPUBLISH"
+    } else {
+        "PUBLISH"
+    }
 }
 
 /// Where the projection lives: a Redis client (connects lazily) or an
@@ -135,11 +155,13 @@ enum Backend {
 
 impl Projection {
     /// A projection at `url` (one node, `redis+sentinel://` or
-    /// `redis+cluster://`) under `prefix`. Does not connect.
-    pub fn new(url: &str, prefix: &str) -> Result<Self, ProjectionError> {
+    /// `redis+cluster://`) under `prefix`, in `shards` shards (1:
+    /// unsharded; more only on a Cluster, as the configuration validates).
+    /// Does not connect.
+    pub fn new(url: &str, prefix: &str, shards: u16) -> Result<Self, ProjectionError> {
         Ok(Self {
             backend: Backend::Redis(Arc::new(RedisClient::open(url, REDIS_TIMEOUT)?)),
-            keys: KeySchema::new(prefix),
+            keys: KeySchema::sharded(prefix, shards),
         })
     }
 
@@ -196,8 +218,20 @@ pub struct RebuildStats {
     pub agents: usize,
     /// Certificate keys written (unexpired certificates only).
     pub certificates: usize,
-    /// The sequence number of the `resync` announcement.
+    /// The sequence number of the `resync` announcement (shard 0's when
+    /// sharded: every shard announces one).
     pub seq: i64,
+}
+
+/// What [`ProjectionConn::status`] read.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProjectionState {
+    /// When the projection was last fully rebuilt, unix seconds.
+    pub built_at: Option<i64>,
+    /// The shard count it was built with (`{prefix}projection:shards`).
+    pub built_shards: Option<u16>,
+    /// The last announcement sequence of each shard (one when unsharded).
+    pub sequences: Vec<Option<u64>>,
 }
 
 /// One connection to the projection's Redis (or a handle on the bus).
@@ -225,6 +259,7 @@ impl std::fmt::Debug for ProjectionConn {
 impl ProjectionConn {
     async fn set_status(
         &mut self,
+        shard: u16,
         key: String,
         status: &str,
         expires_at: Option<OffsetDateTime>,
@@ -249,12 +284,13 @@ impl ProjectionConn {
             .arg(SET_STATUS)
             .arg(2)
             .arg(key)
-            .arg(self.keys.revocation_seq())
+            .arg(self.keys.revocation_seq_of(shard))
             .arg(status)
             .arg(exat)
-            .arg(self.keys.revocation_channel())
+            .arg(self.keys.revocation_channel_of(shard))
             .arg(announcement_tail(change)?)
             .arg(if announce { "1" } else { "0" })
+            .arg(publish_command(&self.keys))
             .query_async(conn)
             .await?;
         Ok(seq)
@@ -295,7 +331,8 @@ impl ProjectionConn {
             };
             let seq = self
                 .set_status(
-                    self.keys.cert_status(&c.serial),
+                    self.keys.shard_of(&tenant),
+                    self.keys.cert_status(&tenant, &c.serial),
                     c.status.as_str(),
                     Some(c.not_after),
                     &change,
@@ -328,6 +365,7 @@ impl ProjectionConn {
         };
         let seq = self
             .set_status(
+                self.keys.shard_of(&tenant),
                 self.keys.agent_status(&tenant, &agent),
                 status.as_str(),
                 None,
@@ -340,7 +378,8 @@ impl ProjectionConn {
 
     /// Rewrites every agent's and unexpired certificate's status from the
     /// store (without per-key announcements), records
-    /// `{prefix}projection:built_at`, then announces one `resync`.
+    /// `{prefix}projection:built_at` and `{prefix}projection:shards`, then
+    /// announces one `resync` on every shard.
     pub async fn rebuild(
         &mut self,
         store: &AnyStore,
@@ -384,40 +423,91 @@ impl ProjectionConn {
                 return Ok(stats);
             }
         };
+        // The shard count first: a gateway checks it before trusting the
+        // keys, and the keys are all written.
+        redis::cmd("SET")
+            .arg(self.keys.projection_shards())
+            .arg(self.keys.shards())
+            .query_async::<()>(&mut *conn)
+            .await?;
         redis::cmd("SET")
             .arg(self.keys.projection_built_at())
             .arg(now.unix_timestamp())
-            .query_async::<()>(conn)
+            .query_async::<()>(&mut *conn)
             .await?;
-        stats.seq = redis::cmd("EVAL")
-            .arg(ANNOUNCE)
-            .arg(1)
-            .arg(self.keys.revocation_seq())
-            .arg(self.keys.revocation_channel())
-            .arg(announcement_tail(&Change::Resync)?)
-            .query_async(conn)
-            .await?;
+        let publish = publish_command(&self.keys);
+        let tail = announcement_tail(&Change::Resync)?;
+        for shard in (0..self.keys.shards()).rev() {
+            stats.seq = redis::cmd("EVAL")
+                .arg(ANNOUNCE)
+                .arg(1)
+                .arg(self.keys.revocation_seq_of(shard))
+                .arg(self.keys.revocation_channel_of(shard))
+                .arg(&tail)
+                .arg(publish)
+                .query_async(&mut *conn)
+                .await?;
+        }
         Ok(stats)
     }
 
-    /// When the projection was last built (unix seconds) and the last
-    /// announcement sequence written: `{prefix}projection:built_at` and
-    /// `{prefix}revocation:seq`, read in one `MGET` (one hash slot).
-    pub async fn status(&mut self) -> Result<(Option<i64>, Option<u64>), ProjectionError> {
+    /// When the projection was last built (unix seconds), the shard count
+    /// it was built with and every shard's last announcement sequence:
+    /// `{prefix}projection:built_at`, `{prefix}projection:shards` and each
+    /// `{prefix}{shard}revocation:seq`, one `GET` each (different slots on
+    /// a sharded Cluster).
+    pub async fn status(&mut self) -> Result<ProjectionState, ProjectionError> {
         let conn = match &mut self.conn {
             Conn::Redis(c) => c,
-            Conn::Memory(bus) => return Ok((bus.built_at(), bus.seq())),
+            Conn::Memory(bus) => {
+                return Ok(ProjectionState {
+                    built_at: bus.built_at(),
+                    built_shards: bus.is_built().then_some(1),
+                    sequences: vec![bus.seq()],
+                })
+            }
         };
-        let (built_at, seq): (Option<i64>, Option<u64>) = redis::cmd("MGET")
+        let built_at: Option<i64> = redis::cmd("GET")
             .arg(self.keys.projection_built_at())
-            .arg(self.keys.revocation_seq())
-            .query_async(conn)
+            .query_async(&mut *conn)
             .await?;
-        Ok((built_at, seq))
+        let built_shards: Option<u16> = redis::cmd("GET")
+            .arg(self.keys.projection_shards())
+            .query_async(&mut *conn)
+            .await?;
+        let mut sequences = Vec::with_capacity(usize::from(self.keys.shards()));
+        for shard in 0..self.keys.shards() {
+            sequences.push(
+                redis::cmd("GET")
+                    .arg(self.keys.revocation_seq_of(shard))
+                    .query_async::<Option<u64>>(&mut *conn)
+                    .await?,
+            );
+        }
+        Ok(ProjectionState {
+            built_at,
+            built_shards,
+            sequences,
+        })
     }
 
-    /// Whether `{prefix}projection:built_at` exists (a flushed or new Redis
-    /// has none, and must be rebuilt).
+    /// The last announcement sequence of `shard` (`None`: none yet).
+    pub async fn shard_seq(&mut self, shard: u16) -> Result<Option<u64>, ProjectionError> {
+        let conn = match &mut self.conn {
+            Conn::Redis(c) => c,
+            Conn::Memory(bus) => return Ok(bus.seq()),
+        };
+        Ok(redis::cmd("GET")
+            .arg(self.keys.revocation_seq_of(shard))
+            .query_async(conn)
+            .await?)
+    }
+
+    /// Whether the projection is built in this layout: both
+    /// `{prefix}projection:built_at` and `{prefix}projection:shards` exist,
+    /// and the latter is this projection's shard count (a flushed or new
+    /// Redis has neither; a changed `redis.shards` moves every key). Else
+    /// it must be rebuilt.
     pub async fn is_built(&mut self) -> Result<bool, ProjectionError> {
         let conn = match &mut self.conn {
             Conn::Redis(c) => c,
@@ -425,9 +515,13 @@ impl ProjectionConn {
         };
         let n: i64 = redis::cmd("EXISTS")
             .arg(self.keys.projection_built_at())
-            .query_async(conn)
+            .query_async(&mut *conn)
             .await?;
-        Ok(n > 0)
+        let shards: Option<u16> = redis::cmd("GET")
+            .arg(self.keys.projection_shards())
+            .query_async(&mut *conn)
+            .await?;
+        Ok(n > 0 && shards == Some(self.keys.shards()))
     }
 
     /// Appends `event` to the lifecycle stream: `XADD {prefix}events * event_id

@@ -115,7 +115,8 @@ pub fn open_ca(cfg: &Config, clock: SharedClock) -> Result<Ca, CaError> {
 pub async fn build_state(cfg: &Config, clock: SharedClock) -> Result<AppState, StartError> {
     let projection = match &cfg.redis.url {
         Some(url) => {
-            let p = Projection::new(url, &cfg.redis.key_prefix).map_err(StartError::Redis)?;
+            let p = Projection::new(url, &cfg.redis.key_prefix, cfg.redis.shards)
+                .map_err(StartError::Redis)?;
             tracing::info!(prefix = %cfg.redis.key_prefix, "revocation projection and event relay: Redis configured");
             Some(p)
         }

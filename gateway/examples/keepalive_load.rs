@@ -123,7 +123,7 @@ fn main() {
         let c = redis::Client::open(redis_url.as_str()).unwrap();
         let mut r = c.get_multiplexed_async_connection().await.unwrap();
         let _: () = redis::cmd("SET")
-            .arg(keys.cert_status(&id.serial()))
+            .arg(keys.cert_status(&id.tenant(), &id.serial()))
             .arg("active")
             .query_async(&mut r)
             .await
@@ -187,7 +187,7 @@ fn main() {
         let c = redis::Client::open(redis_url.as_str()).unwrap();
         let mut r = c.get_multiplexed_async_connection().await.unwrap();
         let _: () = redis::cmd("DEL")
-            .arg(keys.cert_status(&id.serial()))
+            .arg(keys.cert_status(&id.tenant(), &id.serial()))
             .arg(keys.agent_status(&id.tenant(), &id.agent()))
             .query_async(&mut r)
             .await

@@ -66,6 +66,9 @@ pub enum ConfigError {
     /// `revocation.key_prefix` does not suit the Redis deployment.
     #[error("revocation.key_prefix: {0}")]
     KeyPrefix(#[source] oneprotect_redis::PrefixError),
+    /// `revocation.shards` out of range or without a Cluster.
+    #[error("revocation.shards: {0}")]
+    Shards(#[source] oneprotect_redis::ShardsError),
     /// A route is refused.
     #[error("route {prefix:?}: {problem}")]
     Route {
@@ -370,13 +373,22 @@ pub struct RevocationConfig {
     /// Sentinel-managed master
     /// (`redis+sentinel://host:port[,host:port…]/master[/db]`) or a Redis
     /// Cluster (`redis+cluster://host:port[,host:port…]`, which needs a hash
-    /// tag in `key_prefix`); see [`oneprotect_redis`].
+    /// tag in `key_prefix` unless `shards > 1`); see [`oneprotect_redis`].
     #[serde(default = "default_redis_url")]
     pub redis_url: String,
     /// The key prefix of the projection. Defaults to `oneprotect:`. With a
-    /// Redis Cluster it must contain a hash tag, e.g. `{oneprotect}:`.
+    /// Redis Cluster and `shards = 1` it must contain a hash tag, e.g.
+    /// `{oneprotect}:`; with `shards > 1` it must not.
     #[serde(default = "default_prefix")]
     pub key_prefix: String,
+    /// Shards of the projection (ADR-0024); must equal the enroll-api's
+    /// `redis.shards`, which it records in `{prefix}projection:shards` — a
+    /// gateway configured otherwise does not confirm Redis, so fails closed,
+    /// and logs why. 1 (the default): one channel (`SUBSCRIBE`). N > 1,
+    /// only with `redis+cluster://`: `SSUBSCRIBE` to every shard's channel,
+    /// a sequence and gap detection per shard. 1 ..= 1024.
+    #[serde(default = "default_shards")]
+    pub shards: u16,
     /// How long cached answers stay trusted after Redis was last confirmed
     /// (subscription alive and answering pings), milliseconds. After that
     /// the gateway fails closed: 503 `revocation_unavailable`. Defaults to
@@ -413,6 +425,7 @@ impl Default for RevocationConfig {
         Self {
             redis_url: default_redis_url(),
             key_prefix: default_prefix(),
+            shards: default_shards(),
             max_staleness_ms: default_max_staleness(),
             heartbeat_ms: default_heartbeat(),
             redis_timeout_ms: default_redis_timeout(),
@@ -588,6 +601,9 @@ fn default_redis_url() -> String {
 fn default_prefix() -> String {
     oneprotect_identity::revocation::DEFAULT_PREFIX.into()
 }
+fn default_shards() -> u16 {
+    1
+}
 fn default_max_staleness() -> u64 {
     5000
 }
@@ -718,12 +734,17 @@ impl Config {
         if r.cache_capacity == 0 || r.cache_ttl_secs == 0 {
             range("revocation.cache_capacity and cache_ttl_secs", "positive")?;
         }
-        oneprotect_redis::RedisTarget::parse(&r.redis_url)
-            .map_err(|source| ConfigError::RedisUrl {
+        let target = oneprotect_redis::RedisTarget::parse(&r.redis_url).map_err(|source| {
+            ConfigError::RedisUrl {
                 url: redact_url(&r.redis_url),
                 source,
-            })?
-            .check_key_prefix(&r.key_prefix)
+            }
+        })?;
+        target
+            .check_shards(r.shards, oneprotect_identity::revocation::MAX_SHARDS)
+            .map_err(ConfigError::Shards)?;
+        target
+            .check_layout(&r.key_prefix, r.shards)
             .map_err(ConfigError::KeyPrefix)?;
         let a = &self.assertion;
         let max = oneprotect_identity::assertion::MAX_LIFETIME_SECS as u64;
@@ -1115,6 +1136,33 @@ pub(crate) mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("require_client_cert"), "{e}");
+    }
+
+    #[test]
+    fn shards_are_validated_with_the_topology_and_prefix() {
+        let check = |url: &str, prefix: &str, shards: u16| {
+            let text = format!(
+                "{MINIMAL}\n[revocation]\nredis_url = \"{url}\"\nkey_prefix = \"{prefix}\"\nshards = {shards}\n"
+            );
+            Config::from_toml(&text, Path::new("t"))
+                .unwrap()
+                .validate()
+                .map(|c| c.revocation.shards)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(check("redis+cluster://10.0.0.1:7000", "op:", 12), Ok(12));
+        let e = check("redis+cluster://10.0.0.1:7000", "{op}:", 12).unwrap_err();
+        assert!(
+            e.contains("revocation.key_prefix") && e.contains("must not"),
+            "{e}"
+        );
+        let e = check("redis://127.0.0.1:6379", "op:", 2).unwrap_err();
+        assert!(
+            e.contains("revocation.shards") && e.contains("Cluster"),
+            "{e}"
+        );
+        let e = check("redis+cluster://10.0.0.1:7000", "op:", 0).unwrap_err();
+        assert!(e.contains("revocation.shards: must be 1..=1024"), "{e}");
     }
 
     #[test]

@@ -68,7 +68,7 @@ impl ConnIdentity {
             ));
         }
         Self {
-            cert_key: ctx.keys.cert_status(&identity.serial()),
+            cert_key: ctx.keys.cert_status(&identity.tenant(), &identity.serial()),
             agent_key: ctx.keys.agent_status(&identity.tenant(), &identity.agent()),
             identity,
             headers,

@@ -157,12 +157,12 @@ impl Metrics {
         .expect("static metric");
         let revocation_last_seq = IntGauge::new(
             "revocation_last_seq",
-            "Last revocation announcement sequence number",
+            "Last revocation announcement sequence number applied (the sum over shards when sharded)",
         )
         .expect("static metric");
         let revocation_seq_lag = IntGauge::new(
             "revocation_seq_lag",
-            "How far Redis' announcement counter is ahead of the last applied one",
+            "How far Redis' announcement counter is ahead of the last applied one (the largest over shards)",
         )
         .expect("static metric");
         let revocation_staleness_ms = IntGauge::new(

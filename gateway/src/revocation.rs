@@ -28,11 +28,24 @@
 //! Sentinel-managed master or a Cluster, as `revocation.redis_url` says
 //! ([`oneprotect_redis`]). With Sentinel, every (re)connect asks the
 //! Sentinels for the master, so a failover is followed on the next
-//! reconnect. With a Cluster, lookups go through a cluster connection (every
-//! key is in the prefix's hash-tag slot) and the subscription sits on one
-//! node — a cluster broadcasts `PUBLISH` to every node — moving to the next
-//! seed node when it fails; that reconnect distrusts the cache like any
-//! other. The one-process
+//! reconnect. With an unsharded Cluster, lookups go through a cluster
+//! connection (every key is in the prefix's hash-tag slot) and the
+//! subscription sits on one node — a cluster broadcasts `PUBLISH` to every
+//! node — moving to the next seed node when it fails; that reconnect
+//! distrusts the cache like any other.
+//!
+//! With a sharded projection (`shards > 1`, ADR-0024) the lookup's `MGET`
+//! goes to the tenant's shard (both keys share its tag), and the subscriber
+//! `SSUBSCRIBE`s to every shard's channel on one RESP3 cluster connection
+//! (each channel on the node owning its slot). Each shard has its own
+//! sequence: a gap, a lag seen on two heartbeats, or an unparsable message
+//! on any shard distrusts the cache (all of it: simple, and fail-closed).
+//! The heartbeat reads every shard's counter through that connection, which
+//! confirms the link to every shard's node; a node's connection closing,
+//! or the server moving a channel (`sunsubscribe`, a failover or slot
+//! migration), ends the subscription: the gateway subscribes again from
+//! scratch (fresh slot map) and distrusts the cache. The presence reports
+//! each shard's cursor (`applied_by_shard`). The one-process
 //! dev stack reads an in-process [`MemoryBus`] instead
 //! ([`Revocation::with_memory_bus`]): the same keys, announcements and
 //! sequence, so every rule above applies unchanged. A subscriber that lags
@@ -126,9 +139,9 @@ pub struct Revocation {
     /// Woken when a certificate or agent turns revoked or superseded (the
     /// tunnels re-check at once).
     refused: tokio::sync::Notify,
-    /// The last announcement sequence applied (0: none yet); reported in
-    /// this gateway's presence ([`GatewayPresence`]).
-    applied: AtomicU64,
+    /// The last announcement sequence applied per shard (0: none yet);
+    /// reported in this gateway's presence ([`GatewayPresence`]).
+    applied: Vec<AtomicU64>,
     /// Woken when `applied` moves: the presence writer reports it at once.
     applied_changed: tokio::sync::Notify,
     /// This gateway process' id in the live set (a random UUID).
@@ -170,7 +183,7 @@ impl Revocation {
     fn with_source(cfg: &RevocationConfig, source: Source, metrics: Metrics) -> Self {
         let ttl = Duration::from_secs(cfg.cache_ttl_secs);
         Self {
-            keys: KeySchema::new(cfg.key_prefix.clone()),
+            keys: KeySchema::sharded(cfg.key_prefix.clone(), cfg.shards),
             source,
             conn: ArcSwapOption::empty(),
             certs: moka::sync::Cache::builder()
@@ -187,7 +200,7 @@ impl Revocation {
             last_ok_ms: AtomicU64::new(0),
             redis_down: AtomicBool::new(false),
             refused: tokio::sync::Notify::new(),
-            applied: AtomicU64::new(0),
+            applied: (0..cfg.shards.max(1)).map(|_| AtomicU64::new(0)).collect(),
             applied_changed: tokio::sync::Notify::new(),
             gateway_id: uuid::Uuid::new_v4().to_string(),
             gateway_name: cfg.gateway_name.clone().unwrap_or_else(host_name),
@@ -208,13 +221,24 @@ impl Revocation {
         let _ = self.gateway_addr.set(addr);
     }
 
-    /// Records the subscriber's cursor as applied, waking the presence
-    /// writer when it moved. Called wherever the cursor moves (a
+    /// Records `shard`'s subscriber cursor as applied, waking the presence
+    /// writer when it moved. Called wherever a cursor moves (a
     /// subscription's baseline, [`Self::apply`], a lag or gap), so the
     /// presence never runs ahead of the cache.
-    fn note_applied(&self, last_seq: Option<u64>) {
+    fn note_applied(&self, shard: u16, last_seq: Option<u64>) {
         let seq = last_seq.unwrap_or(0);
-        if self.applied.swap(seq, Ordering::AcqRel) != seq {
+        let Some(cell) = self.applied.get(usize::from(shard)) else {
+            return;
+        };
+        if cell.swap(seq, Ordering::AcqRel) != seq {
+            let total = self
+                .applied
+                .iter()
+                .map(|a| a.load(Ordering::Acquire))
+                .fold(0u64, u64::saturating_add);
+            self.metrics
+                .revocation_last_seq
+                .set(total.min(i64::MAX as u64) as i64);
             self.applied_changed.notify_one();
         }
     }
@@ -225,11 +249,21 @@ impl Revocation {
     fn presence(&self) -> Option<GatewayPresence> {
         let staleness = self.staleness()?;
         let left = self.cfg.max_staleness().checked_sub(staleness)?;
+        let applied: Vec<u64> = self
+            .applied
+            .iter()
+            .map(|a| a.load(Ordering::Acquire))
+            .collect();
         Some(GatewayPresence {
             gateway_id: self.gateway_id.clone(),
             name: self.gateway_name.clone(),
             addr: self.gateway_addr.get().cloned().unwrap_or_default(),
-            applied: self.applied.load(Ordering::Acquire),
+            applied: applied.first().copied().unwrap_or(0),
+            applied_by_shard: if self.keys.is_sharded() {
+                applied
+            } else {
+                Vec::new()
+            },
             confirmed_until_ms: oneprotect_identity::revocation::unix_ms_now()
                 .saturating_add(left.as_millis() as i64),
         })
@@ -468,8 +502,9 @@ impl Revocation {
         }
     }
 
-    /// Applies one announcement; `last_seq` is the subscriber's cursor.
-    fn apply(&self, payload: &[u8], last_seq: &mut Option<u64>) {
+    /// Applies one announcement of `shard`; `last_seq` is the subscriber's
+    /// cursor on that shard.
+    fn apply(&self, shard: u16, payload: &[u8], last_seq: &mut Option<u64>) {
         let Ok(a) = serde_json::from_slice::<Announcement>(payload) else {
             self.reset("unparsable announcement");
             return;
@@ -485,9 +520,6 @@ impl Revocation {
             }
         };
         *last_seq = Some(last_seq.map_or(a.seq, |l| l.max(a.seq)));
-        self.metrics
-            .revocation_last_seq
-            .set(last_seq.unwrap_or(0) as i64);
         let epoch = self.epoch.load(Ordering::Acquire);
         // A resync or gap wakes no tunnel at once (each would look itself
         // up in Redis together): their next periodic check confirms them.
@@ -525,7 +557,7 @@ impl Revocation {
         if refuses {
             self.refused.notify_waiters();
         }
-        self.note_applied(*last_seq);
+        self.note_applied(shard, *last_seq);
     }
 
     /// Watches a tunnel's connection (after an allowed upgrade) until its
@@ -569,10 +601,12 @@ impl Revocation {
     pub async fn run_subscriber(&self, shutdown: tokio::sync::watch::Receiver<bool>) {
         let presence = self.run_presence(shutdown.clone());
         let subscriber = async {
-            if let Source::Memory(bus) = &self.source {
-                self.run_bus_subscriber(bus, shutdown).await
-            } else {
-                self.run_redis_subscriber(shutdown).await
+            match &self.source {
+                Source::Memory(bus) => self.run_bus_subscriber(bus, shutdown).await,
+                Source::Redis(client) if self.keys.is_sharded() => {
+                    self.run_sharded_subscriber(client, shutdown).await
+                }
+                Source::Redis(_) => self.run_redis_subscriber(shutdown).await,
             }
         };
         tokio::join!(presence, subscriber);
@@ -598,7 +632,7 @@ impl Revocation {
                     self.metrics.redis_connected.set(1);
                     tracing::info!(channel = %channel, %node, "revocation subscription up");
                     let mut last_seq = baseline;
-                    self.note_applied(last_seq);
+                    self.note_applied(0, last_seq);
                     let mut lagging = false;
                     let mut tick = tokio::time::interval(heartbeat);
                     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -606,7 +640,7 @@ impl Revocation {
                         tokio::select! {
                             msg = stream.next() => match msg {
                                 Some(m) => {
-                                    self.apply(m.get_payload_bytes(), &mut last_seq);
+                                    self.apply(0, m.get_payload_bytes(), &mut last_seq);
                                     self.mark_ok();
                                 }
                                 None => break,
@@ -649,7 +683,8 @@ impl Revocation {
     async fn check_lag(&self, last_seq: &mut Option<u64>, lagging: &mut bool) {
         if let Source::Memory(bus) = &self.source {
             if let Some(current) = bus.seq() {
-                self.lag_seen(current, last_seq, lagging);
+                let lag = self.lag_seen(0, current, last_seq, lagging);
+                self.metrics.revocation_seq_lag.set(lag);
             }
             return;
         }
@@ -667,26 +702,33 @@ impl Revocation {
         let Ok(Ok(Some(current))) = res else {
             return;
         };
-        self.lag_seen(current, last_seq, lagging);
+        let lag = self.lag_seen(0, current, last_seq, lagging);
+        self.metrics.revocation_seq_lag.set(lag);
     }
 
-    fn lag_seen(&self, current: u64, last_seq: &mut Option<u64>, lagging: &mut bool) {
+    /// Compares `shard`'s cursor with its counter `current`: a lag seen on
+    /// two heartbeats in a row distrusts the cache and moves the cursor to
+    /// the counter. Returns the lag left (for the gauge).
+    fn lag_seen(
+        &self,
+        shard: u16,
+        current: u64,
+        last_seq: &mut Option<u64>,
+        lagging: &mut bool,
+    ) -> i64 {
         let lag = current.saturating_sub(last_seq.unwrap_or(0));
-        self.metrics
-            .revocation_seq_lag
-            .set(lag.min(i64::MAX as u64) as i64);
         if lag == 0 {
             *lagging = false;
         } else if *lagging {
             self.reset("announcement missed (sequence lag)");
             *last_seq = Some(current);
-            self.metrics.revocation_last_seq.set(current as i64);
-            self.metrics.revocation_seq_lag.set(0);
             *lagging = false;
-            self.note_applied(*last_seq);
+            self.note_applied(shard, *last_seq);
+            return 0;
         } else {
             *lagging = true;
         }
+        lag.min(i64::MAX as u64) as i64
     }
 
     /// The subscriber over an in-process bus: the same loop as over Redis,
@@ -704,7 +746,7 @@ impl Revocation {
         self.metrics.redis_connected.set(1);
         tracing::info!("revocation subscription up (in-process bus)");
         let mut last_seq = baseline;
-        self.note_applied(last_seq);
+        self.note_applied(0, last_seq);
         let mut lagging = false;
         let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.heartbeat_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -712,14 +754,14 @@ impl Revocation {
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Ok(payload) => {
-                        self.apply(payload.as_bytes(), &mut last_seq);
+                        self.apply(0, payload.as_bytes(), &mut last_seq);
                         self.mark_ok();
                     }
                     Err(RecvError::Lagged(missed)) => {
                         tracing::warn!(missed, "revocation announcements missed (subscriber lagged)");
                         self.reset("announcement sequence gap");
                         last_seq = bus.seq();
-                        self.note_applied(last_seq);
+                        self.note_applied(0, last_seq);
                     }
                     Err(RecvError::Closed) => break,
                 },
@@ -764,12 +806,200 @@ impl Revocation {
                 .arg(self.keys.revocation_seq())
                 .query_async(&mut conn)
                 .await?;
-            Ok::<_, redis::RedisError>((sink, stream, seq, node))
+            let layout = self.read_layout(&mut conn).await?;
+            Ok::<_, redis::RedisError>((sink, stream, seq, node, layout))
         };
         match tokio::time::timeout(timeout * 4, fut).await {
-            Ok(Ok(v)) => Ok(v),
+            Ok(Ok((sink, stream, seq, node, layout))) => {
+                self.check_layout(layout)?;
+                Ok((sink, stream, seq, node))
+            }
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("timed out".into()),
+        }
+    }
+
+    /// `{prefix}projection:shards`, as the enroll-api recorded it.
+    async fn read_layout(&self, conn: &mut RedisConnection) -> redis::RedisResult<Option<u16>> {
+        redis::cmd("GET")
+            .arg(self.keys.projection_shards())
+            .query_async(conn)
+            .await
+    }
+
+    /// Whether the projection's recorded shard count is this gateway's
+    /// (none recorded counts as 1: an enroll-api that never rebuilt, or
+    /// keys written by hand). A mismatch keeps the gateway unconfirmed —
+    /// it would read keys in the wrong places — with an error saying so.
+    fn check_layout(&self, recorded: Option<u16>) -> Result<(), String> {
+        let ours = self.keys.shards();
+        if recorded.unwrap_or(1) == ours {
+            return Ok(());
+        }
+        Err(format!(
+            "the projection is written in {} shard(s) ({}), but revocation.shards = {ours}: \
+             set both to the same value (refusing to confirm Redis meanwhile)",
+            recorded.unwrap_or(1),
+            self.keys.projection_shards()
+        ))
+    }
+
+    /// The subscriber over a sharded projection (ADR-0024): `SSUBSCRIBE`
+    /// to every shard's channel on one RESP3 cluster connection, a cursor
+    /// and gap detection per shard; every heartbeat reads each shard's
+    /// counter through that connection (confirming each shard's node and
+    /// checking the lag). A closed node connection or a server-side
+    /// `sunsubscribe` (the slot moved) ends the subscription; the next one
+    /// starts from scratch and distrusts the cache.
+    async fn run_sharded_subscriber(
+        &self,
+        client: &RedisClient,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let heartbeat = Duration::from_millis(self.cfg.heartbeat_ms);
+        let timeout = Duration::from_millis(self.cfg.redis_timeout_ms);
+        let n = self.keys.shards();
+        let channels: Vec<String> = (0..n).map(|k| self.keys.revocation_channel_of(k)).collect();
+        let by_channel: std::collections::HashMap<&[u8], u16> = channels
+            .iter()
+            .zip(0u16..)
+            .map(|(c, k)| (c.as_bytes(), k))
+            .collect();
+        let mut failures: u64 = 0;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match self.shard_subscribe(client, &channels, timeout).await {
+                Ok((mut sub, baseline)) => {
+                    failures = 0;
+                    self.redis_down.store(false, Ordering::Release);
+                    self.conn.store(None);
+                    self.reset("subscribed");
+                    self.mark_ok();
+                    self.metrics.redis_connected.set(1);
+                    tracing::info!(shards = n, "revocation subscription up (sharded pub/sub)");
+                    let mut cursors = baseline;
+                    for (k, c) in (0u16..).zip(&cursors) {
+                        self.note_applied(k, *c);
+                    }
+                    let mut lagging = vec![false; usize::from(n)];
+                    let mut tick = tokio::time::interval(heartbeat);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    let why = loop {
+                        tokio::select! {
+                            push = sub.pushes.recv() => {
+                                let Some(push) = push else { break "push channel closed" };
+                                match push.kind {
+                                    redis::PushKind::SMessage => {
+                                        let shard = match push.data.first() {
+                                            Some(redis::Value::BulkString(ch)) => by_channel.get(ch.as_slice()).copied(),
+                                            _ => None,
+                                        };
+                                        let payload = match push.data.get(1) {
+                                            Some(redis::Value::BulkString(p)) => Some(p.as_slice()),
+                                            _ => None,
+                                        };
+                                        if let (Some(k), Some(payload)) = (shard, payload) {
+                                            self.apply(k, payload, &mut cursors[usize::from(k)]);
+                                            self.mark_ok();
+                                        }
+                                    }
+                                    redis::PushKind::Disconnection => break "a node's connection closed",
+                                    redis::PushKind::SUnsubscribe => break "a shard channel moved (sunsubscribe)",
+                                    _ => {}
+                                }
+                            }
+                            _ = tick.tick() => {
+                                let Some(current) = self.read_shard_seqs(&mut sub.conn, timeout).await else {
+                                    break "a shard's counter did not answer";
+                                };
+                                self.mark_ok();
+                                let mut worst = 0;
+                                for (k, c) in (0u16..).zip(current) {
+                                    let i = usize::from(k);
+                                    if let Some(c) = c {
+                                        worst = worst.max(self.lag_seen(k, c, &mut cursors[i], &mut lagging[i]));
+                                    }
+                                }
+                                self.metrics.revocation_seq_lag.set(worst);
+                            }
+                            _ = shutdown.changed() => return,
+                        }
+                    };
+                    self.metrics.redis_connected.set(0);
+                    tracing::warn!(
+                        why,
+                        "sharded revocation subscription lost; serving cached answers until max_staleness"
+                    );
+                }
+                Err(e) => {
+                    self.redis_down.store(true, Ordering::Release);
+                    failures += 1;
+                    if failures == 1 || failures.is_multiple_of(60) {
+                        tracing::warn!(error = %e, failures, "cannot subscribe to the revocation shard channels");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(heartbeat) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Subscribes to every shard channel, then reads every shard's counter
+    /// (announcements up to it are reflected in the keys lookups will read)
+    /// and checks the recorded layout.
+    async fn shard_subscribe(
+        &self,
+        client: &RedisClient,
+        channels: &[String],
+        timeout: Duration,
+    ) -> Result<(oneprotect_redis::ShardSubscriber, Vec<Option<u64>>), String> {
+        let mut sub = client
+            .shard_subscriber(channels)
+            .await
+            .map_err(|e| e.to_string())?;
+        let layout = tokio::time::timeout(timeout * 4, self.read_layout(&mut sub.conn)).await;
+        match layout {
+            Ok(Ok(l)) => self.check_layout(l)?,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("timed out reading the projection layout".into()),
+        }
+        let baseline = self
+            .read_shard_seqs(&mut sub.conn, timeout * 4)
+            .await
+            .ok_or("timed out reading the shard counters")?;
+        Ok((sub, baseline))
+    }
+
+    /// Every shard's counter, read through `conn` within `timeout` (one
+    /// `GET` per shard: they are in different slots); `None` on any failure.
+    async fn read_shard_seqs(
+        &self,
+        conn: &mut RedisConnection,
+        timeout: Duration,
+    ) -> Option<Vec<Option<u64>>> {
+        let fut = async {
+            let mut out = Vec::with_capacity(usize::from(self.keys.shards()));
+            for k in 0..self.keys.shards() {
+                out.push(
+                    redis::cmd("GET")
+                        .arg(self.keys.revocation_seq_of(k))
+                        .query_async::<Option<u64>>(&mut *conn)
+                        .await?,
+                );
+            }
+            Ok::<_, redis::RedisError>(out)
+        };
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "reading the shard counters failed");
+                None
+            }
+            Err(_) => None,
         }
     }
 
@@ -827,7 +1057,7 @@ mod tests {
         let keys = r.keys().clone();
         let serial: SerialNumber = "0a".parse().unwrap();
         let (t, a) = (TenantId::random(), AgentId::random());
-        let (ck, ak) = (keys.cert_status(&serial), keys.agent_status(&t, &a));
+        let (ck, ak) = (keys.cert_status(&t, &serial), keys.agent_status(&t, &a));
         assert_eq!(r.lookup([&ck, &ak]).await, Some((None, None)));
         assert!(!r.is_confirmed());
         let agent_change = |status| Change::Agent {
@@ -893,6 +1123,66 @@ mod tests {
     }
 
     #[test]
+    fn sharded_cursors_detect_gaps_per_shard_and_reach_the_presence() {
+        let cfg = RevocationConfig {
+            redis_url: "redis+cluster://127.0.0.1:1".into(),
+            key_prefix: "p:".into(),
+            shards: 4,
+            ..RevocationConfig::default()
+        };
+        let r = Revocation::new(&cfg, Metrics::new()).unwrap();
+        assert!(r.keys().is_sharded());
+        let (t, a) = (TenantId::random(), AgentId::random());
+        let msg = |seq: u64| {
+            format!(
+                r#"{{"seq":{seq},"kind":"agent","tenant_id":"{t}","agent_id":"{a}","status":"active"}}"#
+            )
+        };
+        let e0 = r.epoch.load(Ordering::Relaxed);
+        let (mut c0, mut c2) = (Some(10), Some(3));
+        r.apply(0, msg(11).as_bytes(), &mut c0);
+        // Shard 2's own sequence: 4 follows its 3, whatever shard 0 is at.
+        r.apply(2, msg(4).as_bytes(), &mut c2);
+        assert_eq!((c0, c2), (Some(11), Some(4)));
+        assert_eq!(
+            r.epoch.load(Ordering::Relaxed),
+            e0,
+            "no gap on either shard"
+        );
+        // 4 -> 6 on shard 2 is a gap: the cache is distrusted.
+        r.apply(2, msg(6).as_bytes(), &mut c2);
+        assert_eq!(r.epoch.load(Ordering::Relaxed), e0 + 1);
+        r.mark_ok();
+        let p = r.presence().expect("confirmed");
+        assert_eq!(p.applied_by_shard, vec![11, 0, 6, 0]);
+        assert_eq!(p.applied, 11);
+        assert_eq!(p.applied_on(2), 6);
+        // A lag on two heartbeats moves only that shard's cursor.
+        let mut lagging = false;
+        assert_eq!(r.lag_seen(3, 5, &mut None, &mut lagging), 5);
+        let mut c3 = None;
+        r.lag_seen(3, 5, &mut c3, &mut lagging);
+        assert_eq!(c3, Some(5));
+        assert_eq!(r.presence().unwrap().applied_by_shard, vec![11, 0, 6, 5]);
+
+        // The recorded layout must be this gateway's.
+        assert!(r.check_layout(Some(4)).is_ok());
+        let e = r.check_layout(Some(12)).unwrap_err();
+        assert!(
+            e.contains("12 shard(s)") && e.contains("revocation.shards = 4"),
+            "{e}"
+        );
+        assert!(r.check_layout(None).is_err(), "absent reads as 1");
+        let unsharded = checker();
+        assert!(unsharded.check_layout(None).is_ok());
+        assert!(unsharded.check_layout(Some(1)).is_ok());
+        assert!(unsharded.check_layout(Some(3)).is_err());
+        assert!(unsharded.presence().is_none(), "never confirmed");
+        unsharded.mark_ok();
+        assert!(unsharded.presence().unwrap().applied_by_shard.is_empty());
+    }
+
+    #[test]
     fn announcements_update_in_order_and_gaps_reset() {
         let r = checker();
         let serial: SerialNumber = "0a".parse().unwrap();
@@ -901,19 +1191,19 @@ mod tests {
             format!(r#"{{"seq":{seq},"kind":"cert","serial":"0a","status":"{status}"}}"#)
         };
         let e0 = r.epoch.load(Ordering::Relaxed);
-        r.apply(msg(5, "active").as_bytes(), &mut seq);
+        r.apply(0, msg(5, "active").as_bytes(), &mut seq);
         assert_eq!(seq, Some(5));
         assert_eq!(r.epoch.load(Ordering::Relaxed), e0);
         assert_eq!(r.certs.get(&serial).unwrap().status, CertStatus::Active);
         // Gap: 5 -> 7 distrusts the cache but applies the change.
-        r.apply(msg(7, "revoked").as_bytes(), &mut seq);
+        r.apply(0, msg(7, "revoked").as_bytes(), &mut seq);
         assert_eq!(r.epoch.load(Ordering::Relaxed), e0 + 1);
         assert_eq!(r.certs.get(&serial).unwrap().status, CertStatus::Revoked);
         // A late `active` (seq 6) must not resurrect a revoked certificate.
-        r.apply(msg(6, "active").as_bytes(), &mut seq);
+        r.apply(0, msg(6, "active").as_bytes(), &mut seq);
         assert!(r.certs.get(&serial).is_none());
         assert_eq!(seq, Some(7));
-        r.apply(b"not json", &mut seq);
+        r.apply(0, b"not json", &mut seq);
         assert_eq!(r.epoch.load(Ordering::Relaxed), e0 + 2);
     }
 }

@@ -5,12 +5,21 @@
 //!
 //! | key | value | written when |
 //! |---|---|---|
-//! | `{prefix}cert:{serial}` | [`CertStatus`] as text | issue, rotation, revocation; expires at NotAfter |
-//! | `{prefix}agent:{tenant}:{agent}` | [`AgentStatus`] as text | enrollment, revocation |
-//! | `{prefix}revocation:seq` | integer, `INCR`ed per announcement | every change |
+//! | `{prefix}{shard}cert:{serial}` | [`CertStatus`] as text | issue, rotation, revocation; expires at NotAfter |
+//! | `{prefix}{shard}agent:{tenant}:{agent}` | [`AgentStatus`] as text | enrollment, revocation |
+//! | `{prefix}{shard}revocation:seq` | integer, `INCR`ed per announcement of the shard | every change |
+//! | `{prefix}{shard}revocation` (channel) | [`Announcement`] as JSON | every change |
 //! | `{prefix}projection:built_at` | unix seconds of the last full rebuild | rebuild |
-//! | `{prefix}revocation` (pub/sub channel) | [`Announcement`] as JSON | every change |
+//! | `{prefix}projection:shards` | the shard count the projection is written with | enroll-api start, rebuild |
+//! | `{prefix}gateways` (hash) | [`GatewayPresence`] per gateway | gateways |
 //! | `{prefix}events` (stream) | lifecycle events | outbox relay |
+//!
+//! `{shard}` is empty in the default, unsharded layout (one sequence, one
+//! `PUBLISH` channel: exactly the keys of a single node or Sentinel). With
+//! `shards = N > 1` (a Redis Cluster, ADR-0024) it is the hash tag of the
+//! tenant's shard, e.g. `{s3-1}`: every key of one tenant, and its shard's
+//! counter and `SPUBLISH` channel, share one slot, and the N shards' slots
+//! are spread evenly over the cluster's 16384 slots ([`KeySchema::shard_of`]).
 //!
 //! No other crate spells a Redis key: they all call [`KeySchema`].
 //!
@@ -199,13 +208,29 @@ pub struct GatewayPresence {
     pub addr: String,
     /// The last announcement sequence number the gateway has applied: every
     /// announcement up to it is in its cache (or its cache was distrusted
-    /// after it, which is as good).
+    /// after it, which is as good). With a sharded projection: shard 0's.
     pub applied: u64,
+    /// With a sharded projection (`shards > 1`), the cursor of every shard,
+    /// by shard number; empty (and not written) when unsharded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied_by_shard: Vec<u64>,
     /// Unix milliseconds until which the gateway trusts cached answers.
     pub confirmed_until_ms: i64,
 }
 
 impl GatewayPresence {
+    /// The last announcement the gateway applied on `shard` (0 when it
+    /// reports none there: it has confirmed nothing on that shard).
+    pub fn applied_on(&self, shard: u16) -> u64 {
+        if self.applied_by_shard.is_empty() {
+            return if shard == 0 { self.applied } else { 0 };
+        }
+        self.applied_by_shard
+            .get(usize::from(shard))
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Whether the gateway is live at `now_ms` (unix milliseconds): it may
     /// still answer from its cache, so a revocation must wait for it.
     pub fn is_live(&self, now_ms: i64) -> bool {
@@ -222,10 +247,60 @@ pub fn unix_ms_now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Every Redis key and channel name, derived from one prefix.
+/// The most shards a projection may have (each is one counter, one channel
+/// and one subscription per gateway).
+pub const MAX_SHARDS: u16 = 1024;
+
+/// Redis Cluster's key hash: CRC16-CCITT (XMODEM), as in the cluster
+/// specification.
+pub fn crc16(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in data {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// The Redis Cluster slot of `key` (0..16384): the CRC16 of its hash tag
+/// (the text between the first `{` and the next `}`, when not empty), else
+/// of the whole key.
+pub fn key_slot(key: &str) -> u16 {
+    let b = key.as_bytes();
+    let hashed = b
+        .iter()
+        .position(|&c| c == b'{')
+        .and_then(|open| {
+            let rest = &b[open + 1..];
+            let close = rest.iter().position(|&c| c == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(b);
+    crc16(hashed) % 16384
+}
+
+/// Every Redis key and channel name, derived from one prefix and the shard
+/// count.
+///
+/// Unsharded (`shards = 1`, the default) the keys are exactly the prefix
+/// and a name. Sharded (`shards = N`, ADR-0024) every per-tenant key, and
+/// each shard's sequence counter and channel, carry the shard's hash tag:
+/// shard `k`'s tag is `s{k}-{i}` with the smallest `i` whose slot falls in
+/// the `k`-th of N equal slices of the 16384 slots, so the shards spread
+/// over every master of a cluster whose slots are split evenly (as
+/// `redis-cli --cluster create` does). A tenant's shard is the CRC16 of its
+/// id (hyphenated, lower case) modulo N.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeySchema {
     prefix: String,
+    /// One hash tag (with its braces) per shard; `[""]` when unsharded.
+    tags: Vec<String>,
 }
 
 impl Default for KeySchema {
@@ -235,11 +310,42 @@ impl Default for KeySchema {
 }
 
 impl KeySchema {
-    /// A schema whose keys all start with `prefix` (conventionally ending in
-    /// `:`). Tests use a unique prefix per test so they can share one Redis.
+    /// An unsharded schema whose keys all start with `prefix`
+    /// (conventionally ending in `:`). Tests use a unique prefix per test so
+    /// they can share one Redis.
     pub fn new(prefix: impl Into<String>) -> Self {
         Self {
             prefix: prefix.into(),
+            tags: vec![String::new()],
+        }
+    }
+
+    /// A schema with `shards` shards (1 = [`KeySchema::new`]); `shards` is
+    /// clamped to `1..=`[`MAX_SHARDS`] (configurations are validated
+    /// before).
+    pub fn sharded(prefix: impl Into<String>, shards: u16) -> Self {
+        let n = shards.clamp(1, MAX_SHARDS);
+        if n == 1 {
+            return Self::new(prefix);
+        }
+        let tags = (0..n)
+            .map(|k| {
+                let (lo, hi) = (
+                    u32::from(k) * 16384 / u32::from(n),
+                    (u32::from(k) + 1) * 16384 / u32::from(n),
+                );
+                // A slice is at least 16 slots wide: found within a few
+                // thousand tries at worst.
+                (0u32..)
+                    .map(|i| format!("s{k}-{i}"))
+                    .find(|tag| (lo..hi).contains(&u32::from(crc16(tag.as_bytes()) % 16384)))
+                    .map(|tag| format!("{{{tag}}}"))
+                    .unwrap_or_default()
+            })
+            .collect();
+        Self {
+            prefix: prefix.into(),
+            tags,
         }
     }
 
@@ -248,29 +354,82 @@ impl KeySchema {
         &self.prefix
     }
 
-    /// The key holding a certificate's [`CertStatus`].
-    pub fn cert_status(&self, serial: &SerialNumber) -> String {
-        format!("{}cert:{serial}", self.prefix)
+    /// The number of shards (1 when unsharded).
+    pub fn shards(&self) -> u16 {
+        self.tags.len() as u16
+    }
+
+    /// Whether the projection is sharded (`shards > 1`): announcements go
+    /// over sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`).
+    pub fn is_sharded(&self) -> bool {
+        self.tags.len() > 1
+    }
+
+    /// The shard holding `tenant`'s keys.
+    pub fn shard_of(&self, tenant: &TenantId) -> u16 {
+        if self.tags.len() == 1 {
+            return 0;
+        }
+        let id = tenant.to_string();
+        crc16(id.as_bytes()) % self.shards()
+    }
+
+    fn tag(&self, shard: u16) -> &str {
+        self.tags.get(usize::from(shard)).map_or("", String::as_str)
+    }
+
+    /// The key holding a certificate's [`CertStatus`] (in its tenant's
+    /// shard).
+    pub fn cert_status(&self, tenant: &TenantId, serial: &SerialNumber) -> String {
+        format!(
+            "{}{}cert:{serial}",
+            self.prefix,
+            self.tag(self.shard_of(tenant))
+        )
     }
 
     /// The key holding an agent's [`AgentStatus`].
     pub fn agent_status(&self, tenant: &TenantId, agent: &AgentId) -> String {
-        format!("{}agent:{tenant}:{agent}", self.prefix)
+        format!(
+            "{}{}agent:{tenant}:{agent}",
+            self.prefix,
+            self.tag(self.shard_of(tenant))
+        )
     }
 
-    /// The pub/sub channel carrying [`Announcement`]s.
+    /// The channel carrying shard 0's [`Announcement`]s (the only one when
+    /// unsharded).
     pub fn revocation_channel(&self) -> String {
-        format!("{}revocation", self.prefix)
+        self.revocation_channel_of(0)
     }
 
-    /// The counter that numbers announcements.
+    /// The channel carrying `shard`'s [`Announcement`]s (`PUBLISH` when
+    /// unsharded, `SPUBLISH` when sharded).
+    pub fn revocation_channel_of(&self, shard: u16) -> String {
+        format!("{}{}revocation", self.prefix, self.tag(shard))
+    }
+
+    /// The counter that numbers shard 0's announcements (the only one when
+    /// unsharded).
     pub fn revocation_seq(&self) -> String {
-        format!("{}revocation:seq", self.prefix)
+        self.revocation_seq_of(0)
+    }
+
+    /// The counter that numbers `shard`'s announcements.
+    pub fn revocation_seq_of(&self, shard: u16) -> String {
+        format!("{}{}revocation:seq", self.prefix, self.tag(shard))
     }
 
     /// The key recording when the projection was last fully rebuilt.
     pub fn projection_built_at(&self) -> String {
         format!("{}projection:built_at", self.prefix)
+    }
+
+    /// The key recording the shard count the projection is written with
+    /// (the enroll-api sets it; a gateway configured otherwise refuses to
+    /// confirm, so fails closed, and says why).
+    pub fn projection_shards(&self) -> String {
+        format!("{}projection:shards", self.prefix)
     }
 
     /// The Redis Stream carrying lifecycle events (see `specs/asyncapi.yaml`).
@@ -316,7 +475,7 @@ mod tests {
         let tenant: TenantId = "6f1e0c9a-3a51-4c1b-9a57-0c7f2f6d8e10".parse().unwrap();
         let agent: AgentId = "0b7e4b2e-52f4-4d0e-8a4c-1c2d3e4f5a6b".parse().unwrap();
         assert_eq!(
-            k.cert_status(&serial),
+            k.cert_status(&tenant, &serial),
             "t1:cert:0000000000000000000000000000000a"
         );
         assert_eq!(
@@ -324,9 +483,92 @@ mod tests {
             "t1:agent:6f1e0c9a-3a51-4c1b-9a57-0c7f2f6d8e10:0b7e4b2e-52f4-4d0e-8a4c-1c2d3e4f5a6b"
         );
         assert_eq!(k.revocation_channel(), "t1:revocation");
+        assert_eq!(k.revocation_seq(), "t1:revocation:seq");
+        assert_eq!(k.shards(), 1);
+        assert!(!k.is_sharded());
+        assert_eq!(k.shard_of(&tenant), 0);
+        assert_eq!(KeySchema::sharded("t1:", 1), k);
         assert_eq!(k.events_stream(), "t1:events");
         assert_eq!(KeySchema::new("a*[b]:").all_keys_pattern(), "a\\*\\[b\\]:*");
         assert_eq!(KeySchema::default().prefix(), DEFAULT_PREFIX);
+    }
+
+    #[test]
+    fn crc16_and_slots_match_redis() {
+        // The cluster specification's check value, and slots Redis reports
+        // (`CLUSTER KEYSLOT foo` = 12182, `bar` = 5061).
+        assert_eq!(crc16(b"123456789"), 0x31C3);
+        assert_eq!(key_slot("foo"), 12182);
+        assert_eq!(key_slot("bar"), 5061);
+        assert_eq!(key_slot("x{foo}y"), 12182);
+        assert_eq!(key_slot("{}foo"), key_slot("{}foo"));
+        assert_ne!(key_slot("{}foo"), key_slot("foo"));
+        assert_eq!(key_slot("a{bar}{foo}"), 5061);
+    }
+
+    #[test]
+    fn sharded_keys_put_a_tenant_in_one_slot_and_spread_shards_evenly() {
+        let n = 12u16;
+        let k = KeySchema::sharded("op:", n);
+        assert_eq!(k.shards(), n);
+        assert!(k.is_sharded());
+        // Shard k's tag hashes into the k-th slice of the slot space.
+        for shard in 0..n {
+            let slot = u32::from(key_slot(&k.revocation_seq_of(shard)));
+            let (lo, hi) = (
+                u32::from(shard) * 16384 / u32::from(n),
+                (u32::from(shard) + 1) * 16384 / u32::from(n),
+            );
+            assert!((lo..hi).contains(&slot), "shard {shard}: slot {slot}");
+            assert_eq!(
+                key_slot(&k.revocation_channel_of(shard)),
+                slot as u16,
+                "the channel shares the counter's slot"
+            );
+        }
+        assert_eq!(k.revocation_seq(), k.revocation_seq_of(0));
+        let serial: SerialNumber = "0a".parse().unwrap();
+        let mut used = std::collections::HashSet::new();
+        for _ in 0..400 {
+            let t = TenantId::random();
+            let shard = k.shard_of(&t);
+            assert_eq!(shard, crc16(t.to_string().as_bytes()) % n);
+            used.insert(shard);
+            let a = AgentId::random();
+            let slot = key_slot(&k.revocation_seq_of(shard));
+            assert_eq!(key_slot(&k.cert_status(&t, &serial)), slot);
+            assert_eq!(key_slot(&k.agent_status(&t, &a)), slot);
+            assert!(k.agent_status(&t, &a).starts_with("op:{s"));
+        }
+        assert_eq!(used.len(), usize::from(n), "400 tenants use every shard");
+        // The global keys carry no shard tag.
+        assert_eq!(k.gateways(), "op:gateways");
+        assert_eq!(k.projection_shards(), "op:projection:shards");
+        // Deterministic: every process derives the same tags.
+        assert_eq!(KeySchema::sharded("op:", n), k);
+        assert_eq!(KeySchema::sharded("op:", 5000).shards(), MAX_SHARDS);
+    }
+
+    #[test]
+    fn presences_report_per_shard_cursors() {
+        let mut p = GatewayPresence {
+            gateway_id: "g".into(),
+            name: "n".into(),
+            addr: String::new(),
+            applied: 7,
+            applied_by_shard: Vec::new(),
+            confirmed_until_ms: 1,
+        };
+        assert_eq!(p.applied_on(0), 7);
+        assert_eq!(p.applied_on(1), 0);
+        let json = serde_json::to_string(&p).unwrap();
+        assert!(!json.contains("applied_by_shard"), "{json}");
+        p.applied_by_shard = vec![7, 3];
+        assert_eq!(p.applied_on(1), 3);
+        assert_eq!(p.applied_on(2), 0);
+        let back: GatewayPresence =
+            serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+        assert_eq!(back, p);
     }
 
     #[test]

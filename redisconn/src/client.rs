@@ -220,6 +220,73 @@ impl RedisClient {
     }
 }
 
+/// A sharded pub/sub subscription on a Cluster ([`RedisClient::shard_subscriber`]):
+/// a RESP3 cluster connection (one connection per node, commands and
+/// subscriptions together) and the pushes it receives.
+///
+/// `pushes` carries every `smessage` (data: channel, payload), the server's
+/// `ssubscribe`/`sunsubscribe` confirmations (a `sunsubscribe` the client
+/// did not ask for means the slot moved, e.g. a failover) and a
+/// `disconnection` when a node's connection closed. The `redis` crate
+/// resubscribes on its own after such events; a caller that must not miss
+/// a message should treat them as a gap (and may resubscribe from scratch).
+pub struct ShardSubscriber {
+    /// The cluster connection: read the shards' keys through it, so that a
+    /// read that succeeds proves the connection to that shard's node lives.
+    pub conn: RedisConnection,
+    /// The pushes.
+    pub pushes: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+}
+
+impl fmt::Debug for ShardSubscriber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShardSubscriber").finish_non_exhaustive()
+    }
+}
+
+impl RedisClient {
+    /// Subscribes to `channels` with `SSUBSCRIBE` (one command per channel,
+    /// each routed to the node owning the channel's slot), on a new RESP3
+    /// cluster connection. Only on a Cluster; bounded by four times the
+    /// client's timeout.
+    pub async fn shard_subscriber(&self, channels: &[String]) -> RedisResult<ShardSubscriber> {
+        let Inner::Cluster { nodes, .. } = &*self.inner else {
+            return Err(RedisError::from((
+                ErrorKind::InvalidClientConfig,
+                "sharded pub/sub needs a Redis Cluster",
+            )));
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let client = ClusterClient::builder(nodes.clone())
+            .connection_timeout(self.timeout)
+            .response_timeout(self.timeout)
+            .retries(CLUSTER_RETRIES)
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(tx)
+            .build()?;
+        let fut = async {
+            let mut conn = client.get_async_connection().await?;
+            for c in channels {
+                conn.ssubscribe(c).await?;
+            }
+            Ok::<_, RedisError>(conn)
+        };
+        let conn = match tokio::time::timeout(self.timeout * 4, fut).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(RedisError::from((
+                    ErrorKind::Io,
+                    "timed out subscribing to the shard channels",
+                )))
+            }
+        };
+        Ok(ShardSubscriber {
+            conn: RedisConnection(Conn::Cluster(conn)),
+            pushes: rx,
+        })
+    }
+}
+
 /// A command connection: one multiplexed connection to a single node (or
 /// the Sentinel-resolved master), or a cluster connection that routes each
 /// command by its keys. Use it like any `redis::aio` connection

@@ -14,11 +14,15 @@
 //!
 //! The `redis` crate has no URL form for Sentinel or Cluster; these two
 //! schemes are ours. Every host of the multi-host forms needs an explicit
-//! port. Validate at startup with [`RedisTarget::parse`] and
-//! [`RedisTarget::check_key_prefix`]: on a Cluster the key prefix must carry
-//! a hash tag (e.g. `{oneprotect}:`) so every key is in one slot — the
-//! projection's Lua scripts and the gateway's `MGET` touch several keys at
-//! once. That makes a Cluster a high-availability choice, not sharding.
+//! port. Validate at startup with [`RedisTarget::parse`],
+//! [`RedisTarget::check_shards`] and [`RedisTarget::check_layout`]. An
+//! unsharded projection on a Cluster needs a hash tag in the key prefix
+//! (e.g. `{oneprotect}:`) so every key is in one slot — the projection's Lua
+//! scripts and the gateway's `MGET` touch several keys at once: a Cluster
+//! for availability only. A sharded one (`shards > 1`, ADR-0024) takes a
+//! prefix without a tag: each shard's keys carry the shard's own tag, and
+//! announcements travel over sharded pub/sub
+//! ([`RedisClient::shard_subscriber`]).
 //!
 //! ```
 //! use oneprotect_redis::{RedisTarget, Topology};
@@ -32,7 +36,8 @@
 mod client;
 mod target;
 
-pub use client::{OpenError, RedisClient, RedisConnection};
+pub use client::{OpenError, RedisClient, RedisConnection, ShardSubscriber};
 pub use target::{
-    hash_tag, PrefixError, RedisTarget, Topology, UrlError, CLUSTER_SCHEME, SENTINEL_SCHEME,
+    hash_tag, PrefixError, RedisTarget, ShardsError, Topology, UrlError, CLUSTER_SCHEME,
+    SENTINEL_SCHEME,
 };

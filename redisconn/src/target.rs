@@ -83,15 +83,50 @@ pub enum UrlError {
     Query(&'static str),
 }
 
-/// Why a key prefix does not fit the topology.
+/// Why a key prefix does not fit the topology and shard count.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "key prefix {prefix:?} has no hash tag: on a Redis Cluster every key must live in one hash \
-     slot (the projection is written with multi-key scripts and read with MGET), so the prefix \
-     must contain a non-empty {{…}} tag, e.g. \"{{oneprotect}}:\""
-)]
-pub struct PrefixError {
-    prefix: String,
+pub enum PrefixError {
+    /// An unsharded projection on a Cluster without a hash tag.
+    #[error(
+        "key prefix {prefix:?} has no hash tag: with shards = 1 on a Redis Cluster every key \
+         must live in one hash slot (the projection is written with multi-key scripts and read \
+         with MGET), so the prefix must contain a non-empty {{…}} tag, e.g. \"{{oneprotect}}:\" \
+         (or set shards > 1 to spread the projection over the cluster)"
+    )]
+    NoHashTag {
+        /// The prefix (at most 128 characters of it).
+        prefix: String,
+    },
+    /// A sharded projection whose prefix carries a hash tag (it would put
+    /// every shard in the prefix's slot).
+    #[error(
+        "key prefix {prefix:?} has a hash tag: with shards > 1 each shard's own {{…}} tag must \
+         decide the slot, so the prefix must not contain one, e.g. \"oneprotect:\""
+    )]
+    HashTagWithShards {
+        /// The prefix (at most 128 characters of it).
+        prefix: String,
+    },
+}
+
+/// Why a shard count does not fit the topology.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShardsError {
+    /// Out of `1..=max`.
+    #[error("must be 1..={max}")]
+    Range {
+        /// The largest shard count.
+        max: u16,
+    },
+    /// More than one shard on a single node or Sentinel.
+    #[error(
+        "{shards} shards need a Redis Cluster (redis+cluster://): a single node or Sentinel \
+         master holds every key anyway, so shard the projection only on a cluster"
+    )]
+    NeedsCluster {
+        /// The configured count.
+        shards: u16,
+    },
 }
 
 /// A parsed `redis_url`: which topology, and the nodes to start from.
@@ -182,16 +217,37 @@ impl RedisTarget {
         }
     }
 
-    /// Checks that `prefix` works on this topology: on a Cluster it must
-    /// contain a hash tag, so that every key (`{prefix}…`) hashes to the
-    /// same slot; other topologies take any prefix.
+    /// Checks that `prefix` works on this topology unsharded: on a Cluster
+    /// it must contain a hash tag, so that every key (`{prefix}…`) hashes to
+    /// the same slot; other topologies take any prefix.
     pub fn check_key_prefix(&self, prefix: &str) -> Result<(), PrefixError> {
-        if self.topology() != Topology::Cluster || hash_tag(prefix).is_some() {
-            return Ok(());
+        self.check_layout(prefix, 1)
+    }
+
+    /// Checks that `prefix` works on this topology with `shards` shards
+    /// (validate the count first with [`RedisTarget::check_shards`]):
+    /// unsharded as [`RedisTarget::check_key_prefix`]; sharded, the prefix
+    /// must have no hash tag (each shard's tag decides its slot).
+    pub fn check_layout(&self, prefix: &str, shards: u16) -> Result<(), PrefixError> {
+        let shown = || prefix.chars().take(128).collect();
+        match (shards > 1, hash_tag(prefix).is_some()) {
+            (true, true) => Err(PrefixError::HashTagWithShards { prefix: shown() }),
+            (false, false) if self.topology() == Topology::Cluster => {
+                Err(PrefixError::NoHashTag { prefix: shown() })
+            }
+            _ => Ok(()),
         }
-        Err(PrefixError {
-            prefix: prefix.chars().take(128).collect(),
-        })
+    }
+
+    /// Checks a shard count: `1..=max`, and more than one only on a Cluster.
+    pub fn check_shards(&self, shards: u16, max: u16) -> Result<(), ShardsError> {
+        if !(1..=max).contains(&shards) {
+            return Err(ShardsError::Range { max });
+        }
+        if shards > 1 && self.topology() != Topology::Cluster {
+            return Err(ShardsError::NeedsCluster { shards });
+        }
+        Ok(())
     }
 }
 
@@ -415,5 +471,25 @@ mod tests {
             assert!(single.check_key_prefix(bad).is_ok());
         }
         assert_eq!(hash_tag("p:{ten}:x"), Some("ten"));
+    }
+
+    #[test]
+    fn sharded_layouts_need_a_cluster_and_an_untagged_prefix() {
+        let cluster = RedisTarget::parse("redis+cluster://h:7000").unwrap();
+        let single = RedisTarget::parse("redis://h:6379").unwrap();
+        assert!(cluster.check_layout("oneprotect:", 16).is_ok());
+        let e = cluster.check_layout("{op}:", 16).unwrap_err().to_string();
+        assert!(e.contains("must not contain"), "{e}");
+        assert!(cluster.check_layout("{op}:", 1).is_ok());
+        assert!(cluster.check_layout("op:", 1).is_err());
+        assert!(cluster.check_shards(16, 1024).is_ok());
+        assert_eq!(
+            cluster.check_shards(0, 1024),
+            Err(ShardsError::Range { max: 1024 })
+        );
+        assert!(cluster.check_shards(1025, 1024).is_err());
+        assert!(single.check_shards(1, 1024).is_ok());
+        let e = single.check_shards(4, 1024).unwrap_err().to_string();
+        assert!(e.contains("need a Redis Cluster"), "{e}");
     }
 }

@@ -5,8 +5,9 @@
 //! deployment-wide (every tenant's outbox rows, the Redis error text), which
 //! a tenant admin elsewhere has no business seeing.
 //!
-//! Which backend it is, whether it answers, when it was last built, the last
-//! announcement sequence written, and the outbox rows not yet relayed (and
+//! Which backend it is, whether it answers, when it was last built (and in
+//! how many shards), the last announcement sequence written per shard, and
+//! the outbox rows not yet relayed (and
 //! how old the oldest is). The same figures as the metrics, for an operator
 //! with an admin key rather than a Prometheus. Whatever the projection's
 //! state, the answer is 200: this endpoint reports, it does not probe
@@ -44,8 +45,18 @@ struct ProjectionStatus {
     error: Option<String>,
     /// When it was last fully built, unix seconds.
     built_at: Option<i64>,
-    /// The last revocation announcement's sequence number.
+    /// The last revocation announcement's sequence number (shard 0's when
+    /// sharded).
     sequence: Option<u64>,
+    /// The shards this replica writes (`redis.shards`; 1 for the in-process
+    /// bus and without a projection).
+    shards: u16,
+    /// The shard count recorded with the last build
+    /// (`{prefix}projection:shards`); gateways compare theirs with it.
+    built_shards: Option<u16>,
+    /// Every shard's last announcement sequence, by shard (one entry when
+    /// unsharded; empty when unreadable or without a projection).
+    shard_sequences: Vec<Option<u64>>,
     /// Outbox rows not yet relayed (counted up to 1000).
     outbox_pending: Option<u64>,
     /// Age of the oldest of them, seconds (0 when there is none).
@@ -70,17 +81,24 @@ async fn status(
         error: None,
         built_at: None,
         sequence: None,
+        shards: 1,
+        built_shards: None,
+        shard_sequences: Vec::new(),
         outbox_pending: None,
         outbox_oldest_pending_seconds: None,
     };
     if let Some(p) = &state.projection {
         out.backend = p.backend_name();
+        out.shards = p.keys().shards();
         let read =
             tokio::time::timeout(READ_TIMEOUT, async { p.connect().await?.status().await }).await;
         match read {
-            Ok(Ok((built_at, sequence))) => {
+            Ok(Ok(st)) => {
                 out.reachable = Some(true);
-                (out.built_at, out.sequence) = (built_at, sequence);
+                out.built_at = st.built_at;
+                out.built_shards = st.built_shards;
+                out.sequence = st.sequences.first().copied().flatten();
+                out.shard_sequences = st.sequences;
             }
             Ok(Err(e)) => {
                 out.reachable = Some(false);

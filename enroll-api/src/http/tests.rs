@@ -953,7 +953,7 @@ async fn projection_status_reports_backend_reachability_and_backlog() {
     );
 
     // A Redis that does not answer: 200, reachable false, a reason.
-    let down = crate::projection::Projection::new("redis://127.0.0.1:1", "p:").unwrap();
+    let down = crate::projection::Projection::new("redis://127.0.0.1:1", "p:", 1).unwrap();
     let f = fixture_full(100, 100, Some(down)).await;
     let r = projection_status(&f, "[::1]:4000", Some(&f.key)).await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);

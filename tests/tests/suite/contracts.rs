@@ -676,7 +676,46 @@ fn asyncapi_channels_use_the_key_schema_names() {
         doc["channels"]["reports"]["address"],
         placeholder.reports_stream()
     );
-    for channel in ["events", "revocation", "reports"] {
+    // Sharded (ADR-0024): `{prefix}{shardTag}revocation`, the tag a
+    // brace-enclosed `s<shard>-<n>`, shared by the shard's counter.
+    let address = doc["channels"]["revocationSharded"]["address"]
+        .as_str()
+        .unwrap();
+    let (head, tail) = address
+        .split_once("{shardTag}")
+        .expect("a shardTag parameter");
+    let sharded = KeySchema::sharded("{prefix}", 12);
+    for shard in 0..sharded.shards() {
+        let channel = sharded.revocation_channel_of(shard);
+        let tag = channel
+            .strip_prefix(head)
+            .and_then(|c| c.strip_suffix(tail))
+            .unwrap_or_else(|| panic!("{channel} does not fit {address}"));
+        let inner = tag
+            .strip_prefix(&format!("{{s{shard}-"))
+            .and_then(|t| t.strip_suffix('}'));
+        assert!(
+            inner.is_some_and(|n| n.parse::<u32>().is_ok()),
+            "shard {shard}: tag {tag}"
+        );
+        assert_eq!(
+            sharded.revocation_seq_of(shard),
+            format!("{head}{tag}revocation:seq")
+        );
+    }
+    let examples = deref(
+        doc,
+        &doc["channels"]["revocationSharded"]["parameters"]["shardTag"],
+    );
+    for e in examples["examples"].as_array().unwrap() {
+        let e = e.as_str().unwrap();
+        assert!(
+            (0..sharded.shards())
+                .any(|k| sharded.revocation_channel_of(k) == format!("{head}{e}{tail}")),
+            "example {e} is not one of the 12-shard tags"
+        );
+    }
+    for channel in ["events", "revocation", "revocationSharded", "reports"] {
         let param = deref(doc, &doc["channels"][channel]["parameters"]["prefix"]);
         assert_eq!(
             param["default"], DEFAULT_PREFIX,

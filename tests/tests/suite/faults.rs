@@ -681,7 +681,7 @@ async fn faults_enroll_api_killed_and_restarted() -> Result<()> {
         assert_eq!(certs.len(), 1, "{a}");
         for key in [
             keys.agent_status(&tenant, &agent),
-            keys.cert_status(&serial),
+            keys.cert_status(&tenant, &serial),
         ] {
             let v: Option<String> = redis::AsyncCommands::get(&mut c, &key).await?;
             assert_eq!(v.as_deref(), Some(want), "{key} disagrees with the store");

@@ -1271,7 +1271,7 @@ async fn hardening_gw_allowed_tunnels_close_when_revoked_superseded_or_unconfirm
     gw.set_active(&next_id).await;
     let mut t = open_tunnel(&gw, (&next, &gw.ca), "/wss/chat").await;
     gw.announce(
-        gw.keys.cert_status(&next_id.serial()),
+        gw.keys.cert_status(&next_id.tenant(), &next_id.serial()),
         CertStatus::Superseded.as_str(),
         Change::Cert {
             serial: next_id.serial(),

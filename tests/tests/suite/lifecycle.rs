@@ -110,7 +110,7 @@ impl Stack {
     }
 
     fn cert_key(&self, serial: &str) -> Result<String> {
-        Ok(self.keys.cert_status(&serial.parse()?))
+        Ok(self.keys.cert_status(&self.tenant, &serial.parse()?))
     }
 
     fn agent_key(&self, agent: &str) -> Result<String> {

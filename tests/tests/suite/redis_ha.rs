@@ -11,6 +11,16 @@
 //!   killed: the gateway resubscribes on another node (distrusting its
 //!   cache), keeps serving, and a revocation made after the loss still
 //!   reaches it.
+//! - **Sharded Cluster** (ADR-0024): three masters with a replica each,
+//!   `shards = 12`, a prefix without a hash tag, two gateways. Tenants are
+//!   made until one lives on each master (its keys read on that master's
+//!   own connection); a revocation in each tenant is confirmed by both
+//!   gateways and refused on the very next request of open connections.
+//!   Then one tenant's master is killed: its replica takes over, a
+//!   revocation answered just before the kill is on the new master (the
+//!   relay waits for a replica, `wait_replicas = 1`, else replays it) and
+//!   refused by the gateways and by a gateway started afterwards (empty
+//!   cache), and a revocation after the failover reaches all three.
 //! - **Sentinel**: one master, one replica, one Sentinel. The same
 //!   enroll/serve/revoke round; then a Sentinel failover: gateway and
 //!   enroll-api follow the new master on their reconnect, and a new agent is
@@ -263,13 +273,13 @@ async fn revoke_round(
     })
 }
 
-/// Starts `n` cluster-enabled masters and joins them with `redis-cli
-/// --cluster create` (no replicas); waits (bounded) for `cluster_state:ok`
-/// on every node. Losing a master keeps the others serving their slots
-/// (`cluster-require-full-coverage no`).
-async fn start_cluster(dir: &Path, n: usize) -> Result<Vec<RedisProc>> {
+/// Starts `masters` cluster-enabled masters with `replicas` replicas each
+/// and joins them with `redis-cli --cluster create`; waits (bounded) for
+/// `cluster_state:ok` on every node. Losing a master keeps the others
+/// serving their slots (`cluster-require-full-coverage no`).
+async fn start_cluster(dir: &Path, masters: usize, replicas: usize) -> Result<Vec<RedisProc>> {
     let mut nodes = Vec::new();
-    for i in 0..n {
+    for i in 0..masters * (1 + replicas) {
         let conf = format!("nodes-{i}.conf");
         nodes.push(
             RedisProc::start(
@@ -294,7 +304,7 @@ async fn start_cluster(dir: &Path, n: usize) -> Result<Vec<RedisProc>> {
     for p in &nodes {
         cmd.arg(format!("127.0.0.1:{}", p.port));
     }
-    cmd.args(["--cluster-replicas", "0", "--cluster-yes"])
+    cmd.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
@@ -360,7 +370,7 @@ async fn cluster_enroll_serve_revoke_and_survive_losing_the_subscribed_node() ->
     require_redis_tools();
     let t0 = Instant::now();
     let tmp = tempfile::tempdir()?;
-    let mut nodes = start_cluster(tmp.path(), 3).await?;
+    let mut nodes = start_cluster(tmp.path(), 3, 0).await?;
     step(t0, "cluster up");
     let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
 
@@ -448,6 +458,237 @@ async fn cluster_enroll_serve_revoke_and_survive_losing_the_subscribed_node() ->
         resubscribed.as_millis(),
         second.requests,
         second.to_first_403.as_millis()
+    );
+    if let Some(r) = fleet.running.take() {
+        r.shutdown().await;
+    }
+    drop(fleet);
+    drop(nodes);
+    Ok(())
+}
+
+/// One request of `agent` on `s` (an open keep-alive connection, reopened
+/// by the sender if the gateway closed it).
+async fn status_of(s: &mut Sender) -> (u16, String) {
+    s.send("/api/probe").await
+}
+
+/// Revokes `victim` (tenant admin key `key`) while it holds an open, served
+/// keep-alive connection through every gateway in `gws`; the answer must say
+/// every one of the `live` gateways confirmed it on the tenant's `shard`,
+/// and the very next request on every connection must be refused.
+async fn revoke_confirmed_everywhere(
+    fleet: &Fleet,
+    key: &str,
+    victim: &Agent,
+    gws: &[SocketAddr],
+    shard: u16,
+) -> Result<f64> {
+    let mut senders = Vec::new();
+    for gw in gws {
+        wait_served(*gw, victim).await?;
+        let mut s = Sender::new(victim, *gw);
+        ensure!(
+            status_of(&mut s).await.0 == 200,
+            "{} not served via {gw}",
+            victim.id
+        );
+        senders.push(s);
+    }
+    let r = fleet.revoke_with(key, victim).await?;
+    ensure!(r.status == 200, "revoke: {} {}", r.status, r.body);
+    let e = &r.body["enforcement"];
+    ensure!(
+        e["outcome"] == "confirmed"
+            && e["gateways_live"] == gws.len()
+            && e["gateways_confirmed"] == gws.len()
+            && e["shard"] == shard,
+        "enforcement: {e}"
+    );
+    for (s, gw) in senders.iter_mut().zip(gws) {
+        let (st, code) = status_of(s).await;
+        ensure!(
+            (st, code.as_str()) == (403, "agent_revoked"),
+            "the next request via {gw} after a confirmed revocation: {st} {code}"
+        );
+    }
+    Ok(e["elapsed_ms"].as_f64().unwrap_or(-1.0))
+}
+
+/// Redis Cluster with a sharded projection (ADR-0024): see the module
+/// documentation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_sharded_projection_spreads_tenants_and_survives_a_master_failover() -> Result<()> {
+    use oneprotect_identity::revocation::key_slot;
+    const SHARDS: u16 = 12;
+    require_redis_tools();
+    let t0 = Instant::now();
+    let tmp = tempfile::tempdir()?;
+    let mut nodes = start_cluster(tmp.path(), 3, 1).await?;
+    step(t0, "cluster of 3 masters + 3 replicas up");
+    let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+    // No hash tag: each shard's own tag decides its slot.
+    let prefix = format!("{}:", oneprotect_tests::unique_name("redis_ha_sharded"));
+    let url = format!(
+        "redis+cluster://{}",
+        ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let mut fleet = Fleet::start_sharded("redis_ha_sharded", &url, &prefix, SHARDS, 1).await?;
+    step(t0, "enroll-api up");
+    fleet.add_gateway(TUNING).await?;
+    fleet.add_gateway(TUNING).await?;
+    let mut gws: Vec<SocketAddr> = fleet.gateways.iter().map(|g| g.addr).collect();
+    step(t0, "two gateways ready");
+
+    // Tenants until one lives on each master.
+    let master_of = |t: &oneprotect_identity::TenantId, alive: u16| {
+        let slot = key_slot(&fleet.keys.revocation_seq_of(fleet.keys.shard_of(t)));
+        async move { slot_owner(alive, slot).await.map(|m| (slot, m)) }
+    };
+    let mut tenants: Vec<(oneprotect_identity::TenantId, String, u16, u16)> = Vec::new();
+    let mut made = 0;
+    let first = (fleet.tenant, fleet.key.clone());
+    let mut next = Some(first);
+    while tenants.len() < 3 {
+        let (t, k) = match next.take() {
+            Some(tk) => tk,
+            None => {
+                made += 1;
+                ensure!(made <= 60, "60 tenants and still not one on every master");
+                fleet.add_tenant(&format!("t{made}")).await?
+            }
+        };
+        let (slot, master) = master_of(&t, ports[0]).await?;
+        if tenants.iter().all(|(_, _, _, m)| *m != master) {
+            tenants.push((t, k, slot, master));
+        }
+    }
+    let masters: Vec<u16> = tenants.iter().map(|x| x.3).collect();
+    step(
+        t0,
+        &format!("tenants on masters {masters:?} ({made} extra tenants made)"),
+    );
+
+    // A revocation in every tenant, on every gateway.
+    let mut elapsed = Vec::new();
+    for (i, (t, k, _, master)) in tenants.iter().enumerate() {
+        let a = fleet.enroll_in(*t, k, &format!("x{i}")).await?;
+        fleet.wait_projection(&a, "active").await?;
+        // The agent's keys live on its tenant's master: a plain connection
+        // to that node reads them (another node would answer MOVED).
+        let on_master: Option<String> =
+            node_cmd(*master, redis::cmd("GET").arg(fleet.agent_key(&a))).await?;
+        ensure!(
+            on_master.as_deref() == Some("active"),
+            "{on_master:?} on {master}"
+        );
+        let shard = fleet.keys.shard_of(t);
+        elapsed.push(revoke_confirmed_everywhere(&fleet, k, &a, &gws, shard).await?);
+    }
+    step(
+        t0,
+        &format!("one revocation per master confirmed by both gateways ({elapsed:?} ms)"),
+    );
+
+    // Fail over the first tenant's master.
+    let (vt, vk, vslot, victim_master) = tenants[0].clone();
+    let vshard = fleet.keys.shard_of(&vt);
+    let before = fleet.enroll_in(vt, &vk, "y").await?;
+    let after = fleet.enroll_in(vt, &vk, "z").await?;
+    let bystander = fleet.enroll_in(vt, &vk, "w").await?;
+    for a in [&before, &after, &bystander] {
+        fleet.wait_projection(a, "active").await?;
+    }
+    revoke_confirmed_everywhere(&fleet, &vk, &before, &gws, vshard).await?;
+    nodes
+        .iter_mut()
+        .find(|n| n.port == victim_master)
+        .context("victim node")?
+        .kill()
+        .await;
+    let killed = Instant::now();
+    step(t0, &format!("master {victim_master} (slot {vslot}) killed"));
+    let alive = *ports
+        .iter()
+        .find(|p| **p != victim_master)
+        .context("a live node")?;
+    let mut new_master = victim_master;
+    for _ in 0..POLLS * 2 {
+        if let Ok(m) = slot_owner(alive, vslot).await {
+            if m != victim_master {
+                new_master = m;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(
+        new_master != victim_master,
+        "no replica took over slot {vslot}"
+    );
+    let failover = killed.elapsed();
+    step(
+        t0,
+        &format!(
+            "replica {new_master} promoted after {} ms",
+            failover.as_millis()
+        ),
+    );
+
+    // The revocation answered before the kill is on the new master (the
+    // replica had it, or the relay — whose row stays pending until a
+    // replica confirms — wrote it again).
+    let mut held = None;
+    for _ in 0..POLLS * 2 {
+        held =
+            node_cmd::<Option<String>>(new_master, redis::cmd("GET").arg(fleet.agent_key(&before)))
+                .await
+                .ok()
+                .flatten();
+        if held.as_deref() == Some("revoked") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(
+        held.as_deref() == Some("revoked"),
+        "the revocation made before the failover is not on the new master: {held:?}"
+    );
+    // Both gateways serve the tenant again (after resubscribing) and still
+    // refuse the agent revoked before the failover.
+    for gw in &gws {
+        wait_served(*gw, &bystander)
+            .await
+            .with_context(|| fleet.gateway_log(0))?;
+        let (st, code) = Sender::new(&before, *gw).send("/api/again").await;
+        ensure!(
+            (st, code.as_str()) == (403, "agent_revoked"),
+            "via {gw}: {st} {code}"
+        );
+    }
+    // A gateway started now has no cache: it reads the new master.
+    let g = fleet.add_gateway(TUNING).await?;
+    gws.push(fleet.gateways[g].addr);
+    let (st, code) = Sender::new(&before, gws[2]).send("/api/fresh").await;
+    ensure!(
+        (st, code.as_str()) == (403, "agent_revoked"),
+        "a fresh gateway after the failover: {st} {code}"
+    );
+    step(
+        t0,
+        "revocation from before the failover held everywhere; revoking after it",
+    );
+    let ms = revoke_confirmed_everywhere(&fleet, &vk, &after, &gws, vshard).await?;
+    println!(
+        "redis_ha sharded: {SHARDS} shards over masters {masters:?}; revocations confirmed by 2 \
+         gateways in {elapsed:?} ms; master {victim_master} killed, replica {new_master} promoted \
+         after {} ms; the revocation from before the kill held on the new master and on 3 \
+         gateways; one after it confirmed by 3 gateways in {ms} ms",
+        failover.as_millis()
     );
     if let Some(r) = fleet.running.take() {
         r.shutdown().await;

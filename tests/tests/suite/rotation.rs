@@ -27,7 +27,7 @@ const POLLS: usize = 600;
 
 impl Stack {
     async fn wait_cert(&self, serial: SerialNumber, want: &str) -> Result<()> {
-        let key = self.keys.cert_status(&serial);
+        let key = self.keys.cert_status(&self.tenant, &serial);
         let mut last = None;
         for _ in 0..POLLS {
             last = self.redis_get(&key).await?;
@@ -207,7 +207,7 @@ async fn rotation_is_two_phase_through_the_gateway_and_flags_reuse() -> Result<(
     stack.wait_cert(s1, "active").await?;
     assert_eq!(
         stack
-            .redis_get(&stack.keys.cert_status(&s0))
+            .redis_get(&stack.keys.cert_status(&stack.tenant, &s0))
             .await?
             .as_deref(),
         Some("active")

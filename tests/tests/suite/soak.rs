@@ -174,6 +174,7 @@ async fn rotate(fleet: &Fleet, agent: &Agent, addr: SocketAddr) -> Result<Agent>
     );
     Ok(Agent {
         id: agent.id.clone(),
+        tenant: agent.tenant,
         serial: enrolled.issued.serial.to_string(),
         tls: fleet.agent_tls(&pem, &enrolled.key_pem)?,
     })

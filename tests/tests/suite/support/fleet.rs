@@ -32,6 +32,8 @@ pub(crate) const POLLS: usize = 800;
 #[derive(Clone)]
 pub(crate) struct Agent {
     pub(crate) id: String,
+    /// The agent's tenant.
+    pub(crate) tenant: TenantId,
     pub(crate) serial: String,
     pub(crate) tls: Arc<rustls::ClientConfig>,
 }
@@ -69,6 +71,9 @@ pub(crate) struct Fleet {
     pub(crate) key: String,
     pub(crate) keys: KeySchema,
     pub(crate) redis_url: String,
+    /// The enroll-api's configuration (validated): more tenants are made
+    /// with it.
+    cfg: oneprotect_enroll_api::config::Config,
     /// Reads keys through whatever topology `redis_url` names.
     redis: oneprotect_redis::RedisClient,
     schema: String,
@@ -125,6 +130,28 @@ impl Fleet {
         Self::start_inner(label, redis_url, &url, Some(prefix), None).await
     }
 
+    /// [`Fleet::start_with_prefix`] with a projection in `shards` shards
+    /// (ADR-0024: a Cluster, a prefix without a hash tag) and the relay
+    /// waiting for `wait_replicas` replicas of every write.
+    pub(crate) async fn start_sharded(
+        label: &str,
+        redis_url: &str,
+        prefix: &str,
+        shards: u16,
+        wait_replicas: u32,
+    ) -> Result<Self> {
+        let url = oneprotect_tests::require_postgres();
+        Self::start_opts(
+            label,
+            redis_url,
+            &url,
+            Some(prefix),
+            None,
+            (shards, wait_replicas),
+        )
+        .await
+    }
+
     /// [`Fleet::start`] with rotation through the gateways: the enroll-api
     /// pins the gateways' assertion key and supersedes a rotated
     /// certificate after `grace_secs` unless the agent confirms sooner.
@@ -144,6 +171,17 @@ impl Fleet {
         prefix: Option<&str>,
         rotation_grace_secs: Option<u64>,
     ) -> Result<Self> {
+        Self::start_opts(label, redis_url, url, prefix, rotation_grace_secs, (1, 0)).await
+    }
+
+    async fn start_opts(
+        label: &str,
+        redis_url: &str,
+        url: &str,
+        prefix: Option<&str>,
+        rotation_grace_secs: Option<u64>,
+        (shards, wait_replicas): (u16, u32),
+    ) -> Result<Self> {
         let url = url.to_owned();
         let tmp = tempfile::tempdir()?;
         let dir = tmp.path().to_owned();
@@ -159,6 +197,8 @@ impl Fleet {
         cfg.database.schema = Some(schema.clone());
         cfg.redis.url = Some(redis_url.to_owned());
         cfg.redis.key_prefix = prefix.clone();
+        cfg.redis.shards = shards;
+        cfg.redis.wait_replicas = wait_replicas;
         cfg.redis.relay_poll_interval_ms = 200;
         // Revocations wait up to 2 s for the gateways (ADR-0022): a loaded
         // machine may starve a gateway process for a moment.
@@ -207,8 +247,9 @@ impl Fleet {
             client,
             tenant,
             key: key.expose_secret().to_owned(),
-            keys: KeySchema::new(prefix),
+            keys: KeySchema::sharded(prefix, shards),
             redis_url: redis_url.to_owned(),
+            cfg,
             redis: oneprotect_redis::RedisClient::open(redis_url, Duration::from_secs(1))?,
             schema,
             server_pki,
@@ -241,6 +282,9 @@ impl Fleet {
         .route(RouteToml::new("/api", self.echo));
         conf.max_staleness_ms = Some(t.max_staleness_ms);
         conf.heartbeat_ms = Some(t.heartbeat_ms);
+        if self.keys.is_sharded() {
+            conf.shards = Some(self.keys.shards());
+        }
         conf.threads = Some(1);
         if let Some((key, http)) = &self.rotation {
             conf.assertion = Some((key.clone(), FLEET_KID.to_owned()));
@@ -285,10 +329,23 @@ impl Fleet {
         std::fs::read_to_string(self.dir.join(format!("gateway-{i}.log"))).unwrap_or_default()
     }
 
+    /// Makes one more tenant (as `enroll-api tenant create` does) and an
+    /// admin key of it.
+    pub(crate) async fn add_tenant(&self, name: &str) -> Result<(TenantId, String)> {
+        let tenant = cli::tenant_create(&self.cfg, name, Some(3600)).await?;
+        let key = cli::admin_key_create(&self.cfg, tenant, "fleet").await?;
+        Ok((tenant, key.expose_secret().to_owned()))
+    }
+
     /// Enrolls one agent through the real exchange (openssl key and CSR).
     pub(crate) async fn enroll(&self, name: &str) -> Result<Agent> {
+        self.enroll_in(self.tenant, &self.key, name).await
+    }
+
+    /// [`Fleet::enroll`] in `tenant`, with its admin key `key`.
+    pub(crate) async fn enroll_in(&self, tenant: TenantId, key: &str, name: &str) -> Result<Agent> {
         let csr = openssl_csr(&self.dir, name)?;
-        let body = self.client.enroll(&self.key, name, &csr).await?;
+        let body = self.client.enroll(key, name, &csr).await?;
         let pem = format!(
             "{}{}",
             body["certificate_pem"].as_str().context("cert")?,
@@ -297,6 +354,7 @@ impl Fleet {
         let key = std::fs::read_to_string(self.dir.join(format!("{name}.key")))?;
         Ok(Agent {
             id: body["agent_id"].as_str().context("agent_id")?.to_owned(),
+            tenant,
             serial: body["serial"].as_str().context("serial")?.to_owned(),
             tls: self.agent_tls(&pem, &key)?,
         })
@@ -326,11 +384,12 @@ impl Fleet {
 
     pub(crate) fn agent_key(&self, a: &Agent) -> String {
         self.keys
-            .agent_status(&self.tenant, &a.id.parse().expect("agent id"))
+            .agent_status(&a.tenant, &a.id.parse().expect("agent id"))
     }
 
     pub(crate) fn cert_key(&self, a: &Agent) -> String {
-        self.keys.cert_status(&a.serial.parse().expect("serial"))
+        self.keys
+            .cert_status(&a.tenant, &a.serial.parse().expect("serial"))
     }
 
     /// A key's value, read through the same topology (None when missing or
@@ -390,11 +449,16 @@ impl Fleet {
     }
 
     pub(crate) async fn revoke(&self, a: &Agent) -> Result<Reply> {
+        self.revoke_with(&self.key, a).await
+    }
+
+    /// [`Fleet::revoke`] with the admin key `key` of the agent's tenant.
+    pub(crate) async fn revoke_with(&self, key: &str, a: &Agent) -> Result<Reply> {
         self.client
             .send(
                 "POST",
                 &format!("/api/v1/agents/{}/revoke", a.id),
-                Some(&self.key),
+                Some(key),
                 Some(json!({"reason": "device lost"})),
             )
             .await

@@ -248,7 +248,7 @@ impl Gw {
         let mut r = self.redis().await;
         let _: () = r
             .set(
-                self.keys.cert_status(&id.serial()),
+                self.keys.cert_status(&id.tenant(), &id.serial()),
                 CertStatus::Active.as_str(),
             )
             .await
@@ -278,7 +278,7 @@ impl Gw {
     pub(crate) async fn revoke_cert(&self) {
         let serial = self.id.serial();
         self.announce(
-            self.keys.cert_status(&serial),
+            self.keys.cert_status(&self.id.tenant(), &serial),
             CertStatus::Revoked.as_str(),
             Change::Cert {
                 serial,

@@ -49,6 +49,8 @@ pub(crate) struct GatewayToml {
     pub(crate) max_staleness_ms: Option<u64>,
     /// `[revocation] heartbeat_ms`; unset by default.
     pub(crate) heartbeat_ms: Option<u64>,
+    /// `[revocation] shards`; unset (1) by default.
+    pub(crate) shards: Option<u16>,
     /// `[runtime] threads`; unset by default.
     pub(crate) threads: Option<usize>,
     /// The `[[routes]]`, in order (the gateway matches the longest prefix).
@@ -172,6 +174,7 @@ impl GatewayToml {
             key_prefix: key_prefix.to_owned(),
             max_staleness_ms: None,
             heartbeat_ms: None,
+            shards: None,
             threads: None,
             routes: Vec::new(),
             extra: String::new(),
@@ -213,6 +216,9 @@ impl GatewayToml {
         let _ = writeln!(out, "key_prefix = \"{}\"", self.key_prefix);
         if let Some(ms) = self.max_staleness_ms {
             let _ = writeln!(out, "max_staleness_ms = {ms}");
+        }
+        if let Some(n) = self.shards {
+            let _ = writeln!(out, "shards = {n}");
         }
         if let Some(ms) = self.heartbeat_ms {
             let _ = writeln!(out, "heartbeat_ms = {ms}");
