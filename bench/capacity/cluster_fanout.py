@@ -18,8 +18,12 @@ For each mode: A announcements of the projection's size, one at a time; PUBLISH 
 last gateway's receipt (p50/p99/max) and every node's Redis CPU (INFO cpu) per
 announcement: the total, and the busiest node's share — the figure a node's core caps.
 
+Then the gateways' cache-miss lookups (`MGET cert agent`) in both layouts: one agent in
+each of T tenants, L lookups spread over them, each sent to the master owning the pair's
+slot (32 in flight per master): lookups and Redis CPU per node.
+
   python3 bench/capacity/cluster_fanout.py [--masters 3] [--gateways 500]
-      [--announcements 200] [--shards 12]
+      [--announcements 200] [--shards 12] [--tenants 2000] [--lookups 100000]
 
 Bounded in count and time, loopback only; standard library only (redis-server and
 redis-cli from the machine, as the tests use them).
@@ -74,31 +78,44 @@ def shard_tags(n):
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port whose cluster bus port (+10000) exists too."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port <= 55535:
+            return port
+    raise SystemExit("no free port below 55536")
 
 
-def start_cluster(masters, tmp):
-    procs, ports = [], []
+def start_cluster(masters, tmp, procs):
+    """Starts the masters (appending each process to `procs`, which the caller kills)."""
+    ports = []
     for i in range(masters):
         port = free_port()
+        log = open(os.path.join(tmp, f"redis-{port}.log"), "w")
         procs.append(subprocess.Popen(
             ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--cluster-enabled", "yes", "--cluster-config-file",
              f"nodes-{i}.conf", "--dir", tmp, "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            stdout=log, stderr=subprocess.STDOUT))
         ports.append(port)
     for port in ports:
-        for _ in range(200):
+        for _ in range(400):
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             except OSError:
                 time.sleep(0.025)
-    subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
-                    "--cluster-replicas", "0", "--cluster-yes"],
-                   check=True, capture_output=True, timeout=60)
+        else:
+            with open(os.path.join(tmp, f"redis-{port}.log")) as f:
+                raise SystemExit(f"redis-server on {port} did not start:\n{f.read()}")
+    out = subprocess.run(["redis-cli", "--cluster", "create",
+                          *[f"127.0.0.1:{p}" for p in ports],
+                          "--cluster-replicas", "0", "--cluster-yes"],
+                         capture_output=True, timeout=60, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"redis-cli --cluster create failed:\n{out.stdout}{out.stderr}")
     for port in ports:
         r = Resp("127.0.0.1", port)
         for _ in range(400):
@@ -106,7 +123,7 @@ def start_cluster(masters, tmp):
                 break
             time.sleep(0.025)
         r.s.close()
-    return procs, ports
+    return ports
 
 
 def owners(port):
@@ -141,9 +158,9 @@ def run(mode, ports, owner, gateways, announcements, shards):
         for _ in range(gateways):
             for port, chs in by_node.items():
                 c = Resp("127.0.0.1", port)
-                c.send("SSUBSCRIBE", *chs)
-                for _ in chs:
-                    c.read()
+                # One channel per SSUBSCRIBE: several must share a slot.
+                for ch in chs:
+                    c.call("SSUBSCRIBE", ch)
                 conns.append(c)
         cmd, marker = "SPUBLISH", b"$8\r\nsmessage\r\n"
     for c in conns:
@@ -184,6 +201,59 @@ def run(mode, ports, owner, gateways, announcements, shards):
           f"{1e6 / busiest:,.0f}/s | {elapsed:.1f} s |")
 
 
+def reads(mode, ports, owner, tenants, lookups, shards):
+    """`lookups` cache-miss lookups (`MGET cert agent` of a random agent of one of
+    `tenants` tenants) sent to the master owning the pair's slot, 32 in flight per
+    master; every node's Redis CPU per lookup. Unsharded, every pair is in the
+    prefix's slot; sharded, in its tenant's shard."""
+    prefix = f"reads:{uuid.uuid4().hex[:8]}:"
+    tags = shard_tags(shards)
+    pairs = []
+    for _ in range(tenants):
+        t = str(uuid.uuid4())
+        tag = "{%s}" % prefix.rstrip(":") if mode == "unsharded" else tags[crc16(t.encode()) % shards]
+        base = prefix if mode == "sharded" else ""
+        a, serial = str(uuid.uuid4()), uuid.uuid4().hex
+        pairs.append((f"{base}{tag}cert:{serial}", f"{base}{tag}agent:{t}:{a}"))
+    conns = {p: Resp("127.0.0.1", p) for p in ports}
+    for ck, ak in pairs:
+        c = conns[owner[slot(ck)]]
+        c.send("SET", ck, "active")
+        c.send("SET", ak, "active")
+    for ck, ak in pairs:
+        c = conns[owner[slot(ck)]]
+        c.read()
+        c.read()
+    cpu0 = {p: redis_cpu(r) for p, r in conns.items()}
+    per_node = {p: 0 for p in ports}
+    t0 = time.monotonic()
+    batch = 32
+    for i in range(0, lookups, batch):
+        sent = {p: 0 for p in ports}
+        for j in range(i, min(i + batch, lookups)):
+            ck, ak = pairs[(j * 7919) % len(pairs)]
+            p = owner[slot(ck)]
+            conns[p].send("MGET", ck, ak)
+            sent[p] += 1
+        for p, n in sent.items():
+            for _ in range(n):
+                assert conns[p].read() == [b"active", b"active"]
+            per_node[p] += n
+    elapsed = time.monotonic() - t0
+    cpu = {p: (redis_cpu(r) - cpu0[p]) for p, r in conns.items()}
+    for ck, ak in pairs:
+        conns[owner[slot(ck)]].send("UNLINK", ck, ak)
+    for ck, ak in pairs:
+        conns[owner[slot(ck)]].read()
+    for r in conns.values():
+        r.s.close()
+    busiest = max(cpu.values()) / lookups * 1e6
+    print(f"| {mode} | {lookups:,} over {tenants:,} tenants | "
+          f"{' / '.join(f'{per_node[p]:,}' for p in ports)} | "
+          f"{' / '.join(f'{cpu[p] / lookups * 1e6:.2f}' for p in ports)} µs | "
+          f"{1e6 / busiest:,.0f}/s | {lookups / elapsed:,.0f}/s |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,7 +261,11 @@ def main():
     ap.add_argument("--gateways", type=int, default=500)
     ap.add_argument("--announcements", type=int, default=200)
     ap.add_argument("--shards", type=int, default=12)
+    ap.add_argument("--tenants", type=int, default=2000)
+    ap.add_argument("--lookups", type=int, default=100_000)
     a = ap.parse_args()
+    a.tenants = max(12, min(a.tenants, 100_000))
+    a.lookups = max(1000, min(a.lookups, 2_000_000))
     a.masters = max(3, min(a.masters, 8))
     a.gateways = max(1, min(a.gateways, 2000))
     a.announcements = max(1, min(a.announcements, 5000))
@@ -202,7 +276,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="cluster-fanout.")
     procs = []
     try:
-        procs, ports = start_cluster(a.masters, tmp)
+        ports = start_cluster(a.masters, tmp, procs)
         owner = owners(ports[0])
         version = Resp("127.0.0.1", ports[0]).call("INFO", "server").decode()
         version = next(l.split(":", 1)[1] for l in version.splitlines()
@@ -215,6 +289,12 @@ def main():
         print("|---|---:|---|---:|---|---:|---:|")
         for mode in ("unsharded", "sharded"):
             run(mode, ports, owner, a.gateways, a.announcements, a.shards)
+        print()
+        print("| mode | lookups | lookups per node | Redis CPU per fleet lookup, per node | "
+              "lookups/s one core of the busiest node allows | this client's rate |")
+        print("|---|---|---|---|---:|---:|")
+        for mode in ("unsharded", "sharded"):
+            reads(mode, ports, owner, a.tenants, a.lookups, a.shards)
     finally:
         for p in procs:
             p.kill()
