@@ -624,12 +624,7 @@ impl Revocation {
             match self.subscribe(&channel, timeout).await {
                 Ok((mut sink, mut stream, baseline, node)) => {
                     failures = 0;
-                    self.redis_down.store(false, Ordering::Release);
-                    // The command connection may be dead too.
-                    self.conn.store(None);
-                    self.reset("subscribed");
-                    self.mark_ok();
-                    self.metrics.redis_connected.set(1);
+                    self.subscription_up();
                     tracing::info!(channel = %channel, %node, "revocation subscription up");
                     let mut last_seq = baseline;
                     self.note_applied(0, last_seq);
@@ -660,19 +655,48 @@ impl Revocation {
                         "revocation subscription lost; serving cached answers until max_staleness"
                     );
                 }
-                Err(e) => {
-                    self.redis_down.store(true, Ordering::Release);
-                    failures += 1;
-                    // One line on the first failure, then one per ~minute.
-                    if failures == 1 || failures.is_multiple_of(60) {
-                        tracing::warn!(error = %e, failures, "cannot subscribe to revocation channel");
-                    }
-                }
+                Err(e) => self.subscription_failed(&mut failures, &e),
             }
-            tokio::select! {
-                _ = tokio::time::sleep(heartbeat) => {}
-                _ = shutdown.changed() => return,
+            if !self.pause(heartbeat, &mut shutdown).await {
+                return;
             }
+        }
+    }
+
+    /// A (re)subscription is up: Redis confirmed now, every cached `active`
+    /// answer distrusted (announcements may have been missed meanwhile),
+    /// the command connection dropped (it may be dead too).
+    fn subscription_up(&self) {
+        self.redis_down.store(false, Ordering::Release);
+        self.conn.store(None);
+        self.reset("subscribed");
+        self.mark_ok();
+        self.metrics.redis_connected.set(1);
+    }
+
+    /// A subscription attempt failed: lookups are skipped while stale; one
+    /// warning on the first failure, then one per ~minute.
+    fn subscription_failed(&self, failures: &mut u64, error: &str) {
+        self.redis_down.store(true, Ordering::Release);
+        *failures += 1;
+        if *failures == 1 || failures.is_multiple_of(60) {
+            tracing::warn!(
+                error,
+                failures = *failures,
+                "cannot subscribe to the revocation channel(s)"
+            );
+        }
+    }
+
+    /// Waits one heartbeat before the next attempt; `false` on shutdown.
+    async fn pause(
+        &self,
+        heartbeat: Duration,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(heartbeat) => true,
+            _ = shutdown.changed() => false,
         }
     }
 
@@ -873,11 +897,7 @@ impl Revocation {
             match self.shard_subscribe(client, &channels, timeout).await {
                 Ok((mut sub, baseline)) => {
                     failures = 0;
-                    self.redis_down.store(false, Ordering::Release);
-                    self.conn.store(None);
-                    self.reset("subscribed");
-                    self.mark_ok();
-                    self.metrics.redis_connected.set(1);
+                    self.subscription_up();
                     tracing::info!(shards = n, "revocation subscription up (sharded pub/sub)");
                     let mut cursors = baseline;
                     for (k, c) in (0u16..).zip(&cursors) {
@@ -933,17 +953,10 @@ impl Revocation {
                         "sharded revocation subscription lost; serving cached answers until max_staleness"
                     );
                 }
-                Err(e) => {
-                    self.redis_down.store(true, Ordering::Release);
-                    failures += 1;
-                    if failures == 1 || failures.is_multiple_of(60) {
-                        tracing::warn!(error = %e, failures, "cannot subscribe to the revocation shard channels");
-                    }
-                }
+                Err(e) => self.subscription_failed(&mut failures, &e),
             }
-            tokio::select! {
-                _ = tokio::time::sleep(heartbeat) => {}
-                _ = shutdown.changed() => return,
+            if !self.pause(heartbeat, &mut shutdown).await {
+                return;
             }
         }
     }
