@@ -382,9 +382,9 @@ pub struct RevocationConfig {
     #[serde(default = "default_prefix")]
     pub key_prefix: String,
     /// Shards of the projection (ADR-0024); must equal the enroll-api's
-    /// `redis.shards`, which it records in `{prefix}projection:shards` — a
-    /// gateway configured otherwise does not confirm Redis, so fails closed,
-    /// and logs why. 1 (the default): one channel (`SUBSCRIBE`). N > 1,
+    /// `redis.shards`, which it records in `{prefix}projection:shards`
+    /// (checked at every subscription and heartbeat) — a gateway configured
+    /// otherwise does not confirm Redis, so fails closed, and logs why. 1 (the default): one channel (`SUBSCRIBE`). N > 1,
     /// only with `redis+cluster://`: `SSUBSCRIBE` to every shard's channel,
     /// a sequence and gap detection per shard. 1 ..= 1024.
     #[serde(default = "default_shards")]

@@ -645,7 +645,10 @@ impl Revocation {
                                     Ok(Ok(_)) => self.mark_ok(),
                                     _ => break,
                                 }
-                                self.check_lag(&mut last_seq, &mut lagging).await;
+                                if let Err(why) = self.check_lag(&mut last_seq, &mut lagging).await {
+                                    tracing::error!(error = %why, "revocation projection layout changed");
+                                    break;
+                                }
                             }
                             _ = shutdown.changed() => return,
                         }
@@ -704,30 +707,46 @@ impl Revocation {
     /// two heartbeats in a row is not a message in flight: an announcement
     /// was lost (or its publisher died between `INCR` and `PUBLISH`), so the
     /// cache is distrusted and the cursor moves to the counter.
-    async fn check_lag(&self, last_seq: &mut Option<u64>, lagging: &mut bool) {
+    ///
+    /// The same read checks the projection's recorded shard count: an
+    /// enroll-api switched to another layout under a running gateway writes
+    /// keys and announcements this gateway no longer reads, so a mismatch is
+    /// an `Err` — the subscription ends and is not renewed (the gateway
+    /// fails closed at `max_staleness`) until the settings agree again.
+    async fn check_lag(
+        &self,
+        last_seq: &mut Option<u64>,
+        lagging: &mut bool,
+    ) -> Result<(), String> {
         if let Source::Memory(bus) = &self.source {
             if let Some(current) = bus.seq() {
                 let lag = self.lag_seen(0, current, last_seq, lagging);
                 self.metrics.revocation_seq_lag.set(lag);
             }
-            return;
+            return Ok(());
         }
         let Some(mut conn) = self.connection().await else {
-            return;
+            return Ok(());
         };
         let timeout = Duration::from_millis(self.cfg.redis_timeout_ms);
+        // One slot: unsharded, every key carries the prefix (and its tag).
         let res = tokio::time::timeout(
             timeout,
-            redis::cmd("GET")
+            redis::cmd("MGET")
                 .arg(self.keys.revocation_seq())
-                .query_async::<Option<u64>>(&mut conn),
+                .arg(self.keys.projection_shards())
+                .query_async::<(Option<u64>, Option<u16>)>(&mut conn),
         )
         .await;
-        let Ok(Ok(Some(current))) = res else {
-            return;
+        let Ok(Ok((current, layout))) = res else {
+            return Ok(());
         };
-        let lag = self.lag_seen(0, current, last_seq, lagging);
-        self.metrics.revocation_seq_lag.set(lag);
+        self.check_layout(layout)?;
+        if let Some(current) = current {
+            let lag = self.lag_seen(0, current, last_seq, lagging);
+            self.metrics.revocation_seq_lag.set(lag);
+        }
+        Ok(())
     }
 
     /// Compares `shard`'s cursor with its counter `current`: a lag seen on
@@ -791,7 +810,8 @@ impl Revocation {
                 },
                 _ = tick.tick() => {
                     self.mark_ok();
-                    self.check_lag(&mut last_seq, &mut lagging).await;
+                    // The bus has no layout to change: never an error.
+                    let _ = self.check_lag(&mut last_seq, &mut lagging).await;
                 }
                 _ = shutdown.changed() => return,
             }
@@ -934,6 +954,15 @@ impl Revocation {
                                 let Some(current) = self.read_shard_seqs(&mut sub.conn, timeout).await else {
                                     break "a shard's counter did not answer";
                                 };
+                                match tokio::time::timeout(timeout, self.read_layout(&mut sub.conn)).await {
+                                    Ok(Ok(layout)) => {
+                                        if let Err(e) = self.check_layout(layout) {
+                                            tracing::error!(error = %e, "revocation projection layout changed");
+                                            break "the projection's shard count changed";
+                                        }
+                                    }
+                                    _ => break "the projection's layout did not answer",
+                                }
                                 self.mark_ok();
                                 let mut worst = 0;
                                 for (k, c) in (0u16..).zip(current) {

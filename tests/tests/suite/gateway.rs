@@ -516,6 +516,41 @@ async fn a_lost_announcement_is_detected_by_sequence_lag() {
     gw.cleanup().await;
 }
 
+/// An enroll-api switched to another shard count (ADR-0024) under a running
+/// gateway writes keys and announcements this gateway no longer reads: the
+/// gateway notices on its next heartbeat, stops confirming Redis and fails
+/// closed at `max_staleness`; it serves again once the layouts agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_projection_layout_fails_closed_until_the_layouts_agree() {
+    let mut opts = Opts::shared_redis();
+    opts.heartbeat_ms = 100;
+    opts.max_staleness_ms = 1000;
+    let gw = start_gateway(opts).await;
+    let (mut s, _t) = gw.h1(Some((&gw.leaf, &gw.ca))).await.unwrap();
+    assert_eq!(h1_send(&mut s, "/api/x", &[]).await.unwrap().status, 200);
+    let mut r = gw.redis().await;
+    let _: () = r.set(gw.keys.projection_shards(), 12).await.unwrap();
+    let mut last = None;
+    for _ in 0..200 {
+        let resp = h1_send(&mut s, "/api/x", &[]).await.unwrap();
+        if resp.status != 200 {
+            last = Some(resp);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let resp = last.expect("never failed closed after the layout changed");
+    assert_eq!(resp.status, 503, "{}", resp.body);
+    assert_eq!(resp.body["code"], "revocation_unavailable");
+    assert_eq!(gw.admin_get("/readyz").await.0, 503);
+    // The layouts agree again (1 recorded, or none): served again.
+    let _: () = r.set(gw.keys.projection_shards(), 1).await.unwrap();
+    gw.wait_ready().await;
+    let (mut s, _t) = gw.h1(Some((&gw.leaf, &gw.ca))).await.unwrap();
+    assert_eq!(h1_send(&mut s, "/api/x", &[]).await.unwrap().status, 200);
+    gw.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_from_the_start_identity_routes_fail_closed() {
     // Nothing listens on this port.
