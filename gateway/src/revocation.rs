@@ -929,40 +929,16 @@ impl Revocation {
                     let why = loop {
                         tokio::select! {
                             push = sub.pushes.recv() => {
-                                let Some(push) = push else { break "push channel closed" };
-                                match push.kind {
-                                    redis::PushKind::SMessage => {
-                                        let shard = match push.data.first() {
-                                            Some(redis::Value::BulkString(ch)) => by_channel.get(ch.as_slice()).copied(),
-                                            _ => None,
-                                        };
-                                        let payload = match push.data.get(1) {
-                                            Some(redis::Value::BulkString(p)) => Some(p.as_slice()),
-                                            _ => None,
-                                        };
-                                        if let (Some(k), Some(payload)) = (shard, payload) {
-                                            self.apply(k, payload, &mut cursors[usize::from(k)]);
-                                            self.mark_ok();
-                                        }
-                                    }
-                                    redis::PushKind::Disconnection => break "a node's connection closed",
-                                    redis::PushKind::SUnsubscribe => break "a shard channel moved (sunsubscribe)",
-                                    _ => {}
+                                let Some(push) = push else { break "push channel closed".to_owned() };
+                                if let Err(why) = self.on_shard_push(&push, &by_channel, &mut cursors) {
+                                    break why.to_owned();
                                 }
                             }
                             _ = tick.tick() => {
-                                let Some(current) = self.read_shard_seqs(&mut sub.conn, timeout).await else {
-                                    break "a shard's counter did not answer";
+                                let current = match self.read_shards(&mut sub.conn, timeout).await {
+                                    Ok(current) => current,
+                                    Err(why) => break why,
                                 };
-                                match tokio::time::timeout(timeout, self.read_layout(&mut sub.conn)).await {
-                                    Ok(Ok(layout)) => {
-                                        if let Err(e) = self.check_layout(layout) {
-                                            tracing::error!(error = %e, "revocation projection layout changed");
-                                            break "the projection's shard count changed";
-                                        }
-                                    }
-                                    _ => break "the projection's layout did not answer",
-                                }
                                 self.mark_ok();
                                 let mut worst = 0;
                                 for (k, c) in (0u16..).zip(current) {
@@ -978,7 +954,7 @@ impl Revocation {
                     };
                     self.metrics.redis_connected.set(0);
                     tracing::warn!(
-                        why,
+                        %why,
                         "sharded revocation subscription lost; serving cached answers until max_staleness"
                     );
                 }
@@ -1003,45 +979,68 @@ impl Revocation {
             .shard_subscriber(channels)
             .await
             .map_err(|e| e.to_string())?;
-        let layout = tokio::time::timeout(timeout * 4, self.read_layout(&mut sub.conn)).await;
-        match layout {
-            Ok(Ok(l)) => self.check_layout(l)?,
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err("timed out reading the projection layout".into()),
-        }
-        let baseline = self
-            .read_shard_seqs(&mut sub.conn, timeout * 4)
-            .await
-            .ok_or("timed out reading the shard counters")?;
+        let baseline = self.read_shards(&mut sub.conn, timeout * 4).await?;
         Ok((sub, baseline))
     }
 
-    /// Every shard's counter, read through `conn` within `timeout` (one
-    /// `GET` per shard: they are in different slots); `None` on any failure.
-    async fn read_shard_seqs(
+    /// One push of the sharded subscription: an `smessage` is applied to
+    /// its shard's cursor; a closed node connection or a server-side
+    /// `sunsubscribe` (the slot moved) is an `Err` saying why the
+    /// subscription must end; anything else (confirmations) is ignored.
+    fn on_shard_push(
+        &self,
+        push: &redis::PushInfo,
+        by_channel: &std::collections::HashMap<&[u8], u16>,
+        cursors: &mut [Option<u64>],
+    ) -> Result<(), &'static str> {
+        match push.kind {
+            redis::PushKind::SMessage => {
+                if let [redis::Value::BulkString(ch), redis::Value::BulkString(payload), ..] =
+                    push.data.as_slice()
+                {
+                    if let Some(&k) = by_channel.get(ch.as_slice()) {
+                        self.apply(k, payload, &mut cursors[usize::from(k)]);
+                        self.mark_ok();
+                    }
+                }
+                Ok(())
+            }
+            redis::PushKind::Disconnection => Err("a node's connection closed"),
+            redis::PushKind::SUnsubscribe => Err("a shard channel moved (sunsubscribe)"),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every shard's counter (one `GET` per shard: different slots) and the
+    /// recorded layout, read through `conn` within `timeout`: the sharded
+    /// subscriber's baseline and heartbeat. A read that succeeds proves the
+    /// link to every shard's node. `Err` says why the subscription must
+    /// end: a failure, or a layout that is not this gateway's.
+    async fn read_shards(
         &self,
         conn: &mut RedisConnection,
         timeout: Duration,
-    ) -> Option<Vec<Option<u64>>> {
+    ) -> Result<Vec<Option<u64>>, String> {
         let fut = async {
-            let mut out = Vec::with_capacity(usize::from(self.keys.shards()));
+            let layout = self.read_layout(&mut *conn).await?;
+            let mut seqs = Vec::with_capacity(usize::from(self.keys.shards()));
             for k in 0..self.keys.shards() {
-                out.push(
+                seqs.push(
                     redis::cmd("GET")
                         .arg(self.keys.revocation_seq_of(k))
                         .query_async::<Option<u64>>(&mut *conn)
                         .await?,
                 );
             }
-            Ok::<_, redis::RedisError>(out)
+            Ok::<_, redis::RedisError>((layout, seqs))
         };
         match tokio::time::timeout(timeout, fut).await {
-            Ok(Ok(v)) => Some(v),
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "reading the shard counters failed");
-                None
+            Ok(Ok((layout, seqs))) => {
+                self.check_layout(layout)?;
+                Ok(seqs)
             }
-            Err(_) => None,
+            Ok(Err(e)) => Err(format!("reading the shard counters failed: {e}")),
+            Err(_) => Err("the shard counters did not answer in time".into()),
         }
     }
 
