@@ -268,21 +268,19 @@ pub fn crc16(data: &[u8]) -> u16 {
     crc
 }
 
-/// The Redis Cluster slot of `key` (0..16384): the CRC16 of its hash tag
-/// (the text between the first `{` and the next `}`, when not empty), else
-/// of the whole key.
+/// The hash tag Redis Cluster hashes `key` by: the text between the first
+/// `{` and the next `}`, when both are there and the text is not empty.
+pub fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let rest = &key[open + 1..];
+    let close = rest.find('}')?;
+    (close > 0).then(|| &rest[..close])
+}
+
+/// The Redis Cluster slot of `key` (0..16384): the CRC16 of its
+/// [`hash_tag`], else of the whole key.
 pub fn key_slot(key: &str) -> u16 {
-    let b = key.as_bytes();
-    let hashed = b
-        .iter()
-        .position(|&c| c == b'{')
-        .and_then(|open| {
-            let rest = &b[open + 1..];
-            let close = rest.iter().position(|&c| c == b'}')?;
-            (close > 0).then(|| &rest[..close])
-        })
-        .unwrap_or(b);
-    crc16(hashed) % 16384
+    crc16(hash_tag(key).unwrap_or(key).as_bytes()) % 16384
 }
 
 /// Every Redis key and channel name, derived from one prefix and the shard

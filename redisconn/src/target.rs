@@ -252,14 +252,8 @@ impl RedisTarget {
 }
 
 /// The hash tag Redis Cluster would hash every key starting with `prefix`
-/// by: the text between the first `{` and the next `}`, when both are in
-/// the prefix and the text is not empty.
-pub fn hash_tag(prefix: &str) -> Option<&str> {
-    let open = prefix.find('{')?;
-    let rest = &prefix[open + 1..];
-    let close = rest.find('}')?;
-    (close > 0).then(|| &rest[..close])
-}
+/// by (the key schema's own rule, `oneprotect_identity::revocation`).
+pub use oneprotect_identity::revocation::hash_tag;
 
 fn after_scheme(url: &str) -> &str {
     url.split_once("://").map_or("", |(_, r)| r)
