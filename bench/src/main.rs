@@ -117,6 +117,11 @@ enum Command {
         /// Enrollments in flight at once (1..=1024).
         #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
         concurrency: u32,
+        /// Tokens the enrollments are spread over, round-robin (1..=100000).
+        /// 1 is a fleet rollout's shared token: every exchange updates its
+        /// row, the worst case.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        tokens: u32,
         /// Pin the enroll-api to these CPUs (a `taskset -c` list).
         #[arg(long, value_parser = parse_cpu_list)]
         server_cpu: Option<String>,
@@ -173,6 +178,7 @@ fn main() -> anyhow::Result<()> {
             redis_url,
             count,
             concurrency,
+            tokens,
             server_cpu,
             out,
         } => {
@@ -187,6 +193,7 @@ fn main() -> anyhow::Result<()> {
                 database_url.as_deref(),
                 count as usize,
                 concurrency as usize,
+                tokens as usize,
                 server_cpu.as_deref(),
             ))?;
             println!("{line}");

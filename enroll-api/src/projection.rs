@@ -51,7 +51,9 @@ use time::OffsetDateTime;
 
 use oneprotect_identity::events::{Event, Payload};
 use oneprotect_identity::revocation::Change;
-use oneprotect_identity::{AgentId, AgentStatus, GatewayPresence, KeySchema, TenantId};
+use oneprotect_identity::{
+    AgentId, AgentStatus, CertStatus, GatewayPresence, KeySchema, SerialNumber, TenantId,
+};
 use oneprotect_redis::{OpenError, RedisClient, RedisConnection};
 use oneprotect_revocation_bus::{LoggedEvent, MemoryBus};
 
@@ -256,44 +258,102 @@ impl std::fmt::Debug for ProjectionConn {
     }
 }
 
+/// One status key to write (forward only) and the change announced for it.
+struct StatusWrite {
+    key: String,
+    status: &'static str,
+    expires_at: Option<OffsetDateTime>,
+    change: Change,
+}
+
 impl ProjectionConn {
-    async fn set_status(
+    /// The writes that project one agent: its status and each unexpired
+    /// certificate's. On revocation the agent key first: one announcement
+    /// stops every certificate of the agent at the gateways. Otherwise the
+    /// certificates first, so the agent never looks active with an unknown
+    /// certificate for longer than needed.
+    fn agent_writes(
+        &self,
+        tenant: TenantId,
+        agent: AgentId,
+        status: AgentStatus,
+        certs: impl IntoIterator<Item = (SerialNumber, CertStatus, OffsetDateTime)>,
+        now: OffsetDateTime,
+    ) -> Vec<StatusWrite> {
+        let agent_write = StatusWrite {
+            key: self.keys.agent_status(&tenant, &agent),
+            status: status.as_str(),
+            expires_at: None,
+            change: Change::Agent {
+                tenant_id: tenant,
+                agent_id: agent,
+                status,
+            },
+        };
+        let cert_writes = certs
+            .into_iter()
+            .filter(|(_, _, not_after)| *not_after > now)
+            .map(|(serial, status, not_after)| StatusWrite {
+                key: self.keys.cert_status(&tenant, &serial),
+                status: status.as_str(),
+                expires_at: Some(not_after),
+                change: Change::Cert { serial, status },
+            });
+        if status == AgentStatus::Revoked {
+            std::iter::once(agent_write).chain(cert_writes).collect()
+        } else {
+            cert_writes.chain(std::iter::once(agent_write)).collect()
+        }
+    }
+
+    /// Applies `writes` of one tenant's shard in order, each forward only
+    /// (one `SET_STATUS` script each, all in one pipeline: one round trip;
+    /// they share the shard's slot); with `announce`, announces each key
+    /// written. Returns how many were written.
+    async fn write_statuses(
         &mut self,
         shard: u16,
-        key: String,
-        status: &str,
-        expires_at: Option<OffsetDateTime>,
-        change: &Change,
+        writes: &[StatusWrite],
         announce: bool,
-    ) -> Result<i64, ProjectionError> {
+    ) -> Result<usize, ProjectionError> {
         let conn = match &mut self.conn {
             Conn::Redis(c) => c,
             Conn::Memory(bus) => {
-                let exat = expires_at.map(OffsetDateTime::unix_timestamp);
-                return Ok(bus
-                    .set_status(&key, status, exat, change, announce)
-                    .map_or(-1, |seq| i64::try_from(seq).unwrap_or(i64::MAX)));
+                return Ok(writes
+                    .iter()
+                    .filter(|w| {
+                        let exat = w.expires_at.map(OffsetDateTime::unix_timestamp);
+                        bus.set_status(&w.key, w.status, exat, &w.change, announce)
+                            .is_some()
+                    })
+                    .count());
             }
         };
-        let exat = expires_at
-            .map(|t| t.unix_timestamp().to_string())
-            .unwrap_or_default();
-        // Plain EVAL (the scripts are a few hundred bytes; the `script`
-        // feature's EVALSHA cache would pull in another SHA-1 crate).
-        let seq: i64 = redis::cmd("EVAL")
-            .arg(SET_STATUS)
-            .arg(2)
-            .arg(key)
-            .arg(self.keys.revocation_seq_of(shard))
-            .arg(status)
-            .arg(exat)
-            .arg(self.keys.revocation_channel_of(shard))
-            .arg(announcement_tail(change)?)
-            .arg(if announce { "1" } else { "0" })
-            .arg(publish_command(&self.keys))
-            .query_async(conn)
-            .await?;
-        Ok(seq)
+        if writes.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for w in writes {
+            // Plain EVAL (the scripts are a few hundred bytes; the `script`
+            // feature's EVALSHA cache would pull in another SHA-1 crate).
+            pipe.cmd("EVAL")
+                .arg(SET_STATUS)
+                .arg(2)
+                .arg(&w.key)
+                .arg(self.keys.revocation_seq_of(shard))
+                .arg(w.status)
+                .arg(
+                    w.expires_at
+                        .map(|t| t.unix_timestamp().to_string())
+                        .unwrap_or_default(),
+                )
+                .arg(self.keys.revocation_channel_of(shard))
+                .arg(announcement_tail(&w.change)?)
+                .arg(if announce { "1" } else { "0" })
+                .arg(publish_command(&self.keys));
+        }
+        let seqs: Vec<i64> = pipe.query_async(conn).await?;
+        Ok(seqs.iter().filter(|seq| **seq >= 0).count())
     }
 
     /// Writes one agent's status and its unexpired certificates' statuses as
@@ -313,67 +373,41 @@ impl ProjectionConn {
         let Some((record, certs)) = store.fetch_agent_projection(tenant, agent).await? else {
             return Ok(0);
         };
-        let mut written = 0;
-        // On revocation the agent key first: one announcement stops every
-        // certificate of the agent at the gateways. On enrollment the
-        // certificates first, so the agent never looks active with an
-        // unknown certificate for longer than needed.
-        let agent_first = record.status == AgentStatus::Revoked;
-        if agent_first {
-            written += self
-                .write_agent(tenant, agent, record.status, announce)
-                .await?;
-        }
-        for c in certs.iter().filter(|c| c.not_after > now) {
-            let change = Change::Cert {
-                serial: c.serial,
-                status: c.status,
-            };
-            let seq = self
-                .set_status(
-                    self.keys.shard_of(&tenant),
-                    self.keys.cert_status(&tenant, &c.serial),
-                    c.status.as_str(),
-                    Some(c.not_after),
-                    &change,
-                    announce,
-                )
-                .await?;
-            if seq >= 0 {
-                written += 1;
-            }
-        }
-        if !agent_first {
-            written += self
-                .write_agent(tenant, agent, record.status, announce)
-                .await?;
-        }
-        Ok(written)
+        let writes = self.agent_writes(
+            tenant,
+            agent,
+            record.status,
+            certs.iter().map(|c| (c.serial, c.status, c.not_after)),
+            now,
+        );
+        self.write_statuses(self.keys.shard_of(&tenant), &writes, announce)
+            .await
     }
 
-    async fn write_agent(
+    /// Projects an `agent.enrolled` event from its payload alone: the new
+    /// certificate and the agent `active`, announced. No store read: both
+    /// are the lowest status, and the scripts only move a status forward,
+    /// so this write can never undo a later one (a revocation or rotation
+    /// that overtook it is already in Redis, or is projected from the
+    /// store's state when its own event is relayed). Returns the number of
+    /// keys written.
+    pub async fn project_enrolled(
         &mut self,
         tenant: TenantId,
         agent: AgentId,
-        status: AgentStatus,
-        announce: bool,
+        serial: SerialNumber,
+        not_after: OffsetDateTime,
+        now: OffsetDateTime,
     ) -> Result<usize, ProjectionError> {
-        let change = Change::Agent {
-            tenant_id: tenant,
-            agent_id: agent,
-            status,
-        };
-        let seq = self
-            .set_status(
-                self.keys.shard_of(&tenant),
-                self.keys.agent_status(&tenant, &agent),
-                status.as_str(),
-                None,
-                &change,
-                announce,
-            )
-            .await?;
-        Ok(usize::from(seq >= 0))
+        let writes = self.agent_writes(
+            tenant,
+            agent,
+            AgentStatus::Active,
+            [(serial, CertStatus::Active, not_after)],
+            now,
+        );
+        self.write_statuses(self.keys.shard_of(&tenant), &writes, true)
+            .await
     }
 
     /// Rewrites every agent's and unexpired certificate's status from the
@@ -524,33 +558,41 @@ impl ProjectionConn {
         Ok(n > 0 && shards == Some(self.keys.shards()))
     }
 
-    /// Appends `event` to the lifecycle stream: `XADD {prefix}events * event_id
-    /// <uuid> type <type> data <json>` (see `specs/asyncapi.yaml`); on the
-    /// in-process bus, to its bounded event log.
-    pub async fn publish_event(&mut self, event: &Event) -> Result<(), ProjectionError> {
-        let data = serde_json::to_string(event)?;
+    /// Appends `events` to the lifecycle stream in order, each as `XADD
+    /// {prefix}events * event_id <uuid> type <type> data <json>` (see
+    /// `specs/asyncapi.yaml`), all in one pipeline (one key: one round
+    /// trip); on the in-process bus, to its bounded event log.
+    pub async fn publish_events(&mut self, events: &[&Event]) -> Result<(), ProjectionError> {
         let conn = match &mut self.conn {
             Conn::Redis(c) => c,
             Conn::Memory(bus) => {
-                bus.append_event(LoggedEvent {
-                    event_id: event.event_id.to_string(),
-                    event_type: event.payload.event_type().to_owned(),
-                    data,
-                });
+                for event in events {
+                    bus.append_event(LoggedEvent {
+                        event_id: event.event_id.to_string(),
+                        event_type: event.payload.event_type().to_owned(),
+                        data: serde_json::to_string(event)?,
+                    });
+                }
                 return Ok(());
             }
         };
-        redis::cmd("XADD")
-            .arg(self.keys.events_stream())
-            .arg("*")
-            .arg("event_id")
-            .arg(event.event_id.to_string())
-            .arg("type")
-            .arg(event.payload.event_type())
-            .arg("data")
-            .arg(data)
-            .query_async::<String>(conn)
-            .await?;
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for event in events {
+            pipe.cmd("XADD")
+                .arg(self.keys.events_stream())
+                .arg("*")
+                .arg("event_id")
+                .arg(event.event_id.to_string())
+                .arg("type")
+                .arg(event.payload.event_type())
+                .arg("data")
+                .arg(serde_json::to_string(event)?)
+                .ignore();
+        }
+        pipe.query_async::<()>(conn).await?;
         Ok(())
     }
 }
@@ -666,7 +708,7 @@ pub fn affected_agent(event: &Event) -> Option<AgentId> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use oneprotect_identity::{Announcement, CertStatus};
+    use oneprotect_identity::Announcement;
 
     #[test]
     fn the_script_announcement_parses_as_an_announcement() {

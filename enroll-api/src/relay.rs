@@ -1,10 +1,12 @@
 //! The outbox relay: one task per replica that publishes committed outbox
 //! rows to Redis and keeps the revocation projection in step.
 //!
-//! For each pending row, oldest first: apply its projection effect (re-read
-//! the agent from the store and write its statuses, announcing each) and
-//! `XADD` the event to `{prefix}events`; then mark the whole batch sent in
-//! one statement. A failure at any step leaves the batch's rows pending
+//! For a batch of pending rows, oldest first: apply each row's projection
+//! effect (re-read the agent from the store and write its statuses,
+//! announcing each; an `agent.enrolled` is written from its payload, see
+//! [`ProjectionConn::project_enrolled`]), then `XADD` the batch's events to
+//! `{prefix}events` in order (one pipeline); then mark the whole batch sent
+//! in one statement. A failure at any step leaves the batch's rows pending
 //! (those already written are written again: at least once) and the relay
 //! retries after a backoff
 //! (in order: later rows wait), so a Redis outage delays the projection and
@@ -27,6 +29,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
+
+use oneprotect_identity::events::{Event, Payload};
 
 use crate::clock::SharedClock;
 use crate::projection::{affected_agent, Projection, ProjectionConn, ProjectionError};
@@ -144,13 +148,25 @@ pub async fn drain(
         }
         for row in &rows {
             let e = &row.event;
-            if let Some(agent) = affected_agent(e) {
+            if let Payload::Enrolled {
+                agent_id,
+                serial,
+                not_after,
+                ..
+            } = &e.payload
+            {
+                conn.project_enrolled(e.tenant_id, *agent_id, *serial, *not_after, clock.now())
+                    .await?;
+            } else if let Some(agent) = affected_agent(e) {
                 conn.project_agent(store, e.tenant_id, agent, clock.now(), true)
                     .await?;
             }
-            conn.publish_event(e).await?;
-            tracing::debug!(seq = row.seq, event_id = %e.event_id, r#type = e.payload.event_type(), "event relayed");
+            tracing::debug!(seq = row.seq, event_id = %e.event_id, r#type = e.payload.event_type(), "event projected");
         }
+        // The stream after the batch's projection, in order, in one
+        // pipeline.
+        let events: Vec<&Event> = rows.iter().map(|r| &r.event).collect();
+        conn.publish_events(&events).await?;
         if settings.wait_replicas > 0 {
             // The whole batch is on the master, so gateways see it now; it is
             // marked sent only once the replicas have it too. Without them it

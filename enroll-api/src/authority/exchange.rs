@@ -156,22 +156,21 @@ pub async fn exchange(state: &Inner, req: ExchangeRequest<'_>) -> Result<Enrolle
         return Err(ExchangeError::InvalidToken);
     }
     let token_hash = state.pepper.hash(secret);
-    let Some((token_id, tenant)) = state.store.fetch_token_ref_by_hash(&token_hash).await? else {
+    // The token and its tenant in one read: a pre-check for a precise audit
+    // reason and to spare the CA work; the conditional update of the write
+    // is what decides.
+    let Some((found, tenant_record)) = state.store.fetch_token_by_hash(&token_hash).await? else {
         tracing::info!("exchange refused: unknown token");
         return Err(ExchangeError::InvalidToken);
     };
+    let (token_id, tenant) = (found.id, found.tenant_id);
     state
         .per_token
         .check(&token_id.to_string(), started)
         .map_err(ExchangeError::RateLimited)?;
 
     let now = state.clock.now();
-    // A pre-check for a precise audit reason and to spare the CA work; the
-    // conditional update below is what decides.
-    // The tenant comes with it (one read transaction): its leaf lifetime is
-    // needed once the CSR passed.
-    let (found, tenant_record) = state.store.fetch_token_and_tenant(tenant, token_id).await?;
-    if let Some(refusal) = TokenRefusal::of(found.as_ref(), now) {
+    if let Some(refusal) = TokenRefusal::of(Some(&found), now) {
         tracing::info!(%tenant, %token_id, ?refusal, "exchange refused: token not usable");
         return Err(refuse_token(state, tenant, token_id, refusal, now).await);
     }

@@ -546,21 +546,18 @@ pub async fn tokens_round_trip_and_isolate_tenants<S: Store>(s: &S) {
         s.fetch_token(b, id).await.unwrap().is_none(),
         "other tenant sees the token"
     );
-    // The combined read is the two reads, tenant-scoped alike.
-    let (tok, ten) = s.fetch_token_and_tenant(a, id).await.unwrap();
-    assert_eq!(tok, Some(t.clone()));
+    // The exchange's read by keyed hash is the token's own row and its own
+    // tenant's, whatever else exists; an unknown hash finds nothing.
+    let (tok, ten) = s.fetch_token_by_hash(&h).await.unwrap().unwrap();
+    assert_eq!(tok, t);
     assert_eq!(ten, s.fetch_tenant(a).await.unwrap());
     assert!(ten.is_some());
-    let (tok, ten) = s.fetch_token_and_tenant(b, id).await.unwrap();
-    assert!(tok.is_none(), "other tenant sees the token");
-    assert_eq!(ten, s.fetch_tenant(b).await.unwrap());
+    assert!(s.fetch_token_by_hash(&hash("x")).await.unwrap().is_none());
     assert!(s
         .revoke_token(b, id, now(), Actor::System)
         .await
         .unwrap()
         .is_none());
-    assert_eq!(s.fetch_token_ref_by_hash(&h).await.unwrap(), Some((id, a)));
-    assert_eq!(s.fetch_token_ref_by_hash(&hash("x")).await.unwrap(), None);
     let events = s.list_events(a, 10).await.unwrap();
     assert_eq!(events.len(), 1);
     assert_eq!(
@@ -722,8 +719,14 @@ pub async fn enroll_refusals<S: Store>(s: &S) {
 
 /// `n` concurrent enrollments with one single-use token: exactly one wins.
 pub async fn single_use_token_under_concurrency<S: Store>(s: &S, n: usize) {
+    token_under_concurrency(s, n, 1).await;
+}
+
+/// `n` concurrent enrollments with one token of `uses` uses (a fleet's
+/// shared token, every exchange updating its row): exactly `uses` win.
+pub async fn token_under_concurrency<S: Store>(s: &S, n: usize, uses: u32) {
     let t = tenant(s).await;
-    let (id, h) = token(s, t, 1, 3600).await;
+    let (id, h) = token(s, t, uses, 3600).await;
     let barrier = Arc::new(tokio::sync::Barrier::new(n));
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..n {
@@ -742,9 +745,26 @@ pub async fn single_use_token_under_concurrency<S: Store>(s: &S, n: usize) {
             EnrollOutcome::Refused(r) => assert_eq!(r, TokenRefusal::UsedUp),
         }
     }
-    assert_eq!(ok, 1);
-    assert_eq!(s.list_agents(t, None, PAGE).await.unwrap().len(), 1);
-    assert_eq!(s.fetch_token(t, id).await.unwrap().unwrap().uses, 1);
+    let uses_n = usize::try_from(uses).unwrap();
+    assert_eq!(ok, uses_n.min(n));
+    assert_eq!(
+        s.list_agents(
+            t,
+            None,
+            Page {
+                limit: 1000,
+                after: None
+            }
+        )
+        .await
+        .unwrap()
+        .len(),
+        ok
+    );
+    assert_eq!(
+        s.fetch_token(t, id).await.unwrap().unwrap().uses,
+        u32::try_from(ok).unwrap()
+    );
     let enrolled = s
         .list_events(t, 1000)
         .await
@@ -752,7 +772,7 @@ pub async fn single_use_token_under_concurrency<S: Store>(s: &S, n: usize) {
         .into_iter()
         .filter(|e| e.event.payload.event_type() == "agent.enrolled")
         .count();
-    assert_eq!(enrolled, 1);
+    assert_eq!(enrolled, ok);
 }
 
 pub async fn agents_list_and_revoke<S: Store>(s: &S) {

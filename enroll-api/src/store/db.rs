@@ -36,8 +36,10 @@ pub(crate) enum Db {
 /// table says why.
 #[derive(Debug)]
 pub(crate) struct DialectSql {
-    /// `(token_id, tenant_id)` of the token with keyed hash `$1`.
-    pub(crate) token_ref_by_hash: &'static str,
+    /// The token with keyed hash `$1` (`SELECT_TOKEN`'s columns) and its
+    /// tenant's `tenant_name, tenant_leaf_lifetime_secs, tenant_created_at`
+    /// (`NULL` when the tenant is missing).
+    pub(crate) token_by_hash: &'static str,
     /// `(id, tenant_id)` of the unrevoked admin key with keyed hash `$1`.
     pub(crate) admin_key_ref_by_hash: &'static str,
     /// `(seq, body)` of up to `$1` unsent outbox rows of every tenant, oldest first.
@@ -54,6 +56,17 @@ pub(crate) struct DialectSql {
     /// previous_valid_until`, read to decide a rotation step and write it in
     /// the same transaction.
     pub(crate) rotation_state: &'static str,
+    /// An exchange's whole write as one statement in its own transaction,
+    /// where the dialect can (`None`: a transaction, statement by
+    /// statement). Arguments: the consume's four (`$1` token id, `$2`
+    /// tenant, `$3` keyed hash, `$4` now), then the agent's `id, spiffe_id,
+    /// status, hostname, os, agent_version, enrolled_at, current_serial,
+    /// certificate_not_after` (`$5 .. $13`), the certificate's `serial,
+    /// fingerprint, not_before, not_after, cert_pem` (`$14 .. $18`; issued
+    /// at `$4`) and the event's `event_id, event_type, occurred_at, body`
+    /// (`$19 .. $22`). One `integer`: the uses it took (0 or 1); the rows
+    /// are written only with a use.
+    pub(crate) enroll_in_one: Option<&'static str>,
 }
 
 /// `n` numbered placeholders from `$first`, each preceded by `, ` (a

@@ -360,14 +360,6 @@ pub trait Store: Send + Sync + Clone + 'static {
         tenant: TenantId,
         id: TokenId,
     ) -> impl Future<Output = Result<Option<TokenRecord>, StoreError>> + Send;
-    /// [`Store::fetch_token`] and [`Store::fetch_tenant`] in one read
-    /// transaction (the exchange's pre-checks: one round of transaction
-    /// statements instead of two).
-    fn fetch_token_and_tenant(
-        &self,
-        tenant: TenantId,
-        id: TokenId,
-    ) -> impl Future<Output = Result<(Option<TokenRecord>, Option<Tenant>), StoreError>> + Send;
     /// Lists `tenant`'s tokens by id, optionally only those with `status` at `now`.
     fn list_tokens(
         &self,
@@ -385,12 +377,14 @@ pub trait Store: Send + Sync + Clone + 'static {
         now: OffsetDateTime,
         actor: Actor,
     ) -> impl Future<Output = Result<Option<TokenRecord>, StoreError>> + Send;
-    /// Finds a token's id and tenant by its keyed hash (the pre-tenant
-    /// narrow path of the exchange).
-    fn fetch_token_ref_by_hash(
+    /// The token with keyed hash `hash` and its tenant (`None` if the
+    /// tenant is missing: a broken store), in one read: the exchange's
+    /// pre-checks, before the tenant is known. Only a holder of the token's
+    /// secret can name the hash.
+    fn fetch_token_by_hash(
         &self,
         hash: &[u8],
-    ) -> impl Future<Output = Result<Option<(TokenId, TenantId)>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Option<(TokenRecord, Option<Tenant>)>, StoreError>> + Send;
     /// Consumes one use of the token and writes the agent, its certificate
     /// and the event in one transaction.
     fn enroll(

@@ -28,6 +28,9 @@ use super::{AnyStore, StoreError};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
+/// A pooled connection idle at least this long is pinged before use.
+const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
 /// The role the migrations create and the service runs as.
 pub const DEFAULT_APP_ROLE: &str = "oneprotect_app";
 
@@ -75,6 +78,19 @@ impl AnyStore {
         let pool = PgPoolOptions::new()
             .max_connections(o.max_connections.max(1))
             .acquire_timeout(Duration::from_secs(5))
+            // A connection that answered within the last second is handed
+            // out as is; one idle longer is pinged first (and replaced if
+            // dead). A backend that dies in between fails that one
+            // operation, as it would mid-transaction: 503, nothing written.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_AFTER_IDLE {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .after_connect(move |conn, _meta| {
                 let set_role = set_role.clone();
                 Box::pin(async move {
@@ -115,12 +131,15 @@ pub(super) async fn begin(
     pool: &PgPool,
     tenant: TenantId,
 ) -> Result<Transaction<'static, Postgres>, StoreError> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT set_config('oneprotect.tenant_id', $1, true)")
-        .bind(tenant.to_string())
-        .execute(&mut *tx)
-        .await?;
-    Ok(tx)
+    // One round trip: `BEGIN` and the tenant in one simple query (both run
+    // before the answer; a failing `set_config` fails the begin). The tenant
+    // is a typed UUID, whose text is hex digits and hyphens only: nothing
+    // in it can end the literal.
+    Ok(pool
+        .begin_with(format!(
+            "BEGIN; SELECT set_config('oneprotect.tenant_id', '{tenant}', true)"
+        ))
+        .await?)
 }
 
 /// The statements that differ from SQLite's. The reads that run before the
@@ -130,7 +149,9 @@ pub(super) async fn begin(
 /// exactly what it needs; everything else runs under RLS with the tenant
 /// set.
 pub(super) const SQL: DialectSql = DialectSql {
-    token_ref_by_hash: "SELECT token_id, tenant_id FROM oneprotect_token_ref($1)",
+    token_by_hash: "SELECT id, tenant_id, max_uses, uses, expires_at, created_at, revoked_at, \
+                    description, labels, tenant_name, tenant_leaf_lifetime_secs, tenant_created_at \
+                    FROM oneprotect_exchange_token($1)",
     admin_key_ref_by_hash: "SELECT key_id, tenant_id FROM oneprotect_admin_key_ref($1)",
     outbox_pending: "SELECT seq, body FROM oneprotect_outbox_pending($1)",
     // A VARIADIC function: the seqs as separate parameters, no array type.
@@ -146,6 +167,17 @@ pub(super) const SQL: DialectSql = DialectSql {
     // agent wait and then decide on the committed result.
     rotation_state: "SELECT status, current_serial, previous_serial, previous_valid_until \
                      FROM agents WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
+    // One statement, in the implicit transaction of its own: the function
+    // sets the tenant, consumes a use and writes the three rows (migration
+    // 0006). Every exchange of a fleet's shared token updates that token's
+    // row, and its lock is held from the consume to the commit: with no
+    // round trip to the service in between, exchanges of one token follow
+    // each other at the speed of the database, not of the network and the
+    // scheduler (issue 16 part 3).
+    enroll_in_one: Some(
+        "SELECT oneprotect_enroll($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
+         $14, $15, $16, $17, $18, $19, $20, $21, $22)",
+    ),
 };
 
 // UUIDs are native `uuid` columns.

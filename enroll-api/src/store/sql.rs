@@ -17,7 +17,7 @@ use time::OffsetDateTime;
 use oneprotect_identity::events::{Actor, Event, Payload};
 use oneprotect_identity::{AgentId, AgentStatus, CertStatus, SerialNumber, TenantId, TokenId};
 
-use super::db::{Arg, DbUuid, Decodable, Tx, UseCount};
+use super::db::{Arg, DbUuid, Decodable, Pooled, Tx, UseCount};
 use super::rotation::{
     plan_confirmation, plan_expiry, plan_rotation, rotated_event, superseded_event, RotationState,
 };
@@ -82,6 +82,39 @@ struct TokenRow {
     revoked_at: Option<i64>,
     description: Option<String>,
     labels: String,
+}
+
+/// A token with its tenant's columns (`DialectSql::token_by_hash`); the
+/// tenant's are `NULL` when it is missing (a broken store).
+#[derive(FromRow)]
+struct TokenAndTenantRow {
+    #[sqlx(flatten)]
+    token: TokenRow,
+    tenant_name: Option<String>,
+    tenant_leaf_lifetime_secs: Option<i64>,
+    tenant_created_at: Option<i64>,
+}
+
+impl TryFrom<TokenAndTenantRow> for (TokenRecord, Option<Tenant>) {
+    type Error = StoreError;
+    fn try_from(r: TokenAndTenantRow) -> Result<Self, StoreError> {
+        let tenant = match (
+            r.tenant_name,
+            r.tenant_leaf_lifetime_secs,
+            r.tenant_created_at,
+        ) {
+            (Some(name), Some(leaf_lifetime_secs), Some(created_at)) => {
+                Some(Tenant::try_from(TenantRow {
+                    id: r.token.tenant_id,
+                    name,
+                    leaf_lifetime_secs,
+                    created_at,
+                })?)
+            }
+            _ => None,
+        };
+        Ok((TokenRecord::try_from(r.token)?, tenant))
+    }
 }
 
 impl TryFrom<TokenRow> for TokenRecord {
@@ -284,6 +317,109 @@ async fn insert_event(tx: &mut Tx, event: &Event) -> Result<(), StoreError> {
         .await?;
     tx.wrote_outbox();
     Ok(())
+}
+
+/// The consume of an exchange: one use of the token, only while it is
+/// usable and its hash matches. Its row count decides a race: on PostgreSQL
+/// (READ COMMITTED) a concurrent updater of the row waits, then re-evaluates
+/// the `WHERE` on the new version, so the count is exact; on SQLite the
+/// `UPDATE` takes the write lock at once, so concurrent exchanges queue on
+/// the busy timeout.
+const CONSUME_TOKEN: &str = "UPDATE enrollment_tokens SET uses = uses + 1 \
+     WHERE id = $1 AND tenant_id = $2 AND token_hash = $3 \
+     AND revoked_at IS NULL AND uses < max_uses AND expires_at > $4";
+
+/// The consume's four arguments.
+fn consume_args(e: &Enrollment) -> [Arg<'_>; 4] {
+    [
+        e.token_id.into(),
+        e.agent.tenant_id.into(),
+        e.token_hash.as_slice().into(),
+        e.now.into(),
+    ]
+}
+
+/// An enrollment as one statement in its own transaction
+/// (`DialectSql::enroll_in_one`): whether the token was consumed (and the
+/// three rows written).
+async fn enroll_in_one(conn: &mut Pooled, sql: &str, e: &Enrollment) -> Result<bool, StoreError> {
+    let (a, c, ev) = (&e.agent, &e.certificate, &e.event);
+    let mut args = consume_args(e).to_vec();
+    args.extend([
+        a.id.into(),
+        a.spiffe_id.as_str().into(),
+        a.status.into(),
+        a.hostname.as_str().into(),
+        a.os.as_str().into(),
+        a.agent_version.as_str().into(),
+        a.enrolled_at.into(),
+        a.current_serial.into(),
+        a.certificate_not_after.into(),
+        c.serial.into(),
+        c.fingerprint.as_str().into(),
+        c.not_before.into(),
+        c.not_after.into(),
+        c.cert_pem.as_str().into(),
+        ev.event_id.into(),
+        ev.payload.event_type().into(),
+        ev.occurred_at.into(),
+        event_json(ev)?.into(),
+    ]);
+    let (consumed,): (i32,) = conn
+        .conn()
+        .fetch_optional(sql, &args)
+        .await?
+        .ok_or_else(|| corrupt("the enrollment statement returned no row"))?;
+    Ok(consumed == 1)
+}
+
+/// An enrollment statement by statement: the consume first, then (only if
+/// it took a use) the agent, its certificate and the event.
+async fn enroll_in_steps(tx: &mut Tx, e: &Enrollment) -> Result<bool, StoreError> {
+    let a = &e.agent;
+    if tx.conn().execute(CONSUME_TOKEN, &consume_args(e)).await? != 1 {
+        return Ok(false);
+    }
+    tx.conn()
+        .execute(
+            "INSERT INTO agents (id, tenant_id, spiffe_id, status, hostname, os, \
+             agent_version, token_id, enrolled_at, current_serial, certificate_not_after) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            &[
+                a.id.into(),
+                a.tenant_id.into(),
+                a.spiffe_id.as_str().into(),
+                a.status.into(),
+                a.hostname.as_str().into(),
+                a.os.as_str().into(),
+                a.agent_version.as_str().into(),
+                a.token_id.into(),
+                a.enrolled_at.into(),
+                a.current_serial.into(),
+                a.certificate_not_after.into(),
+            ],
+        )
+        .await?;
+    let c = &e.certificate;
+    tx.conn()
+        .execute(
+            "INSERT INTO certificates (serial, tenant_id, agent_id, status, fingerprint, \
+             not_before, not_after, cert_pem, issued_at) \
+             VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, $8)",
+            &[
+                c.serial.into(),
+                a.tenant_id.into(),
+                a.id.into(),
+                c.fingerprint.as_str().into(),
+                c.not_before.into(),
+                c.not_after.into(),
+                c.cert_pem.as_str().into(),
+                e.now.into(),
+            ],
+        )
+        .await?;
+    insert_event(tx, &e.event).await?;
+    Ok(true)
 }
 
 const SELECT_TENANT: &str =
@@ -567,21 +703,6 @@ impl Store for AnyStore {
         Ok(t)
     }
 
-    async fn fetch_token_and_tenant(
-        &self,
-        tenant: TenantId,
-        id: TokenId,
-    ) -> Result<(Option<TokenRecord>, Option<Tenant>), StoreError> {
-        let mut tx = self.begin(tenant).await?;
-        let t = fetch_token_in(&mut tx, tenant, id).await?;
-        let row: Option<TenantRow> = tx
-            .conn()
-            .fetch_optional(SELECT_TENANT, &[tenant.into()])
-            .await?;
-        tx.commit().await?;
-        Ok((t, row.map(Tenant::try_from).transpose()?))
-    }
-
     async fn list_tokens(
         &self,
         tenant: TenantId,
@@ -634,88 +755,46 @@ impl Store for AnyStore {
         Ok(Some(record))
     }
 
-    async fn fetch_token_ref_by_hash(
+    async fn fetch_token_by_hash(
         &self,
         hash: &[u8],
-    ) -> Result<Option<(TokenId, TenantId)>, StoreError> {
-        self.pooled()
+    ) -> Result<Option<(TokenRecord, Option<Tenant>)>, StoreError> {
+        let row: Option<TokenAndTenantRow> = self
+            .pooled()
             .await?
             .conn()
-            .fetch_optional(self.dialect().token_ref_by_hash, &[hash.into()])
-            .await
+            .fetch_optional(self.dialect().token_by_hash, &[hash.into()])
+            .await?;
+        row.map(TryInto::try_into).transpose()
     }
 
     async fn enroll(&self, e: &Enrollment) -> Result<EnrollOutcome, StoreError> {
         text_rule::enrollment(e)?;
         let a = &e.agent;
-        let mut tx = self.begin(a.tenant_id).await?;
-        // The consume comes first and its row count decides the race. On
-        // PostgreSQL (READ COMMITTED) a concurrent updater of the row waits,
-        // then re-evaluates the WHERE on the new version, so the count is
-        // exact; on SQLite the UPDATE takes the write lock at once, so
-        // concurrent exchanges queue on the busy timeout.
-        let consumed = tx
-            .conn()
-            .execute(
-                "UPDATE enrollment_tokens SET uses = uses + 1 \
-                 WHERE id = $1 AND tenant_id = $2 AND token_hash = $3 \
-                 AND revoked_at IS NULL AND uses < max_uses AND expires_at > $4",
-                &[
-                    e.token_id.into(),
-                    a.tenant_id.into(),
-                    e.token_hash.as_slice().into(),
-                    e.now.into(),
-                ],
-            )
-            .await?;
-        if consumed != 1 {
-            let t = fetch_token_in(&mut tx, a.tenant_id, e.token_id).await?;
-            tx.rollback().await?;
-            // An active token here means the hash did not match the id.
-            let r = TokenRefusal::of(t.as_ref(), e.now).unwrap_or(TokenRefusal::Unknown);
-            return Ok(EnrollOutcome::Refused(r));
+        let consumed = if let Some(sql) = self.dialect().enroll_in_one {
+            let consumed = enroll_in_one(&mut self.pooled().await?, sql, e).await?;
+            if consumed {
+                self.relay_waker().wake();
+            }
+            consumed
+        } else {
+            let mut tx = self.begin(a.tenant_id).await?;
+            let consumed = enroll_in_steps(&mut tx, e).await?;
+            if consumed {
+                tx.commit().await?;
+            } else {
+                tx.rollback().await?;
+            }
+            consumed
+        };
+        if consumed {
+            return Ok(EnrollOutcome::Enrolled);
         }
-        tx.conn()
-            .execute(
-                "INSERT INTO agents (id, tenant_id, spiffe_id, status, hostname, os, \
-                 agent_version, token_id, enrolled_at, current_serial, certificate_not_after) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                &[
-                    a.id.into(),
-                    a.tenant_id.into(),
-                    a.spiffe_id.as_str().into(),
-                    a.status.into(),
-                    a.hostname.as_str().into(),
-                    a.os.as_str().into(),
-                    a.agent_version.as_str().into(),
-                    a.token_id.into(),
-                    a.enrolled_at.into(),
-                    a.current_serial.into(),
-                    a.certificate_not_after.into(),
-                ],
-            )
-            .await?;
-        let c = &e.certificate;
-        tx.conn()
-            .execute(
-                "INSERT INTO certificates (serial, tenant_id, agent_id, status, fingerprint, \
-                 not_before, not_after, cert_pem, issued_at) \
-                 VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, $8)",
-                &[
-                    c.serial.into(),
-                    a.tenant_id.into(),
-                    a.id.into(),
-                    c.fingerprint.as_str().into(),
-                    c.not_before.into(),
-                    c.not_after.into(),
-                    c.cert_pem.as_str().into(),
-                    e.now.into(),
-                ],
-            )
-            .await?;
-        insert_event(&mut tx, &e.event).await?;
-        tx.commit().await?;
-        Ok(EnrollOutcome::Enrolled)
+        // Why not, read after the fact: an active token here means the hash
+        // did not match the id.
+        let t = self.fetch_token(a.tenant_id, e.token_id).await?;
+        let r = TokenRefusal::of(t.as_ref(), e.now).unwrap_or(TokenRefusal::Unknown);
+        Ok(EnrollOutcome::Refused(r))
     }
 
     async fn create_event(&self, event: &Event) -> Result<(), StoreError> {

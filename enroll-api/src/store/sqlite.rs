@@ -63,7 +63,12 @@ pub(super) async fn begin_immediate(
 /// PostgreSQL makes through `SECURITY DEFINER` functions are plain queries
 /// here (returning the same columns).
 pub(super) const SQL: DialectSql = DialectSql {
-    token_ref_by_hash: "SELECT id, tenant_id FROM enrollment_tokens WHERE token_hash = $1",
+    token_by_hash: "SELECT t.id, t.tenant_id, t.max_uses, t.uses, t.expires_at, t.created_at, \
+                    t.revoked_at, t.description, t.labels, n.name AS tenant_name, \
+                    n.leaf_lifetime_secs AS tenant_leaf_lifetime_secs, \
+                    n.created_at AS tenant_created_at \
+                    FROM enrollment_tokens t LEFT JOIN tenants n ON n.id = t.tenant_id \
+                    WHERE t.token_hash = $1",
     admin_key_ref_by_hash: "SELECT id, tenant_id FROM admin_keys \
                             WHERE key_hash = $1 AND revoked_at IS NULL",
     outbox_pending: "SELECT seq, body FROM events_outbox WHERE published_at IS NULL \
@@ -83,6 +88,9 @@ pub(super) const SQL: DialectSql = DialectSql {
     // `BEGIN IMMEDIATE` transaction, which holds the database write lock.
     rotation_state: "SELECT status, current_serial, previous_serial, previous_valid_until \
                      FROM agents WHERE tenant_id = $1 AND id = $2",
+    // No stored procedures; the database's write lock serialises
+    // exchanges whichever way they are written.
+    enroll_in_one: None,
 };
 
 // SQLite has no UUID type: UUIDs are canonical text (lowercase, hyphenated),

@@ -51,6 +51,7 @@ conformance_tests! {
     enroll_writes_everything_or_nothing,
     enroll_refusals,
     single_use_token_under_concurrency(100),
+    token_under_concurrency(60, 25),
     agents_list_and_revoke,
     relay_reads_pending_events_and_certificates,
     rotation_lineage,
@@ -79,6 +80,57 @@ async fn sqlite_non_canonical_id_is_corrupt() {
     .unwrap();
     let r = s.list_tenant_ids().await;
     assert!(matches!(r, Err(StoreError::Corrupt(_))), "{r:?}");
+}
+
+/// The one-statement enrollment and the one-round-trip begin set the tenant
+/// for their own transaction only: the pooled connection (here the only
+/// one) comes back with no tenant set, on success and on refusal alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_tenant_setting_does_not_outlive_its_transaction() {
+    let url = pg_url();
+    let schema = schema_name("leak");
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let s = AnyStore::open_postgres(&crate::store::postgres::PgOptions {
+        url,
+        schema: Some(schema),
+        app_role: crate::store::postgres::DEFAULT_APP_ROLE.to_owned(),
+        max_connections: 1,
+    })
+    .await
+    .unwrap();
+    let t = conformance::tenant(&s).await;
+    let (id, h) = conformance::token(&s, t, 1, 3600).await;
+    let now = conformance::now();
+    assert_eq!(
+        s.enroll(&conformance::enrollment(t, id, &h, now))
+            .await
+            .unwrap(),
+        EnrollOutcome::Enrolled
+    );
+    assert_eq!(
+        s.enroll(&conformance::enrollment(t, id, &h, now))
+            .await
+            .unwrap(),
+        EnrollOutcome::Refused(TokenRefusal::UsedUp)
+    );
+    let pool = s.postgres_pool().expect("a PostgreSQL store");
+    let mut only = pool.acquire().await.unwrap();
+    let tenant: Option<String> = sqlx::query_scalar("SELECT oneprotect_current_tenant()::text")
+        .fetch_one(&mut *only)
+        .await
+        .unwrap();
+    assert_eq!(tenant, None, "the tenant setting leaked to the next use");
+    let agents: i64 = sqlx::query_scalar("SELECT count(*) FROM agents")
+        .fetch_one(&mut *only)
+        .await
+        .unwrap();
+    assert_eq!(agents, 0, "rows visible without a tenant");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
