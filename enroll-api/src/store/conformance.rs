@@ -1024,6 +1024,43 @@ pub async fn relay_reads_pending_events_and_certificates<S: Store>(s: &S) {
         .is_empty());
 }
 
+/// A backlog bigger than the relay's batch (after a Redis outage, say) is
+/// listed oldest first, `limit` at a time, and a whole listing is marked
+/// sent in one call: 250 rows, 120 per call (PostgreSQL refuses a function
+/// call with more than 100 arguments; the seqs must not be passed as such).
+pub async fn outbox_backlog_is_marked_in_big_batches<S: Store>(s: &S) {
+    let t = tenant(s).await;
+    for _ in 0..250 {
+        s.create_event(&oneprotect_identity::events::Event::new(
+            t,
+            Actor::System,
+            now(),
+            oneprotect_identity::events::Payload::Revoked {
+                agent_id: AgentId::random(),
+                reason: "backlog".into(),
+                revoked_serials: vec![],
+            },
+        ))
+        .await
+        .unwrap();
+    }
+    let mut sent = Vec::new();
+    for _ in 0..10 {
+        let pending = s.list_pending_events(120).await.unwrap();
+        if pending.is_empty() {
+            break;
+        }
+        assert!(pending.len() <= 120);
+        let seqs: Vec<i64> = pending.iter().map(|p| p.seq).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "oldest first");
+        assert!(sent.last().is_none_or(|last| *last < seqs[0]), "in order");
+        s.mark_events_sent(&seqs, now()).await.unwrap();
+        sent.extend(seqs);
+    }
+    assert_eq!(sent.len(), 250);
+    assert!(s.list_pending_events(120).await.unwrap().is_empty());
+}
+
 /// Opens a PostgreSQL store in a fresh schema `schema` (created here).
 pub async fn pg_store_in_new_schema(url: &str, schema: &str) -> AnyStore {
     use sqlx::Connection;

@@ -154,11 +154,15 @@ pub(super) const SQL: DialectSql = DialectSql {
                     FROM oneprotect_exchange_token($1)",
     admin_key_ref_by_hash: "SELECT key_id, tenant_id FROM oneprotect_admin_key_ref($1)",
     outbox_pending: "SELECT seq, body FROM oneprotect_outbox_pending($1)",
-    // A VARIADIC function: the seqs as separate parameters, no array type.
+    // A VARIADIC function, its arguments as one array: a function takes at
+    // most 100 arguments, so a full relay batch (the time and 100 seqs)
+    // passed one by one was refused and wedged the relay on its first
+    // backlog of 100 rows. The seqs stay separate bind parameters (no array
+    // type among the store's arguments).
     outbox_mark_sent_many: |n| {
         format!(
-            "SELECT oneprotect_outbox_mark_sent_many($1{})",
-            crate::store::db::placeholders(2, n)
+            "SELECT oneprotect_outbox_mark_sent_many($1, VARIADIC ARRAY[{}]::bigint[])",
+            crate::store::db::placeholders(2, n).trim_start_matches(", ")
         )
     },
     tenant_ids: "SELECT tenant_id FROM oneprotect_tenant_ids()",

@@ -54,6 +54,7 @@ conformance_tests! {
     token_under_concurrency(60, 25),
     agents_list_and_revoke,
     relay_reads_pending_events_and_certificates,
+    outbox_backlog_is_marked_in_big_batches,
     rotation_lineage,
     rotation_under_concurrency(20),
     control_characters_are_refused_alike,
