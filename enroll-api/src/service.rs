@@ -300,6 +300,12 @@ pub async fn start(cfg: &Config, state: AppState) -> Result<Running, StartError>
             .with_single_cert(certs, key)
             .map_err(StartError::Tls)?;
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // No resumption: an agent connects here once, for its exchange (its
+        // renewals go through the gateway), and the gateway and operators'
+        // tools keep their connections. Tickets would cost every exchange
+        // two more records, a session-cache entry and the client's work.
+        tls.send_tls13_tickets = 0;
+        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| StartError::Io(format!("bind {addr}"), e))?;
