@@ -708,7 +708,70 @@ pub fn affected_agent(event: &Event) -> Option<AgentId> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use oneprotect_identity::Announcement;
+    use oneprotect_identity::{Announcement, CertStatus, SerialNumber};
+
+    /// `agent.enrolled` from its payload: the certificate then the agent,
+    /// both `active` and announced; an expired certificate is not written;
+    /// and a duplicate relayed after the agent's revocation (at-least-once)
+    /// changes nothing: `active` never replaces a later status.
+    #[tokio::test]
+    async fn an_enrolled_event_projects_active_and_never_undoes_a_revocation() {
+        let bus = MemoryBus::new();
+        let projection = Projection::memory(bus.clone(), "t:");
+        let mut conn = projection.connect().await.unwrap();
+        let keys = projection.keys().clone();
+        let (tenant, agent) = (TenantId::random(), AgentId::random());
+        let serial: SerialNumber = "0a1b".parse().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let not_after = now + time::Duration::hours(1);
+        let cert_key = keys.cert_status(&tenant, &serial);
+        let agent_key = keys.agent_status(&tenant, &agent);
+
+        let before = bus.seq().unwrap_or(0);
+        let n = conn
+            .project_enrolled(tenant, agent, serial, not_after, now)
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(bus.seq(), Some(before + 2), "each key announced");
+        assert_eq!(
+            bus.get(&[&cert_key, &agent_key]),
+            [Some("active".to_owned()), Some("active".to_owned())]
+        );
+
+        let revoked = conn
+            .write_statuses(
+                keys.shard_of(&tenant),
+                &conn.agent_writes(
+                    tenant,
+                    agent,
+                    AgentStatus::Revoked,
+                    [(serial, CertStatus::Revoked, not_after)],
+                    now,
+                ),
+                true,
+            )
+            .await
+            .unwrap();
+        assert_eq!(revoked, 2);
+        let n = conn
+            .project_enrolled(tenant, agent, serial, not_after, now)
+            .await
+            .unwrap();
+        assert_eq!(n, 0, "a late duplicate wrote something");
+        assert_eq!(
+            bus.get(&[&cert_key, &agent_key]),
+            [Some("revoked".to_owned()), Some("revoked".to_owned())]
+        );
+
+        let (other, old) = (AgentId::random(), "0c".parse().unwrap());
+        let n = conn
+            .project_enrolled(tenant, other, old, now - time::Duration::seconds(1), now)
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "only the agent: the certificate has expired");
+        assert_eq!(bus.get(&[&keys.cert_status(&tenant, &old)]), [None]);
+    }
 
     #[test]
     fn the_script_announcement_parses_as_an_announcement() {

@@ -183,6 +183,7 @@ pub async fn build_state_with_projection(
             l.exchange_per_token_burst,
             RATE_LIMIT_KEYS,
         ),
+        token_cache: Default::default(),
         max_body_bytes: l.max_body_bytes,
         body_read_timeout: Duration::from_millis(l.body_read_timeout_ms),
         trusted_proxies: cfg.forwarded.trusted(),

@@ -90,6 +90,7 @@ async fn secrets_never_reach_the_logs() {
         clock: clock.clone(),
         per_address: RateLimiter::new(600, 100, 1000),
         per_token: RateLimiter::new(600, 100, 1000),
+        token_cache: Default::default(),
         max_body_bytes: 64 * 1024,
         body_read_timeout: std::time::Duration::from_secs(10),
         trusted_proxies: Default::default(),

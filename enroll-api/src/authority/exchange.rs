@@ -1,8 +1,9 @@
 //! The token + CSR exchange: the one unauthenticated write.
 //!
 //! Order of checks: rate limit by source address; free text and CSR size;
-//! token shape; token look-up by keyed hash (the pre-tenant narrow path);
-//! rate limit by token id; token state; CSR policy and proof of possession;
+//! token shape; token and tenant look-up by keyed hash (the pre-tenant
+//! narrow path; [`TokenCache`] for a second); rate limit by token id; token
+//! state (never refused on a cached row); CSR policy and proof of possession;
 //! then the leaf is signed outside any transaction, and one transaction
 //! consumes a use and writes agent, certificate and event. If the consume
 //! loses (a concurrent exchange took the last use), the signed leaf is
@@ -23,9 +24,87 @@ use oneprotect_identity::{AgentId, AgentStatus, TenantId, TokenId, TokenSecret};
 use super::{leaf_lifetime, new_certificate};
 use crate::ca::{check_csr, CaError, CsrError, IssuedLeaf};
 use crate::http::Inner;
-use crate::store::{AgentRecord, EnrollOutcome, Enrollment, Store, StoreError};
+use crate::store::{
+    AgentRecord, EnrollOutcome, Enrollment, Store, StoreError, Tenant, TokenRecord,
+};
 use crate::text::{self, TextError};
 use crate::token::{self, TokenRefusal};
+
+/// How long [`TokenCache`] reuses a token's row for the pre-checks.
+pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(1);
+/// Most tokens [`TokenCache`] holds; when full it starts over.
+const TOKEN_CACHE_MAX: usize = 4096;
+
+/// The pre-checks' reads of recently used tokens, by keyed hash, for
+/// [`TOKEN_CACHE_TTL`]: a fleet's agents share one token, and the read would
+/// otherwise cost every exchange a round trip to the store.
+///
+/// A cached row can only be more permissive than the store's (uses only
+/// grow, revocation is final, the expiry never changes), and the write's
+/// conditional `UPDATE` decides, so a stale row never lets an exchange
+/// through that the store refuses: at worst a leaf is signed and dropped.
+/// A refusal is never decided on a cached row: the row is read again
+/// first, and a refused token is forgotten. Unknown hashes are not cached.
+#[derive(Debug, Default)]
+pub struct TokenCache(std::sync::Mutex<std::collections::HashMap<Vec<u8>, CachedToken>>);
+
+#[derive(Debug)]
+struct CachedToken {
+    read_at: Instant,
+    token: TokenRecord,
+    tenant: Option<Tenant>,
+}
+
+impl TokenCache {
+    fn get(&self, hash: &[u8], now: Instant) -> Option<(TokenRecord, Option<Tenant>)> {
+        let map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.get(hash)
+            .filter(|c| now.saturating_duration_since(c.read_at) < TOKEN_CACHE_TTL)
+            .map(|c| (c.token.clone(), c.tenant.clone()))
+    }
+
+    fn put(&self, hash: &[u8], token: &TokenRecord, tenant: &Option<Tenant>, now: Instant) {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() >= TOKEN_CACHE_MAX && !map.contains_key(hash) {
+            map.clear();
+        }
+        map.insert(
+            hash.to_vec(),
+            CachedToken {
+                read_at: now,
+                token: token.clone(),
+                tenant: tenant.clone(),
+            },
+        );
+    }
+
+    fn forget(&self, hash: &[u8]) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(hash);
+    }
+}
+
+/// Reads the token with keyed hash `hash` and its tenant from the store,
+/// and caches them.
+async fn read_token(
+    state: &Inner,
+    hash: &[u8],
+    now: Instant,
+) -> Result<Option<(TokenRecord, Option<Tenant>)>, StoreError> {
+    let found = state.store.fetch_token_by_hash(hash).await?;
+    if let Some((token, tenant)) = &found {
+        state.token_cache.put(hash, token, tenant, now);
+    }
+    Ok(found)
+}
 
 /// What the agent sends.
 #[derive(Debug)]
@@ -156,10 +235,16 @@ pub async fn exchange(state: &Inner, req: ExchangeRequest<'_>) -> Result<Enrolle
         return Err(ExchangeError::InvalidToken);
     }
     let token_hash = state.pepper.hash(secret);
-    // The token and its tenant in one read: a pre-check for a precise audit
-    // reason and to spare the CA work; the conditional update of the write
-    // is what decides.
-    let Some((found, tenant_record)) = state.store.fetch_token_by_hash(&token_hash).await? else {
+    // The token and its tenant in one read (or from the cache): a pre-check
+    // for a precise audit reason and to spare the CA work; the conditional
+    // update of the write is what decides.
+    let hit = state.token_cache.get(&token_hash, started);
+    let mut cached = hit.is_some();
+    let looked_up = match hit {
+        Some(hit) => Some(hit),
+        None => read_token(state, &token_hash, started).await?,
+    };
+    let Some((mut found, mut tenant_record)) = looked_up else {
         tracing::info!("exchange refused: unknown token");
         return Err(ExchangeError::InvalidToken);
     };
@@ -170,7 +255,16 @@ pub async fn exchange(state: &Inner, req: ExchangeRequest<'_>) -> Result<Enrolle
         .map_err(ExchangeError::RateLimited)?;
 
     let now = state.clock.now();
+    if cached && TokenRefusal::of(Some(&found), now).is_some() {
+        // Never refuse on a cached row: read it again.
+        state.token_cache.forget(&token_hash);
+        if let Some(fresh) = read_token(state, &token_hash, started).await? {
+            (found, tenant_record) = fresh;
+        }
+        cached = false;
+    }
     if let Some(refusal) = TokenRefusal::of(Some(&found), now) {
+        state.token_cache.forget(&token_hash);
         tracing::info!(%tenant, %token_id, ?refusal, "exchange refused: token not usable");
         return Err(refuse_token(state, tenant, token_id, refusal, now).await);
     }
@@ -178,6 +272,17 @@ pub async fn exchange(state: &Inner, req: ExchangeRequest<'_>) -> Result<Enrolle
     let csr = match check_csr(req.csr_pem) {
         Ok(csr) => csr,
         Err(e) => {
+            // The token's state answers first (the documented order): on a
+            // cached row, make sure it is still usable.
+            if cached {
+                state.token_cache.forget(&token_hash);
+                if let Some((fresh, _)) = read_token(state, &token_hash, started).await? {
+                    if let Some(refusal) = TokenRefusal::of(Some(&fresh), now) {
+                        tracing::info!(%tenant, %token_id, ?refusal, "exchange refused: token not usable");
+                        return Err(refuse_token(state, tenant, token_id, refusal, now).await);
+                    }
+                }
+            }
             record_failure(state, tenant, token_id, csr_failure(&e), now).await;
             tracing::info!(%tenant, %token_id, error = %e, "exchange refused: CSR");
             return Err(ExchangeError::Csr(e));
@@ -235,6 +340,7 @@ pub async fn exchange(state: &Inner, req: ExchangeRequest<'_>) -> Result<Enrolle
         now,
     };
     if let EnrollOutcome::Refused(refusal) = state.store.enroll(&enrollment).await? {
+        state.token_cache.forget(&enrollment.token_hash);
         tracing::info!(%tenant, %token_id, ?refusal, "exchange refused: token consumed concurrently");
         return Err(refuse_token(state, tenant, token_id, refusal, now).await);
     }

@@ -66,6 +66,8 @@ pub struct Inner {
     pub per_address: RateLimiter,
     /// Exchange limiter per token id.
     pub per_token: RateLimiter,
+    /// The exchange's recent token reads.
+    pub token_cache: crate::authority::exchange::TokenCache,
     /// Largest request body in bytes.
     pub max_body_bytes: usize,
     /// How long a request body may take to arrive, from the end of the

@@ -81,6 +81,7 @@ async fn fixture_full(
         clock: shared,
         per_address: RateLimiter::new(60, per_address_burst, 1000),
         per_token: RateLimiter::new(60, per_token_burst, 1000),
+        token_cache: Default::default(),
         max_body_bytes: 16 * 1024,
         body_read_timeout: std::time::Duration::from_secs(10),
         trusted_proxies: Default::default(),
@@ -494,6 +495,100 @@ async fn every_token_failure_is_the_same_answer() {
         answers.windows(2).all(|w| w[0] == w[1]),
         "answers differ: {answers:?}"
     );
+}
+
+/// The exchange reuses a token's row for a second (`TokenCache`), but
+/// never past what the store says: a token revoked, or used up, right
+/// after an exchange that cached it is refused at once, with the precise
+/// reason in the audit, and no use is taken.
+#[tokio::test]
+async fn a_cached_token_never_outlives_its_revocation_or_its_uses() {
+    use oneprotect_identity::events::{EnrollmentFailure, Payload};
+    let f = fixture().await;
+    let p256 = csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+    let last_failure = |f: &Fixture| {
+        let store = f.state.store.clone();
+        let tenant = f.tenant;
+        async move {
+            let events = store.list_events(tenant, 100).await.unwrap();
+            events.iter().rev().find_map(|e| match &e.event.payload {
+                Payload::EnrollmentFailed { reason_code, .. } => Some(*reason_code),
+                _ => None,
+            })
+        }
+    };
+
+    let (id, secret) = new_token(&f, json!({"max_uses": 3})).await;
+    let first = call(
+        &f,
+        Method::POST,
+        EXCHANGE,
+        None,
+        Some(exchange_body(&secret, &p256)),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::CREATED, "{:?}", first.body);
+    let revoke = call(
+        &f,
+        Method::POST,
+        &format!("{TOKENS}/{id}/revoke"),
+        Some(&f.key),
+        None,
+    )
+    .await;
+    assert_eq!(revoke.status, StatusCode::OK, "{:?}", revoke.body);
+    let again = call(
+        &f,
+        Method::POST,
+        EXCHANGE,
+        None,
+        Some(exchange_body(&secret, &p256)),
+    )
+    .await;
+    assert_problem(&again, problem::INVALID_TOKEN);
+    assert_eq!(
+        last_failure(&f).await,
+        Some(EnrollmentFailure::TokenRevoked)
+    );
+    let t = call(
+        &f,
+        Method::GET,
+        &format!("{TOKENS}/{id}"),
+        Some(&f.key),
+        None,
+    )
+    .await;
+    assert_eq!(t.body["uses"], 1);
+
+    let (id, secret) = new_token(&f, json!({"max_uses": 1})).await;
+    let first = call(
+        &f,
+        Method::POST,
+        EXCHANGE,
+        None,
+        Some(exchange_body(&secret, &p256)),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::CREATED, "{:?}", first.body);
+    let again = call(
+        &f,
+        Method::POST,
+        EXCHANGE,
+        None,
+        Some(exchange_body(&secret, &p256)),
+    )
+    .await;
+    assert_problem(&again, problem::INVALID_TOKEN);
+    assert_eq!(last_failure(&f).await, Some(EnrollmentFailure::TokenUsedUp));
+    let t = call(
+        &f,
+        Method::GET,
+        &format!("{TOKENS}/{id}"),
+        Some(&f.key),
+        None,
+    )
+    .await;
+    assert_eq!(t.body["uses"], 1);
 }
 
 #[tokio::test]

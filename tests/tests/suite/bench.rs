@@ -124,13 +124,20 @@ fn bench_enroll_measures_the_exchange_on_postgres_and_cleans_up() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(
-        stdout.contains("enroll: 20 enrollments on PostgreSQL, 4 in flight:"),
+        stdout.contains("enroll: 20 enrollments on PostgreSQL, 4 in flight, 1 token(s):"),
+        "{stdout}"
+    );
+    // The clock stopped only once the relay had published every event, and
+    // PostgreSQL (on this machine) was metered.
+    assert!(
+        stdout.contains("exchanged, projected and streamed"),
         "{stdout}"
     );
     assert!(
-        stdout.contains("enrollments per enroll-api CPU-s"),
+        stdout.contains("CPU per enrollment: enroll-api"),
         "{stdout}"
     );
+    assert!(stdout.contains(", PostgreSQL "), "{stdout}");
     // The private schema is gone.
     let left = Command::new("psql")
         .arg(&pg)
