@@ -47,15 +47,17 @@ REVOKE ALL ON FUNCTION oneprotect_exchange_token(bytea) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION oneprotect_exchange_token(bytea) TO oneprotect_app;
 
 -- 1 when a use was taken and the rows written, 0 when the token was not
--- usable (nothing written).
+-- usable (nothing written). After the consume's arguments come the three rows
+-- exactly as the service's own inserts take them (store/sql.rs); row-level
+-- security refuses a row of another tenant than p_tenant.
 CREATE FUNCTION oneprotect_enroll(
         p_token uuid, p_tenant uuid, p_hash bytea, p_now bigint,
-        p_agent uuid, p_spiffe_id text, p_status text, p_hostname text, p_os text,
-        p_agent_version text, p_enrolled_at bigint, p_current_serial text,
-        p_certificate_not_after bigint,
-        p_serial text, p_fingerprint text, p_not_before bigint, p_not_after bigint,
-        p_cert_pem text,
-        p_event uuid, p_event_type text, p_occurred_at bigint, p_body text)
+        a_id uuid, a_tenant uuid, a_spiffe_id text, a_status text, a_hostname text,
+        a_os text, a_agent_version text, a_token uuid, a_enrolled_at bigint,
+        a_current_serial text, a_certificate_not_after bigint,
+        c_serial text, c_tenant uuid, c_agent uuid, c_fingerprint text, c_not_before bigint,
+        c_not_after bigint, c_cert_pem text, c_issued_at bigint,
+        e_id uuid, e_tenant uuid, e_type text, e_occurred_at bigint, e_body text)
     RETURNS integer
     LANGUAGE plpgsql VOLATILE SECURITY INVOKER
     AS $$
@@ -69,24 +71,26 @@ BEGIN
     END IF;
     INSERT INTO agents (id, tenant_id, spiffe_id, status, hostname, os, agent_version,
                         token_id, enrolled_at, current_serial, certificate_not_after)
-        VALUES (p_agent, p_tenant, p_spiffe_id, p_status, p_hostname, p_os, p_agent_version,
-                p_token, p_enrolled_at, p_current_serial, p_certificate_not_after);
+        VALUES (a_id, a_tenant, a_spiffe_id, a_status, a_hostname, a_os, a_agent_version,
+                a_token, a_enrolled_at, a_current_serial, a_certificate_not_after);
     INSERT INTO certificates (serial, tenant_id, agent_id, status, fingerprint, not_before,
                               not_after, cert_pem, issued_at)
-        VALUES (p_serial, p_tenant, p_agent, 'active', p_fingerprint, p_not_before,
-                p_not_after, p_cert_pem, p_now);
+        VALUES (c_serial, c_tenant, c_agent, 'active', c_fingerprint, c_not_before,
+                c_not_after, c_cert_pem, c_issued_at);
     INSERT INTO events_outbox (event_id, tenant_id, event_type, occurred_at, body)
-        VALUES (p_event, p_tenant, p_event_type, p_occurred_at, p_body);
+        VALUES (e_id, e_tenant, e_type, e_occurred_at, e_body);
     RETURN 1;
 END
 $$;
 
-REVOKE ALL ON FUNCTION oneprotect_enroll(uuid, uuid, bytea, bigint, uuid, text, text, text, text,
-    text, bigint, text, bigint, text, text, bigint, bigint, text, uuid, text, bigint, text)
-    FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION oneprotect_enroll(uuid, uuid, bytea, bigint, uuid, text, text, text,
-    text, text, bigint, text, bigint, text, text, bigint, bigint, text, uuid, text, bigint, text)
-    TO oneprotect_app;
+REVOKE ALL ON FUNCTION oneprotect_enroll(uuid, uuid, bytea, bigint,
+    uuid, uuid, text, text, text, text, text, uuid, bigint, text, bigint,
+    text, uuid, uuid, text, bigint, bigint, text, bigint,
+    uuid, uuid, text, bigint, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION oneprotect_enroll(uuid, uuid, bytea, bigint,
+    uuid, uuid, text, text, text, text, text, uuid, bigint, text, bigint,
+    text, uuid, uuid, text, bigint, bigint, text, bigint,
+    uuid, uuid, text, bigint, text) TO oneprotect_app;
 
 CREATE INDEX events_outbox_pending ON events_outbox (seq) WHERE published_at IS NULL;
 DROP INDEX events_outbox_unpublished;

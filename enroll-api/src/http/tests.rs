@@ -518,15 +518,28 @@ async fn a_cached_token_never_outlives_its_revocation_or_its_uses() {
         }
     };
 
+    let exchange = |secret: String| {
+        let f = &f;
+        let body = exchange_body(&secret, &p256);
+        async move { call(f, Method::POST, EXCHANGE, None, Some(body)).await }
+    };
+    let uses = |id: String| {
+        let f = &f;
+        async move {
+            let t = call(
+                f,
+                Method::GET,
+                &format!("{TOKENS}/{id}"),
+                Some(&f.key),
+                None,
+            )
+            .await;
+            t.body["uses"].clone()
+        }
+    };
+
     let (id, secret) = new_token(&f, json!({"max_uses": 3})).await;
-    let first = call(
-        &f,
-        Method::POST,
-        EXCHANGE,
-        None,
-        Some(exchange_body(&secret, &p256)),
-    )
-    .await;
+    let first = exchange(secret.clone()).await;
     assert_eq!(first.status, StatusCode::CREATED, "{:?}", first.body);
     let revoke = call(
         &f,
@@ -537,58 +550,19 @@ async fn a_cached_token_never_outlives_its_revocation_or_its_uses() {
     )
     .await;
     assert_eq!(revoke.status, StatusCode::OK, "{:?}", revoke.body);
-    let again = call(
-        &f,
-        Method::POST,
-        EXCHANGE,
-        None,
-        Some(exchange_body(&secret, &p256)),
-    )
-    .await;
-    assert_problem(&again, problem::INVALID_TOKEN);
+    assert_problem(&exchange(secret).await, problem::INVALID_TOKEN);
     assert_eq!(
         last_failure(&f).await,
         Some(EnrollmentFailure::TokenRevoked)
     );
-    let t = call(
-        &f,
-        Method::GET,
-        &format!("{TOKENS}/{id}"),
-        Some(&f.key),
-        None,
-    )
-    .await;
-    assert_eq!(t.body["uses"], 1);
+    assert_eq!(uses(id).await, 1);
 
     let (id, secret) = new_token(&f, json!({"max_uses": 1})).await;
-    let first = call(
-        &f,
-        Method::POST,
-        EXCHANGE,
-        None,
-        Some(exchange_body(&secret, &p256)),
-    )
-    .await;
+    let first = exchange(secret.clone()).await;
     assert_eq!(first.status, StatusCode::CREATED, "{:?}", first.body);
-    let again = call(
-        &f,
-        Method::POST,
-        EXCHANGE,
-        None,
-        Some(exchange_body(&secret, &p256)),
-    )
-    .await;
-    assert_problem(&again, problem::INVALID_TOKEN);
+    assert_problem(&exchange(secret).await, problem::INVALID_TOKEN);
     assert_eq!(last_failure(&f).await, Some(EnrollmentFailure::TokenUsedUp));
-    let t = call(
-        &f,
-        Method::GET,
-        &format!("{TOKENS}/{id}"),
-        Some(&f.key),
-        None,
-    )
-    .await;
-    assert_eq!(t.body["uses"], 1);
+    assert_eq!(uses(id).await, 1);
 }
 
 #[tokio::test]

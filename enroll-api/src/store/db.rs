@@ -59,13 +59,10 @@ pub(crate) struct DialectSql {
     /// An exchange's whole write as one statement in its own transaction,
     /// where the dialect can (`None`: a transaction, statement by
     /// statement). Arguments: the consume's four (`$1` token id, `$2`
-    /// tenant, `$3` keyed hash, `$4` now), then the agent's `id, spiffe_id,
-    /// status, hostname, os, agent_version, enrolled_at, current_serial,
-    /// certificate_not_after` (`$5 .. $13`), the certificate's `serial,
-    /// fingerprint, not_before, not_after, cert_pem` (`$14 .. $18`; issued
-    /// at `$4`) and the event's `event_id, event_type, occurred_at, body`
-    /// (`$19 .. $22`). One `integer`: the uses it took (0 or 1); the rows
-    /// are written only with a use.
+    /// tenant, `$3` keyed hash, `$4` now), then the agent's row, the
+    /// certificate's and the event's, each as its own `INSERT` of `sql.rs`
+    /// takes them (`$5 .. $15`, `$16 .. $23`, `$24 .. $28`). One `integer`:
+    /// the uses it took (0 or 1); the rows are written only with a use.
     pub(crate) enroll_in_one: Option<&'static str>,
 }
 

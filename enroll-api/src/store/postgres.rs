@@ -180,7 +180,7 @@ pub(super) const SQL: DialectSql = DialectSql {
     // scheduler (issue 16 part 3).
     enroll_in_one: Some(
         "SELECT oneprotect_enroll($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
-         $14, $15, $16, $17, $18, $19, $20, $21, $22)",
+         $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28)",
     ),
 };
 

@@ -301,20 +301,23 @@ mod text_rule {
     }
 }
 
+/// An outbox row: `event_id, tenant_id, event_type, occurred_at, body`.
+const INSERT_EVENT: &str = "INSERT INTO events_outbox (event_id, tenant_id, event_type, \
+     occurred_at, body) VALUES ($1, $2, $3, $4, $5)";
+
+/// [`INSERT_EVENT`]'s arguments.
+fn event_args(event: &Event) -> Result<[Arg<'static>; 5], StoreError> {
+    Ok([
+        event.event_id.into(),
+        event.tenant_id.into(),
+        event.payload.event_type().into(),
+        event.occurred_at.into(),
+        event_json(event)?.into(),
+    ])
+}
+
 async fn insert_event(tx: &mut Tx, event: &Event) -> Result<(), StoreError> {
-    tx.conn()
-        .execute(
-            "INSERT INTO events_outbox (event_id, tenant_id, event_type, occurred_at, body) \
-             VALUES ($1, $2, $3, $4, $5)",
-            &[
-                event.event_id.into(),
-                event.tenant_id.into(),
-                event.payload.event_type().into(),
-                event.occurred_at.into(),
-                event_json(event)?.into(),
-            ],
-        )
-        .await?;
+    tx.conn().execute(INSERT_EVENT, &event_args(event)?).await?;
     tx.wrote_outbox();
     Ok(())
 }
@@ -339,32 +342,56 @@ fn consume_args(e: &Enrollment) -> [Arg<'_>; 4] {
     ]
 }
 
-/// An enrollment as one statement in its own transaction
-/// (`DialectSql::enroll_in_one`): whether the token was consumed (and the
-/// three rows written).
-async fn enroll_in_one(conn: &mut Pooled, sql: &str, e: &Enrollment) -> Result<bool, StoreError> {
-    let (a, c, ev) = (&e.agent, &e.certificate, &e.event);
-    let mut args = consume_args(e).to_vec();
-    args.extend([
+/// A new agent's row, in column order.
+const INSERT_AGENT: &str = "INSERT INTO agents (id, tenant_id, spiffe_id, status, hostname, \
+     os, agent_version, token_id, enrolled_at, current_serial, certificate_not_after) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+
+/// [`INSERT_AGENT`]'s arguments.
+fn agent_args(a: &AgentRecord) -> [Arg<'_>; 11] {
+    [
         a.id.into(),
+        a.tenant_id.into(),
         a.spiffe_id.as_str().into(),
         a.status.into(),
         a.hostname.as_str().into(),
         a.os.as_str().into(),
         a.agent_version.as_str().into(),
+        a.token_id.into(),
         a.enrolled_at.into(),
         a.current_serial.into(),
         a.certificate_not_after.into(),
+    ]
+}
+
+/// A new agent's first certificate, `active`.
+const INSERT_CERTIFICATE: &str = "INSERT INTO certificates (serial, tenant_id, agent_id, \
+     status, fingerprint, not_before, not_after, cert_pem, issued_at) \
+     VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, $8)";
+
+/// [`INSERT_CERTIFICATE`]'s arguments.
+fn certificate_args(e: &Enrollment) -> [Arg<'_>; 8] {
+    let c = &e.certificate;
+    [
         c.serial.into(),
+        e.agent.tenant_id.into(),
+        e.agent.id.into(),
         c.fingerprint.as_str().into(),
         c.not_before.into(),
         c.not_after.into(),
         c.cert_pem.as_str().into(),
-        ev.event_id.into(),
-        ev.payload.event_type().into(),
-        ev.occurred_at.into(),
-        event_json(ev)?.into(),
-    ]);
+        e.now.into(),
+    ]
+}
+
+/// An enrollment as one statement in its own transaction
+/// (`DialectSql::enroll_in_one`): whether the token was consumed (and the
+/// three rows written).
+async fn enroll_in_one(conn: &mut Pooled, sql: &str, e: &Enrollment) -> Result<bool, StoreError> {
+    let mut args = consume_args(e).to_vec();
+    args.extend(agent_args(&e.agent));
+    args.extend(certificate_args(e));
+    args.extend(event_args(&e.event)?);
     let (consumed,): (i32,) = conn
         .conn()
         .fetch_optional(sql, &args)
@@ -376,47 +403,14 @@ async fn enroll_in_one(conn: &mut Pooled, sql: &str, e: &Enrollment) -> Result<b
 /// An enrollment statement by statement: the consume first, then (only if
 /// it took a use) the agent, its certificate and the event.
 async fn enroll_in_steps(tx: &mut Tx, e: &Enrollment) -> Result<bool, StoreError> {
-    let a = &e.agent;
     if tx.conn().execute(CONSUME_TOKEN, &consume_args(e)).await? != 1 {
         return Ok(false);
     }
     tx.conn()
-        .execute(
-            "INSERT INTO agents (id, tenant_id, spiffe_id, status, hostname, os, \
-             agent_version, token_id, enrolled_at, current_serial, certificate_not_after) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            &[
-                a.id.into(),
-                a.tenant_id.into(),
-                a.spiffe_id.as_str().into(),
-                a.status.into(),
-                a.hostname.as_str().into(),
-                a.os.as_str().into(),
-                a.agent_version.as_str().into(),
-                a.token_id.into(),
-                a.enrolled_at.into(),
-                a.current_serial.into(),
-                a.certificate_not_after.into(),
-            ],
-        )
+        .execute(INSERT_AGENT, &agent_args(&e.agent))
         .await?;
-    let c = &e.certificate;
     tx.conn()
-        .execute(
-            "INSERT INTO certificates (serial, tenant_id, agent_id, status, fingerprint, \
-             not_before, not_after, cert_pem, issued_at) \
-             VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, $8)",
-            &[
-                c.serial.into(),
-                a.tenant_id.into(),
-                a.id.into(),
-                c.fingerprint.as_str().into(),
-                c.not_before.into(),
-                c.not_after.into(),
-                c.cert_pem.as_str().into(),
-                e.now.into(),
-            ],
-        )
+        .execute(INSERT_CERTIFICATE, &certificate_args(e))
         .await?;
     insert_event(tx, &e.event).await?;
     Ok(true)
