@@ -45,8 +45,16 @@ const TOKEN_CACHE_MAX: usize = 4096;
 /// through that the store refuses: at worst a leaf is signed and dropped.
 /// A refusal is never decided on a cached row: the row is read again
 /// first, and a refused token is forgotten. Unknown hashes are not cached.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct TokenCache(std::sync::Mutex<std::collections::HashMap<Vec<u8>, CachedToken>>);
+
+// The entries (keyed hashes, token rows) stay out of debug output.
+impl std::fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map_or(0, |m| m.len());
+        f.debug_struct("TokenCache").field("tokens", &n).finish()
+    }
+}
 
 #[derive(Debug)]
 struct CachedToken {
@@ -350,4 +358,45 @@ pub async fn exchange(state: &Inner, req: ExchangeRequest<'_>) -> Result<Enrolle
         agent: agent_id,
         leaf,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> TokenRecord {
+        let now = OffsetDateTime::now_utc();
+        TokenRecord {
+            id: TokenId::random(),
+            tenant_id: TenantId::random(),
+            max_uses: 2,
+            uses: 0,
+            expires_at: now + time::Duration::hours(1),
+            created_at: now,
+            revoked_at: None,
+            description: Some("fleet rollout".into()),
+            labels: Default::default(),
+        }
+    }
+
+    /// A row is reused within the TTL and not after it; forgetting drops
+    /// it; debug output shows how many, never a hash or a row.
+    #[test]
+    fn the_token_cache_expires_forgets_and_keeps_entries_out_of_debug_output() {
+        let cache = TokenCache::default();
+        let (hash, token) = (b"keyed-hash-of-a-secret".to_vec(), record());
+        let t0 = Instant::now();
+        assert!(cache.get(&hash, t0).is_none());
+        cache.put(&hash, &token, &None, t0);
+        assert_eq!(cache.get(&hash, t0), Some((token, None)));
+        assert!(
+            cache.get(&hash, t0 + TOKEN_CACHE_TTL).is_none(),
+            "outlived its TTL"
+        );
+        let shown = format!("{cache:?}");
+        assert_eq!(shown, "TokenCache { tokens: 1 }");
+        assert!(!shown.contains("fleet rollout") && !shown.contains("107"));
+        cache.forget(&hash);
+        assert!(cache.get(&hash, t0).is_none());
+    }
 }
