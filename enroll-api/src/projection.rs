@@ -267,19 +267,22 @@ struct StatusWrite {
 }
 
 impl ProjectionConn {
-    /// The writes that project one agent: its status and each unexpired
-    /// certificate's. On revocation the agent key first: one announcement
-    /// stops every certificate of the agent at the gateways. Otherwise the
-    /// certificates first, so the agent never looks active with an unknown
-    /// certificate for longer than needed.
-    fn agent_writes(
-        &self,
+    /// Writes one agent's status and each unexpired certificate's (forward
+    /// only), in one pipeline on the tenant's shard; with `announce`,
+    /// announces each key written. On revocation the agent key first: one
+    /// announcement stops every certificate of the agent at the gateways.
+    /// Otherwise the certificates first, so the agent never looks active
+    /// with an unknown certificate for longer than needed. Returns how many
+    /// keys were written.
+    async fn write_agent_state(
+        &mut self,
         tenant: TenantId,
         agent: AgentId,
         status: AgentStatus,
         certs: impl IntoIterator<Item = (SerialNumber, CertStatus, OffsetDateTime)>,
         now: OffsetDateTime,
-    ) -> Vec<StatusWrite> {
+        announce: bool,
+    ) -> Result<usize, ProjectionError> {
         let agent_write = StatusWrite {
             key: self.keys.agent_status(&tenant, &agent),
             status: status.as_str(),
@@ -299,11 +302,13 @@ impl ProjectionConn {
                 expires_at: Some(not_after),
                 change: Change::Cert { serial, status },
             });
-        if status == AgentStatus::Revoked {
+        let writes: Vec<StatusWrite> = if status == AgentStatus::Revoked {
             std::iter::once(agent_write).chain(cert_writes).collect()
         } else {
             cert_writes.chain(std::iter::once(agent_write)).collect()
-        }
+        };
+        self.write_statuses(self.keys.shard_of(&tenant), &writes, announce)
+            .await
     }
 
     /// Applies `writes` of one tenant's shard in order, each forward only
@@ -373,15 +378,15 @@ impl ProjectionConn {
         let Some((record, certs)) = store.fetch_agent_projection(tenant, agent).await? else {
             return Ok(0);
         };
-        let writes = self.agent_writes(
+        self.write_agent_state(
             tenant,
             agent,
             record.status,
             certs.iter().map(|c| (c.serial, c.status, c.not_after)),
             now,
-        );
-        self.write_statuses(self.keys.shard_of(&tenant), &writes, announce)
-            .await
+            announce,
+        )
+        .await
     }
 
     /// Projects an `agent.enrolled` event from its payload alone: the new
@@ -399,15 +404,45 @@ impl ProjectionConn {
         not_after: OffsetDateTime,
         now: OffsetDateTime,
     ) -> Result<usize, ProjectionError> {
-        let writes = self.agent_writes(
+        self.write_agent_state(
             tenant,
             agent,
             AgentStatus::Active,
             [(serial, CertStatus::Active, not_after)],
             now,
-        );
-        self.write_statuses(self.keys.shard_of(&tenant), &writes, true)
-            .await
+            true,
+        )
+        .await
+    }
+
+    /// Applies one relayed event's projection effect, announced: an
+    /// `agent.enrolled` from its payload ([`Self::project_enrolled`]), any
+    /// other event that changes an agent ([`affected_agent`]) from the
+    /// store's current state; other events write nothing.
+    pub async fn project_event(
+        &mut self,
+        store: &AnyStore,
+        event: &Event,
+        now: OffsetDateTime,
+    ) -> Result<usize, ProjectionError> {
+        match &event.payload {
+            Payload::Enrolled {
+                agent_id,
+                serial,
+                not_after,
+                ..
+            } => {
+                self.project_enrolled(event.tenant_id, *agent_id, *serial, *not_after, now)
+                    .await
+            }
+            _ => match affected_agent(event) {
+                Some(agent) => {
+                    self.project_agent(store, event.tenant_id, agent, now, true)
+                        .await
+                }
+                None => Ok(0),
+            },
+        }
     }
 
     /// Rewrites every agent's and unexpired certificate's status from the
@@ -740,15 +775,12 @@ mod tests {
         );
 
         let revoked = conn
-            .write_statuses(
-                keys.shard_of(&tenant),
-                &conn.agent_writes(
-                    tenant,
-                    agent,
-                    AgentStatus::Revoked,
-                    [(serial, CertStatus::Revoked, not_after)],
-                    now,
-                ),
+            .write_agent_state(
+                tenant,
+                agent,
+                AgentStatus::Revoked,
+                [(serial, CertStatus::Revoked, not_after)],
+                now,
                 true,
             )
             .await

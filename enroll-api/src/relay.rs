@@ -30,10 +30,10 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 
-use oneprotect_identity::events::{Event, Payload};
+use oneprotect_identity::events::Event;
 
 use crate::clock::SharedClock;
-use crate::projection::{affected_agent, Projection, ProjectionConn, ProjectionError};
+use crate::projection::{Projection, ProjectionConn, ProjectionError};
 use crate::store::{AnyStore, Store};
 
 /// Rows read per batch.
@@ -148,19 +148,7 @@ pub async fn drain(
         }
         for row in &rows {
             let e = &row.event;
-            if let Payload::Enrolled {
-                agent_id,
-                serial,
-                not_after,
-                ..
-            } = &e.payload
-            {
-                conn.project_enrolled(e.tenant_id, *agent_id, *serial, *not_after, clock.now())
-                    .await?;
-            } else if let Some(agent) = affected_agent(e) {
-                conn.project_agent(store, e.tenant_id, agent, clock.now(), true)
-                    .await?;
-            }
+            conn.project_event(store, e, clock.now()).await?;
             tracing::debug!(seq = row.seq, event_id = %e.event_id, r#type = e.payload.event_type(), "event projected");
         }
         // The stream after the batch's projection, in order, in one

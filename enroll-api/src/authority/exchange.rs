@@ -100,18 +100,17 @@ impl TokenCache {
     }
 }
 
-/// Reads the token with keyed hash `hash` and its tenant from the store,
-/// and caches them.
-async fn read_token(
+/// Why the token with keyed hash `hash` is refused at `now`, from the store
+/// (the cached row is forgotten): a refusal is never decided on a cached
+/// row, which may be older than a revocation.
+async fn current_refusal(
     state: &Inner,
     hash: &[u8],
-    now: Instant,
-) -> Result<Option<(TokenRecord, Option<Tenant>)>, StoreError> {
-    let found = state.store.fetch_token_by_hash(hash).await?;
-    if let Some((token, tenant)) = &found {
-        state.token_cache.put(hash, token, tenant, now);
-    }
-    Ok(found)
+    now: OffsetDateTime,
+) -> Result<Option<TokenRefusal>, StoreError> {
+    state.token_cache.forget(hash);
+    let fresh = state.store.fetch_token_by_hash(hash).await?;
+    Ok(TokenRefusal::of(fresh.as_ref().map(|(t, _)| t), now))
 }
 
 /// What the agent sends.
@@ -246,13 +245,19 @@ pub async fn exchange(state: &Inner, req: ExchangeRequest<'_>) -> Result<Enrolle
     // The token and its tenant in one read (or from the cache): a pre-check
     // for a precise audit reason and to spare the CA work; the conditional
     // update of the write is what decides.
-    let hit = state.token_cache.get(&token_hash, started);
-    let mut cached = hit.is_some();
-    let looked_up = match hit {
+    let cached = state.token_cache.get(&token_hash, started);
+    let from_cache = cached.is_some();
+    let looked_up = match cached {
         Some(hit) => Some(hit),
-        None => read_token(state, &token_hash, started).await?,
+        None => {
+            let found = state.store.fetch_token_by_hash(&token_hash).await?;
+            if let Some((token, tenant)) = &found {
+                state.token_cache.put(&token_hash, token, tenant, started);
+            }
+            found
+        }
     };
-    let Some((mut found, mut tenant_record)) = looked_up else {
+    let Some((found, tenant_record)) = looked_up else {
         tracing::info!("exchange refused: unknown token");
         return Err(ExchangeError::InvalidToken);
     };
@@ -263,15 +268,11 @@ pub async fn exchange(state: &Inner, req: ExchangeRequest<'_>) -> Result<Enrolle
         .map_err(ExchangeError::RateLimited)?;
 
     let now = state.clock.now();
-    if cached && TokenRefusal::of(Some(&found), now).is_some() {
-        // Never refuse on a cached row: read it again.
-        state.token_cache.forget(&token_hash);
-        if let Some(fresh) = read_token(state, &token_hash, started).await? {
-            (found, tenant_record) = fresh;
-        }
-        cached = false;
-    }
-    if let Some(refusal) = TokenRefusal::of(Some(&found), now) {
+    let refusal = match TokenRefusal::of(Some(&found), now) {
+        Some(_) if from_cache => current_refusal(state, &token_hash, now).await?,
+        refusal => refusal,
+    };
+    if let Some(refusal) = refusal {
         state.token_cache.forget(&token_hash);
         tracing::info!(%tenant, %token_id, ?refusal, "exchange refused: token not usable");
         return Err(refuse_token(state, tenant, token_id, refusal, now).await);
@@ -280,15 +281,12 @@ pub async fn exchange(state: &Inner, req: ExchangeRequest<'_>) -> Result<Enrolle
     let csr = match check_csr(req.csr_pem) {
         Ok(csr) => csr,
         Err(e) => {
-            // The token's state answers first (the documented order): on a
-            // cached row, make sure it is still usable.
-            if cached {
-                state.token_cache.forget(&token_hash);
-                if let Some((fresh, _)) = read_token(state, &token_hash, started).await? {
-                    if let Some(refusal) = TokenRefusal::of(Some(&fresh), now) {
-                        tracing::info!(%tenant, %token_id, ?refusal, "exchange refused: token not usable");
-                        return Err(refuse_token(state, tenant, token_id, refusal, now).await);
-                    }
+            // The token's state answers first (the documented order): a
+            // cached row may be older than a revocation.
+            if from_cache {
+                if let Some(refusal) = current_refusal(state, &token_hash, now).await? {
+                    tracing::info!(%tenant, %token_id, ?refusal, "exchange refused: token not usable");
+                    return Err(refuse_token(state, tenant, token_id, refusal, now).await);
                 }
             }
             record_failure(state, tenant, token_id, csr_failure(&e), now).await;
