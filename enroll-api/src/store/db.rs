@@ -56,14 +56,15 @@ pub(crate) struct DialectSql {
     /// previous_valid_until`, read to decide a rotation step and write it in
     /// the same transaction.
     pub(crate) rotation_state: &'static str,
-    /// An exchange's whole write as one statement in its own transaction,
-    /// where the dialect can (`None`: a transaction, statement by
-    /// statement). Arguments: the consume's four (`$1` token id, `$2`
-    /// tenant, `$3` keyed hash, `$4` now), then the agent's row, the
-    /// certificate's and the event's, each as its own `INSERT` of `sql.rs`
-    /// takes them (`$5 .. $15`, `$16 .. $23`, `$24 .. $28`). One `integer`:
-    /// the uses it took (0 or 1); the rows are written only with a use.
-    pub(crate) enroll_in_one: Option<&'static str>,
+    /// The write of a group of exchanges of one token as one statement in
+    /// its own transaction, for a group of `n`, where the dialect can
+    /// (`None`: each exchange in a transaction, statement by statement).
+    /// Arguments: `$1` token id, `$2` tenant, `$3` keyed hash, `$4` now,
+    /// then `sql::ENROLL_COLUMNS` arrays of `n` (the agent's row, the
+    /// certificate's and the event's, each column as its own `INSERT` of
+    /// `sql.rs` takes it; column `j` at `$5 + j·n ..`). One `integer`: the
+    /// uses it took; the first that many exchanges' rows are written.
+    pub(crate) enroll_many: Option<fn(usize) -> String>,
 }
 
 /// `n` numbered placeholders from `$first`, each preceded by `, ` (a
@@ -390,6 +391,11 @@ impl AnyStore {
             Db::Postgres(_) => &postgres::SQL,
             Db::Sqlite(_) => &sqlite::SQL,
         }
+    }
+
+    /// The exchanges queued per token for a group write (ADR-0027).
+    pub(crate) fn enroll_groups(&self) -> &std::sync::Arc<super::batch::EnrollGroups> {
+        &self.groups
     }
 
     /// The relay waker every commit that wrote an outbox row wakes (shared

@@ -24,6 +24,7 @@
 //! one conditional `UPDATE` whose row count decides the race, in the same
 //! transaction that writes the agent, its certificate and the outbox event.
 
+mod batch;
 mod db;
 pub mod postgres;
 pub mod rotation;
@@ -520,6 +521,8 @@ pub struct AnyStore {
     db: db::Db,
     /// Woken by every commit that wrote an outbox row (ADR-0019).
     outbox: crate::relay::RelayWaker,
+    /// Exchanges waiting for their token's group write (PostgreSQL).
+    groups: std::sync::Arc<batch::EnrollGroups>,
 }
 
 #[cfg(test)]

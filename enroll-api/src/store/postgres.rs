@@ -111,6 +111,7 @@ impl AnyStore {
         Ok(Self {
             db: Db::Postgres(pool),
             outbox: crate::relay::RelayWaker::new(),
+            groups: Default::default(),
         })
     }
 
@@ -171,18 +172,42 @@ pub(super) const SQL: DialectSql = DialectSql {
     // agent wait and then decide on the committed result.
     rotation_state: "SELECT status, current_serial, previous_serial, previous_valid_until \
                      FROM agents WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
-    // One statement, in the implicit transaction of its own: the function
-    // sets the tenant, consumes a use and writes the three rows (migration
-    // 0006). Every exchange of a fleet's shared token updates that token's
-    // row, and its lock is held from the consume to the commit: with no
-    // round trip to the service in between, exchanges of one token follow
-    // each other at the speed of the database, not of the network and the
-    // scheduler (issue 16 part 3).
-    enroll_in_one: Some(
-        "SELECT oneprotect_enroll($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
-         $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28)",
-    ),
+    // One statement, in the implicit transaction of its own, for a group of
+    // one token's exchanges (store/batch.rs): the function sets the tenant,
+    // locks the token's row, takes as many uses as it writes agents and
+    // writes the rows (migration 0007). Every exchange of a fleet's shared
+    // token needs that row: in groups, one lock, update and commit serve
+    // many exchanges (issue 16 part 3, ADR-0027).
+    enroll_many: Some(enroll_many),
 };
+
+/// The array type of each of `sql::ENROLL_COLUMNS` columns, in argument
+/// order (migration 0007's parameters after the first four).
+#[rustfmt::skip]
+const ENROLL_COLUMN_TYPES: [&str; crate::store::sql::ENROLL_COLUMNS] = [
+    // the agent's row
+    "uuid", "uuid", "text", "text", "text", "text", "text", "uuid", "bigint", "text", "bigint",
+    // the certificate's
+    "text", "uuid", "uuid", "text", "bigint", "bigint", "text", "bigint",
+    // the event's
+    "uuid", "uuid", "text", "bigint", "text",
+];
+
+/// `oneprotect_enroll_many` for a group of `n`: each column one array of
+/// `n` placeholders.
+fn enroll_many(n: usize) -> String {
+    let mut sql = String::from("SELECT oneprotect_enroll_many($1, $2, $3, $4");
+    for (column, ty) in ENROLL_COLUMN_TYPES.iter().enumerate() {
+        let first = 5 + column * n;
+        sql.push_str(", ARRAY[");
+        sql.push_str(crate::store::db::placeholders(first, n).trim_start_matches(", "));
+        sql.push_str("]::");
+        sql.push_str(ty);
+        sql.push_str("[]");
+    }
+    sql.push(')');
+    sql
+}
 
 // UUIDs are native `uuid` columns.
 impl Type<Postgres> for DbUuid {
@@ -228,5 +253,22 @@ impl<'r> Decode<'r, Postgres> for UseCount {
         Ok(UseCount(u32::try_from(
             <i32 as Decode<'r, Postgres>>::decode(value)?,
         )?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Column `j` of a group of `n` is one array of placeholders `$5 + j·n ..`.
+    #[test]
+    fn the_group_statement_takes_one_array_per_column() {
+        let sql = super::enroll_many(2);
+        assert!(sql.starts_with(
+            "SELECT oneprotect_enroll_many($1, $2, $3, $4, ARRAY[$5, $6]::uuid[], ARRAY[$7, $8]::uuid[], ARRAY[$9, $10]::text[]"
+        ), "{sql}");
+        assert!(sql.ends_with(", ARRAY[$51, $52]::text[])"), "{sql}");
+        assert_eq!(
+            sql.matches("ARRAY[").count(),
+            crate::store::sql::ENROLL_COLUMNS
+        );
     }
 }

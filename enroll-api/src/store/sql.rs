@@ -17,7 +17,7 @@ use time::OffsetDateTime;
 use oneprotect_identity::events::{Actor, Event, Payload};
 use oneprotect_identity::{AgentId, AgentStatus, CertStatus, SerialNumber, TenantId, TokenId};
 
-use super::db::{Arg, DbUuid, Decodable, Pooled, Tx, UseCount};
+use super::db::{Arg, DbUuid, Decodable, Tx, UseCount};
 use super::rotation::{
     plan_confirmation, plan_expiry, plan_rotation, rotated_event, superseded_event, RotationState,
 };
@@ -384,20 +384,61 @@ fn certificate_args(e: &Enrollment) -> [Arg<'_>; 8] {
     ]
 }
 
-/// An enrollment as one statement in its own transaction
-/// (`DialectSql::enroll_in_one`): whether the token was consumed (and the
-/// three rows written).
-async fn enroll_in_one(conn: &mut Pooled, sql: &str, e: &Enrollment) -> Result<bool, StoreError> {
-    let mut args = consume_args(e).to_vec();
-    args.extend(agent_args(&e.agent));
-    args.extend(certificate_args(e));
-    args.extend(event_args(&e.event)?);
-    let (consumed,): (i32,) = conn
+/// The columns of one exchange's three rows, as the group statement takes
+/// them (`DialectSql::enroll_many`): the agent's, the certificate's and the
+/// event's arguments, each as its own `INSERT` above takes them.
+pub(crate) const ENROLL_COLUMNS: usize = 11 + 8 + 5;
+
+/// Writes a group of exchanges of one token (`group[0]`'s; every one of
+/// the same token and tenant, in queue order) with the dialect's
+/// `enroll_many` statement, in its own transaction: takes as many uses as
+/// the token has left, up to the group's size, and writes the rows of that
+/// many exchanges, first ones first. Returns how many took a use. The
+/// expiry is checked at the group's latest `now`.
+pub(crate) async fn enroll_group(
+    store: &AnyStore,
+    group: &[&Enrollment],
+) -> Result<usize, StoreError> {
+    let (Some(first), Some(statement)) = (group.first(), store.dialect().enroll_many) else {
+        return Ok(0);
+    };
+    let now = group.iter().map(|e| e.now).max().unwrap_or(first.now);
+    let rows = group
+        .iter()
+        .map(|e| {
+            let mut row = Vec::with_capacity(ENROLL_COLUMNS);
+            row.extend(agent_args(&e.agent));
+            row.extend(certificate_args(e));
+            row.extend(event_args(&e.event)?);
+            Ok(row)
+        })
+        .collect::<Result<Vec<Vec<Arg<'_>>>, StoreError>>()?;
+    // The consume's four, then column by column, one array each.
+    let mut args: Vec<Arg<'_>> = Vec::with_capacity(4 + ENROLL_COLUMNS * rows.len());
+    args.extend([
+        first.token_id.into(),
+        first.agent.tenant_id.into(),
+        first.token_hash.as_slice().into(),
+        now.into(),
+    ]);
+    for column in 0..ENROLL_COLUMNS {
+        args.extend(rows.iter().map(|row| row[column].clone()));
+    }
+    let (granted,): (i32,) = store
+        .pooled()
+        .await?
         .conn()
-        .fetch_optional(sql, &args)
+        .fetch_optional(&statement(group.len()), &args)
         .await?
         .ok_or_else(|| corrupt("the enrollment statement returned no row"))?;
-    Ok(consumed == 1)
+    let granted = usize::try_from(granted)
+        .ok()
+        .filter(|g| *g <= group.len())
+        .ok_or_else(|| corrupt("the enrollment statement granted more uses than asked"))?;
+    if granted > 0 {
+        store.relay_waker().wake();
+    }
+    Ok(granted)
 }
 
 /// An enrollment statement by statement: the consume first, then (only if
@@ -765,12 +806,8 @@ impl Store for AnyStore {
     async fn enroll(&self, e: &Enrollment) -> Result<EnrollOutcome, StoreError> {
         text_rule::enrollment(e)?;
         let a = &e.agent;
-        let consumed = if let Some(sql) = self.dialect().enroll_in_one {
-            let consumed = enroll_in_one(&mut self.pooled().await?, sql, e).await?;
-            if consumed {
-                self.relay_waker().wake();
-            }
-            consumed
+        let consumed = if self.dialect().enroll_many.is_some() {
+            self.enroll_groups().submit(self, e.clone()).await?
         } else {
             let mut tx = self.begin(a.tenant_id).await?;
             let consumed = enroll_in_steps(&mut tx, e).await?;

@@ -46,6 +46,7 @@ impl AnyStore {
         Ok(Self {
             db: Db::Sqlite(pool),
             outbox: crate::relay::RelayWaker::new(),
+            groups: Default::default(),
         })
     }
 }
@@ -90,7 +91,7 @@ pub(super) const SQL: DialectSql = DialectSql {
                      FROM agents WHERE tenant_id = $1 AND id = $2",
     // No stored procedures; the database's write lock serialises
     // exchanges whichever way they are written.
-    enroll_in_one: None,
+    enroll_many: None,
 };
 
 // SQLite has no UUID type: UUIDs are canonical text (lowercase, hyphenated),

@@ -258,3 +258,111 @@ async fn postgres_commits_with_outbox_rows_wake_the_relay() {
     let s = conformance::pg_store_in_new_schema(&pg_url(), &schema_name("wake")).await;
     commits_with_outbox_rows_wake_the_relay(&s).await;
 }
+
+/// A PostgreSQL store in a fresh schema with a pool of `connections`.
+async fn pg_store(label: &str, connections: u32) -> AnyStore {
+    let url = pg_url();
+    let schema = schema_name(label);
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    AnyStore::open_postgres(&crate::store::postgres::PgOptions {
+        url,
+        schema: Some(schema),
+        app_role: crate::store::postgres::DEFAULT_APP_ROLE.to_owned(),
+        max_connections: connections,
+    })
+    .await
+    .unwrap()
+}
+
+/// Exchanges of one token queued while none is written form one group
+/// (ADR-0027): on this single-threaded runtime all five are queued before
+/// the writer task runs. The group takes the three uses left, in queue
+/// order, in one transaction (every agent row has the same `xmin`); the
+/// other two are refused as used up and write nothing.
+#[tokio::test]
+async fn postgres_a_group_of_exchanges_takes_the_uses_left_in_one_transaction() {
+    let s = pg_store("group", 4).await;
+    let t = conformance::tenant(&s).await;
+    let (id, h) = conformance::token(&s, t, 3, 3600).await;
+    let now = conformance::now();
+    let group: Vec<Enrollment> = (0..5)
+        .map(|_| conformance::enrollment(t, id, &h, now))
+        .collect();
+    let (a, b, c, d, e) = tokio::join!(
+        s.enroll(&group[0]),
+        s.enroll(&group[1]),
+        s.enroll(&group[2]),
+        s.enroll(&group[3]),
+        s.enroll(&group[4]),
+    );
+    let outcomes: Vec<EnrollOutcome> = [a, b, c, d, e].into_iter().map(Result::unwrap).collect();
+    let used_up = EnrollOutcome::Refused(TokenRefusal::UsedUp);
+    let enrolled = EnrollOutcome::Enrolled;
+    assert_eq!(
+        outcomes,
+        [enrolled, enrolled, enrolled, used_up, used_up],
+        "the first three in queue order"
+    );
+    assert_eq!(s.fetch_token(t, id).await.unwrap().unwrap().uses, 3);
+    for (i, e) in group.iter().enumerate() {
+        let found = s.fetch_agent(t, e.agent.id).await.unwrap();
+        assert_eq!(found.is_some(), i < 3, "agent {i}");
+    }
+    let pool = s.postgres_pool().expect("a PostgreSQL store");
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SELECT set_config('oneprotect.tenant_id', $1, true)")
+        .bind(t.to_string())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let (agents, transactions): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT xmin::text) FROM agents")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        (agents, transactions),
+        (3, 1),
+        "one transaction wrote the group"
+    );
+    let enrolled_events = s
+        .list_events(t, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event.payload.event_type() == "agent.enrolled")
+        .count();
+    assert_eq!(enrolled_events, 3);
+}
+
+/// A group whose write fails is written again one exchange at a time, so
+/// one bad row answers for itself alone: here an agent whose SPIFFE ID is
+/// already taken gets a conflict, and the exchange queued with it enrolls.
+#[tokio::test]
+async fn postgres_a_failed_group_is_written_again_one_by_one() {
+    let s = pg_store("groupfail", 4).await;
+    let t = conformance::tenant(&s).await;
+    let (id, h) = conformance::token(&s, t, 5, 3600).await;
+    let now = conformance::now();
+    let first = conformance::enrollment(t, id, &h, now);
+    assert_eq!(s.enroll(&first).await.unwrap(), EnrollOutcome::Enrolled);
+    let mut clash = conformance::enrollment(t, id, &h, now);
+    clash.agent.spiffe_id.clone_from(&first.agent.spiffe_id);
+    let good = conformance::enrollment(t, id, &h, now);
+    let (clashed, enrolled) = tokio::join!(s.enroll(&clash), s.enroll(&good));
+    assert!(
+        matches!(clashed, Err(StoreError::Conflict(_))),
+        "{clashed:?}"
+    );
+    assert_eq!(enrolled.unwrap(), EnrollOutcome::Enrolled);
+    assert_eq!(s.fetch_token(t, id).await.unwrap().unwrap().uses, 2);
+    assert!(s.fetch_agent(t, clash.agent.id).await.unwrap().is_none());
+    assert!(s.fetch_agent(t, good.agent.id).await.unwrap().is_some());
+}
