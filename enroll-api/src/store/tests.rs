@@ -366,3 +366,57 @@ async fn postgres_a_failed_group_is_written_again_one_by_one() {
     assert!(s.fetch_agent(t, clash.agent.id).await.unwrap().is_none());
     assert!(s.fetch_agent(t, good.agent.id).await.unwrap().is_some());
 }
+
+/// An agent's token and a certificate's agent must be of the row's own
+/// tenant: the database refuses a cross-tenant reference (migration 0008),
+/// even from a write made under that tenant's setting.
+#[tokio::test]
+async fn postgres_references_cannot_cross_tenants() {
+    let s = pg_store("fk", 2).await;
+    let (a, b) = (conformance::tenant(&s).await, conformance::tenant(&s).await);
+    let (token_b, hash_b) = conformance::token(&s, b, 1, 3600).await;
+    let theirs = conformance::enrollment(b, token_b, &hash_b, conformance::now());
+    assert_eq!(s.enroll(&theirs).await.unwrap(), EnrollOutcome::Enrolled);
+    let pool = s.postgres_pool().expect("a PostgreSQL store");
+    let refused = |sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query("SELECT set_config('oneprotect.tenant_id', $1, true)")
+                .bind(a.to_string())
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            let r = sqlx::query(sql)
+                .bind(*a.as_uuid())
+                .bind(*theirs.agent.id.as_uuid())
+                .bind(*token_b.as_uuid())
+                .execute(&mut *tx)
+                .await;
+            let code = r.err().and_then(|e| {
+                e.as_database_error()
+                    .and_then(|d| d.code().map(|c| c.into_owned()))
+            });
+            assert_eq!(
+                code.as_deref(),
+                Some("23503"),
+                "{sql}: a foreign-key violation"
+            );
+        }
+    };
+    // Tenant a's certificate for tenant b's agent.
+    refused(
+        "INSERT INTO certificates (serial, tenant_id, agent_id, status, fingerprint, \
+         not_before, not_after, cert_pem, issued_at) \
+         SELECT 'x' || $3::text, $1, $2, 'active', 'fp-' || $3::text, 0, 1, 'pem', 0",
+    )
+    .await;
+    // Tenant a's agent enrolled with tenant b's token.
+    refused(
+        "INSERT INTO agents (id, tenant_id, spiffe_id, status, hostname, os, agent_version, \
+         token_id, enrolled_at, current_serial, certificate_not_after) \
+         SELECT gen_random_uuid(), $1, 'spiffe://x/' || $2::text, 'active', 'h', 'linux', '1', \
+         $3, 0, 's', 1",
+    )
+    .await;
+}
