@@ -1063,6 +1063,15 @@ pub async fn outbox_backlog_is_marked_in_big_batches<S: Store>(s: &S) {
 
 /// Opens a PostgreSQL store in a fresh schema `schema` (created here).
 pub async fn pg_store_in_new_schema(url: &str, schema: &str) -> AnyStore {
+    pg_store_in_new_schema_with(url, schema, 16).await
+}
+
+/// [`pg_store_in_new_schema`] with a pool of `max_connections`.
+pub async fn pg_store_in_new_schema_with(
+    url: &str,
+    schema: &str,
+    max_connections: u32,
+) -> AnyStore {
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
     sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
@@ -1074,7 +1083,7 @@ pub async fn pg_store_in_new_schema(url: &str, schema: &str) -> AnyStore {
         url: url.to_owned(),
         schema: Some(schema.to_owned()),
         app_role: super::postgres::DEFAULT_APP_ROLE.to_owned(),
-        max_connections: 16,
+        max_connections,
     })
     .await
     .unwrap()

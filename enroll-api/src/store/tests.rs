@@ -88,23 +88,7 @@ async fn sqlite_non_canonical_id_is_corrupt() {
 /// one) comes back with no tenant set, on success and on refusal alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_tenant_setting_does_not_outlive_its_transaction() {
-    let url = pg_url();
-    let schema = schema_name("leak");
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
-        .await
-        .unwrap();
-    sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let s = AnyStore::open_postgres(&crate::store::postgres::PgOptions {
-        url,
-        schema: Some(schema),
-        app_role: crate::store::postgres::DEFAULT_APP_ROLE.to_owned(),
-        max_connections: 1,
-    })
-    .await
-    .unwrap();
+    let s = conformance::pg_store_in_new_schema_with(&pg_url(), &schema_name("leak"), 1).await;
     let t = conformance::tenant(&s).await;
     let (id, h) = conformance::token(&s, t, 1, 3600).await;
     let now = conformance::now();
@@ -259,27 +243,6 @@ async fn postgres_commits_with_outbox_rows_wake_the_relay() {
     commits_with_outbox_rows_wake_the_relay(&s).await;
 }
 
-/// A PostgreSQL store in a fresh schema with a pool of `connections`.
-async fn pg_store(label: &str, connections: u32) -> AnyStore {
-    let url = pg_url();
-    let schema = schema_name(label);
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
-        .await
-        .unwrap();
-    sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    AnyStore::open_postgres(&crate::store::postgres::PgOptions {
-        url,
-        schema: Some(schema),
-        app_role: crate::store::postgres::DEFAULT_APP_ROLE.to_owned(),
-        max_connections: connections,
-    })
-    .await
-    .unwrap()
-}
-
 /// Exchanges of one token queued while none is written form one group
 /// (ADR-0027): on this single-threaded runtime all five are queued before
 /// the writer task runs. The group takes the three uses left, in queue
@@ -287,7 +250,7 @@ async fn pg_store(label: &str, connections: u32) -> AnyStore {
 /// other two are refused as used up and write nothing.
 #[tokio::test]
 async fn postgres_a_group_of_exchanges_takes_the_uses_left_in_one_transaction() {
-    let s = pg_store("group", 4).await;
+    let s = conformance::pg_store_in_new_schema(&pg_url(), &schema_name("group")).await;
     let t = conformance::tenant(&s).await;
     let (id, h) = conformance::token(&s, t, 3, 3600).await;
     let now = conformance::now();
@@ -347,7 +310,7 @@ async fn postgres_a_group_of_exchanges_takes_the_uses_left_in_one_transaction() 
 /// already taken gets a conflict, and the exchange queued with it enrolls.
 #[tokio::test]
 async fn postgres_a_failed_group_is_written_again_one_by_one() {
-    let s = pg_store("groupfail", 4).await;
+    let s = conformance::pg_store_in_new_schema(&pg_url(), &schema_name("groupfail")).await;
     let t = conformance::tenant(&s).await;
     let (id, h) = conformance::token(&s, t, 5, 3600).await;
     let now = conformance::now();
@@ -372,7 +335,7 @@ async fn postgres_a_failed_group_is_written_again_one_by_one() {
 /// even from a write made under that tenant's setting.
 #[tokio::test]
 async fn postgres_references_cannot_cross_tenants() {
-    let s = pg_store("fk", 2).await;
+    let s = conformance::pg_store_in_new_schema(&pg_url(), &schema_name("fk")).await;
     let (a, b) = (conformance::tenant(&s).await, conformance::tenant(&s).await);
     let (token_b, hash_b) = conformance::token(&s, b, 1, 3600).await;
     let theirs = conformance::enrollment(b, token_b, &hash_b, conformance::now());
