@@ -65,6 +65,12 @@ pub(crate) struct DialectSql {
     /// `sql.rs` takes it; column `j` at `$5 + j·n ..`). One `integer`: the
     /// uses it took; the first that many exchanges' rows are written.
     pub(crate) enroll_many: Option<fn(usize) -> String>,
+    /// A group of one: the same write with plain arguments, cheaper than
+    /// arrays of one (`None` with `enroll_many`). Arguments: the consume's
+    /// four, then the agent's row, the certificate's and the event's, each
+    /// as its own `INSERT` of `sql.rs` takes them (`$5 .. $15`, `$16 ..
+    /// $23`, `$24 .. $28`). One `integer`: the uses it took (0 or 1).
+    pub(crate) enroll_one: Option<&'static str>,
 }
 
 /// `n` numbered placeholders from `$first`, each preceded by `, ` (a

@@ -179,6 +179,14 @@ pub(super) const SQL: DialectSql = DialectSql {
     // token needs that row: in groups, one lock, update and commit serve
     // many exchanges (issue 16 part 3, ADR-0027).
     enroll_many: Some(enroll_many),
+    // A group of one (a token with one exchange in flight: the usual case
+    // when agents are spread over many tokens) as migration 0006's
+    // single-exchange function: its plain arguments and single-row
+    // statements cost the database less than arrays of one.
+    enroll_one: Some(
+        "SELECT oneprotect_enroll($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
+         $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28)",
+    ),
 };
 
 /// The array type of each of `sql::ENROLL_COLUMNS` columns, in argument

@@ -402,6 +402,20 @@ pub(crate) async fn enroll_group(
     let (Some(first), Some(statement)) = (group.first(), store.dialect().enroll_many) else {
         return Ok(0);
     };
+    if let (1, Some(one)) = (group.len(), store.dialect().enroll_one) {
+        let mut args = consume_args(first).to_vec();
+        args.extend(agent_args(&first.agent));
+        args.extend(certificate_args(first));
+        args.extend(event_args(&first.event)?);
+        let (granted,): (i32,) = store
+            .pooled()
+            .await?
+            .conn()
+            .fetch_optional(one, &args)
+            .await?
+            .ok_or_else(|| corrupt("the enrollment statement returned no row"))?;
+        return granted_of(store, granted, 1);
+    }
     let now = group.iter().map(|e| e.now).max().unwrap_or(first.now);
     let rows = group
         .iter()
@@ -431,9 +445,15 @@ pub(crate) async fn enroll_group(
         .fetch_optional(&statement(group.len()), &args)
         .await?
         .ok_or_else(|| corrupt("the enrollment statement returned no row"))?;
+    granted_of(store, granted, group.len())
+}
+
+/// The uses a group statement of `asked` exchanges reported taking; wakes
+/// the relay when rows were written.
+fn granted_of(store: &AnyStore, granted: i32, asked: usize) -> Result<usize, StoreError> {
     let granted = usize::try_from(granted)
         .ok()
-        .filter(|g| *g <= group.len())
+        .filter(|g| *g <= asked)
         .ok_or_else(|| corrupt("the enrollment statement granted more uses than asked"))?;
     if granted > 0 {
         store.relay_waker().wake();

@@ -92,6 +92,7 @@ pub(super) const SQL: DialectSql = DialectSql {
     // No stored procedures; the database's write lock serialises
     // exchanges whichever way they are written.
     enroll_many: None,
+    enroll_one: None,
 };
 
 // SQLite has no UUID type: UUIDs are canonical text (lowercase, hyphenated),
