@@ -399,11 +399,6 @@ impl AnyStore {
         }
     }
 
-    /// The exchanges queued per token for a group write (ADR-0027).
-    pub(crate) fn enroll_groups(&self) -> &std::sync::Arc<super::batch::EnrollGroups> {
-        &self.groups
-    }
-
     /// The relay waker every commit that wrote an outbox row wakes (shared
     /// by the store's clones); the relay waits on it.
     pub fn relay_waker(&self) -> &RelayWaker {

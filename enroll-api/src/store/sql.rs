@@ -9,6 +9,7 @@
 //! differs between the dialects come from the backend's `DialectSql` table;
 //! rows decode through `FromRow` into the small row structs below.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use sqlx::FromRow;
@@ -399,61 +400,54 @@ pub(crate) async fn enroll_group(
     store: &AnyStore,
     group: &[&Enrollment],
 ) -> Result<usize, StoreError> {
-    let (Some(first), Some(statement)) = (group.first(), store.dialect().enroll_many) else {
+    let dialect = store.dialect();
+    let (Some(first), Some(many)) = (group.first(), dialect.enroll_many) else {
         return Ok(0);
     };
-    if let (1, Some(one)) = (group.len(), store.dialect().enroll_one) {
-        let mut args = consume_args(first).to_vec();
-        args.extend(agent_args(&first.agent));
-        args.extend(certificate_args(first));
-        args.extend(event_args(&first.event)?);
-        let (granted,): (i32,) = store
-            .pooled()
-            .await?
-            .conn()
-            .fetch_optional(one, &args)
-            .await?
-            .ok_or_else(|| corrupt("the enrollment statement returned no row"))?;
-        return granted_of(store, granted, 1);
-    }
-    let now = group.iter().map(|e| e.now).max().unwrap_or(first.now);
-    let rows = group
-        .iter()
-        .map(|e| {
-            let mut row = Vec::with_capacity(ENROLL_COLUMNS);
-            row.extend(agent_args(&e.agent));
-            row.extend(certificate_args(e));
-            row.extend(event_args(&e.event)?);
-            Ok(row)
-        })
-        .collect::<Result<Vec<Vec<Arg<'_>>>, StoreError>>()?;
-    // The consume's four, then column by column, one array each.
-    let mut args: Vec<Arg<'_>> = Vec::with_capacity(4 + ENROLL_COLUMNS * rows.len());
-    args.extend([
-        first.token_id.into(),
-        first.agent.tenant_id.into(),
-        first.token_hash.as_slice().into(),
-        now.into(),
-    ]);
-    for column in 0..ENROLL_COLUMNS {
-        args.extend(rows.iter().map(|row| row[column].clone()));
-    }
+    let mut args: Vec<Arg<'_>> = Vec::with_capacity(4 + ENROLL_COLUMNS * group.len());
+    let sql = match (group.len(), dialect.enroll_one) {
+        (1, Some(one)) => {
+            args.extend(consume_args(first));
+            args.extend(agent_args(&first.agent));
+            args.extend(certificate_args(first));
+            args.extend(event_args(&first.event)?);
+            Cow::Borrowed(one)
+        }
+        (n, _) => {
+            let rows = group
+                .iter()
+                .map(|e| {
+                    let mut row = Vec::with_capacity(ENROLL_COLUMNS);
+                    row.extend(agent_args(&e.agent));
+                    row.extend(certificate_args(e));
+                    row.extend(event_args(&e.event)?);
+                    Ok(row)
+                })
+                .collect::<Result<Vec<Vec<Arg<'_>>>, StoreError>>()?;
+            // The consume's four, then column by column, one array each.
+            let now = group.iter().map(|e| e.now).max().unwrap_or(first.now);
+            args.extend([
+                first.token_id.into(),
+                first.agent.tenant_id.into(),
+                first.token_hash.as_slice().into(),
+                now.into(),
+            ]);
+            for column in 0..ENROLL_COLUMNS {
+                args.extend(rows.iter().map(|row| row[column].clone()));
+            }
+            Cow::Owned(many(n))
+        }
+    };
     let (granted,): (i32,) = store
         .pooled()
         .await?
         .conn()
-        .fetch_optional(&statement(group.len()), &args)
+        .fetch_optional(&sql, &args)
         .await?
         .ok_or_else(|| corrupt("the enrollment statement returned no row"))?;
-    granted_of(store, granted, group.len())
-}
-
-/// The uses a group statement of `asked` exchanges reported taking; wakes
-/// the relay when rows were written.
-fn granted_of(store: &AnyStore, granted: i32, asked: usize) -> Result<usize, StoreError> {
     let granted = usize::try_from(granted)
         .ok()
-        .filter(|g| *g <= asked)
+        .filter(|g| *g <= group.len())
         .ok_or_else(|| corrupt("the enrollment statement granted more uses than asked"))?;
     if granted > 0 {
         store.relay_waker().wake();
@@ -827,7 +821,7 @@ impl Store for AnyStore {
         text_rule::enrollment(e)?;
         let a = &e.agent;
         let consumed = if self.dialect().enroll_many.is_some() {
-            self.enroll_groups().submit(self, e.clone()).await?
+            self.groups.submit(self, e.clone()).await?
         } else {
             let mut tx = self.begin(a.tenant_id).await?;
             let consumed = enroll_in_steps(&mut tx, e).await?;

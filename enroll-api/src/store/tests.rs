@@ -243,6 +243,15 @@ async fn postgres_commits_with_outbox_rows_wake_the_relay() {
     commits_with_outbox_rows_wake_the_relay(&s).await;
 }
 
+/// A PostgreSQL store in a fresh schema, a tenant and a token of `max_uses`
+/// (its id and keyed hash).
+async fn pg_store_with_token(label: &str, max_uses: u32) -> (AnyStore, TenantId, TokenId, Vec<u8>) {
+    let s = conformance::pg_store_in_new_schema(&pg_url(), &schema_name(label)).await;
+    let t = conformance::tenant(&s).await;
+    let (id, h) = conformance::token(&s, t, max_uses, 3600).await;
+    (s, t, id, h)
+}
+
 /// Exchanges of one token queued while none is written form one group
 /// (ADR-0027): on this single-threaded runtime all five are queued before
 /// the writer task runs. The group takes the three uses left, in queue
@@ -250,9 +259,7 @@ async fn postgres_commits_with_outbox_rows_wake_the_relay() {
 /// other two are refused as used up and write nothing.
 #[tokio::test]
 async fn postgres_a_group_of_exchanges_takes_the_uses_left_in_one_transaction() {
-    let s = conformance::pg_store_in_new_schema(&pg_url(), &schema_name("group")).await;
-    let t = conformance::tenant(&s).await;
-    let (id, h) = conformance::token(&s, t, 3, 3600).await;
+    let (s, t, id, h) = pg_store_with_token("group", 3).await;
     let now = conformance::now();
     let group: Vec<Enrollment> = (0..5)
         .map(|_| conformance::enrollment(t, id, &h, now))
@@ -310,9 +317,7 @@ async fn postgres_a_group_of_exchanges_takes_the_uses_left_in_one_transaction() 
 /// already taken gets a conflict, and the exchange queued with it enrolls.
 #[tokio::test]
 async fn postgres_a_failed_group_is_written_again_one_by_one() {
-    let s = conformance::pg_store_in_new_schema(&pg_url(), &schema_name("groupfail")).await;
-    let t = conformance::tenant(&s).await;
-    let (id, h) = conformance::token(&s, t, 5, 3600).await;
+    let (s, t, id, h) = pg_store_with_token("groupfail", 5).await;
     let now = conformance::now();
     let first = conformance::enrollment(t, id, &h, now);
     assert_eq!(s.enroll(&first).await.unwrap(), EnrollOutcome::Enrolled);
