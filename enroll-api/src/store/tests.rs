@@ -173,12 +173,7 @@ async fn postgres_rls_hides_rows_without_the_tenant_setting() {
     .unwrap_err();
     assert!(err.to_string().contains("row-level security"), "{err}");
     tx.rollback().await.unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    sqlx::query("SELECT set_config('oneprotect.tenant_id', $1, true)")
-        .bind(t.to_string())
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    let mut tx = begin_as(pool, t).await;
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM agents")
         .fetch_one(&mut *tx)
         .await
@@ -243,6 +238,20 @@ async fn postgres_commits_with_outbox_rows_wake_the_relay() {
     commits_with_outbox_rows_wake_the_relay(&s).await;
 }
 
+/// A transaction on `pool` with `tenant` set, as the service's own.
+async fn begin_as(
+    pool: &sqlx::PgPool,
+    tenant: TenantId,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SELECT set_config('oneprotect.tenant_id', $1, true)")
+        .bind(tenant.to_string())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx
+}
+
 /// A PostgreSQL store in a fresh schema, a tenant and a token of `max_uses`
 /// (its id and keyed hash).
 async fn pg_store_with_token(label: &str, max_uses: u32) -> (AnyStore, TenantId, TokenId, Vec<u8>) {
@@ -285,12 +294,7 @@ async fn postgres_a_group_of_exchanges_takes_the_uses_left_in_one_transaction() 
         assert_eq!(found.is_some(), i < 3, "agent {i}");
     }
     let pool = s.postgres_pool().expect("a PostgreSQL store");
-    let mut tx = pool.begin().await.unwrap();
-    sqlx::query("SELECT set_config('oneprotect.tenant_id', $1, true)")
-        .bind(t.to_string())
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    let mut tx = begin_as(pool, t).await;
     let (agents, transactions): (i64, i64) =
         sqlx::query_as("SELECT count(*), count(DISTINCT xmin::text) FROM agents")
             .fetch_one(&mut *tx)
@@ -349,12 +353,7 @@ async fn postgres_references_cannot_cross_tenants() {
     let refused = |sql: &'static str| {
         let pool = pool.clone();
         async move {
-            let mut tx = pool.begin().await.unwrap();
-            sqlx::query("SELECT set_config('oneprotect.tenant_id', $1, true)")
-                .bind(a.to_string())
-                .execute(&mut *tx)
-                .await
-                .unwrap();
+            let mut tx = begin_as(&pool, a).await;
             let r = sqlx::query(sql)
                 .bind(*a.as_uuid())
                 .bind(*theirs.agent.id.as_uuid())
