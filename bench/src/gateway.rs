@@ -33,6 +33,8 @@ pub struct Tuning {
     pub write_buffer: Option<usize>,
     /// `listener.http1_fast_path`.
     pub http1_fast_path: bool,
+    /// `listener.http2_fast_path`.
+    pub http2_fast_path: bool,
     /// `runtime.threads`.
     pub threads: usize,
     /// `runtime.work_stealing`.
@@ -58,6 +60,7 @@ pub fn config(
         .write_buffer
         .map_or(String::new(), |b| format!("write_buffer_bytes = {b}\n"));
     let fast_path = tuning.http1_fast_path;
+    let fast_path_h2 = tuning.http2_fast_path;
     format!(
         r#"[listener]
 listen = "{listen}"
@@ -65,6 +68,7 @@ cert = "{cert}"
 key = "{key}"
 trust_bundle = "{bundle}"
 http1_fast_path = {fast_path}
+http2_fast_path = {fast_path_h2}
 {read_buffer}{write_buffer}
 [admin]
 listen = "{admin}"

@@ -93,6 +93,10 @@ enum Command {
         /// sends every request through pingora's path, for a same-run A/B.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         gateway_http1_fast_path: bool,
+        /// The gateway's `listener.http2_fast_path` (ADR-0028): `false`
+        /// serves every HTTP/2 connection on pingora's loop, for a same-run A/B.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        gateway_http2_fast_path: bool,
         /// The gateway's `runtime.work_stealing` (pingora: one work-stealing
         /// runtime, or one single-threaded runtime per thread).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -228,6 +232,7 @@ fn main() -> anyhow::Result<()> {
             gateway_read_buffer,
             gateway_write_buffer,
             gateway_http1_fast_path,
+            gateway_http2_fast_path,
             gateway_work_stealing,
             proto,
         } => {
@@ -282,6 +287,7 @@ fn main() -> anyhow::Result<()> {
                 gateway_read_buffer,
                 gateway_write_buffer,
                 gateway_http1_fast_path,
+                gateway_http2_fast_path,
                 gateway_work_stealing,
                 proto,
             };

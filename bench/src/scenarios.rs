@@ -135,6 +135,8 @@ pub struct Options {
     pub gateway_write_buffer: Option<usize>,
     /// The gateway's `listener.http1_fast_path`.
     pub gateway_http1_fast_path: bool,
+    /// The gateway's `listener.http2_fast_path`.
+    pub gateway_http2_fast_path: bool,
     /// The gateway's `runtime.work_stealing`.
     pub gateway_work_stealing: bool,
     /// Keep-alive runs only over this protocol (`None`: HTTP/1.1 and h2).
@@ -329,6 +331,7 @@ pub async fn run_all(opts: &Options) -> anyhow::Result<Report> {
                     read_buffer: opts.gateway_read_buffer,
                     write_buffer: opts.gateway_write_buffer,
                     http1_fast_path: opts.gateway_http1_fast_path,
+                    http2_fast_path: opts.gateway_http2_fast_path,
                     work_stealing: opts.gateway_work_stealing,
                     threads: opts.server_threads,
                 },

@@ -69,4 +69,21 @@ fuzz_target!(|data: &[u8]| {
         other => other,
     };
     assert_eq!(whole, pieces, "cut at {cut}");
+    // The decoder's view (the HTTP/2 relay, ADR-0028): the same data runs
+    // whole and cut, each inside what the scan took.
+    let mut decoded_whole = Vec::new();
+    let end = ChunkedScan::default().feed_with(data, |r| decoded_whole.extend_from_slice(&data[r]));
+    let mut decoded_cut = Vec::new();
+    let mut scan = ChunkedScan::default();
+    let first = scan.feed_with(&data[..cut], |r| decoded_cut.extend_from_slice(&data[r]));
+    if let Ok(None) = first {
+        let rest = &data[cut..];
+        let _ = scan.feed_with(rest, |r| decoded_cut.extend_from_slice(&rest[r]));
+    }
+    if let (Ok(_), Ok(_)) = (&end, &pieces) {
+        assert_eq!(decoded_whole, decoded_cut, "decoded, cut at {cut}");
+    }
+    if let Ok(Some(n)) = end {
+        assert!(decoded_whole.len() < n.max(1), "data runs lie inside the body");
+    }
 });

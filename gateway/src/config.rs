@@ -278,6 +278,14 @@ pub struct ListenerConfig {
     /// Defaults to `true`; `false` sends everything through pingora.
     #[serde(default = "default_true")]
     pub http1_fast_path: bool,
+    /// Serve HTTP/2 connections with a verified client certificate on the
+    /// gateway's own HTTP/2 loop (ADR-0028): every stream, refusals
+    /// included, is answered there, and requests go to the upstreams as
+    /// HTTP/1.1 over the fast path's keep-alive pool. Connections without
+    /// a certificate keep pingora's loop. Defaults to `true`; `false` sends
+    /// every HTTP/2 connection through pingora.
+    #[serde(default = "default_true")]
+    pub http2_fast_path: bool,
 }
 
 /// The admin listener.

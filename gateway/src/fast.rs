@@ -48,10 +48,14 @@ use pingora::lb::Backend;
 use pingora::protocols::Stream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+mod http2;
+pub use http2::Ended as Http2Ended;
+
 use crate::assertion::AssertionService;
 use crate::conn::{ConnIdentity, Forwarding};
 use crate::headers::StripPolicy;
 use crate::metrics::Metrics;
+use crate::reports::Reporter;
 use crate::revocation::{Decision, Revocation};
 use crate::routes::{Route, Router};
 
@@ -369,7 +373,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<ResponseHead<'_>>, BadResponse> {
 }
 
 impl ResponseHead<'_> {
-    fn headers(&self) -> &[httparse::Header<'_>] {
+    pub(crate) fn headers(&self) -> &[httparse::Header<'_>] {
         &self.headers[..self.count]
     }
 
@@ -534,6 +538,16 @@ impl ChunkedScan {
     /// Scans `buf`, the next bytes of the body: `Ok(Some(n))` when the body
     /// ends after `n` of them, `Ok(None)` when it goes on.
     pub fn feed(&mut self, buf: &[u8]) -> Result<Option<usize>, BadChunk> {
+        self.feed_with(buf, |_| {})
+    }
+
+    /// [`ChunkedScan::feed`], also naming each run of chunk data in `buf`
+    /// (its byte range) to `data`, in order: what a decoder keeps.
+    pub fn feed_with(
+        &mut self,
+        buf: &[u8],
+        mut data: impl FnMut(std::ops::Range<usize>),
+    ) -> Result<Option<usize>, BadChunk> {
         let mut i = 0;
         while i < buf.len() {
             let b = buf[i];
@@ -569,6 +583,7 @@ impl ChunkedScan {
                 }
                 Chunk::Data => {
                     let take = (buf.len() - i).min(self.size as usize);
+                    data(i..i + take);
                     self.size -= take as u64;
                     i += take;
                     if self.size == 0 {
@@ -738,9 +753,15 @@ pub struct FastPath {
     revocation: std::sync::Arc<Revocation>,
     assertions: std::sync::Arc<AssertionService>,
     metrics: Metrics,
+    /// Reports refused uses of superseded certificates (HTTP/2 side).
+    reporter: Reporter,
     strip: StripPolicy,
     connector: TransportConnector,
     pool: UpstreamPool,
+    /// Serve HTTP/1.1 requests (`listener.http1_fast_path`).
+    pub http1: bool,
+    /// Serve HTTP/2 connections (`listener.http2_fast_path`).
+    pub http2: bool,
     served: prometheus::IntCounter,
     declined: prometheus::IntCounter,
     /// Per route (by index): its upstream latency and its 200 counter,
@@ -750,12 +771,14 @@ pub struct FastPath {
 
 impl FastPath {
     /// The fast path over the proxy's own parts; `connector` makes new
-    /// upstream connections (pingora's, with the server's options).
+    /// upstream connections (pingora's, with the server's options). It
+    /// serves both protocols until [`FastPath::protocols`] says otherwise.
     pub fn new(
         router: std::sync::Arc<Router>,
         revocation: std::sync::Arc<Revocation>,
         assertions: std::sync::Arc<AssertionService>,
         metrics: Metrics,
+        reporter: Reporter,
         strip: StripPolicy,
         connector: TransportConnector,
     ) -> Self {
@@ -784,10 +807,20 @@ impl FastPath {
             revocation,
             assertions,
             metrics,
+            reporter,
             strip,
             connector,
             pool: UpstreamPool::default(),
+            http1: true,
+            http2: true,
         }
+    }
+
+    /// Which protocols it serves (the rest go to pingora's path).
+    pub fn protocols(mut self, http1: bool, http2: bool) -> Self {
+        self.http1 = http1;
+        self.http2 = http2;
+        self
     }
 
     /// Serves the request whose head (and what followed it) is `head`, on
@@ -982,55 +1015,82 @@ impl Outgoing<'_> {
         if let Err(e) = timed(limit, upstream.flush()).await {
             return Attempt::unsent(e);
         }
-        let mut buf = BytesMut::with_capacity(8192);
-        let mut informational = 0;
-        // Informational heads are relayed as a proxy must (RFC 9110 §15.2),
-        // ahead of the final head.
         let mut to_client = Vec::new();
-        loop {
+        let read = read_final_head(&mut upstream, route, head_request, |h, facts, buffered| {
+            let rechunk = facts.framing == Framing::UntilClose;
             // Room for the rewritten head and the body bytes read with it,
             // which the relay appends: one allocation.
-            let room = buf.len() + 128;
-            let parsed = parse_head(&buf).and_then(|head| {
-                head.map(|h| {
-                    let facts = h.facts(head_request)?;
-                    let rechunk = facts.framing == Framing::UntilClose;
-                    to_client.reserve(room);
-                    h.write_for_client(&mut to_client, keep_alive, rechunk);
-                    Ok(facts)
-                })
-                .transpose()
-            });
-            match parsed {
-                Ok(Some(r)) if (100..200).contains(&r.status) => {
-                    informational += 1;
-                    if informational > MAX_INFORMATIONAL {
-                        return Attempt::Failed(problem::BAD_GATEWAY);
-                    }
-                    buf.advance(r.head_len);
-                    continue;
+            to_client.reserve(buffered + 128);
+            h.write_for_client(&mut to_client, keep_alive, rechunk);
+        })
+        .await;
+        match read {
+            Ok((buf, r)) => Attempt::Answered(upstream, buf, r, to_client),
+            Err(NoHead::Stale) => Attempt::Stale,
+            Err(NoHead::Failed(kind)) => Attempt::Failed(kind),
+        }
+    }
+}
+
+/// Why no final response head arrived.
+pub(crate) enum NoHead {
+    /// A reused connection failed before any response byte.
+    Stale,
+    Failed(ProblemKind),
+}
+
+/// Reads `upstream`'s response heads up to the final one, handing each
+/// (informational ones first, as a proxy relays them: RFC 9110 §15.2) to
+/// `on_head` with its facts and how many bytes are buffered. Returns the
+/// bytes read past the final head and its facts.
+pub(crate) async fn read_final_head(
+    upstream: &mut Stream,
+    route: &Route,
+    head_request: bool,
+    mut on_head: impl FnMut(&ResponseHead<'_>, &Response, usize),
+) -> Result<(BytesMut, Response), NoHead> {
+    let limit = route.timeout;
+    let mut buf = BytesMut::with_capacity(8192);
+    let mut informational = 0;
+    loop {
+        let buffered = buf.len();
+        let parsed = parse_head(&buf).and_then(|head| {
+            head.map(|h| {
+                let facts = h.facts(head_request)?;
+                on_head(&h, &facts, buffered);
+                Ok(facts)
+            })
+            .transpose()
+        });
+        match parsed {
+            Ok(Some(r)) if (100..200).contains(&r.status) => {
+                informational += 1;
+                if informational > MAX_INFORMATIONAL {
+                    return Err(NoHead::Failed(problem::BAD_GATEWAY));
                 }
-                Ok(Some(r)) => {
-                    buf.advance(r.head_len);
-                    return Attempt::Answered(upstream, buf, r, to_client);
-                }
-                Ok(None) => {}
-                Err(why) => {
-                    tracing::warn!(?why, route = %route.prefix, "upstream response refused");
-                    return Attempt::Failed(problem::BAD_GATEWAY);
-                }
+                buf.advance(r.head_len);
+                continue;
             }
-            if buf.len() > MAX_RESPONSE_HEAD {
-                return Attempt::Failed(problem::BAD_GATEWAY);
+            Ok(Some(r)) => {
+                buf.advance(r.head_len);
+                return Ok((buf, r));
             }
-            match timed(limit, upstream.read_buf(&mut buf)).await {
-                Ok(0) | Err(Io::Failed) if buf.is_empty() && informational == 0 => {
-                    return Attempt::Stale
-                }
-                Ok(0) | Err(Io::Failed) => return Attempt::Failed(problem::BAD_GATEWAY),
-                Err(Io::Timeout) => return Attempt::Failed(problem::GATEWAY_TIMEOUT),
-                Ok(_) => {}
+            Ok(None) => {}
+            Err(why) => {
+                tracing::warn!(?why, route = %route.prefix, "upstream response refused");
+                return Err(NoHead::Failed(problem::BAD_GATEWAY));
             }
+        }
+        if buf.len() > MAX_RESPONSE_HEAD {
+            return Err(NoHead::Failed(problem::BAD_GATEWAY));
+        }
+        match timed(limit, upstream.read_buf(&mut buf)).await {
+            Ok(0) | Err(Io::Failed) if buf.is_empty() && informational == 0 => {
+                return Err(NoHead::Stale)
+            }
+            Ok(0) | Err(Io::Failed) => return Err(NoHead::Failed(problem::BAD_GATEWAY)),
+            Err(Io::Timeout) => return Err(NoHead::Failed(problem::GATEWAY_TIMEOUT)),
+            Ok(_) => {}
         }
     }
 }

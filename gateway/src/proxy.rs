@@ -198,6 +198,41 @@ pub(crate) fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
+/// Counts and logs a request the revocation check refused with `kind`;
+/// a superseded certificate's use is also reported, without waiting, for
+/// the enroll-api's audit event (possible key theft, `crate::reports`).
+pub(crate) fn refused(
+    metrics: &Metrics,
+    reporter: &Reporter,
+    conn: &ConnIdentity,
+    route: &str,
+    kind: ProblemKind,
+    source: Option<std::net::IpAddr>,
+) {
+    metrics
+        .revocation_refusals
+        .with_label_values(&[kind.code])
+        .inc();
+    tracing::info!(
+        code = kind.code,
+        tenant = %conn.identity().tenant(),
+        agent = %conn.identity().agent(),
+        serial = %conn.identity().serial(),
+        "request refused by revocation check"
+    );
+    if kind == problem::CERTIFICATE_SUPERSEDED {
+        reporter.report(conn, route, source);
+    }
+}
+
+/// Counts a request refused because the revocation state is unavailable.
+pub(crate) fn refused_unavailable(metrics: &Metrics) {
+    metrics
+        .revocation_refusals
+        .with_label_values(&[problem::REVOCATION_UNAVAILABLE.code])
+        .inc();
+}
+
 /// Writes a problem+json answer. `close` ends an HTTP/1.1 connection after
 /// the response (`connection: close`); on HTTP/2 only the stream ends.
 async fn respond_problem(
@@ -268,37 +303,24 @@ impl ProxyHttp for Gateway {
             match self.revocation.check(conn).await {
                 Decision::Allow => ctx.inject = true,
                 Decision::Refuse(kind) => {
-                    self.metrics
-                        .revocation_refusals
-                        .with_label_values(&[kind.code])
-                        .inc();
-                    tracing::info!(
-                        code = kind.code,
-                        tenant = %conn.identity().tenant(),
-                        agent = %conn.identity().agent(),
-                        serial = %conn.identity().serial(),
-                        "request refused by revocation check"
+                    let source = match session.client_addr() {
+                        Some(pingora::protocols::l4::socket::SocketAddr::Inet(a)) => Some(a.ip()),
+                        _ => None,
+                    };
+                    refused(
+                        &self.metrics,
+                        &self.reporter,
+                        conn,
+                        &route.prefix,
+                        kind,
+                        source,
                     );
-                    if kind == problem::CERTIFICATE_SUPERSEDED {
-                        // Possible key theft: reported for the enroll-api's
-                        // audit event, without waiting (crate::reports).
-                        let source = match session.client_addr() {
-                            Some(pingora::protocols::l4::socket::SocketAddr::Inet(a)) => {
-                                Some(a.ip())
-                            }
-                            _ => None,
-                        };
-                        self.reporter.report(conn, &route.prefix, source);
-                    }
                     ctx.route = Some(route);
                     respond_problem(session, kind, None, None, true).await?;
                     return Ok(true);
                 }
                 Decision::Unavailable => {
-                    self.metrics
-                        .revocation_refusals
-                        .with_label_values(&[problem::REVOCATION_UNAVAILABLE.code])
-                        .inc();
+                    refused_unavailable(&self.metrics);
                     ctx.route = Some(route);
                     let retry = self.revocation.retry_after_secs();
                     respond_problem(

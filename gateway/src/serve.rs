@@ -54,7 +54,7 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::conn::ConnIdentity;
-use crate::fast::{FastPath, Served};
+use crate::fast::{FastPath, Http2Ended, Served};
 use crate::handshake::Handshaker;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
@@ -141,7 +141,7 @@ pub struct GatewayApp {
     unauthenticated: PerSource,
     /// Set when some route allows upgrades: tunnels watch their state here.
     tunnels: Option<Arc<Revocation>>,
-    /// The HTTP/1.1 fast path (`listener.http1_fast_path`).
+    /// The fast path (`listener.http1_fast_path`, `listener.http2_fast_path`).
     fast: Option<FastPath>,
 }
 
@@ -218,7 +218,8 @@ impl GatewayApp {
         let watched = self.tunnels.as_deref().zip(identity);
         // The fast path serves verified identities, with the client address
         // pingora's path would forward (the TCP peer or a PROXY header's).
-        let fast = self.fast.as_ref().zip(identity).and_then(|(fast, conn)| {
+        let fast = self.fast.as_ref().filter(|f| f.http1);
+        let fast = fast.zip(identity).and_then(|(fast, conn)| {
             let client = match stream.get_socket_digest()?.peer_addr()? {
                 SocketAddr::Inet(a) => a.ip(),
                 _ => return None,
@@ -317,6 +318,42 @@ impl GatewayApp {
         }
     }
 
+    /// The fast path's HTTP/2 loop (ADR-0028) for a connection with a
+    /// verified identity: every stream is served there.
+    async fn serve_h2_fast(&self, stream: Stream, shutdown: &ShutdownWatch) {
+        let digest = stream.get_ssl_digest();
+        let conn = digest
+            .as_ref()
+            .and_then(|d| d.extension.get::<ConnIdentity>());
+        let client = match stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().cloned())
+        {
+            Some(SocketAddr::Inet(a)) => Some(a.ip()),
+            _ => None,
+        };
+        let (Some(fast), Some(conn), Some(client)) = (self.fast.as_ref(), conn, client) else {
+            return;
+        };
+        let forwarding = conn.forwarding(client);
+        let max_header_list = u32::try_from(self.limits.max_header_bytes).unwrap_or(u32::MAX);
+        let ended = fast
+            .serve_h2(
+                stream,
+                conn,
+                &forwarding,
+                self.limits.idle,
+                max_header_list,
+                shutdown,
+            )
+            .await;
+        match ended {
+            Http2Ended::Idle => self.closed("idle_timeout"),
+            Http2Ended::Error => self.closed("h2_error"),
+            Http2Ended::Closed => {}
+        }
+    }
+
     fn closed(&self, reason: &str) {
         self.metrics
             .connections_closed
@@ -368,6 +405,12 @@ impl ServerApp for GatewayApp {
         }
         let serve = async {
             match stream.selected_alpn_proto() {
+                Some(ALPN::H2)
+                    if !unauthenticated && self.fast.as_ref().is_some_and(|f| f.http2) =>
+                {
+                    Box::pin(self.serve_h2_fast(stream, shutdown)).await;
+                    None
+                }
                 Some(ALPN::H2) | Some(ALPN::Custom(_)) => {
                     Box::pin(self.serve_h2(stream, shutdown)).await
                 }
@@ -596,7 +639,7 @@ pub(crate) fn poll_once<F: Future>(fut: F) -> Option<F::Output> {
 }
 
 /// Resolves once the service is shutting down; never if it cannot tell.
-async fn stopping(watch: &mut ShutdownWatch) {
+pub(crate) async fn stopping(watch: &mut ShutdownWatch) {
     loop {
         if *watch.borrow_and_update() {
             return;

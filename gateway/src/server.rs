@@ -357,17 +357,20 @@ fn build_inner(
     let strip = StripPolicy {
         drop_underscored: !cfg.headers.allow_underscores,
     };
-    let fast = cfg.listener.http1_fast_path.then(|| {
+    let (http1, http2) = (cfg.listener.http1_fast_path, cfg.listener.http2_fast_path);
+    let fast = (http1 || http2).then(|| {
         FastPath::new(
             router.clone(),
             revocation.clone(),
             assertions.clone(),
             metrics.clone(),
+            reporter.clone(),
             strip,
             TransportConnector::new(Some(ConnectorOptions::from_server_conf(
                 &server.configuration,
             ))),
         )
+        .protocols(http1, http2)
     });
     let gateway = Gateway::new(
         router,

@@ -505,3 +505,376 @@ async fn fastpath_upstream_failures_answer_problems_and_refusals_stay_on_pingora
     assert!(fast_path_metric(&gw, "declined").await > declined);
     gw.cleanup().await;
 }
+
+// HTTP/2 (ADR-0028): the gateway's own HTTP/2 loop against pingora's, on
+// the same requests from an HTTP/2 client (hyper's) over mTLS.
+
+type H2Body = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
+
+/// An HTTP/2 response as the client saw it: status, headers (names
+/// lower-case, sorted; `date` left out), body.
+#[derive(Debug, PartialEq)]
+struct H2Seen {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+async fn gateway_before_raw_upstream_h2(fast: bool) -> (Gw, Arc<Received>) {
+    let (up, seen) = start_raw_upstream().await;
+    let mut opts = Opts::shared_redis();
+    opts.routes = vec![RouteToml::new("/raw", up).without_health_check()];
+    opts.listener_extra = format!("http2_fast_path = {fast}\n");
+    (start_gateway(opts).await, seen)
+}
+
+async fn h2_connect(gw: &Gw) -> hyper::client::conn::http2::SendRequest<H2Body> {
+    let stream = gw
+        .tls(gw.client(Some((&gw.leaf, &gw.ca)), b"h2"))
+        .await
+        .unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (s, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    s
+}
+
+/// A body: whole (`Content-Length` set by the client) or streamed in
+/// pieces (no length).
+fn h2_body(pieces: &[&[u8]], streamed: bool) -> H2Body {
+    use http_body_util::BodyExt as _;
+    if !streamed {
+        return http_body_util::Full::new(bytes::Bytes::from(pieces.concat())).boxed();
+    }
+    let frames: Vec<Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>> = pieces
+        .iter()
+        .map(|p| Ok(hyper::body::Frame::data(bytes::Bytes::copy_from_slice(p))))
+        .collect();
+    http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed()
+}
+
+async fn h2_send(
+    s: &mut hyper::client::conn::http2::SendRequest<H2Body>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: H2Body,
+) -> Option<H2Seen> {
+    use http_body_util::BodyExt as _;
+    let mut b = hyper::Request::builder()
+        .method(method)
+        .uri(format!("https://localhost{path}"));
+    for (n, v) in headers {
+        b = b.header(*n, *v);
+    }
+    s.ready().await.ok()?;
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        s.send_request(b.body(body).unwrap()),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let status = resp.status().as_u16();
+    let mut headers: Vec<(String, String)> = resp
+        .headers()
+        .iter()
+        .filter(|(n, _)| *n != "date")
+        .map(|(n, v)| {
+            (
+                n.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    headers.sort();
+    let body = resp.into_body().collect().await.ok()?.to_bytes().to_vec();
+    Some(H2Seen {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// [`normalised`], with names lower-case (HTTP/2 has no case to keep) and
+/// `cookie` fields joined into one (RFC 9113 §8.2.3).
+fn normalised_h2(gw: &Gw, raw: &[u8]) -> (String, Vec<(String, String)>, Vec<u8>) {
+    let (line, headers, body) = normalised(gw, raw);
+    let mut cookies = Vec::new();
+    let mut out: Vec<(String, String)> = headers
+        .into_iter()
+        .filter_map(|(n, v)| {
+            let n = n.to_ascii_lowercase();
+            if n == "cookie" {
+                cookies.push(v);
+                return None;
+            }
+            Some((n, v))
+        })
+        .collect();
+    if !cookies.is_empty() {
+        out.push(("cookie".into(), cookies.join("; ")));
+    }
+    out.sort();
+    (line, out, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fastpath_h2_matches_pingoras_path_on_the_same_requests() {
+    let (fast, fast_seen) = gateway_before_raw_upstream_h2(true).await;
+    let (slow, slow_seen) = gateway_before_raw_upstream_h2(false).await;
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let spoofs: &[(&str, &str)] = &[
+        ("x-oneprotect-tenant-id", "spoof"),
+        ("x-oneprotect-agent-id", "spoof"),
+        ("x_oneprotect_spiffe_id", "spoof"),
+        ("x-oneprotect_cert_serial", "spoof"),
+        ("x-forwarded-for", "203.0.113.1"),
+        ("x-forwarded-host", "evil"),
+        ("forwarded", "for=203.0.113.1"),
+        ("x-real-ip", "203.0.113.1"),
+        ("client-cert", ":AAAA:"),
+        ("client-cert-chain", ":AAAA:"),
+        ("x-forwarded-client-cert", "By=spiffe://evil"),
+        ("x-custom", "1"),
+        ("x_custom", "2"),
+    ];
+    let big = vec![b'b'; 200 * 1024];
+    #[allow(clippy::type_complexity)]
+    let cases: Vec<(&str, &str, &str, Vec<(&str, &str)>, Vec<u8>)> = vec![
+        (
+            "get",
+            "GET",
+            "/raw/len/{id}?q=1&r=%20",
+            vec![("user-agent", "t"), ("accept", "*/*")],
+            vec![],
+        ),
+        ("spoofed", "GET", "/raw/len/{id}", spoofs.to_vec(), vec![]),
+        (
+            "repeated",
+            "GET",
+            "/raw/len/{id}",
+            vec![("x-a", "1"), ("x-b", "2"), ("x-a", "3"), ("x-b", "4")],
+            vec![],
+        ),
+        (
+            "cookies",
+            "GET",
+            "/raw/len/{id}",
+            vec![("cookie", "a=1"), ("cookie", "b=2")],
+            vec![],
+        ),
+        (
+            "post",
+            "POST",
+            "/raw/len/{id}",
+            vec![("content-type", "application/json")],
+            b"{\"a\":\"hello\"}".to_vec(),
+        ),
+        ("put-big", "PUT", "/raw/len/{id}", vec![], big.clone()),
+        ("head", "HEAD", "/raw/len/{id}", vec![], vec![]),
+        (
+            "upstream-chunked",
+            "GET",
+            "/raw/chunked/{id}",
+            vec![],
+            vec![],
+        ),
+        (
+            "upstream-until-close",
+            "GET",
+            "/raw/close/{id}",
+            vec![],
+            vec![],
+        ),
+        (
+            "upstream-closes",
+            "GET",
+            "/raw/upclose/{id}",
+            vec![],
+            vec![],
+        ),
+        (
+            "upstream-204",
+            "DELETE",
+            "/raw/nocontent/{id}",
+            vec![],
+            vec![],
+        ),
+        ("upstream-100", "GET", "/raw/continue/{id}", vec![], vec![]),
+        ("upstream-big", "GET", "/raw/big/{id}", vec![], vec![]),
+        (
+            "upstream-bad-length",
+            "GET",
+            "/raw/badlength/{id}",
+            vec![],
+            vec![],
+        ),
+        ("no-route", "GET", "/nothere/{id}", vec![], vec![]),
+    ];
+    // All on one connection per gateway: streams, not connections.
+    let mut a_conn = h2_connect(&fast).await;
+    let mut b_conn = h2_connect(&slow).await;
+    for (name, method, path, headers, body) in &cases {
+        let path = path.replace("{id}", &format!("{run}-{name}"));
+        let a = h2_send(&mut a_conn, method, &path, headers, h2_body(&[body], false)).await;
+        let b = h2_send(&mut b_conn, method, &path, headers, h2_body(&[body], false)).await;
+        let a = a.unwrap_or_else(|| panic!("{name}: no answer through the fast path"));
+        let b = b.unwrap_or_else(|| panic!("{name}: no answer through pingora's path"));
+        assert_eq!(a, b, "{name}: the client's view differs (fast, pingora)");
+        let pick = |seen: &Received| {
+            seen.requests
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(p, _)| p.contains(&format!("{run}-{name}")))
+                .map(|(_, r)| r.clone())
+        };
+        let (up_a, up_b) = match (pick(&fast_seen), pick(&slow_seen)) {
+            (Some(a), Some(b)) => (normalised_h2(&fast, &a), normalised_h2(&slow, &b)),
+            (None, None) if a.status >= 400 => continue,
+            (x, y) => panic!(
+                "{name}: seen upstream through the fast path: {}, through pingora's: {}",
+                x.is_some(),
+                y.is_some()
+            ),
+        };
+        assert_eq!(
+            up_a, up_b,
+            "{name}: the upstream's view differs (fast, pingora)"
+        );
+        for (n, v) in &up_a.1 {
+            assert!(
+                !["spoof", "203.0.113.1", "evil", ":AAAA:"]
+                    .iter()
+                    .any(|s| v.contains(s)),
+                "{name}: a client value reached the upstream: {n}: {v}"
+            );
+        }
+    }
+    // Every request of the fast gateway was the fast path's, none of the
+    // other's: the switch holds.
+    assert!(fast_path_metric(&fast, "served").await >= 14);
+    assert_eq!(fast_path_metric(&slow, "served").await, 0);
+    fast.cleanup().await;
+    slow.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fastpath_h2_streams_bodies_bounds_them_and_refuses_revoked_agents() {
+    let (up, seen) = start_raw_upstream().await;
+    let mut opts = Opts::shared_redis();
+    let mut route = RouteToml::new("/raw", up).without_health_check();
+    route.max_body_bytes = Some(64 * 1024);
+    opts.routes = vec![route];
+    let gw = start_gateway(opts).await;
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let mut s = h2_connect(&gw).await;
+    // A body without a length, in pieces: the upstream gets it chunked.
+    let path = format!("/raw/len/{run}-streamed");
+    let r = h2_send(
+        &mut s,
+        "POST",
+        &path,
+        &[],
+        h2_body(&[b"abc", b"defg", b"h"], true),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let got = seen
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(p, _)| p.contains(&format!("{run}-streamed")))
+        .map(|(_, r)| String::from_utf8_lossy(r).into_owned())
+        .unwrap();
+    assert!(
+        got.to_ascii_lowercase()
+            .contains("\r\ntransfer-encoding: chunked\r\n"),
+        "{got}"
+    );
+    let body = &got[got.find("\r\n\r\n").unwrap() + 4..];
+    let decoded: String = body
+        .split("\r\n")
+        .collect::<Vec<_>>()
+        .chunks(2)
+        .filter(|c| c.len() == 2)
+        .map(|c| c[1])
+        .collect();
+    assert_eq!(decoded, "abcdefgh", "{body:?}");
+    // Over the route's limit, declared: 413 before anything goes upstream;
+    // streamed: 413 once the limit is passed. The connection lives on.
+    let big = vec![b'x'; 70 * 1024];
+    for streamed in [false, true] {
+        let path = format!("/raw/len/{run}-big-{streamed}");
+        let r = h2_send(
+            &mut s,
+            "POST",
+            &path,
+            &[],
+            h2_body(&[&big[..40_000], &big[40_000..]], streamed),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 413, "streamed={streamed}: {r:?}");
+        let problem: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(problem["code"], "payload_too_large", "{problem}");
+    }
+    assert!(!seen
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(p, _)| p.contains(&format!("{run}-big-false"))));
+    // Many streams at once on the one connection.
+    let mut all = Vec::new();
+    for i in 0..40 {
+        let mut s = s.clone();
+        let path = format!("/raw/len/{run}-many-{i}");
+        all.push(tokio::spawn(async move {
+            h2_send(&mut s, "GET", &path, &[], h2_body(&[], false)).await
+        }));
+    }
+    for (i, t) in all.into_iter().enumerate() {
+        let r = t.await.unwrap().unwrap();
+        assert_eq!(r.status, 200, "stream {i}");
+        assert_eq!(
+            r.body,
+            format!("answer for /raw/len/{run}-many-{i}").into_bytes()
+        );
+    }
+    // Revoked: the very next stream on the open connection is refused.
+    gw.revoke_agent().await;
+    let mut refused = false;
+    for _ in 0..100 {
+        let r = h2_send(
+            &mut s,
+            "GET",
+            &format!("/raw/len/{run}-after"),
+            &[],
+            h2_body(&[], false),
+        )
+        .await
+        .unwrap();
+        if r.status == 403 {
+            let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            assert_eq!(body["code"], "agent_revoked", "{body}");
+            assert!(r
+                .headers
+                .iter()
+                .any(|(n, v)| n == "content-type" && v == "application/problem+json"));
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused, "the revoked agent was refused");
+    gw.cleanup().await;
+}

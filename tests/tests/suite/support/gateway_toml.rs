@@ -71,6 +71,8 @@ pub(crate) struct RouteToml {
     pub(crate) require_identity: Option<bool>,
     pub(crate) health_check_secs: Option<u64>,
     pub(crate) connect_timeout_ms: Option<u64>,
+    /// `max_body_bytes`; unset: the gateway's default.
+    pub(crate) max_body_bytes: Option<u64>,
     /// `upgrade_protocols`; empty (unset: no upgrades) by default.
     pub(crate) upgrade_protocols: Vec<String>,
 }
@@ -85,6 +87,7 @@ impl RouteToml {
             require_identity: None,
             health_check_secs: None,
             connect_timeout_ms: None,
+            max_body_bytes: None,
             upgrade_protocols: Vec::new(),
         }
     }
@@ -131,6 +134,9 @@ impl RouteToml {
         }
         if let Some(s) = self.health_check_secs {
             let _ = writeln!(out, "health_check_secs = {s}");
+        }
+        if let Some(n) = self.max_body_bytes {
+            let _ = writeln!(out, "max_body_bytes = {n}");
         }
         if let Some(ms) = self.connect_timeout_ms {
             let _ = writeln!(out, "connect_timeout_ms = {ms}");
