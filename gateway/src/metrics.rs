@@ -15,8 +15,9 @@ use prometheus::{
 use oneprotect_identity::problem;
 
 /// Every `reason` of `connections_closed_total` (see [`Metrics::connections_closed`]).
-pub const CLOSE_REASONS: [&str; 9] = [
+pub const CLOSE_REASONS: [&str; 10] = [
     "idle_timeout",
+    "h2_error",
     "header_timeout",
     "header_too_large",
     "unauthenticated_timeout",
@@ -94,8 +95,10 @@ pub struct Metrics {
     pub connections_closed: IntCounterVec,
     /// Tunnels opened (an upstream's 101 to an allowed upgrade).
     pub tunnels_opened: IntCounter,
-    /// HTTP/1.1 requests of verified identities by what the fast path did
-    /// (ADR-0023): `served` by it, `declined` to pingora's path.
+    /// Requests of verified identities by what the fast path did
+    /// (ADR-0023, ADR-0028): `served` by it, `declined` to pingora's path
+    /// (HTTP/1.1 only), `reset` by the client before the answer (HTTP/2:
+    /// the work for it stopped).
     pub fast_path: IntCounterVec,
     /// Reports of refused superseded certificates by outcome: `queued`
     /// (request path), `sent` (appended to the reports stream), `dropped`
@@ -218,7 +221,7 @@ impl Metrics {
         let fast_path = IntCounterVec::new(
             Opts::new(
                 "fast_path_requests_total",
-                "HTTP/1.1 requests of verified identities served by the fast path or declined to pingora's path",
+                "Requests of verified identities served by the fast path, declined to pingora's path, or reset by the client before the answer",
             ),
             &["outcome"],
         )
@@ -273,7 +276,7 @@ impl Metrics {
         zero(&trust_bundle_reloads, &["ok", "error"]);
         zero(&connections_closed, &CLOSE_REASONS);
         zero(&superseded_reports, &["queued", "sent", "dropped"]);
-        zero(&fast_path, &["served", "declined"]);
+        zero(&fast_path, &["served", "declined", "reset"]);
         Self {
             registry,
             requests,

@@ -387,6 +387,19 @@ async fn next_body(body: &mut RecvStream, limit: Duration) -> Result<Option<Byte
     }
 }
 
+/// An upstream's answer to a stream, its head in.
+struct Answer {
+    upstream: Stream,
+    /// What was read past the head.
+    buf: BytesMut,
+    resp: Response,
+    /// The client's head.
+    head: http::Response<()>,
+    /// Informational heads to send before it.
+    informational: Vec<http::Response<()>>,
+    key: PoolKey,
+}
+
 /// A request ready to go upstream.
 struct Sending<'a> {
     route: &'a Route,
@@ -415,7 +428,6 @@ impl Sending<'_> {
         &mut self,
         mut upstream: Stream,
         head_request: bool,
-        respond: &mut SendResponse<Bytes>,
         informational: &mut Vec<http::Response<()>>,
     ) -> Exchanged {
         let limit = self.route.timeout;
@@ -463,9 +475,6 @@ impl Sending<'_> {
             }
         })
         .await;
-        for r in informational.drain(..) {
-            let _ = respond.send_informational(r);
-        }
         match (read, head) {
             (Ok((buf, r)), Some(Ok(head))) => Exchanged::Answered(upstream, buf, r, head),
             (Ok(_), _) => {
@@ -560,29 +569,39 @@ impl FastPath {
                 return;
             }
         };
-        if let Err(refusal) = self
-            .proxy_stream(&route, parts, &mut body, &mut respond, conn, forwarding)
-            .await
-        {
-            match refusal {
-                Some(r) => self.answer(&mut respond, &route.prefix, r),
-                None => respond.send_reset(Reason::CANCEL),
+        // Until the answer's head is in, the work stops as soon as the
+        // client resets the stream: a reset stream no longer counts against
+        // the concurrent-stream limit, so work left running for it would let
+        // a client keep any number of upstream requests going ("rapid
+        // reset", CVE-2023-44487).
+        let answered = {
+            let work = self.proxy_stream(&route, parts, &mut body, conn, forwarding);
+            let reset = poll_fn(|cx| respond.poll_reset(cx));
+            tokio::select! {
+                answered = work => answered,
+                _ = reset => {
+                    self.metrics.fast_path.with_label_values(&["reset"]).inc();
+                    return;
+                }
             }
+        };
+        match answered {
+            Ok(a) => self.relay(&route, a, &mut respond).await,
+            Err(Some(r)) => self.answer(&mut respond, &route.prefix, r),
+            Err(None) => respond.send_reset(Reason::CANCEL),
         }
     }
 
     /// Checks and proxies a routed stream; `Err(Some)`: answer this
     /// refusal, `Err(None)`: reset the stream (cut mid-way).
-    #[allow(clippy::too_many_arguments)]
     async fn proxy_stream(
         &self,
         route: &std::sync::Arc<Route>,
         parts: Parts,
         body: &mut RecvStream,
-        respond: &mut SendResponse<Bytes>,
         conn: &ConnIdentity,
         forwarding: &Forwarding,
-    ) -> Result<(), Option<Refusal>> {
+    ) -> Result<Answer, Option<Refusal>> {
         if parts.method == http::Method::CONNECT {
             return Err(Some(Refusal {
                 kind: problem::UPGRADE_NOT_ALLOWED,
@@ -685,7 +704,7 @@ impl FastPath {
         let sent = Instant::now();
         let mut retried = false;
         let mut informational = Vec::new();
-        let (mut upstream, buf, resp, head) = loop {
+        let (upstream, buf, resp, head) = loop {
             let (stream, reused) = match self.pool.take(&key) {
                 Some(s) => (s, true),
                 None => match Box::pin(self.connect(route, &backend)).await {
@@ -695,7 +714,7 @@ impl FastPath {
             };
             let whole = sending.body.is_none();
             match sending
-                .exchange(stream, head_request, respond, &mut informational)
+                .exchange(stream, head_request, &mut informational)
                 .await
             {
                 Exchanged::Answered(s, b, r, h) => break (s, b, r, h),
@@ -714,11 +733,34 @@ impl FastPath {
                 .with_label_values(&[route.prefix.as_str()])
                 .observe(sent.elapsed().as_secs_f64()),
         }
+        Ok(Answer {
+            upstream,
+            buf,
+            resp,
+            head,
+            informational,
+            key,
+        })
+    }
+
+    /// Sends the upstream's answer on the stream and relays its body.
+    async fn relay(&self, route: &Route, answer: Answer, respond: &mut SendResponse<Bytes>) {
+        let Answer {
+            mut upstream,
+            buf,
+            resp,
+            head,
+            informational,
+            key,
+        } = answer;
         self.count(route, resp.status);
+        for r in informational {
+            let _ = respond.send_informational(r);
+        }
         let empty = resp.framing == Framing::Empty;
         let Ok(mut send) = respond.send_response(head, empty) else {
             // The client reset the stream: the upstream's answer is unread.
-            return Ok(());
+            return;
         };
         let relayed = if empty {
             Ok(buf.is_empty())
@@ -730,12 +772,8 @@ impl FastPath {
                 if clean && resp.reusable {
                     self.pool.put(key, upstream);
                 }
-                Ok(())
             }
-            Err(()) => {
-                send.send_reset(Reason::INTERNAL_ERROR);
-                Ok(())
-            }
+            Err(()) => send.send_reset(Reason::INTERNAL_ERROR),
         }
     }
 

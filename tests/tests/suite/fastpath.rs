@@ -28,6 +28,9 @@ use crate::support::gateway_toml::RouteToml;
 struct Received {
     requests: Mutex<Vec<(String, Vec<u8>)>>,
     connections: Mutex<usize>,
+    /// Requests for `/hold` (never answered) whose connection the gateway
+    /// closed within 30 s.
+    held_closed: Mutex<usize>,
 }
 
 /// The scripted answer for a request path.
@@ -112,6 +115,14 @@ async fn start_raw_upstream() -> (SocketAddr, Arc<Received>) {
                     }
                     let path = head.split(' ').nth(1).unwrap_or_default().to_owned();
                     rec.requests.lock().unwrap().push((path.clone(), req));
+                    if path.contains("/hold") {
+                        let mut byte = [0u8; 1];
+                        let read = tokio::time::timeout(Duration::from_secs(30), s.read(&mut byte));
+                        if let Ok(Ok(0)) = read.await {
+                            *rec.held_closed.lock().unwrap() += 1;
+                        }
+                        return;
+                    }
                     let (out, close) = answer(&path, head.starts_with("HEAD "));
                     if s.write_all(&out).await.is_err() || close {
                         return;
@@ -876,5 +887,68 @@ async fn fastpath_h2_streams_bodies_bounds_them_and_refuses_revoked_agents() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(refused, "the revoked agent was refused");
+    gw.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fastpath_h2_a_stream_the_client_resets_stops_its_upstream_request() {
+    // Rapid reset (CVE-2023-44487): a reset stream frees its slot at once,
+    // so the work for it must stop too, or a client could keep any number
+    // of upstream requests going on one connection.
+    let (gw, seen) = gateway_before_raw_upstream_h2(true).await;
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let s = h2_connect(&gw).await;
+    for i in 0..5 {
+        let path = format!("/raw/hold/{run}-{i}");
+        let mut s2 = s.clone();
+        let p = path.clone();
+        let pending =
+            tokio::spawn(
+                async move { h2_send(&mut s2, "GET", &p, &[], h2_body(&[], false)).await },
+            );
+        // The upstream has the request (and will never answer it).
+        let mut arrived = false;
+        for _ in 0..200 {
+            if seen
+                .requests
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(q, _)| *q == path)
+            {
+                arrived = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(arrived, "{path} reached the upstream");
+        // Dropping the response resets the stream (RST_STREAM CANCEL).
+        pending.abort();
+    }
+    let mut closed = 0;
+    for _ in 0..200 {
+        closed = *seen.held_closed.lock().unwrap();
+        if closed == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        closed, 5,
+        "the gateway dropped each reset stream's upstream request"
+    );
+    assert!(fast_path_metric(&gw, "reset").await >= 5);
+    // The connection itself goes on.
+    let mut s = s;
+    let r = h2_send(
+        &mut s,
+        "GET",
+        &format!("/raw/len/{run}-after"),
+        &[],
+        h2_body(&[], false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
     gw.cleanup().await;
 }
