@@ -271,7 +271,7 @@ async fn fill<R: AsyncReadExt + Unpin>(s: &mut R, buf: &mut Vec<u8>, n: usize) -
 /// line, then the headers sorted by name (same-name order kept), the
 /// gateway's own identity values and assertion checked and replaced by
 /// placeholders, hop-by-hop headers left out; and the body.
-fn normalised(gw: &Gw, raw: &[u8]) -> (String, Vec<(String, String)>, Vec<u8>) {
+fn normalised(gw: &Gw, raw: &[u8]) -> Normalised {
     let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
     let head = String::from_utf8_lossy(&raw[..end]).into_owned();
     let mut lines = head.trim_end().split("\r\n");
@@ -302,6 +302,51 @@ fn normalised(gw: &Gw, raw: &[u8]) -> (String, Vec<(String, String)>, Vec<u8>) {
     }
     out.sort_by_key(|(n, _)| n.to_ascii_lowercase());
     (line, out, raw[end..].to_vec())
+}
+
+/// A request head as [`normalised`] gives it: request line, headers, body.
+type Normalised = (String, Vec<(String, String)>, Vec<u8>);
+
+/// Requires the upstream's view of the request whose path holds `id` to be
+/// the same through the fast path's gateway (`fast`) and pingora's
+/// (`slow`), after `norm`, and to hold none of the client's spoofed values;
+/// neither upstream may have seen it only when it was `refused`.
+fn same_upstream_view(
+    (fast, fast_seen): (&Gw, &Received),
+    (slow, slow_seen): (&Gw, &Received),
+    id: &str,
+    refused: bool,
+    norm: fn(&Gw, &[u8]) -> Normalised,
+) {
+    let pick = |seen: &Received| {
+        seen.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(p, _)| p.contains(id))
+            .map(|(_, r)| r.clone())
+    };
+    let (up_a, up_b) = match (pick(fast_seen), pick(slow_seen)) {
+        (Some(a), Some(b)) => (norm(fast, &a), norm(slow, &b)),
+        (None, None) if refused => return,
+        (a, b) => panic!(
+            "{id}: seen upstream through the fast path: {}, through pingora's: {}",
+            a.is_some(),
+            b.is_some()
+        ),
+    };
+    assert_eq!(
+        up_a, up_b,
+        "{id}: the upstream's view differs (fast, pingora)"
+    );
+    for (n, v) in &up_a.1 {
+        assert!(
+            !["spoof", "203.0.113.1", "evil", ":AAAA:"]
+                .iter()
+                .any(|s| v.contains(s)),
+            "{id}: a client value reached the upstream: {n}: {v}"
+        );
+    }
 }
 
 /// The requests compared, each sent on its own fresh connection (`{id}`
@@ -380,35 +425,13 @@ async fn fastpath_matches_pingoras_path_on_the_same_requests() {
             raw.contains("Connection: close") || raw.contains("HTTP/1.0") || refused,
             "{name}: the connection closes only when the client asked or was refused"
         );
-        let pick = |seen: &Received| {
-            seen.requests
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|(p, _)| p.contains(&format!("{run}-{name}")))
-                .map(|(_, r)| r.clone())
-        };
-        let (up_a, up_b) = match (pick(&fast_seen), pick(&slow_seen)) {
-            (Some(a), Some(b)) => (normalised(&fast, &a), normalised(&slow, &b)),
-            (None, None) if refused => continue,
-            (a, b) => panic!(
-                "{name}: seen upstream through the fast path: {}, through pingora's: {}",
-                a.is_some(),
-                b.is_some()
-            ),
-        };
-        assert_eq!(
-            up_a, up_b,
-            "{name}: the upstream's view differs (fast, pingora)"
+        same_upstream_view(
+            (&fast, &fast_seen),
+            (&slow, &slow_seen),
+            &format!("{run}-{name}"),
+            refused,
+            normalised,
         );
-        for (n, v) in &up_a.1 {
-            assert!(
-                !["spoof", "203.0.113.1", "evil", ":AAAA:"]
-                    .iter()
-                    .any(|s| v.contains(s)),
-                "{name}: a client value reached the upstream: {n}: {v}"
-            );
-        }
     }
     // The fast path served the common requests; the off switch kept
     // everything on pingora's path.
@@ -614,7 +637,7 @@ async fn h2_send(
 
 /// [`normalised`], with names lower-case (HTTP/2 has no case to keep) and
 /// `cookie` fields joined into one (RFC 9113 §8.2.3).
-fn normalised_h2(gw: &Gw, raw: &[u8]) -> (String, Vec<(String, String)>, Vec<u8>) {
+fn normalised_h2(gw: &Gw, raw: &[u8]) -> Normalised {
     let (line, headers, body) = normalised(gw, raw);
     let mut cookies = Vec::new();
     let mut out: Vec<(String, String)> = headers
@@ -738,35 +761,13 @@ async fn fastpath_h2_matches_pingoras_path_on_the_same_requests() {
         let a = a.unwrap_or_else(|| panic!("{name}: no answer through the fast path"));
         let b = b.unwrap_or_else(|| panic!("{name}: no answer through pingora's path"));
         assert_eq!(a, b, "{name}: the client's view differs (fast, pingora)");
-        let pick = |seen: &Received| {
-            seen.requests
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|(p, _)| p.contains(&format!("{run}-{name}")))
-                .map(|(_, r)| r.clone())
-        };
-        let (up_a, up_b) = match (pick(&fast_seen), pick(&slow_seen)) {
-            (Some(a), Some(b)) => (normalised_h2(&fast, &a), normalised_h2(&slow, &b)),
-            (None, None) if a.status >= 400 => continue,
-            (x, y) => panic!(
-                "{name}: seen upstream through the fast path: {}, through pingora's: {}",
-                x.is_some(),
-                y.is_some()
-            ),
-        };
-        assert_eq!(
-            up_a, up_b,
-            "{name}: the upstream's view differs (fast, pingora)"
+        same_upstream_view(
+            (&fast, &fast_seen),
+            (&slow, &slow_seen),
+            &format!("{run}-{name}"),
+            a.status >= 400,
+            normalised_h2,
         );
-        for (n, v) in &up_a.1 {
-            assert!(
-                !["spoof", "203.0.113.1", "evil", ":AAAA:"]
-                    .iter()
-                    .any(|s| v.contains(s)),
-                "{name}: a client value reached the upstream: {n}: {v}"
-            );
-        }
     }
     // Every request of the fast gateway was the fast path's, none of the
     // other's: the switch holds.
