@@ -635,6 +635,14 @@ async fn h2_send(
     })
 }
 
+/// A `GET` without a body.
+async fn h2_get(
+    s: &mut hyper::client::conn::http2::SendRequest<H2Body>,
+    path: &str,
+) -> Option<H2Seen> {
+    h2_send(s, "GET", path, &[], h2_body(&[], false)).await
+}
+
 /// [`normalised`], with names lower-case (HTTP/2 has no case to keep) and
 /// `cookie` fields joined into one (RFC 9113 §8.2.3).
 fn normalised_h2(gw: &Gw, raw: &[u8]) -> Normalised {
@@ -850,9 +858,7 @@ async fn fastpath_h2_streams_bodies_bounds_them_and_refuses_revoked_agents() {
     for i in 0..40 {
         let mut s = s.clone();
         let path = format!("/raw/len/{run}-many-{i}");
-        all.push(tokio::spawn(async move {
-            h2_send(&mut s, "GET", &path, &[], h2_body(&[], false)).await
-        }));
+        all.push(tokio::spawn(async move { h2_get(&mut s, &path).await }));
     }
     for (i, t) in all.into_iter().enumerate() {
         let r = t.await.unwrap().unwrap();
@@ -866,15 +872,9 @@ async fn fastpath_h2_streams_bodies_bounds_them_and_refuses_revoked_agents() {
     gw.revoke_agent().await;
     let mut refused = false;
     for _ in 0..100 {
-        let r = h2_send(
-            &mut s,
-            "GET",
-            &format!("/raw/len/{run}-after"),
-            &[],
-            h2_body(&[], false),
-        )
-        .await
-        .unwrap();
+        let r = h2_get(&mut s, &format!("/raw/len/{run}-after"))
+            .await
+            .unwrap();
         if r.status == 403 {
             let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
             assert_eq!(body["code"], "agent_revoked", "{body}");
@@ -903,10 +903,7 @@ async fn fastpath_h2_a_stream_the_client_resets_stops_its_upstream_request() {
         let path = format!("/raw/hold/{run}-{i}");
         let mut s2 = s.clone();
         let p = path.clone();
-        let pending =
-            tokio::spawn(
-                async move { h2_send(&mut s2, "GET", &p, &[], h2_body(&[], false)).await },
-            );
+        let pending = tokio::spawn(async move { h2_get(&mut s2, &p).await });
         // The upstream has the request (and will never answer it).
         let mut arrived = false;
         for _ in 0..200 {
@@ -941,15 +938,9 @@ async fn fastpath_h2_a_stream_the_client_resets_stops_its_upstream_request() {
     assert!(fast_path_metric(&gw, "reset").await >= 5);
     // The connection itself goes on.
     let mut s = s;
-    let r = h2_send(
-        &mut s,
-        "GET",
-        &format!("/raw/len/{run}-after"),
-        &[],
-        h2_body(&[], false),
-    )
-    .await
-    .unwrap();
+    let r = h2_get(&mut s, &format!("/raw/len/{run}-after"))
+        .await
+        .unwrap();
     assert_eq!(r.status, 200, "{r:?}");
     gw.cleanup().await;
 }
