@@ -1125,6 +1125,60 @@ async fn copy_exact(
     Ok(())
 }
 
+/// Where a response body ends in the bytes relayed after its head, by its
+/// framing: the one reading of both relays (HTTP/1.1 and HTTP/2).
+pub(crate) struct BodyCursor {
+    framing: Framing,
+    /// Bytes still to come of a `Content-Length` body.
+    left: u64,
+    chunks: ChunkedScan,
+}
+
+impl BodyCursor {
+    pub(crate) fn new(framing: Framing) -> Self {
+        let left = match framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        Self {
+            framing,
+            left,
+            chunks: ChunkedScan::default(),
+        }
+    }
+
+    /// Of `buf`, the next bytes read: how many belong to the body and
+    /// whether it ended with them. `data` is told, in order, the runs of
+    /// body content among them (all of them, less a chunked body's framing).
+    pub(crate) fn next(
+        &mut self,
+        buf: &[u8],
+        mut data: impl FnMut(std::ops::Range<usize>),
+    ) -> Result<(usize, bool), BadChunk> {
+        match self.framing {
+            Framing::Empty => Ok((0, true)),
+            Framing::Length(_) => {
+                let take = (buf.len() as u64).min(self.left) as usize;
+                self.left -= take as u64;
+                if take > 0 {
+                    data(0..take);
+                }
+                Ok((take, self.left == 0))
+            }
+            Framing::Chunked => Ok(match self.chunks.feed_with(buf, data)? {
+                Some(end) => (end, true),
+                None => (buf.len(), false),
+            }),
+            Framing::UntilClose => {
+                if !buf.is_empty() {
+                    data(0..buf.len());
+                }
+                Ok((buf.len(), false))
+            }
+        }
+    }
+}
+
 /// Relays the response body after its head (`to_client` holds the head
 /// rewritten for the client; `buf` what was read past the upstream's
 /// head). A body until close goes to the client chunked. `Ok(true)`: relayed whole and the upstream sent nothing more (its
@@ -1139,29 +1193,12 @@ async fn relay_body(
     route: &Route,
 ) -> Result<bool, ()> {
     let limit = route.timeout;
-    let mut left = match framing {
-        Framing::Length(n) => n,
-        _ => 0,
-    };
-    let mut chunks = ChunkedScan::default();
+    let mut body = BodyCursor::new(framing);
     loop {
         // What of `buf` belongs to the body, and whether the body ended.
-        let (take, done) = match framing {
-            Framing::Empty => (0, true),
-            Framing::Length(_) => {
-                let t = (buf.len() as u64).min(left) as usize;
-                left -= t as u64;
-                (t, left == 0)
-            }
-            Framing::Chunked => match chunks.feed(&buf) {
-                Ok(Some(end)) => (end, true),
-                Ok(None) => (buf.len(), false),
-                Err(BadChunk) => {
-                    tracing::warn!(route = %route.prefix, "upstream chunked body refused");
-                    return Err(());
-                }
-            },
-            Framing::UntilClose => (buf.len(), false),
+        let Ok((take, done)) = body.next(&buf, |_| {}) else {
+            tracing::warn!(route = %route.prefix, "upstream chunked body refused");
+            return Err(());
         };
         if framing == Framing::UntilClose {
             if take > 0 {

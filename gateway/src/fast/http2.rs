@@ -34,6 +34,7 @@
 //! failure after it resets the stream.
 
 use std::future::poll_fn;
+use std::io::Write as _;
 use std::pin::pin;
 use std::time::{Duration, Instant};
 
@@ -166,9 +167,8 @@ pub(crate) fn write_upstream_head(
     match length {
         Some(0) => {}
         Some(n) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(n.to_string().as_bytes());
-            out.extend_from_slice(b"\r\n");
+            // Writing to a Vec cannot fail.
+            let _ = write!(out, "content-length: {n}\r\n");
         }
         None => put_header(out, "transfer-encoding", b"chunked"),
     }
@@ -261,61 +261,35 @@ enum Part {
     Bad,
 }
 
-/// Takes the body bytes out of `buf` (emptied).
-fn body_part(
-    buf: &mut BytesMut,
-    framing: Framing,
-    left: &mut u64,
-    chunks: &mut ChunkedScan,
-) -> Part {
-    match framing {
-        Framing::Empty => Part::Data {
-            data: Bytes::new(),
-            done: true,
-            extra: !buf.is_empty(),
-        },
-        Framing::Length(_) => {
-            let take = (buf.len() as u64).min(*left) as usize;
-            *left -= take as u64;
-            let data = buf.split_to(take).freeze();
-            let extra = !buf.is_empty();
-            buf.clear();
-            Part::Data {
-                data,
-                done: *left == 0,
-                extra,
+/// Takes the body bytes out of `buf` (emptied), decoded.
+fn body_part(buf: &mut BytesMut, body: &mut BodyCursor) -> Part {
+    // One run (a length body, a chunk read whole) is a slice of `buf`, not
+    // a copy; `more` allocates only for several chunks in one read.
+    let mut first: Option<std::ops::Range<usize>> = None;
+    let mut more: Vec<std::ops::Range<usize>> = Vec::new();
+    let Ok((take, done)) = body.next(buf, |r| match first {
+        None => first = Some(r),
+        Some(_) => more.push(r),
+    }) else {
+        return Part::Bad;
+    };
+    let whole = buf.split().freeze();
+    let data = match (first, more.is_empty()) {
+        (None, _) => Bytes::new(),
+        (Some(r), true) => whole.slice(r),
+        (Some(r), false) => {
+            let mut joined =
+                BytesMut::with_capacity(r.len() + more.iter().map(|m| m.len()).sum::<usize>());
+            for r in std::iter::once(r).chain(more) {
+                joined.extend_from_slice(&whole[r]);
             }
+            joined.freeze()
         }
-        Framing::Chunked => {
-            let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
-            let end = match chunks.feed_with(buf, |r| runs.push(r)) {
-                Ok(end) => end,
-                Err(BadChunk) => return Part::Bad,
-            };
-            let whole = buf.split().freeze();
-            let data = match runs.as_slice() {
-                [] => Bytes::new(),
-                [one] => whole.slice(one.clone()),
-                many => {
-                    let mut joined = BytesMut::with_capacity(many.iter().map(|r| r.len()).sum());
-                    for r in many {
-                        joined.extend_from_slice(&whole[r.clone()]);
-                    }
-                    joined.freeze()
-                }
-            };
-            let extra = end.is_some_and(|e| e < whole.len());
-            Part::Data {
-                data,
-                done: end.is_some(),
-                extra,
-            }
-        }
-        Framing::UntilClose => Part::Data {
-            data: buf.split().freeze(),
-            done: false,
-            extra: false,
-        },
+    };
+    Part::Data {
+        data,
+        done,
+        extra: take < whole.len(),
     }
 }
 
@@ -330,13 +304,9 @@ async fn relay_body(
     route: &Route,
 ) -> Result<bool, ()> {
     let limit = route.timeout;
-    let mut left = match framing {
-        Framing::Length(n) => n,
-        _ => 0,
-    };
-    let mut chunks = ChunkedScan::default();
+    let mut body = BodyCursor::new(framing);
     loop {
-        let (data, done, extra) = match body_part(&mut buf, framing, &mut left, &mut chunks) {
+        let (data, done, extra) = match body_part(&mut buf, &mut body) {
             Part::Data { data, done, extra } => (data, done, extra),
             Part::Bad => {
                 tracing::warn!(route = %route.prefix, "upstream chunked body refused");
@@ -366,7 +336,7 @@ fn frame_body(out: &mut Vec<u8>, data: &[u8], chunked: bool) {
         if data.is_empty() {
             return;
         }
-        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        let _ = write!(out, "{:x}\r\n", data.len());
         out.extend_from_slice(data);
         out.extend_from_slice(b"\r\n");
     } else {
@@ -913,12 +883,12 @@ mod tests {
     fn a_chunked_body_is_decoded_across_any_split() {
         let body = b"4;e=1\r\nabcd\r\n3\r\nefg\r\n0\r\nX-T: t\r\n\r\n";
         for cut in 0..=body.len() {
-            let (mut left, mut chunks) = (0, ChunkedScan::default());
+            let mut cursor = BodyCursor::new(Framing::Chunked);
             let mut got = Vec::new();
             let mut done = false;
             for piece in [&body[..cut], &body[cut..]] {
                 let mut buf = BytesMut::from(piece);
-                match body_part(&mut buf, Framing::Chunked, &mut left, &mut chunks) {
+                match body_part(&mut buf, &mut cursor) {
                     Part::Data {
                         data,
                         done: d,
@@ -935,22 +905,16 @@ mod tests {
             assert!(done, "cut {cut}");
         }
         let mut buf = BytesMut::from(&b"zz\r\n"[..]);
-        let bad = body_part(
-            &mut buf,
-            Framing::Chunked,
-            &mut 0,
-            &mut ChunkedScan::default(),
-        );
+        let bad = body_part(&mut buf, &mut BodyCursor::new(Framing::Chunked));
         assert!(matches!(bad, Part::Bad));
     }
 
     #[test]
     fn a_length_body_ends_at_its_length_and_notes_what_follows() {
-        let mut left = 5;
+        let mut cursor = BodyCursor::new(Framing::Length(5));
         let mut part = |bytes: &[u8]| {
             let mut buf = BytesMut::from(bytes);
-            let scan = &mut ChunkedScan::default();
-            match body_part(&mut buf, Framing::Length(5), &mut left, scan) {
+            match body_part(&mut buf, &mut cursor) {
                 Part::Data { data, done, extra } => (data.to_vec(), done, extra),
                 Part::Bad => panic!("a length body is never refused"),
             }
