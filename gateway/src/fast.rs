@@ -896,28 +896,9 @@ impl FastPath {
                 Attempt::Aborted => return Served::Aborted,
             }
         };
-        // Route indices are 0..n in configuration order (server::build).
-        let counted = self.per_route.get(route.index as usize);
-        match counted {
-            Some((latency, _)) => latency.observe(sent.elapsed().as_secs_f64()),
-            None => self
-                .metrics
-                .upstream_latency
-                .with_label_values(&[route.prefix.as_str()])
-                .observe(sent.elapsed().as_secs_f64()),
-        }
+        self.observe_upstream(&route, sent);
         let relayed = relay_body(client, &mut upstream, buf, to_client, resp.framing, &route).await;
-        match counted {
-            Some((_, ok)) if resp.status == 200 => ok.inc(),
-            _ => {
-                let status = http::StatusCode::from_u16(resp.status).ok();
-                let status = status.as_ref().map_or("0", |s| s.as_str());
-                self.metrics
-                    .requests
-                    .with_label_values(&[route.prefix.as_str(), status])
-                    .inc();
-            }
-        }
+        self.count(&route, resp.status);
         match relayed {
             Ok(clean) => {
                 if clean && resp.reusable {
@@ -927,6 +908,39 @@ impl FastPath {
             }
             Err(()) => Served::Aborted,
         }
+    }
+
+    /// Observes a request's upstream latency (from `sent` to its answer's
+    /// head) for its route.
+    fn observe_upstream(&self, route: &Route, sent: Instant) {
+        let secs = sent.elapsed().as_secs_f64();
+        // Route indices are 0..n in configuration order (server::build).
+        match self.per_route.get(route.index as usize) {
+            Some((latency, _)) => latency.observe(secs),
+            None => self
+                .metrics
+                .upstream_latency
+                .with_label_values(&[route.prefix.as_str()])
+                .observe(secs),
+        }
+    }
+
+    /// Counts a request's answer by route and status.
+    fn count(&self, route: &Route, status: u16) {
+        match self.per_route.get(route.index as usize) {
+            Some((_, ok)) if status == 200 => ok.inc(),
+            _ => self.count_status(&route.prefix, status),
+        }
+    }
+
+    /// Counts an answer by route label and status (the labelled lookup).
+    fn count_status(&self, route: &str, status: u16) {
+        let status = http::StatusCode::from_u16(status).ok();
+        let status = status.as_ref().map_or("0", |s| s.as_str());
+        self.metrics
+            .requests
+            .with_label_values(&[route, status])
+            .inc();
     }
 
     /// The route, backend and upstream head for a head the fast path takes.

@@ -694,15 +694,7 @@ impl FastPath {
                 Exchanged::Cut => return Err(None),
             }
         };
-        let counted = self.per_route.get(route.index as usize);
-        match counted {
-            Some((latency, _)) => latency.observe(sent.elapsed().as_secs_f64()),
-            None => self
-                .metrics
-                .upstream_latency
-                .with_label_values(&[route.prefix.as_str()])
-                .observe(sent.elapsed().as_secs_f64()),
-        }
+        self.observe_upstream(route, sent);
         Ok(Answer {
             upstream,
             buf,
@@ -745,23 +737,6 @@ impl FastPath {
             }
             Err(()) => send.send_reset(Reason::INTERNAL_ERROR),
         }
-    }
-
-    /// Counts a request's answer by route and status.
-    fn count(&self, route: &Route, status: u16) {
-        match self.per_route.get(route.index as usize) {
-            Some((_, ok)) if status == 200 => ok.inc(),
-            _ => self.count_status(&route.prefix, status),
-        }
-    }
-
-    fn count_status(&self, route: &str, status: u16) {
-        let status = http::StatusCode::from_u16(status).ok();
-        let status = status.as_ref().map_or("0", |s| s.as_str());
-        self.metrics
-            .requests
-            .with_label_values(&[route, status])
-            .inc();
     }
 
     /// Answers a refusal on the stream: problem+json, as pingora's path
