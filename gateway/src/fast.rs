@@ -276,13 +276,27 @@ pub fn write_upstream_head(
         }
         put_header(out, h.name, h.value);
     }
+    write_gateway_headers(out, forwarding, Some((identity, assertion)));
+}
+
+/// Ends an upstream head with the gateway's own headers: the forwarding
+/// ones, then (when given) the connection's identity headers and the
+/// route's assertion, and the empty line. Both fast paths (HTTP/1.1 and
+/// HTTP/2) end their heads here.
+pub(crate) fn write_gateway_headers(
+    out: &mut Vec<u8>,
+    forwarding: &Forwarding,
+    identity: Option<(&[(&'static str, http::HeaderValue)], &http::HeaderValue)>,
+) {
     put_header(out, X_FORWARDED_FOR, forwarding.address().as_bytes());
     put_header(out, X_REAL_IP, forwarding.address().as_bytes());
     put_header(out, FORWARDED, forwarding.forwarded().as_bytes());
-    for (name, value) in identity {
-        put_header(out, name, value.as_bytes());
+    if let Some((headers, assertion)) = identity {
+        for (name, value) in headers {
+            put_header(out, name, value.as_bytes());
+        }
+        put_header(out, IDENTITY_ASSERTION, assertion.as_bytes());
     }
-    put_header(out, IDENTITY_ASSERTION, assertion.as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 

@@ -172,16 +172,7 @@ pub(crate) fn write_upstream_head(
         }
         None => put_header(out, "transfer-encoding", b"chunked"),
     }
-    put_header(out, X_FORWARDED_FOR, forwarding.address().as_bytes());
-    put_header(out, X_REAL_IP, forwarding.address().as_bytes());
-    put_header(out, FORWARDED, forwarding.forwarded().as_bytes());
-    if let Some((headers, assertion)) = identity {
-        for (name, value) in headers {
-            put_header(out, name, value.as_bytes());
-        }
-        put_header(out, IDENTITY_ASSERTION, assertion.as_bytes());
-    }
-    out.extend_from_slice(b"\r\n");
+    write_gateway_headers(out, forwarding, identity);
     Ok(())
 }
 
