@@ -678,6 +678,14 @@ async fn cluster_sharded_projection_spreads_tenants_and_survives_a_master_failov
         (st, code.as_str()) == (403, "agent_revoked"),
         "a fresh gateway after the failover: {st} {code}"
     );
+    // The new gateway serves as soon as it is ready; it counts as live once
+    // its first presence is written: wait for that, or the revocation below
+    // may rightly be confirmed by the two it knew of (seen under a loaded CI).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fleet.live_gateways().await.len() < gws.len() {
+        ensure!(Instant::now() < deadline, "the new gateway never became live");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     step(
         t0,
         "revocation from before the failover held everywhere; revoking after it",
