@@ -683,7 +683,10 @@ async fn cluster_sharded_projection_spreads_tenants_and_survives_a_master_failov
     // may rightly be confirmed by the two it knew of (seen under a loaded CI).
     let deadline = Instant::now() + Duration::from_secs(10);
     while fleet.live_gateways().await.len() < gws.len() {
-        ensure!(Instant::now() < deadline, "the new gateway never became live");
+        ensure!(
+            Instant::now() < deadline,
+            "the new gateway never became live"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     step(
